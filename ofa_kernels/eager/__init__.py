@@ -1,0 +1,1 @@
+"""Plain-PyTorch implementations of the norm ops' closed forms (the CPU backend)."""

@@ -1,0 +1,65 @@
+"""Drop-in modules over the fused norm ops, state-dict compatible with HF and torch.nn."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .ops.norm import CAST_MODES, layer_norm, rms_norm
+
+
+class FusedRMSNorm(nn.Module):
+    """RMSNorm with a ``weight`` parameter, like HF ``LlamaRMSNorm`` (same state dict).
+
+    ``offset`` and ``cast_mode`` select Gemma-style ``(offset + weight)`` in fp32; both attributes
+    ``eps`` and ``variance_epsilon`` are exposed, since HF models use either name.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        eps: float = 1e-6,
+        *,
+        offset: float = 0.0,
+        cast_mode: str = "llama",
+        elementwise_affine: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if cast_mode not in CAST_MODES:
+            raise ValueError(f"cast_mode must be one of {CAST_MODES}, got {cast_mode!r}")
+        self.hidden_size = hidden_size
+        self.eps = eps
+        self.offset = offset
+        self.cast_mode = cast_mode
+        init = torch.zeros if offset else torch.ones
+        if elementwise_affine:
+            self.weight = nn.Parameter(init(hidden_size, device=device, dtype=dtype))
+        else:
+            self.register_parameter("weight", None)
+
+    @property
+    def variance_epsilon(self) -> float:
+        return self.eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return rms_norm(hidden_states, self.weight, self.eps, offset=self.offset, cast_mode=self.cast_mode)
+
+    def extra_repr(self) -> str:
+        extra = f", offset={self.offset}, cast_mode={self.cast_mode!r}" if self.offset or self.cast_mode != "llama" else ""
+        return f"{self.hidden_size}, eps={self.eps}{extra}"
+
+
+class FusedLayerNorm(nn.LayerNorm):
+    """``torch.nn.LayerNorm`` over the last dim, computed by the fused op (same state dict)."""
+
+    def __init__(self, normalized_shape: int | tuple[int], eps: float = 1e-5, elementwise_affine: bool = True,
+                 bias: bool = True, device=None, dtype=None) -> None:
+        super().__init__(normalized_shape, eps, elementwise_affine, bias, device, dtype)
+        if len(self.normalized_shape) != 1:
+            raise ValueError(
+                f"normalized_shape must be a single (last) dim, got {tuple(self.normalized_shape)}")
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return layer_norm(input, self.weight, self.bias, self.eps)

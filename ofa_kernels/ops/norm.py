@@ -1,0 +1,266 @@
+"""RMSNorm and LayerNorm as ``torch.library`` ops with first and second derivatives.
+
+Three ops, each differentiable by the next (the double-backward pattern of PyTorch's custom
+function tutorial): ``ofa::norm_fwd`` -> ``ofa::norm_bwd`` -> ``ofa::norm_bwd_bwd`` -> a clear
+error at the third derivative. Saved statistics (mean, rstd) are never differentiated as
+constants: ``norm_bwd_bwd`` carries their dependence on x in closed form. Every op hands its work
+to the backend that ``dispatch.resolve`` picks; fake implementations let ``torch.compile`` trace
+models that use them without graph breaks.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import dispatch
+
+CAST_MODES = ("llama", "gemma", "none")
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def output_dtype(x_dtype: torch.dtype, w_dtype: torch.dtype | None, is_rms: bool, cast_mode: str) -> torch.dtype:
+    """HF's result dtype: "llama"/"none" RMSNorm promote x with the weight; others keep x's."""
+    if is_rms and cast_mode != "gemma" and w_dtype is not None:
+        return torch.promote_types(x_dtype, w_dtype)
+    return x_dtype
+
+
+def _row_major(t: Tensor) -> Tensor:
+    """The kernels need unit stride along the last dim; any row stride is fine."""
+    return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
+
+
+def _none_if_empty(t: Tensor | None) -> Tensor | None:
+    return None if t is None or t.numel() == 0 else _row_major(t)
+
+
+def _nothing(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """A fresh 0-element tensor standing for an output that was not asked for (ops return tensors)."""
+    return x.new_empty(0, dtype=dtype)
+
+
+# ------------------------------------------------------------------------------------ forward
+
+
+@torch.library.custom_op("ofa::norm_fwd", mutates_args=())
+def _norm_fwd(
+    x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, offset: float,
+    is_rms: bool, cast_mode: str, backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    impl = dispatch.resolve(backend, x.device)
+    out_dtype = output_dtype(x.dtype, None if weight is None else weight.dtype, is_rms, cast_mode)
+    return impl.norm_fwd(x, weight, bias, eps, offset, is_rms, cast_mode, out_dtype)
+
+
+@_norm_fwd.register_fake
+def _(x, weight, bias, eps, offset, is_rms, cast_mode, backend):
+    out_dtype = output_dtype(x.dtype, None if weight is None else weight.dtype, is_rms, cast_mode)
+    acc = _acc(x.dtype)
+    M = x.shape[0]
+    return x.new_empty(x.shape, dtype=out_dtype), x.new_empty(0 if is_rms else M, dtype=acc), x.new_empty(M, dtype=acc)
+
+
+def _fwd_setup(ctx, inputs, output):
+    x, weight, bias, _eps, offset, is_rms, cast_mode, backend = inputs
+    _y, mean, rstd = output
+    ctx.save_for_backward(x, weight, mean, rstd)
+    ctx.meta = (offset, is_rms, cast_mode, backend, None if bias is None else bias.dtype)
+
+
+def _fwd_backward(ctx, dy, _dmean, _drstd):
+    x, weight, mean, rstd = ctx.saved_tensors
+    offset, is_rms, cast_mode, backend, bias_dtype = ctx.meta
+    need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+    dx, dw, db = _norm_bwd(_row_major(dy), x, weight, mean, rstd, offset, is_rms, cast_mode,
+                           need_dx, need_dw, need_db, backend)
+    return (
+        dx if need_dx else None,
+        dw.to(weight.dtype) if need_dw else None,
+        db.to(bias_dtype) if need_db else None,
+        None, None, None, None, None,
+    )
+
+
+_norm_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup)
+
+
+# ----------------------------------------------------------------------------------- backward
+
+
+@torch.library.custom_op("ofa::norm_bwd", mutates_args=())
+def _norm_bwd(
+    dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor, offset: float,
+    is_rms: bool, cast_mode: str, need_dx: bool, need_dw: bool, need_db: bool, backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    impl = dispatch.resolve(backend, x.device)
+    dx, dw, db = impl.norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, cast_mode,
+                               need_dx, need_dw and weight is not None, need_db)
+    acc = _acc(x.dtype)
+    return (dx if dx is not None else _nothing(x), dw if dw is not None else _nothing(x, acc),
+            db if db is not None else _nothing(x, acc))
+
+
+@_norm_bwd.register_fake
+def _(dy, x, weight, mean, rstd, offset, is_rms, cast_mode, need_dx, need_dw, need_db, backend):
+    acc = _acc(x.dtype)
+    N = x.shape[-1]
+    return (x.new_empty(x.shape if need_dx else (0,)),
+            x.new_empty(N if need_dw and weight is not None else 0, dtype=acc),
+            x.new_empty(N if need_db else 0, dtype=acc))
+
+
+def _bwd_setup(ctx, inputs, output):
+    dy, x, weight, mean, rstd, offset, is_rms, _cast_mode, *_rest, backend = inputs
+    ctx.save_for_backward(dy, x, weight, mean, rstd)
+    ctx.meta = (offset, is_rms, backend)
+
+
+def _bwd_backward(ctx, grad_dx, grad_dw, grad_db):
+    dy, x, weight, mean, rstd = ctx.saved_tensors
+    offset, is_rms, backend = ctx.meta
+    need_ddy, need_dx, need_dw = ctx.needs_input_grad[:3]
+    d_dy, d_x, d_w = _norm_bwd_bwd(
+        dy, x, weight, mean, rstd, _none_if_empty(grad_dx), _none_if_empty(grad_dw), _none_if_empty(grad_db),
+        offset, is_rms, need_ddy, need_dx, need_dw, backend,
+    )
+    return (
+        d_dy if need_ddy else None,
+        d_x if need_dx else None,
+        (d_w.to(weight.dtype) if d_w.numel() else torch.zeros_like(weight)) if need_dw else None,
+        None, None, None, None, None, None, None, None, None,
+    )
+
+
+_norm_bwd.register_autograd(_bwd_backward, setup_context=_bwd_setup)
+
+
+# ---------------------------------------------------------------------------- double backward
+
+
+@torch.library.custom_op("ofa::norm_bwd_bwd", mutates_args=())
+def _norm_bwd_bwd(
+    dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor,
+    grad_dx: Optional[Tensor], grad_dw: Optional[Tensor], grad_db: Optional[Tensor], offset: float,
+    is_rms: bool, need_ddy: bool, need_dx: bool, need_dw: bool, backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    impl = dispatch.resolve(backend, x.device)
+    d_dy, d_x, d_w = impl.norm_bwd_bwd(dy, x, weight, mean, rstd, grad_dx, grad_dw, grad_db, offset,
+                                       is_rms, need_ddy, need_dx, need_dw and weight is not None)
+    if need_ddy and d_dy is None:  # no cotangent reached dy
+        d_dy = torch.zeros_like(dy)
+    if need_dx and d_x is None:
+        d_x = torch.zeros_like(x)
+    return (d_dy if need_ddy else _nothing(dy), d_x if need_dx else _nothing(x),
+            d_w if d_w is not None else _nothing(x, _acc(x.dtype)))
+
+
+@_norm_bwd_bwd.register_fake
+def _(dy, x, weight, mean, rstd, grad_dx, grad_dw, grad_db, offset, is_rms, need_ddy, need_dx, need_dw, backend):
+    N = x.shape[-1]
+    has_dw = need_dw and weight is not None and grad_dx is not None
+    return (dy.new_empty(dy.shape if need_ddy else (0,)), x.new_empty(x.shape if need_dx else (0,)),
+            x.new_empty(N if has_dw else 0, dtype=_acc(x.dtype)))
+
+
+def _third_derivative(ctx, *grads):
+    raise RuntimeError(
+        "ofa_kernels norm ops provide first and second derivatives only; a third derivative "
+        "(backward through the double backward) is not implemented. Use ofa_kernels.reference "
+        "functions where higher orders are needed."
+    )
+
+
+_norm_bwd_bwd.register_autograd(_third_derivative, setup_context=lambda ctx, inputs, output: None)
+
+
+# ------------------------------------------------------------------------------- public API
+
+
+def _check(x: Tensor, eps: float, **params: Tensor | None) -> int:
+    """Validates inputs; returns the row width. Errors name the argument and what was expected."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOATS:
+        raise TypeError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dimension (the normalised last dim), got a scalar")
+    width = x.shape[-1]
+    if width == 0:
+        raise ValueError(f"x has zero-width rows (shape {tuple(x.shape)}); expected a last dim >= 1")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    for name, p in params.items():
+        if p is None:
+            continue
+        if not isinstance(p, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(p).__name__}")
+        if p.dtype not in _FLOATS:
+            raise TypeError(f"{name} must be a floating-point tensor, got {p.dtype}")
+        if tuple(p.shape) != (width,):
+            raise ValueError(f"{name} must have shape ({width},) to match x's last dim, got {tuple(p.shape)}")
+        if p.device != x.device:
+            raise ValueError(f"{name} is on {p.device} but x is on {x.device}; expected the same device")
+    return width
+
+
+def _as_rows(x: Tensor, width: int) -> Tensor:
+    """[..., N] -> [M, N] as a view when the leading dims collapse (any row stride), else a copy."""
+    return _row_major(x).reshape(-1, width)
+
+
+def _param(p: Tensor | None) -> Tensor | None:
+    return None if p is None else _row_major(p)
+
+
+def rms_norm(
+    x: Tensor,
+    weight: Tensor | None,
+    eps: float = 1e-6,
+    *,
+    offset: float = 0.0,
+    cast_mode: str = "llama",
+    backend: str | None = None,
+) -> Tensor:
+    """RMSNorm over the last dim: ``x * rsqrt(mean(x^2) + eps) * (offset + weight)``.
+
+    Statistics are fp32. ``cast_mode``: "llama" rounds the normalised x to x's dtype before the
+    weight multiply and returns the promoted dtype (bit-compatible with HF ``LlamaRMSNorm``);
+    "gemma" computes all in fp32 and returns x's dtype (HF Gemma, with ``offset=1``); "none" does no
+    intermediate rounding and returns the promoted dtype. Differentiable twice in x, weight and
+    the upstream gradient. ``backend``: "auto" (default, or ``OFA_BACKEND``), "torch" or "triton".
+    """
+    width = _check(x, eps, weight=weight)
+    if cast_mode not in CAST_MODES:
+        raise ValueError(f"cast_mode must be one of {CAST_MODES}, got {cast_mode!r}")
+    if not math.isfinite(offset):
+        raise ValueError(f"offset must be finite, got {offset!r}")
+    y, _, _ = _norm_fwd(_as_rows(x, width), _param(weight), None, float(eps), float(offset), True,
+                        cast_mode, backend or "auto")
+    return y.view(x.shape)
+
+
+def layer_norm(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float = 1e-5,
+    *,
+    backend: str | None = None,
+) -> Tensor:
+    """LayerNorm over the last dim with fp32 statistics; returns x's dtype.
+
+    ``weight`` and ``bias`` may be None. Differentiable twice in x, weight, bias and the upstream
+    gradient. ``backend`` as for :func:`rms_norm`.
+    """
+    width = _check(x, eps, weight=weight, bias=bias)
+    y, _, _ = _norm_fwd(_as_rows(x, width), _param(weight), _param(bias), float(eps), 0.0, False,
+                        "none", backend or "auto")
+    return y.view(x.shape)

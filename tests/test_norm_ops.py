@@ -1,0 +1,316 @@
+"""The norm ops against the float64 reference, on every available backend and kernel path."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+from conftest import DEVICE, available_backends
+
+import ofa_kernels
+from ofa_kernels.reference import layer_norm_ref, rms_norm_ref
+
+BACKENDS = available_backends()
+# (backend, path): Triton runs its register path and, with a tiny chunk cap, its looped wide-row path.
+PATHS = [(b, "registers") for b in BACKENDS] + [("triton", "looped")] * ("triton" in BACKENDS)
+
+
+@pytest.fixture(params=PATHS, ids=lambda p: f"{p[0]}-{p[1]}")
+def backend(request, monkeypatch):
+    name, path = request.param
+    if path == "looped":
+        import ofa_kernels.triton.norm as tnorm
+
+        monkeypatch.setattr(tnorm, "MAX_BLOCK_N", 16)
+    return name
+
+
+def make_case(kind, shape, x_dtype, w_dtype, *, affine=True, offset=0.0, cast_mode="llama"):
+    """Inputs and two callables: ours(x, w, b, backend) and ref(x, w, b, upcast)."""
+    n = shape[-1]
+    x = torch.randn(shape, dtype=x_dtype, device=DEVICE) * 2 + 0.5
+    w = (torch.rand(n, device=DEVICE) + 0.5).to(w_dtype) if affine else None
+    b = (torch.randn(n, device=DEVICE) * 0.1).to(w_dtype) if affine and kind == "layer" else None
+    if kind == "rms":
+        def ours(x, w, b, backend):
+            return ofa_kernels.rms_norm(x, w, 1e-6, offset=offset, cast_mode=cast_mode, backend=backend)
+
+        def ref(x, w, b, upcast):
+            return rms_norm_ref(x, w, 1e-6, offset=offset, cast_mode=cast_mode, upcast=upcast)
+    else:
+        def ours(x, w, b, backend):
+            return ofa_kernels.layer_norm(x, w, b, 1e-5, backend=backend)
+
+        def ref(x, w, b, upcast):
+            return layer_norm_ref(x, w, b, 1e-5, upcast=upcast)
+    return x, w, b, ours, ref
+
+
+VARIANTS = [
+    pytest.param("rms", {"cast_mode": "llama"}, id="rms-llama"),
+    pytest.param("rms", {"cast_mode": "gemma", "offset": 1.0}, id="rms-gemma"),
+    pytest.param("rms", {"cast_mode": "none", "offset": 0.25}, id="rms-none"),
+    pytest.param("rms", {"affine": False}, id="rms-noweight"),
+    pytest.param("layer", {}, id="layer"),
+    pytest.param("layer", {"affine": False}, id="layer-noaffine"),
+]
+
+
+def _grads(out, inputs, dy):
+    return torch.autograd.grad(out, [t for t in inputs if t is not None], dy)
+
+
+def _err(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+# ------------------------------------------------------------------------- fp64 exact checks
+
+
+@pytest.mark.parametrize("kind,opts", VARIANTS)
+def test_gradcheck_and_gradgradcheck_fp64(backend, kind, opts):
+    x, w, b, ours, _ = make_case(kind, (3, 11), torch.float64, torch.float64, **opts)
+    inputs = [t.requires_grad_() for t in (x, w, b) if t is not None]
+
+    def fn(*args):
+        it = iter(args)
+        xx = next(it)
+        ww = next(it) if w is not None else None
+        bb = next(it) if b is not None else None
+        return ours(xx, ww, bb, backend)
+
+    assert torch.autograd.gradcheck(fn, inputs)
+    assert torch.autograd.gradgradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize("kind,opts", VARIANTS)
+def test_fp64_values_and_second_derivatives_match_reference(backend, kind, opts):
+    """Forward, gradient and every second derivative (x, w, b, dy) agree with autograd of the reference."""
+    x, w, b, ours, ref = make_case(kind, (5, 2, 23), torch.float64, torch.float64, **opts)
+    params = [t.requires_grad_() for t in (x, w, b) if t is not None]
+    dy = torch.randn(x.shape, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    results = []
+    for f in (lambda: ours(x, w, b, backend), lambda: ref(x, w, b, False)):
+        y = f()
+        g = torch.autograd.grad(y, params, dy, create_graph=True)
+        probe = sum((gi * torch.cos(torch.arange(gi.numel(), device=DEVICE).view_as(gi) * 0.7)).sum() for gi in g)
+        results.append((y, *g, *torch.autograd.grad(probe, [*params, dy], materialize_grads=True)))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+# ------------------------------------------------------------------- low precision vs fp64
+
+
+DTYPES = [
+    pytest.param(torch.float32, torch.float32, id="fp32"),
+    pytest.param(torch.float16, torch.float16, id="fp16"),
+    pytest.param(torch.bfloat16, torch.bfloat16, id="bf16"),
+    pytest.param(torch.bfloat16, torch.float32, id="bf16x-fp32w"),
+]
+
+
+@pytest.mark.parametrize("x_dtype,w_dtype", DTYPES)
+@pytest.mark.parametrize("kind,opts", VARIANTS)
+@pytest.mark.parametrize("shape", [(9, 1), (33, 7), (6, 129), (4, 3, 1000)], ids=lambda s: "x".join(map(str, s)))
+def test_low_precision_within_twice_pytorchs_own_error(backend, kind, opts, x_dtype, w_dtype, shape):
+    """Our error against the fp64 truth is at most 2x PyTorch's own error in the same dtypes
+    (the reference run in those dtypes, as HF runs it) plus a small atol; for y, dx, dw and db."""
+    x, w, b, ours, ref = make_case(kind, shape, x_dtype, w_dtype, **opts)
+    params = [t.requires_grad_() for t in (x, w, b) if t is not None]
+    y = ours(x, w, b, backend)
+    y_low = ref(x, w, b, False)
+    y_true = ref(x, w, b, True)
+    assert y.dtype == y_low.dtype and y.shape == x.shape
+    dy = torch.randn_like(y)
+    got = [y, *_grads(y, params, dy)]
+    low = [y_low, *_grads(y_low, params, dy)]
+    true = [y_true, *_grads(y_true, params, dy.double())]
+    rows = x.numel() // x.shape[-1]
+    for name, g, lo, tr in zip(["y", "dx", "dw", "db"], got, low, true):
+        atol = 1e-5 if x_dtype == torch.float32 else 2e-3
+        if name in ("dw", "db"):  # sums over rows: scale with sqrt(rows), as the error grows
+            atol *= rows**0.5
+        assert g.dtype == lo.dtype, name
+        assert _err(g, tr) <= 2 * _err(lo, tr) + atol * (1 + tr.abs().max().item()), name
+
+
+def test_llama_mode_is_bit_compatible_with_hf_on_the_torch_backend():
+    pytest.importorskip("transformers")
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    hf = LlamaRMSNorm(96, eps=1e-5).to(DEVICE, torch.bfloat16)
+    with torch.no_grad():
+        hf.weight.copy_(torch.rand(96) + 0.5)
+    x = torch.randn(4, 7, 96, dtype=torch.bfloat16, device=DEVICE)
+    assert torch.equal(ofa_kernels.rms_norm(x, hf.weight, 1e-5, backend="torch"), hf(x))
+
+
+@pytest.mark.parametrize("kind,opts", VARIANTS[::4])
+def test_second_derivatives_in_fp32_match_fp64(backend, kind, opts):
+    x, w, b, ours, ref = make_case(kind, (6, 2, 45), torch.float32, torch.float32, **opts)
+    params = [t.requires_grad_() for t in (x, w, b) if t is not None]
+    dy = torch.randn(x.shape, device=DEVICE, requires_grad=True)
+
+    def second(f, dyy):
+        g = torch.autograd.grad(f(), params, dyy, create_graph=True)
+        return torch.autograd.grad(sum(gi.square().sum() for gi in g), [*params, dyy], materialize_grads=True)
+
+    got = second(lambda: ours(x, w, b, backend), dy)
+    p64 = [t.detach().double().requires_grad_() for t in params]
+    dy64 = dy.detach().double().requires_grad_()
+    it = iter(p64)
+    x64, w64 = next(it), (next(it) if w is not None else None)
+    b64 = next(it) if b is not None else None
+    g = torch.autograd.grad(ref(x64, w64, b64, False), p64, dy64, create_graph=True)
+    want = torch.autograd.grad(sum(gi.square().sum() for gi in g), [*p64, dy64], materialize_grads=True)
+    for gg, ww in zip(got, want):
+        torch.testing.assert_close(gg.double(), ww, rtol=2e-4, atol=2e-4 * ww.abs().max().item())
+
+
+# --------------------------------------------------------------------------- layouts, sizes
+
+
+@pytest.mark.parametrize("kind", ["rms", "layer"])
+def test_strided_rows_are_read_in_place_and_match(backend, kind):
+    """Rows with a row stride (a slice of a wider buffer) and a permuted 3-D input."""
+    base = torch.randn(10, 50, device=DEVICE)
+    x = base[:, 3:40]  # row stride 50, last-dim stride 1: no copy needed
+    w = torch.rand(37, device=DEVICE) + 0.5
+    f = (lambda t: ofa_kernels.rms_norm(t, w, backend=backend)) if kind == "rms" else \
+        (lambda t: ofa_kernels.layer_norm(t, w, None, backend=backend))
+    torch.testing.assert_close(f(x), f(x.contiguous()), rtol=0, atol=0)
+    xt = torch.randn(37, 4, 6, device=DEVICE).permute(1, 2, 0)  # last-dim stride != 1: copied
+    torch.testing.assert_close(f(xt), f(xt.contiguous()), rtol=0, atol=0)
+
+
+def test_width_past_the_register_path(backend):
+    """70000 columns: wider than MAX_BLOCK_N, so the looped path runs on every backend's own terms."""
+    x = torch.randn(3, 70000, device=DEVICE, requires_grad=True)
+    w = (torch.rand(70000, device=DEVICE) + 0.5).requires_grad_()
+    b = torch.randn(70000, device=DEVICE).requires_grad_()
+    cases = [
+        (ofa_kernels.rms_norm(x, w, backend=backend), rms_norm_ref(x, w, upcast=True), [x, w]),
+        (ofa_kernels.layer_norm(x, w, b, backend=backend), layer_norm_ref(x, w, b, upcast=True), [x, w, b]),
+    ]
+    for y, yr, params in cases:
+        dy = torch.randn_like(y)
+        got = [y, *torch.autograd.grad(y, params, dy)]
+        want = [yr, *torch.autograd.grad(yr, params, dy.double())]
+        for g, t in zip(got, want):
+            torch.testing.assert_close(g.double(), t.double(), rtol=1e-4, atol=1e-4 * (1 + t.abs().max().item()))
+
+
+def test_zero_rows_give_empty_outputs_and_gradients(backend):
+    x = torch.randn(0, 3, 16, device=DEVICE, requires_grad=True)
+    w = torch.ones(16, device=DEVICE, requires_grad=True)
+    y = ofa_kernels.rms_norm(x, w, backend=backend)
+    assert y.shape == (0, 3, 16)
+    gx, gw = torch.autograd.grad(y.sum(), [x, w])
+    assert gx.shape == x.shape and torch.equal(gw, torch.zeros_like(w))
+
+
+@pytest.mark.parametrize("kind", ["rms", "layer"])
+def test_nan_and_inf_propagate_like_pytorch(backend, kind):
+    x = torch.randn(4, 33, device=DEVICE)
+    x[1, 5] = float("nan")
+    x[2, 7] = float("inf")
+    w = torch.rand(33, device=DEVICE)
+    if kind == "rms":
+        y, r = ofa_kernels.rms_norm(x, w, backend=backend), rms_norm_ref(x, w)
+    else:
+        y, r = ofa_kernels.layer_norm(x, w, None, backend=backend), layer_norm_ref(x, w, None)
+    assert torch.equal(torch.isnan(y), torch.isnan(r))
+    assert torch.isfinite(y[[0, 3]]).all()
+
+
+# ------------------------------------------------------------------ determinism, memory, errors
+
+
+def test_weight_gradient_is_bitwise_deterministic(backend):
+    x = torch.randn(300, 130, device=DEVICE)
+    w = (torch.rand(130, device=DEVICE) + 0.5).requires_grad_()
+    b = torch.randn(130, device=DEVICE).requires_grad_()
+    dy = torch.randn(300, 130, device=DEVICE)
+    first = torch.autograd.grad(ofa_kernels.layer_norm(x, w, b, backend=backend), [w, b], dy)
+    for _ in range(3):
+        again = torch.autograd.grad(ofa_kernels.layer_norm(x, w, b, backend=backend), [w, b], dy)
+        assert all(torch.equal(a, f) for a, f in zip(again, first))
+
+
+def _live_tensors() -> int:
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
+
+
+def test_repeated_calls_do_not_grow_memory(backend):
+    x = torch.randn(16, 64, device=DEVICE, requires_grad=True)
+    w = torch.rand(64, device=DEVICE, requires_grad=True)
+
+    def step():
+        y = ofa_kernels.rms_norm(x, w, backend=backend)
+        (gx,) = torch.autograd.grad(y.square().sum(), [x], create_graph=True)
+        gx.sum().backward()
+        x.grad = w.grad = None
+
+    step()
+    before = _live_tensors()
+    alloc = torch.cuda.memory_allocated() if DEVICE.type == "cuda" else 0
+    for _ in range(10):
+        step()
+    assert _live_tensors() <= before
+    if DEVICE.type == "cuda":
+        assert torch.cuda.memory_allocated() <= alloc
+
+
+def test_third_derivative_raises_a_clear_error(backend):
+    x = torch.randn(3, 8, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(8, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    (gx,) = torch.autograd.grad(ofa_kernels.rms_norm(x, w, backend=backend).pow(3).sum(), [x], create_graph=True)
+    (gxx,) = torch.autograd.grad(gx.pow(2).sum(), [x], create_graph=True)
+    with pytest.raises(RuntimeError, match="third derivative"):
+        gxx.sum().backward()
+
+
+@pytest.mark.parametrize(
+    "call,error,match",
+    [
+        (lambda x, w: ofa_kernels.rms_norm(x, w[:-1]), ValueError, r"weight must have shape \(16,\)"),
+        (lambda x, w: ofa_kernels.rms_norm(x, w.to("meta")), ValueError, "weight is on meta"),
+        (lambda x, w: ofa_kernels.rms_norm(x.long(), w), TypeError, "x must be float16"),
+        (lambda x, w: ofa_kernels.rms_norm(x, w.int()), TypeError, "weight must be a floating"),
+        (lambda x, w: ofa_kernels.rms_norm(x[:, :0], None), ValueError, "zero-width rows"),
+        (lambda x, w: ofa_kernels.rms_norm(x, w, float("nan")), ValueError, "eps must be a finite"),
+        (lambda x, w: ofa_kernels.layer_norm(x, w, float("inf")), TypeError, "bias must be a torch.Tensor"),
+        (lambda x, w: ofa_kernels.layer_norm(x, w, None, eps=float("inf")), ValueError, "eps must be"),
+        (lambda x, w: ofa_kernels.rms_norm(x, w, cast_mode="fp8"), ValueError, "cast_mode must be one of"),
+        (lambda x, w: ofa_kernels.rms_norm(x, w, backend="cuda-graphs"), ValueError, "backend must be one of"),
+    ],
+    ids=["shape", "device", "int-x", "int-w", "zero-width", "nan-eps", "bias-type", "inf-eps", "cast", "backend"],
+)
+def test_bad_input_is_named_in_the_error(call, error, match):
+    x = torch.randn(4, 16, device=DEVICE)
+    w = torch.ones(16, device=DEVICE)
+    with pytest.raises(error, match=match):
+        call(x, w)
+
+
+def test_registered_ops_pass_opcheck():
+    """Schema, fake (meta) implementations and autograd registration, via torch.library.opcheck."""
+    from ofa_kernels.ops import norm as ops
+
+    x = torch.randn(5, 12, device=DEVICE, requires_grad=True)
+    w = torch.rand(12, device=DEVICE, requires_grad=True)
+    b = torch.randn(12, device=DEVICE, requires_grad=True)
+    torch.library.opcheck(ops._norm_fwd, (x, w, None, 1e-6, 0.0, True, "llama", "auto"))
+    torch.library.opcheck(ops._norm_fwd, (x, w, b, 1e-5, 0.0, False, "none", "auto"))
+    _, mean, rstd = ops._norm_fwd(x.detach(), w.detach(), b.detach(), 1e-5, 0.0, False, "none", "auto")
+    dy = torch.randn(5, 12, device=DEVICE, requires_grad=True)
+    torch.library.opcheck(ops._norm_bwd, (dy, x, w, mean, rstd, 0.0, False, "none", True, True, True, "auto"))
+    a = torch.randn(5, 12, device=DEVICE)
+    torch.library.opcheck(
+        ops._norm_bwd_bwd, (dy.detach(), x.detach(), w.detach(), mean, rstd, a, None, None, 0.0, False,
+                            True, True, True, "auto"),
+        test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"),
+    )
