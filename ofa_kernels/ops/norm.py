@@ -6,6 +6,11 @@ error at the third derivative. Saved statistics (mean, rstd) are never different
 constants: ``norm_bwd_bwd`` carries their dependence on x in closed form. Every op hands its work
 to the backend that ``dispatch.resolve`` picks; fake implementations let ``torch.compile`` trace
 models that use them without graph breaks.
+
+Eager calls skip the op boundary: the same three stages as ``torch.autograd.Function``s that call
+the backend directly (measured on an H200: ~87 us of host time per op call against ~39 us for the
+Triton launch itself, which left the GPU idle between forward and backward). Under
+``torch.compile`` the registered ops are used. Both entry points run the same backend functions.
 """
 
 from __future__ import annotations
@@ -181,6 +186,80 @@ def _third_derivative(ctx, *grads):
 _norm_bwd_bwd.register_autograd(_third_derivative, setup_context=lambda ctx, inputs, output: None)
 
 
+# ------------------------------------------------------------- eager entry: no op boundary
+
+
+class _NormFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, offset, is_rms, cast_mode, backend):
+        impl = dispatch.resolve(backend, x.device)
+        out_dtype = output_dtype(x.dtype, None if weight is None else weight.dtype, is_rms, cast_mode)
+        y, mean, rstd = impl.norm_fwd(x, weight, bias, eps, offset, is_rms, cast_mode, out_dtype)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.meta = (offset, is_rms, cast_mode, backend, None if bias is None else bias.dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, mean, rstd = ctx.saved_tensors
+        offset, is_rms, cast_mode, backend, bias_dtype = ctx.meta
+        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+        dx, dw, db = _NormBwdFn.apply(_row_major(dy), x, weight, mean, rstd, offset, is_rms, cast_mode,
+                                      need_dx, need_dw, need_db, backend)
+        return (dx, None if dw is None else dw.to(weight.dtype), None if db is None else db.to(bias_dtype),
+                None, None, None, None, None)
+
+
+class _NormBwdFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, dy, x, weight, mean, rstd, offset, is_rms, cast_mode, need_dx, need_dw, need_db, backend):
+        impl = dispatch.resolve(backend, x.device)
+        ctx.save_for_backward(dy, x, weight, mean, rstd)
+        ctx.meta = (offset, is_rms, backend)
+        return impl.norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, cast_mode,
+                             need_dx, need_dw and weight is not None, need_db)
+
+    @staticmethod
+    def backward(ctx, grad_dx, grad_dw, grad_db):
+        dy, x, weight, mean, rstd = ctx.saved_tensors
+        offset, is_rms, backend = ctx.meta
+        need_ddy, need_dx, need_dw = ctx.needs_input_grad[:3]
+        d_dy, d_x, d_w = _NormBwdBwdFn.apply(
+            dy, x, weight, mean, rstd, _none_if_empty(grad_dx), _none_if_empty(grad_dw), _none_if_empty(grad_db),
+            offset, is_rms, need_ddy, need_dx, need_dw, backend)
+        if need_dw:
+            d_w = torch.zeros_like(weight) if d_w is None else d_w.to(weight.dtype)
+        return d_dy, d_x, d_w, None, None, None, None, None, None, None, None, None
+
+
+class _NormBwdBwdFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, dy, x, weight, mean, rstd, grad_dx, grad_dw, grad_db, offset, is_rms,
+                need_ddy, need_dx, need_dw, backend):
+        impl = dispatch.resolve(backend, x.device)
+        d_dy, d_x, d_w = impl.norm_bwd_bwd(dy, x, weight, mean, rstd, grad_dx, grad_dw, grad_db, offset,
+                                           is_rms, need_ddy, need_dx, need_dw and weight is not None)
+        if need_ddy and d_dy is None:
+            d_dy = torch.zeros_like(dy)
+        if need_dx and d_x is None:
+            d_x = torch.zeros_like(x)
+        return d_dy, d_x, d_w
+
+    @staticmethod
+    def backward(ctx, *grads):
+        _third_derivative(ctx)
+
+
+def _norm(x, weight, bias, eps, offset, is_rms, cast_mode, backend) -> Tensor:
+    """The one call site: registered op under torch.compile, lean autograd.Function in eager."""
+    if torch.compiler.is_compiling() or not EAGER_FAST_PATH:
+        return _norm_fwd(x, weight, bias, eps, offset, is_rms, cast_mode, backend)[0]
+    return _NormFn.apply(x, weight, bias, eps, offset, is_rms, cast_mode, backend)
+
+
+EAGER_FAST_PATH = True  # tests flip it to run the registered ops eagerly too
+
+
 # ------------------------------------------------------------------------------- public API
 
 
@@ -242,8 +321,8 @@ def rms_norm(
         raise ValueError(f"cast_mode must be one of {CAST_MODES}, got {cast_mode!r}")
     if not math.isfinite(offset):
         raise ValueError(f"offset must be finite, got {offset!r}")
-    y, _, _ = _norm_fwd(_as_rows(x, width), _param(weight), None, float(eps), float(offset), True,
-                        cast_mode, backend or "auto")
+    y = _norm(_as_rows(x, width), _param(weight), None, float(eps), float(offset), True, cast_mode,
+              backend or "auto")
     return y.view(x.shape)
 
 
@@ -261,6 +340,6 @@ def layer_norm(
     gradient. ``backend`` as for :func:`rms_norm`.
     """
     width = _check(x, eps, weight=weight, bias=bias)
-    y, _, _ = _norm_fwd(_as_rows(x, width), _param(weight), _param(bias), float(eps), 0.0, False,
-                        "none", backend or "auto")
+    y = _norm(_as_rows(x, width), _param(weight), _param(bias), float(eps), 0.0, False, "none",
+              backend or "auto")
     return y.view(x.shape)

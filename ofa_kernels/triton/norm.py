@@ -62,6 +62,14 @@ def _load_vec(ptr, cols, N, ACC: tl.constexpr):
 
 
 @triton.jit
+def _div_n(s, N):
+    """Row sum -> row mean. IEEE division: fp32 `/` is approximate on GPUs (u - sum(u)/1 != 0)."""
+    if s.dtype == tl.float32:  # N may arrive as a constexpr int (Triton specialises N == 1)
+        return tl.fdiv(s, tl.zeros_like(s) + N, ieee_rounding=True)
+    return s / N
+
+
+@triton.jit
 def _xhat(x, mean, rstd, mask, IS_RMS: tl.constexpr):
     if IS_RMS:
         return x * rstd[:, None]
@@ -101,9 +109,9 @@ def _norm_fwd_kernel(
     if SINGLE_PASS:
         x = _load(X, rows, stride_x, cols, mask, ACC)
         if not IS_RMS:
-            mean = tl.sum(x, axis=1) / N
+            mean = _div_n(tl.sum(x, axis=1), N)
         xc = _xhat(x, mean, tl.full([BLOCK_M], 1.0, ACC), mask, IS_RMS)
-        rstd = tl.rsqrt(tl.sum(xc * xc, axis=1) / N + eps)
+        rstd = tl.rsqrt(_div_n(tl.sum(xc * xc, axis=1), N) + eps)
         y = _affine(xc * rstd[:, None], W, B, cols, N, offset, HAS_W, HAS_B, CAST_MODE, in_dtype, ACC)
         tl.store(Y + rows[:, None] * stride_y + cols[None, :], _cast(y, Y.dtype.element_ty), mask=mask)
     else:
@@ -112,13 +120,13 @@ def _norm_fwd_kernel(
             for c0 in range(0, N, BLOCK_N):
                 rows, cols, mask = _tile(row0, M, N, c0, BLOCK_M, BLOCK_N)
                 mean += tl.sum(_load(X, rows, stride_x, cols, mask, ACC), axis=1)
-            mean = mean / N
+            mean = _div_n(mean, N)
         sq = tl.zeros([BLOCK_M], ACC)
         for c0 in range(0, N, BLOCK_N):
             rows, cols, mask = _tile(row0, M, N, c0, BLOCK_M, BLOCK_N)
             xc = _xhat(_load(X, rows, stride_x, cols, mask, ACC), mean, ones, mask, IS_RMS)
             sq += tl.sum(xc * xc, axis=1)
-        rstd = tl.rsqrt(sq / N + eps)
+        rstd = tl.rsqrt(_div_n(sq, N) + eps)
         for c0 in range(0, N, BLOCK_N):
             rows, cols, mask = _tile(row0, M, N, c0, BLOCK_M, BLOCK_N)
             xhat = _xhat(_load(X, rows, stride_x, cols, mask, ACC), mean, rstd, mask, IS_RMS)
@@ -148,9 +156,9 @@ def _bwd_dx(dy, xhat, rstd, sum_u, sum_uxhat, W, cols, N, offset,
     u = dy
     if HAS_W:
         u = dy * (_load_vec(W, cols, N, ACC) + offset)[None, :]
-    t = u - (sum_uxhat / N)[:, None] * xhat
+    t = u - _div_n(sum_uxhat, N)[:, None] * xhat
     if not IS_RMS:
-        t = t - (sum_u / N)[:, None]
+        t = t - _div_n(sum_u, N)[:, None]
     return t * rstd[:, None]
 
 
@@ -264,18 +272,18 @@ def _bb_outputs(xhat, dy, g, u, a, w2, rstd, s_u, s_ux, s_a, s_ax, s_au, s_w2, s
                 cols, N, IS_RMS: tl.constexpr, HAS_BW: tl.constexpr, HAS_E: tl.constexpr,
                 ACC: tl.constexpr):
     r = rstd[:, None]
-    c2 = (s_ux / N)[:, None]
-    ca = (s_ax / N)[:, None]
-    mau = (s_au / N)[:, None]
-    cb = (s_w2x / N)[:, None]
+    c2 = _div_n(s_ux, N)[:, None]
+    ca = _div_n(s_ax, N)[:, None]
+    mau = _div_n(s_au, N)[:, None]
+    cb = _div_n(s_w2x, N)[:, None]
     if IS_RMS:
         ma = 0.0
         mu = 0.0
         mw2 = 0.0
     else:
-        ma = (s_a / N)[:, None]
-        mu = (s_u / N)[:, None]
-        mw2 = (s_w2 / N)[:, None]
+        ma = _div_n(s_a, N)[:, None]
+        mu = _div_n(s_u, N)[:, None]
+        mw2 = _div_n(s_w2, N)[:, None]
     ja = r * (a - ma - ca * xhat)
     d_dy = ja * g
     if HAS_BW:
@@ -360,8 +368,18 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _config(x: torch.Tensor, max_block_n: int | None, rows_per_program: int | None):
-    """Block sizes, single/looped path, warps and the persistent grid size for an [M, N] input."""
+# Elements of a [BLOCK_M, BLOCK_N] tile per warp, by kernel. From benchmarks/tune_norm.py on an H200
+# at width 4096, bf16 (winners: fwd 2 rows x 8 warps, bwd 2 x 4, bwd_bwd 2 x 16, 2 programs per SM);
+# other widths follow the same elements-per-warp rule untested.
+_ELEMS_PER_WARP = {"fwd": 1024, "bwd": 2048, "bwd_bwd": 512}
+
+
+def _config(x: torch.Tensor, kernel: str, max_block_n: int | None, rows_per_program: int | None,
+            num_warps: int | None = None, programs_per_sm: int | None = None):
+    """Block sizes, single/looped path, warps and the persistent grid size for an [M, N] input.
+
+    Every default can be overridden by the launcher's keyword arguments (benchmarks/tune_norm.py).
+    """
     M, N = x.shape
     cap = max_block_n or MAX_BLOCK_N
     block_n = min(triton.next_power_of_2(N), triton.next_power_of_2(cap))
@@ -369,12 +387,13 @@ def _config(x: torch.Tensor, max_block_n: int | None, rows_per_program: int | No
     on_gpu = x.is_cuda
     if rows_per_program is None:
         # Interpreter: each program costs milliseconds, so give it many rows.
-        budget = 4096 if on_gpu else 16384
-        rows_per_program = max(1, min(64 if not on_gpu else 16, budget // block_n)) if single else 1
+        budget = 8192 if on_gpu else 16384
+        rows_per_program = max(1, min(16 if on_gpu else 64, budget // block_n)) if single else 1
     block_m = triton.next_power_of_2(rows_per_program)
-    num_warps = max(1, min(16, block_m * block_n // 256))
+    if num_warps is None:
+        num_warps = max(1, min(16, block_m * block_n // _ELEMS_PER_WARP[kernel]))
     n_tiles = triton.cdiv(M, block_m)
-    persistent = _sm_count(x.device.index or 0) * 2 if on_gpu else 4
+    persistent = _sm_count(x.device.index or 0) * (programs_per_sm or 2) if on_gpu else 4
     return block_m, block_n, single, num_warps, max(1, min(n_tiles, persistent))
 
 
@@ -386,7 +405,8 @@ def _acc_torch(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def norm_fwd(x, weight, bias, eps, offset, is_rms, cast_mode, out_dtype, *, max_block_n=None, rows_per_program=None):
+def norm_fwd(x, weight, bias, eps, offset, is_rms, cast_mode, out_dtype, *, max_block_n=None, rows_per_program=None,
+             num_warps=None):
     """x: [M, N] with x.stride(1) == 1. Returns (y, mean, rstd); mean is empty for RMSNorm."""
     M, N = x.shape
     acc = _acc_torch(x.dtype)
@@ -395,7 +415,7 @@ def norm_fwd(x, weight, bias, eps, offset, is_rms, cast_mode, out_dtype, *, max_
     mean = torch.empty(0 if is_rms else M, dtype=acc, device=x.device)
     if M == 0:
         return y, mean, rstd
-    block_m, block_n, single, num_warps, _ = _config(x, max_block_n, rows_per_program)
+    block_m, block_n, single, num_warps, _ = _config(x, "fwd", max_block_n, rows_per_program, num_warps)
     _norm_fwd_kernel[(triton.cdiv(M, block_m),)](
         x, y, weight if weight is not None else x, bias if bias is not None else x,
         mean if not is_rms else rstd, rstd, x.stride(0), y.stride(0), M, N, eps, offset,
@@ -406,11 +426,12 @@ def norm_fwd(x, weight, bias, eps, offset, is_rms, cast_mode, out_dtype, *, max_
 
 
 def norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, cast_mode, need_dx, need_dw, need_db, *,
-             max_block_n=None, rows_per_program=None):
+             max_block_n=None, rows_per_program=None, num_warps=None, programs_per_sm=None):
     """Returns (dx in x.dtype, dw, db in the accumulation dtype); None where not needed."""
     M, N = x.shape
     acc = _acc_torch(x.dtype)
-    block_m, block_n, single, num_warps, n_progs = _config(x, max_block_n, rows_per_program)
+    block_m, block_n, single, num_warps, n_progs = _config(x, "bwd", max_block_n, rows_per_program, num_warps,
+                                                           programs_per_sm)
     dx = torch.empty((M, N), dtype=x.dtype, device=x.device) if need_dx else None
     alloc = torch.empty if single else torch.zeros
     dw_part = alloc((n_progs, N), dtype=acc, device=x.device) if need_dw else None
@@ -430,11 +451,13 @@ def norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, cast_mode, need_dx, need
 
 
 def norm_bwd_bwd(dy, x, weight, mean, rstd, grad_dx, grad_dw, grad_db, offset, is_rms,
-                 need_ddy, need_dx, need_dw, *, max_block_n=None, rows_per_program=None):
+                 need_ddy, need_dx, need_dw, *, max_block_n=None, rows_per_program=None, num_warps=None,
+                 programs_per_sm=None):
     """Returns (d_dy in dy.dtype, d_x in x.dtype, d_w in the accumulation dtype)."""
     M, N = x.shape
     acc = _acc_torch(x.dtype)
-    block_m, block_n, single, num_warps, n_progs = _config(x, max_block_n, rows_per_program)
+    block_m, block_n, single, num_warps, n_progs = _config(x, "bwd_bwd", max_block_n, rows_per_program, num_warps,
+                                                           programs_per_sm)
     need_dw = need_dw and grad_dx is not None
     d_dy = torch.empty((M, N), dtype=dy.dtype, device=x.device) if need_ddy else None
     d_x = torch.empty((M, N), dtype=x.dtype, device=x.device) if need_dx else None

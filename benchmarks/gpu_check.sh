@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The one prepared GPU check, run on the lent machine (device tool) from the repo root:
+#   installs the package, runs the GPU tests, the launcher sweep and the norm benchmark,
+#   and writes everything under $OUT.
+# Knobs: STEPS (default "tests tune bench"), BENCH_SHAPES (e.g. 32768x4096,150x4096; default all),
+#        TEST_TIMEOUT, TUNE_TIMEOUT, BENCH_TIMEOUT (seconds), REP_MS (timing window).
+# Liger travels as a wheel in .whl/ (benchmarks/RESULTS.md says how it was fetched).
+set -uo pipefail
+OUT=${OUT:-/tmp/ofa_gpu_check}
+STEPS=${STEPS:-tests tune bench}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+python3 -m pip install -q --no-deps --no-build-isolation . > "$OUT/install.log" 2>&1 \
+  || { echo "pip install failed (see install.log); using the source tree"; export PYTHONPATH="$PWD:${PYTHONPATH:-}"; }
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm,clocks.mem --format=csv \
+  | tee "$OUT/gpu.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
+
+if [[ " $STEPS " == *" tests "* ]]; then
+  echo "== GPU tests"
+  XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
+  OFA_TEST_DEVICE=cuda timeout "${TEST_TIMEOUT:-240}" python3 -m pytest tests -q -m "not slow" -p no:cacheprovider \
+    $XDIST 2>&1 | tee "$OUT/tests.log" | grep -E "^(FAILED|ERROR)|passed|failed" | tail -25
+fi
+if [[ " $STEPS " == *" tune "* ]]; then
+  echo "== launcher sweep"
+  timeout "${TUNE_TIMEOUT:-150}" python3 benchmarks/tune_norm.py --out "$OUT" 2>&1 | tee "$OUT/tune.log" | tail -8
+fi
+if [[ " $STEPS " == *" bench "* ]]; then
+  echo "== norm benchmark"
+  timeout "${BENCH_TIMEOUT:-300}" python3 benchmarks/bench_norm.py --out "$OUT" --rep-ms "${REP_MS:-30}" \
+    ${BENCH_SHAPES:+--shapes "$BENCH_SHAPES"} > "$OUT/bench.log" 2>&1
+  echo "bench exit $?"
+  grep -E "32768x4096 \| bfloat16|150x4096 \| bfloat16| us$|copy" "$OUT/norm_gpu.md" | head -80
+fi

@@ -1,0 +1,117 @@
+"""One benchmark harness: timing, the copy-bandwidth ceiling, stamped tables and plots.
+
+Scripts declare providers, shapes, modes and a byte model; this module times them (CUDA events via
+``triton.testing.do_bench`` on a GPU, wall clock on a CPU), validates each provider against a
+reference before timing, and writes a markdown table, a JSON file and a PNG plot.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+
+@dataclass
+class Row:
+    op: str
+    mode: str
+    shape: str
+    dtype: str
+    provider: str
+    ms: float | None
+    ms_p20: float | None = None
+    ms_p80: float | None = None
+    gbps: float | None = None
+    note: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def stamp(device: torch.device) -> dict:
+    """Card, versions and time, written with every result file."""
+    import triton
+
+    info = {
+        "time_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(device=props.name, sms=props.multi_processor_count, memory_gib=round(props.total_memory / 2**30, 1))
+    else:
+        info.update(device=f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)")
+    return info
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, *, warmup_ms: float = 25, rep_ms: float = 100,
+            cpu_reps: int = 5) -> tuple[float, float, float]:
+    """Median, 20th and 80th percentile time of ``fn`` in milliseconds."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        q = do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
+        return q[0], q[1], q[2]
+    fn()
+    samples = []
+    for _ in range(cpu_reps):
+        t = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t) * 1e3)
+    samples.sort()
+    return statistics.median(samples), samples[len(samples) // 5], samples[(4 * len(samples)) // 5]
+
+
+def copy_bandwidth_gbps(device: torch.device, nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy bandwidth (bytes read + written) measured in this run: the ceiling."""
+    n = nbytes // 2 if device.type == "cuda" else nbytes // 64
+    src = torch.empty(n, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms, _, _ = time_ms(lambda: dst.copy_(src), device)
+    return 2 * n / ms / 1e6
+
+
+def write_results(rows: list[Row], meta: dict, out_dir: Path, name: str, table: str) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / f".{name}.json.tmp"
+    tmp.write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=1))
+    os.replace(tmp, out_dir / f"{name}.json")
+    (out_dir / f"{name}.md").write_text(table)
+
+
+def plot(rows: list[Row], path: Path, title: str, ceiling_gbps: float | None) -> None:
+    """GB/s per provider for each (op, mode, shape, dtype), one panel per op and mode."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(r.op, r.mode) for r in rows})
+    fig, axes = plt.subplots(len(panels), 1, figsize=(12, 3.2 * len(panels)), squeeze=False)
+    for ax, (op, mode) in zip(axes[:, 0], panels):
+        sub = [r for r in rows if r.op == op and r.mode == mode and r.gbps]
+        cases = sorted({(r.shape, r.dtype) for r in sub})
+        providers = sorted({r.provider for r in sub})
+        width = 0.8 / max(1, len(providers))
+        for i, prov in enumerate(providers):
+            vals = [next((r.gbps for r in sub if (r.shape, r.dtype) == c and r.provider == prov), 0) for c in cases]
+            ax.bar([j + i * width for j in range(len(cases))], vals, width, label=prov)
+        if ceiling_gbps:
+            ax.axhline(ceiling_gbps, color="k", linestyle="--", linewidth=1, label="copy")
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cases))])
+        ax.set_xticklabels([f"{s}\n{d}" for s, d in cases], fontsize=7)
+        ax.set_ylabel("GB/s")
+        ax.set_title(f"{op} {mode}", fontsize=9)
+        ax.legend(fontsize=6, ncol=4)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

@@ -1,0 +1,34 @@
+"""The benchmark scripts run at CPU size and write their table, JSON and plot (CI smoke)."""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+import ofa_kernels
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import bench_norm  # noqa: E402
+
+
+def test_bench_norm_cpu_smoke_writes_a_complete_table(tmp_path):
+    assert bench_norm.main(["--cpu-smoke", "--out", str(tmp_path), "--shapes", "64x576"]) == 0
+    rows = json.loads((tmp_path / "norm_cpu.json").read_text())["rows"]
+    ours = [r for r in rows if r["provider"] == "ofa"]
+    assert {(r["op"], r["mode"]) for r in ours} == {(op, m) for op in ("rms", "layer") for m in bench_norm.MODES}
+    assert all(r["ms"] and r["ms"] > 0 and not r["note"] for r in ours)  # every mode validated and timed
+    assert (tmp_path / "norm_cpu.png").stat().st_size > 0
+    assert "copy" in (tmp_path / "norm_cpu.md").read_text()
+
+
+def test_rms_norm_forward_backward_cpu(benchmark):
+    """pytest-benchmark timing of the CPU path at the SmolLM2 width (a record, not a target)."""
+    x = torch.randn(256, 576, requires_grad=True)
+    w = torch.ones(576, requires_grad=True)
+
+    def step():
+        return torch.autograd.grad(ofa_kernels.rms_norm(x, w).sum(), [x, w])
+
+    gx, gw = benchmark(step)
+    assert gx.shape == x.shape and gw.shape == w.shape
