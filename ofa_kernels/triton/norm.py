@@ -76,6 +76,17 @@ def _xhat(x, mean, rstd, mask, IS_RMS: tl.constexpr):
     return tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
 
 
+@triton.jit
+def _row_stats(Mean, Rstd, row0, M, BLOCK_M: tl.constexpr, IS_RMS: tl.constexpr):
+    """Saved (mean, rstd) of rows row0 .. row0 + BLOCK_M (mean is a placeholder for RMSNorm)."""
+    rows = row0 + tl.arange(0, BLOCK_M)
+    rstd = tl.load(Rstd + rows, mask=rows < M, other=0.0)
+    mean = rstd
+    if not IS_RMS:
+        mean = tl.load(Mean + rows, mask=rows < M, other=0.0)
+    return mean, rstd
+
+
 # ----------------------------------------------------------------------------------- forward
 
 
@@ -179,11 +190,7 @@ def _norm_bwd_kernel(
         db_acc = tl.zeros([BLOCK_N], ACC)
         for tile in range(pid, n_tiles, n_progs):
             rows, cols, mask = _tile(tile * BLOCK_M, M, N, 0, BLOCK_M, BLOCK_N)
-            row_mask = (tile * BLOCK_M + tl.arange(0, BLOCK_M)) < M
-            rstd = tl.load(Rstd + rows, mask=row_mask, other=0.0)
-            mean = rstd
-            if not IS_RMS:
-                mean = tl.load(Mean + rows, mask=row_mask, other=0.0)
+            mean, rstd = _row_stats(Mean, Rstd, tile * BLOCK_M, M, BLOCK_M, IS_RMS)
             xhat = _xhat(_load(X, rows, stride_x, cols, mask, ACC), mean, rstd, mask, IS_RMS)
             dy = _load(DY, rows, stride_dy, cols, mask, ACC)
             if NEED_DX:
@@ -204,12 +211,8 @@ def _norm_bwd_kernel(
             tl.store(DB_part + part + cols, db_acc, mask=cols < N)
     else:
         for tile in range(pid, n_tiles, n_progs):
-            row_mask = (tile * BLOCK_M + tl.arange(0, BLOCK_M)) < M
             rows, cols, mask = _tile(tile * BLOCK_M, M, N, 0, BLOCK_M, BLOCK_N)
-            rstd = tl.load(Rstd + rows, mask=row_mask, other=0.0)
-            mean = rstd
-            if not IS_RMS:
-                mean = tl.load(Mean + rows, mask=row_mask, other=0.0)
+            mean, rstd = _row_stats(Mean, Rstd, tile * BLOCK_M, M, BLOCK_M, IS_RMS)
             s_u = tl.zeros([BLOCK_M], ACC)
             s_ux = tl.zeros([BLOCK_M], ACC)
             if NEED_DX:
@@ -308,12 +311,8 @@ def _norm_bwd_bwd_kernel(
     part = pid.to(tl.int64) * N
     dw_acc = tl.zeros([BLOCK_N], ACC)
     for tile in range(pid, n_tiles, n_progs):
-        row_mask = (tile * BLOCK_M + tl.arange(0, BLOCK_M)) < M
         rows, cols, mask = _tile(tile * BLOCK_M, M, N, 0, BLOCK_M, BLOCK_N)
-        rstd = tl.load(Rstd + rows, mask=row_mask, other=0.0)
-        mean = rstd
-        if not IS_RMS:
-            mean = tl.load(Mean + rows, mask=row_mask, other=0.0)
+        mean, rstd = _row_stats(Mean, Rstd, tile * BLOCK_M, M, BLOCK_M, IS_RMS)
         if SINGLE_PASS:
             xhat, dy, g, u, a, w2 = _bb_chunk(DY, X, W, A, BW, rows, cols, mask, mean, rstd, stride_dy,
                                               stride_x, stride_a, N, offset, IS_RMS, HAS_W, HAS_A, HAS_BW, ACC)
