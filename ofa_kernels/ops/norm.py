@@ -52,7 +52,76 @@ def _nothing(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     return x.new_empty(0, dtype=dtype)
 
 
-# ------------------------------------------------------------------------------------ forward
+# ------------------------------------------- backend calls and stage backwards, shared by both entries
+
+
+def _call_fwd(x, weight, bias, eps, offset, is_rms, cast_mode, backend):
+    out_dtype = output_dtype(x.dtype, None if weight is None else weight.dtype, is_rms, cast_mode)
+    return dispatch.resolve(backend, x.device).norm_fwd(x, weight, bias, eps, offset, is_rms, cast_mode, out_dtype)
+
+
+def _call_bwd(dy, x, weight, mean, rstd, offset, is_rms, cast_mode, need_dx, need_dw, need_db, backend):
+    """(dx, dw, db); None where not needed."""
+    return dispatch.resolve(backend, x.device).norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, cast_mode,
+                                                        need_dx, need_dw and weight is not None, need_db)
+
+
+def _call_bwd_bwd(dy, x, weight, mean, rstd, grad_dx, grad_dw, grad_db, offset, is_rms,
+                  need_ddy, need_dx, need_dw, backend):
+    """(d_dy, d_x, d_w); d_dy/d_x are zeros when needed but no cotangent reached them, d_w may be None."""
+    d_dy, d_x, d_w = dispatch.resolve(backend, x.device).norm_bwd_bwd(
+        dy, x, weight, mean, rstd, grad_dx, grad_dw, grad_db, offset, is_rms, need_ddy, need_dx,
+        need_dw and weight is not None)
+    if need_ddy and d_dy is None:
+        d_dy = torch.zeros_like(dy)
+    if need_dx and d_x is None:
+        d_x = torch.zeros_like(x)
+    return d_dy, d_x, d_w
+
+
+def _fwd_stage_backward(bwd, ctx, dy):
+    """Gradients of the forward stage: runs ``bwd`` (the op or the eager Function) and casts dw/db."""
+    x, weight, mean, rstd = ctx.saved_tensors
+    offset, is_rms, cast_mode, backend, bias_dtype = ctx.meta
+    need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+    dx, dw, db = bwd(_row_major(dy), x, weight, mean, rstd, offset, is_rms, cast_mode,
+                     need_dx, need_dw, need_db, backend)
+    return (dx if need_dx else None, dw.to(weight.dtype) if need_dw else None,
+            db.to(bias_dtype) if need_db else None, None, None, None, None, None)
+
+
+def _bwd_stage_backward(bwd_bwd, ctx, grad_dx, grad_dw, grad_db):
+    """Gradients of the backward stage (the double backward) through ``bwd_bwd``."""
+    dy, x, weight, mean, rstd = ctx.saved_tensors
+    offset, is_rms, backend = ctx.meta
+    need_ddy, need_dx, need_dw = ctx.needs_input_grad[:3]
+    d_dy, d_x, d_w = bwd_bwd(dy, x, weight, mean, rstd, _none_if_empty(grad_dx), _none_if_empty(grad_dw),
+                             _none_if_empty(grad_db), offset, is_rms, need_ddy, need_dx, need_dw, backend)
+    if need_dw:  # no cotangent of dx reached the weight: its second derivative is zero
+        d_w = torch.zeros_like(weight) if d_w is None or d_w.numel() == 0 else d_w.to(weight.dtype)
+    return (d_dy if need_ddy else None, d_x if need_dx else None, d_w if need_dw else None,
+            None, None, None, None, None, None, None, None, None)
+
+
+def _save_fwd(ctx, x, weight, bias, offset, is_rms, cast_mode, backend, mean, rstd):
+    ctx.save_for_backward(x, weight, mean, rstd)
+    ctx.meta = (offset, is_rms, cast_mode, backend, None if bias is None else bias.dtype)
+
+
+def _save_bwd(ctx, dy, x, weight, mean, rstd, offset, is_rms, backend):
+    ctx.save_for_backward(dy, x, weight, mean, rstd)
+    ctx.meta = (offset, is_rms, backend)
+
+
+def _third_derivative(ctx, *grads):
+    raise RuntimeError(
+        "ofa_kernels norm ops provide first and second derivatives only; a third derivative "
+        "(backward through the double backward) is not implemented. Use ofa_kernels.reference "
+        "functions where higher orders are needed."
+    )
+
+
+# ----------------------------------------------------- registered ops (torch.compile entry)
 
 
 @torch.library.custom_op("ofa::norm_fwd", mutates_args=())
@@ -60,9 +129,7 @@ def _norm_fwd(
     x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, offset: float,
     is_rms: bool, cast_mode: str, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    impl = dispatch.resolve(backend, x.device)
-    out_dtype = output_dtype(x.dtype, None if weight is None else weight.dtype, is_rms, cast_mode)
-    return impl.norm_fwd(x, weight, bias, eps, offset, is_rms, cast_mode, out_dtype)
+    return _call_fwd(x, weight, bias, eps, offset, is_rms, cast_mode, backend)
 
 
 @_norm_fwd.register_fake
@@ -75,29 +142,11 @@ def _(x, weight, bias, eps, offset, is_rms, cast_mode, backend):
 
 def _fwd_setup(ctx, inputs, output):
     x, weight, bias, _eps, offset, is_rms, cast_mode, backend = inputs
-    _y, mean, rstd = output
-    ctx.save_for_backward(x, weight, mean, rstd)
-    ctx.meta = (offset, is_rms, cast_mode, backend, None if bias is None else bias.dtype)
+    _save_fwd(ctx, x, weight, bias, offset, is_rms, cast_mode, backend, output[1], output[2])
 
 
-def _fwd_backward(ctx, dy, _dmean, _drstd):
-    x, weight, mean, rstd = ctx.saved_tensors
-    offset, is_rms, cast_mode, backend, bias_dtype = ctx.meta
-    need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
-    dx, dw, db = _norm_bwd(_row_major(dy), x, weight, mean, rstd, offset, is_rms, cast_mode,
-                           need_dx, need_dw, need_db, backend)
-    return (
-        dx if need_dx else None,
-        dw.to(weight.dtype) if need_dw else None,
-        db.to(bias_dtype) if need_db else None,
-        None, None, None, None, None,
-    )
-
-
-_norm_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup)
-
-
-# ----------------------------------------------------------------------------------- backward
+_norm_fwd.register_autograd(lambda ctx, dy, _dmean, _drstd: _fwd_stage_backward(_norm_bwd, ctx, dy),
+                            setup_context=_fwd_setup)
 
 
 @torch.library.custom_op("ofa::norm_bwd", mutates_args=())
@@ -105,9 +154,7 @@ def _norm_bwd(
     dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor, offset: float,
     is_rms: bool, cast_mode: str, need_dx: bool, need_dw: bool, need_db: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    impl = dispatch.resolve(backend, x.device)
-    dx, dw, db = impl.norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, cast_mode,
-                               need_dx, need_dw and weight is not None, need_db)
+    dx, dw, db = _call_bwd(dy, x, weight, mean, rstd, offset, is_rms, cast_mode, need_dx, need_dw, need_db, backend)
     acc = _acc(x.dtype)
     return (dx if dx is not None else _nothing(x), dw if dw is not None else _nothing(x, acc),
             db if db is not None else _nothing(x, acc))
@@ -124,30 +171,11 @@ def _(dy, x, weight, mean, rstd, offset, is_rms, cast_mode, need_dx, need_dw, ne
 
 def _bwd_setup(ctx, inputs, output):
     dy, x, weight, mean, rstd, offset, is_rms, _cast_mode, *_rest, backend = inputs
-    ctx.save_for_backward(dy, x, weight, mean, rstd)
-    ctx.meta = (offset, is_rms, backend)
+    _save_bwd(ctx, dy, x, weight, mean, rstd, offset, is_rms, backend)
 
 
-def _bwd_backward(ctx, grad_dx, grad_dw, grad_db):
-    dy, x, weight, mean, rstd = ctx.saved_tensors
-    offset, is_rms, backend = ctx.meta
-    need_ddy, need_dx, need_dw = ctx.needs_input_grad[:3]
-    d_dy, d_x, d_w = _norm_bwd_bwd(
-        dy, x, weight, mean, rstd, _none_if_empty(grad_dx), _none_if_empty(grad_dw), _none_if_empty(grad_db),
-        offset, is_rms, need_ddy, need_dx, need_dw, backend,
-    )
-    return (
-        d_dy if need_ddy else None,
-        d_x if need_dx else None,
-        (d_w.to(weight.dtype) if d_w.numel() else torch.zeros_like(weight)) if need_dw else None,
-        None, None, None, None, None, None, None, None, None,
-    )
-
-
-_norm_bwd.register_autograd(_bwd_backward, setup_context=_bwd_setup)
-
-
-# ---------------------------------------------------------------------------- double backward
+_norm_bwd.register_autograd(lambda ctx, *grads: _bwd_stage_backward(_norm_bwd_bwd, ctx, *grads),
+                            setup_context=_bwd_setup)
 
 
 @torch.library.custom_op("ofa::norm_bwd_bwd", mutates_args=())
@@ -156,13 +184,8 @@ def _norm_bwd_bwd(
     grad_dx: Optional[Tensor], grad_dw: Optional[Tensor], grad_db: Optional[Tensor], offset: float,
     is_rms: bool, need_ddy: bool, need_dx: bool, need_dw: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    impl = dispatch.resolve(backend, x.device)
-    d_dy, d_x, d_w = impl.norm_bwd_bwd(dy, x, weight, mean, rstd, grad_dx, grad_dw, grad_db, offset,
-                                       is_rms, need_ddy, need_dx, need_dw and weight is not None)
-    if need_ddy and d_dy is None:  # no cotangent reached dy
-        d_dy = torch.zeros_like(dy)
-    if need_dx and d_x is None:
-        d_x = torch.zeros_like(x)
+    d_dy, d_x, d_w = _call_bwd_bwd(dy, x, weight, mean, rstd, grad_dx, grad_dw, grad_db, offset, is_rms,
+                                   need_ddy, need_dx, need_dw, backend)
     return (d_dy if need_ddy else _nothing(dy), d_x if need_dx else _nothing(x),
             d_w if d_w is not None else _nothing(x, _acc(x.dtype)))
 
@@ -175,14 +198,6 @@ def _(dy, x, weight, mean, rstd, grad_dx, grad_dw, grad_db, offset, is_rms, need
             x.new_empty(N if has_dw else 0, dtype=_acc(x.dtype)))
 
 
-def _third_derivative(ctx, *grads):
-    raise RuntimeError(
-        "ofa_kernels norm ops provide first and second derivatives only; a third derivative "
-        "(backward through the double backward) is not implemented. Use ofa_kernels.reference "
-        "functions where higher orders are needed."
-    )
-
-
 _norm_bwd_bwd.register_autograd(_third_derivative, setup_context=lambda ctx, inputs, output: None)
 
 
@@ -192,58 +207,30 @@ _norm_bwd_bwd.register_autograd(_third_derivative, setup_context=lambda ctx, inp
 class _NormFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps, offset, is_rms, cast_mode, backend):
-        impl = dispatch.resolve(backend, x.device)
-        out_dtype = output_dtype(x.dtype, None if weight is None else weight.dtype, is_rms, cast_mode)
-        y, mean, rstd = impl.norm_fwd(x, weight, bias, eps, offset, is_rms, cast_mode, out_dtype)
-        ctx.save_for_backward(x, weight, mean, rstd)
-        ctx.meta = (offset, is_rms, cast_mode, backend, None if bias is None else bias.dtype)
+        y, mean, rstd = _call_fwd(x, weight, bias, eps, offset, is_rms, cast_mode, backend)
+        _save_fwd(ctx, x, weight, bias, offset, is_rms, cast_mode, backend, mean, rstd)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, mean, rstd = ctx.saved_tensors
-        offset, is_rms, cast_mode, backend, bias_dtype = ctx.meta
-        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
-        dx, dw, db = _NormBwdFn.apply(_row_major(dy), x, weight, mean, rstd, offset, is_rms, cast_mode,
-                                      need_dx, need_dw, need_db, backend)
-        return (dx, None if dw is None else dw.to(weight.dtype), None if db is None else db.to(bias_dtype),
-                None, None, None, None, None)
+        return _fwd_stage_backward(_NormBwdFn.apply, ctx, dy)
 
 
 class _NormBwdFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, dy, x, weight, mean, rstd, offset, is_rms, cast_mode, need_dx, need_dw, need_db, backend):
-        impl = dispatch.resolve(backend, x.device)
-        ctx.save_for_backward(dy, x, weight, mean, rstd)
-        ctx.meta = (offset, is_rms, backend)
-        return impl.norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, cast_mode,
-                             need_dx, need_dw and weight is not None, need_db)
+        _save_bwd(ctx, dy, x, weight, mean, rstd, offset, is_rms, backend)
+        return _call_bwd(dy, x, weight, mean, rstd, offset, is_rms, cast_mode, need_dx, need_dw, need_db, backend)
 
     @staticmethod
     def backward(ctx, grad_dx, grad_dw, grad_db):
-        dy, x, weight, mean, rstd = ctx.saved_tensors
-        offset, is_rms, backend = ctx.meta
-        need_ddy, need_dx, need_dw = ctx.needs_input_grad[:3]
-        d_dy, d_x, d_w = _NormBwdBwdFn.apply(
-            dy, x, weight, mean, rstd, _none_if_empty(grad_dx), _none_if_empty(grad_dw), _none_if_empty(grad_db),
-            offset, is_rms, need_ddy, need_dx, need_dw, backend)
-        if need_dw:
-            d_w = torch.zeros_like(weight) if d_w is None else d_w.to(weight.dtype)
-        return d_dy, d_x, d_w, None, None, None, None, None, None, None, None, None
+        return _bwd_stage_backward(_NormBwdBwdFn.apply, ctx, grad_dx, grad_dw, grad_db)
 
 
 class _NormBwdBwdFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, dy, x, weight, mean, rstd, grad_dx, grad_dw, grad_db, offset, is_rms,
-                need_ddy, need_dx, need_dw, backend):
-        impl = dispatch.resolve(backend, x.device)
-        d_dy, d_x, d_w = impl.norm_bwd_bwd(dy, x, weight, mean, rstd, grad_dx, grad_dw, grad_db, offset,
-                                           is_rms, need_ddy, need_dx, need_dw and weight is not None)
-        if need_ddy and d_dy is None:
-            d_dy = torch.zeros_like(dy)
-        if need_dx and d_x is None:
-            d_x = torch.zeros_like(x)
-        return d_dy, d_x, d_w
+    def forward(ctx, *args):
+        return _call_bwd_bwd(*args)
 
     @staticmethod
     def backward(ctx, *grads):

@@ -432,9 +432,8 @@ def norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, cast_mode, need_dx, need
     block_m, block_n, single, num_warps, n_progs = _config(x, "bwd", max_block_n, rows_per_program, num_warps,
                                                            programs_per_sm)
     dx = torch.empty((M, N), dtype=x.dtype, device=x.device) if need_dx else None
-    alloc = torch.empty if single else torch.zeros
-    dw_part = alloc((n_progs, N), dtype=acc, device=x.device) if need_dw else None
-    db_part = alloc((n_progs, N), dtype=acc, device=x.device) if need_db else None
+    dw_part = _partials(need_dw, single, n_progs, N, acc, x.device)
+    db_part = _partials(need_db, single, n_progs, N, acc, x.device)
     if M > 0:
         _norm_bwd_kernel[(n_progs,)](
             dy, x, weight if weight is not None else x, mean if not is_rms else rstd, rstd,
@@ -460,7 +459,7 @@ def norm_bwd_bwd(dy, x, weight, mean, rstd, grad_dx, grad_dw, grad_db, offset, i
     need_dw = need_dw and grad_dx is not None
     d_dy = torch.empty((M, N), dtype=dy.dtype, device=x.device) if need_ddy else None
     d_x = torch.empty((M, N), dtype=x.dtype, device=x.device) if need_dx else None
-    dw_part = (torch.empty if single else torch.zeros)((n_progs, N), dtype=acc, device=x.device) if need_dw else None
+    dw_part = _partials(need_dw, single, n_progs, N, acc, x.device)
     if M > 0 and (need_ddy or need_dx or need_dw):
         _norm_bwd_bwd_kernel[(n_progs,)](
             dy, x, weight if weight is not None else x, mean if not is_rms else rstd, rstd,
@@ -475,6 +474,13 @@ def norm_bwd_bwd(dy, x, weight, mean, rstd, grad_dx, grad_dw, grad_db, offset, i
         )
     d_w = _reduce(dw_part, M) if need_dw else None
     return d_dy, d_x, d_w
+
+
+def _partials(needed, single, n_progs, N, dtype, device):
+    """One fp32 (fp64) partial row per program; zeroed for the looped path, which accumulates in place."""
+    if not needed:
+        return None
+    return (torch.empty if single else torch.zeros)((n_progs, N), dtype=dtype, device=device)
 
 
 def _reduce(partials: torch.Tensor | None, M: int) -> torch.Tensor | None:
