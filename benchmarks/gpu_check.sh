@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The one prepared GPU check, run on the lent machine (device tool) from the repo root:
-#   installs the package, runs the GPU tests, the launcher sweep and the norm benchmark,
-#   and writes everything under $OUT.
-# Knobs: STEPS (default "tests tune bench"), BENCH_SHAPES (e.g. 32768x4096,150x4096; default all),
-#        TEST_TIMEOUT, TUNE_TIMEOUT, BENCH_TIMEOUT (seconds), REP_MS (timing window).
+#   installs the package, runs the GPU tests, the launcher sweep, the norm benchmark and the
+#   objective (sharpness) benchmark, and writes everything under $OUT.
+# Knobs: STEPS (default "tests tune bench objective"), TEST_PATHS (default tests),
+#        BENCH_SHAPES (e.g. 32768x4096,150x4096; default all), OBJ_ARMS (e.g. ce,fd1,fd4; default all),
+#        TEST_TIMEOUT, TUNE_TIMEOUT, BENCH_TIMEOUT, OBJ_TIMEOUT (seconds), REP_MS (timing window).
 # Liger travels as a wheel in .whl/ (benchmarks/RESULTS.md says how it was fetched).
 set -uo pipefail
 OUT=${OUT:-/tmp/ofa_gpu_check}
-STEPS=${STEPS:-tests tune bench}
+STEPS=${STEPS:-tests tune bench objective}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 if compgen -G ".whl/*.whl" > /dev/null; then
@@ -23,7 +24,8 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 if [[ " $STEPS " == *" tests "* ]]; then
   echo "== GPU tests"
   XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
-  OFA_TEST_DEVICE=cuda timeout "${TEST_TIMEOUT:-240}" python3 -m pytest tests -q -m "not slow" -p no:cacheprovider \
+  OFA_TEST_DEVICE=cuda timeout "${TEST_TIMEOUT:-240}" python3 -m pytest ${TEST_PATHS:-tests} -q -m "not slow" \
+    -p no:cacheprovider \
     $XDIST 2>&1 | tee "$OUT/tests.log" | grep -E "^(FAILED|ERROR)|passed|failed" | tail -25
 fi
 if [[ " $STEPS " == *" tune "* ]]; then
@@ -36,4 +38,12 @@ if [[ " $STEPS " == *" bench "* ]]; then
     ${BENCH_SHAPES:+--shapes "$BENCH_SHAPES"} > "$OUT/bench.log" 2>&1
   echo "bench exit $?"
   grep -E "32768x4096 \| bfloat16|150x4096 \| bfloat16| us$|copy" "$OUT/norm_gpu.md" | head -80
+fi
+if [[ " $STEPS " == *" objective "* ]]; then
+  echo "== objective benchmark (Llama-2-7B shape, bf16, 4 x 512)"
+  timeout "${OBJ_TIMEOUT:-300}" python3 benchmarks/bench_objective.py --out "$OUT" ${OBJ_ARMS:+--arms "$OBJ_ARMS"} \
+    > "$OUT/objective.log" 2>&1
+  echo "objective exit $?"
+  tail -5 "$OUT/objective.log"
+  cat "$OUT/objective_gpu.md" 2>/dev/null
 fi

@@ -32,3 +32,13 @@ def test_rms_norm_forward_backward_cpu(benchmark):
 
     gx, gw = benchmark(step)
     assert gx.shape == x.shape and gw.shape == w.shape
+
+
+def test_bench_objective_smoke_times_every_arm(tmp_path):
+    import bench_objective
+
+    assert bench_objective.main(["--smoke", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "objective_cpu.json").read_text())["rows"]
+    assert [(r["estimator"], r["K"]) for r in rows] == [(e, k) for _, e, k in bench_objective.ARMS]
+    assert all(r["ms"] and r["ms"] > 0 for r in rows)
+    assert "K=4 / K=1" in (tmp_path / "objective_cpu.md").read_text()

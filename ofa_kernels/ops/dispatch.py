@@ -1,4 +1,4 @@
-"""The one place that picks a backend for the norm ops.
+"""The one place that picks a backend for the ops (norm and probe families).
 
 Order: the ``backend`` argument, then ``OFA_BACKEND``, then auto (Triton for CUDA tensors when it
 imports, plain PyTorch otherwise). An explicitly requested backend that cannot run raises; auto
@@ -8,6 +8,7 @@ falls back quietly. ``backends()`` reports what is available and why not.
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 from types import ModuleType
 
@@ -20,20 +21,23 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
-def _load(name: str) -> tuple[ModuleType | None, str]:
-    """Imports a backend module once; returns (module or None, reason when missing)."""
-    if name == "torch":
-        from ..eager import norm
+FAMILIES = ("norm", "probe")
 
-        return norm, "plain PyTorch closed forms; any device"
+
+@functools.lru_cache(maxsize=None)
+def _load(name: str, family: str = "norm") -> tuple[ModuleType | None, str]:
+    """Imports a backend's module for an op family once; returns (module or None, reason when missing)."""
+    if family not in FAMILIES:
+        raise ValueError(f"op family must be one of {FAMILIES}, got {family!r}")
+    if name == "torch":
+        return importlib.import_module(f"..eager.{family}", __package__), "plain PyTorch closed forms; any device"
     if name == "triton":
         try:
-            from ..triton import norm
+            module = importlib.import_module(f"..triton.{family}", __package__)
         except Exception as exc:  # ImportError, or triton failing to initialise its driver
             return None, f"triton did not import: {exc}"
         where = "CUDA tensors" + (", and CPU tensors through the interpreter" if _interpreting() else "")
-        return norm, f"Triton kernels for {where}"
+        return module, f"Triton kernels for {where}"
     raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {name!r}")
 
 
@@ -41,14 +45,14 @@ def _runs_on(name: str, device: torch.device) -> bool:
     return name == "torch" or device.type == "cuda" or _interpreting()
 
 
-def resolve(backend: str, device: torch.device) -> ModuleType:
-    """Returns the backend module that runs the norm ops for tensors on ``device``."""
+def resolve(backend: str, device: torch.device, family: str = "norm") -> ModuleType:
+    """Returns the backend module that runs ``family``'s ops for tensors on ``device``."""
     name = backend if backend != "auto" else os.environ.get("OFA_BACKEND", "auto") or "auto"
     if name == "auto":
-        if device.type == "cuda" and _load("triton")[0] is not None:
-            return _load("triton")[0]
-        return _load("torch")[0]
-    module, reason = _load(name)
+        if device.type == "cuda" and _load("triton", family)[0] is not None:
+            return _load("triton", family)[0]
+        return _load("torch", family)[0]
+    module, reason = _load(name, family)
     if module is None:
         raise RuntimeError(f"backend {name!r} was requested but is not available: {reason}")
     if not _runs_on(name, device):

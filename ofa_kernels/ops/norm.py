@@ -1,11 +1,16 @@
 """RMSNorm and LayerNorm as ``torch.library`` ops with first and second derivatives.
 
 Three ops, each differentiable by the next (the double-backward pattern of PyTorch's custom
-function tutorial): ``ofa::norm_fwd`` -> ``ofa::norm_bwd`` -> ``ofa::norm_bwd_bwd`` -> a clear
-error at the third derivative. Saved statistics (mean, rstd) are never differentiated as
-constants: ``norm_bwd_bwd`` carries their dependence on x in closed form. Every op hands its work
-to the backend that ``dispatch.resolve`` picks; fake implementations let ``torch.compile`` trace
-models that use them without graph breaks.
+function tutorial): ``ofa::norm_fwd`` -> ``ofa::norm_bwd`` -> ``ofa::norm_bwd_bwd``. Saved
+statistics (mean, rstd) are never differentiated as constants: ``norm_bwd_bwd`` carries their
+dependence on x in closed form. Every op hands its work to the backend that ``dispatch.resolve``
+picks; fake implementations let ``torch.compile`` trace models that use them without graph breaks.
+
+Third and higher derivatives (the gradient of an HVP-based sharpness with respect to the norm
+weights needs them) recompute the closed-form double backward in plain PyTorch, with mean and
+rstd rebuilt as functions of x, and let autograd differentiate it: correct to any order, not fused.
+Forward-mode AD (dual tensors, used by the "jvp" sharpness estimator) runs the plain-PyTorch
+reference, which autograd differentiates in both modes.
 
 Eager calls skip the op boundary: the same three stages as ``torch.autograd.Function``s that call
 the backend directly (measured on an H200: ~87 us of host time per op call against ~39 us for the
@@ -20,7 +25,9 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
+from ..reference import layer_norm_ref, rms_norm_ref
 from . import dispatch
 
 CAST_MODES = ("llama", "gemma", "none")
@@ -113,12 +120,50 @@ def _save_bwd(ctx, dy, x, weight, mean, rstd, offset, is_rms, backend):
     ctx.meta = (offset, is_rms, backend)
 
 
-def _third_derivative(ctx, *grads):
-    raise RuntimeError(
-        "ofa_kernels norm ops provide first and second derivatives only; a third derivative "
-        "(backward through the double backward) is not implemented. Use ofa_kernels.reference "
-        "functions where higher orders are needed."
-    )
+def _stats_of(x: Tensor, mean: Tensor, rstd: Tensor, is_rms: bool) -> tuple[Tensor, Tensor]:
+    """mean and rstd as differentiable functions of x with the saved values (eps recovered from rstd)."""
+    xs = x.to(_acc(x.dtype))
+    if is_rms:
+        var, mean_f = xs.pow(2).mean(-1), mean
+    else:
+        m = xs.mean(-1)
+        var = (xs - m[:, None]).pow(2).mean(-1)
+        mean_f = m + (mean - m).detach()
+    eps_hat = (rstd.pow(-2) - var).detach()
+    return mean_f, (var + eps_hat).rsqrt()
+
+
+def _save_bwd_bwd(ctx, inputs) -> None:
+    dy, x, weight, mean, rstd, grad_dx, grad_dw, grad_db, offset, is_rms, *_rest = inputs
+    ctx.save_for_backward(dy, x, weight, mean, rstd, grad_dx, grad_dw, grad_db)
+    ctx.meta = (offset, is_rms)
+
+
+def _bwd_bwd_stage_backward(ctx, *grads) -> tuple:
+    """Third derivative: autograd through the plain-PyTorch double backward (any order, unfused)."""
+    from ..eager import norm as eager
+
+    saved = ctx.saved_tensors
+    offset, is_rms = ctx.meta
+    needs = [ctx.needs_input_grad[i] and saved[i] is not None for i in (0, 1, 2, 5, 6, 7)]
+    with torch.enable_grad():
+        dy, x, weight, mean, rstd, a, bw, e = [None if t is None else t.detach() for t in saved]
+        leaves = [t.requires_grad_(need) if t is not None else None
+                  for t, need in zip((dy, x, weight, a, bw, e), needs)]
+        dy, x, weight, a, bw, e = leaves
+        mean_f, rstd_f = _stats_of(x, mean, rstd, is_rms)
+        outs = eager.norm_bwd_bwd(dy, x, weight, mean_f, rstd_f, a, bw, e, offset, is_rms,
+                                  True, True, weight is not None)
+        pairs = [(o, g) for o, g in zip(outs, grads) if o is not None and g is not None and g.numel()]
+        wrt = [t for t, need in zip(leaves, needs) if need]
+        found = iter(torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True,
+                                         create_graph=torch.is_grad_enabled()) if pairs and wrt else ())
+    result = [next(found, None) if need else None for need in needs]
+    for i, t in enumerate((dy, x, weight, a, bw, e)):
+        if needs[i] and result[i] is None:
+            result[i] = torch.zeros_like(t)
+    d_dy, d_x, d_w, d_a, d_bw, d_e = result
+    return (d_dy, d_x, d_w, None, None, d_a, d_bw, d_e) + (None,) * 6
 
 
 # ----------------------------------------------------- registered ops (torch.compile entry)
@@ -198,7 +243,8 @@ def _(dy, x, weight, mean, rstd, grad_dx, grad_dw, grad_db, offset, is_rms, need
             x.new_empty(N if has_dw else 0, dtype=_acc(x.dtype)))
 
 
-_norm_bwd_bwd.register_autograd(_third_derivative, setup_context=lambda ctx, inputs, output: None)
+_norm_bwd_bwd.register_autograd(_bwd_bwd_stage_backward,
+                                setup_context=lambda ctx, inputs, output: _save_bwd_bwd(ctx, inputs))
 
 
 # ------------------------------------------------------------- eager entry: no op boundary
@@ -230,15 +276,27 @@ class _NormBwdFn(torch.autograd.Function):
 class _NormBwdBwdFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, *args):
+        _save_bwd_bwd(ctx, args)
         return _call_bwd_bwd(*args)
 
     @staticmethod
     def backward(ctx, *grads):
-        _third_derivative(ctx)
+        return _bwd_bwd_stage_backward(ctx, *grads)
+
+
+def _has_tangent(*tensors: Tensor | None) -> bool:
+    """True inside a forward-AD level when any input carries a tangent."""
+    if forward_ad._current_level < 0:
+        return False
+    return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
 def _norm(x, weight, bias, eps, offset, is_rms, cast_mode, backend) -> Tensor:
     """The one call site: registered op under torch.compile, lean autograd.Function in eager."""
+    if _has_tangent(x, weight, bias):  # forward-mode AD: the plain-PyTorch reference
+        if is_rms:
+            return rms_norm_ref(x, weight, eps, offset=offset, cast_mode=cast_mode)
+        return layer_norm_ref(x, weight, bias, eps)
     if torch.compiler.is_compiling() or not EAGER_FAST_PATH:
         return _norm_fwd(x, weight, bias, eps, offset, is_rms, cast_mode, backend)[0]
     return _NormFn.apply(x, weight, bias, eps, offset, is_rms, cast_mode, backend)

@@ -1,0 +1,588 @@
+"""OFA's two regularisers: the step ratio J and the sharpness S (three estimators).
+
+Notation (the paper, arXiv 2505.19107, and its authors' code). ``H_0 .. H_L`` are the hidden states
+HF returns with ``output_hidden_states`` (``H_t`` is block t's input, ``H_L`` the final norm's
+output); ``pos`` is each sequence's last real token; block t's update is ``u_t = H_{t+1} - H_t``;
+``P_t = diag(gamma_t)`` with gamma_t block t's post-attention norm weight (GPT-2 ``ln_2``), a
+constant taken from the frozen original weights.
+
+- Step ratio ``J = sum_{i=2}^{L-1} ||H_{i+1} - H_i||^2 / (||H_i - H_{i-1}||^2 + eps)`` at ``pos``, per
+  sequence, averaged over the batch, in fp32.
+- Sharpness ``S = sum_t mean_{batch, probes} softplus(q_t)`` over the probed blocks (default 1..L-1),
+  where ``q_t`` estimates ``tr(P_t H_t P_t)``:
+
+  ``"fd"`` (the authors'): a second pass in which every probed block's input x becomes
+  ``x + s * gamma_t * nu_t`` (all blocks in one pass, ``s = eps``, or ``eps * rms(x_row)`` with
+  ``eps_scale="rms"``), and ``q_t = -nu_t . ((H~_{t+1} - X~_t) - (H_{t+1} - H_t)) / s`` at pos, with
+  ``X~_t`` the perturbed input block t was actually fed (so the injected noise and its rounding
+  cancel exactly). ``paper_exact=True`` reproduces the authors' code instead: the injected noise
+  stays in (``H~_t`` in place of ``X~_t``) and the dot product is the B x B matrix
+  ``nu @ delta.T`` (every pair of sequences), all of it averaged.
+  ``"jvp"``: the eps -> 0 limit of "fd" for the same probes, exactly: one forward-mode pass whose
+  tangent gets ``s * gamma_t * nu_t`` added at every probed block's input (no cancellation).
+  ``"hvp"``: Hutchinson ``q_t = (P_t v_t)^T (d^2 CE / d H_t[pos]^2) (P_t v_t)`` for the CE of the label
+  token at pos, one double-backward HVP for all probed blocks (cross-block terms have zero mean).
+
+  Probes come from the counter-based generator of ``ofa_kernels.rng`` keyed by
+  ``(seed, block, probe, element)``: kernels regenerate them (perturbation, dot products, their
+  backward), K probes are K copies of the batch in one pass (``max_rows`` caps a pass).
+
+bf16 safety ("fd"): differences are formed and reduced in fp32, and for bf16/fp16 models the default
+step is ``2**-5 * rms(row)`` (``eps=None``, ``eps_scale="auto"``): a step of 1e-3 is below bf16's
+resolution (2**-8 relative), so the perturbation would round away. Pass ``eps`` and ``eps_scale``
+to choose yourself.
+
+"jvp" and "hvp" differentiate through attention in forward mode or twice; they run attention as
+plain PyTorch ops (a TorchFunctionMode replaces ``scaled_dot_product_attention`` and ``softmax`` for
+that pass), so models must use ``attn_implementation="sdpa"`` or ``"eager"``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Mapping, NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.autograd import forward_ad
+from torch.overrides import TorchFunctionMode
+
+from . import rng
+from .ops.probe import perturb, probe_dot, probe_rows
+
+ESTIMATORS = ("fd", "jvp", "hvp")
+EPS_SCALES = ("auto", "none", "rms")
+BF16_SAFE_EPS = 2.0**-5
+_NORM_NAMES = ("post_attention_layernorm", "ln_2", "post_attention_norm", "ffn_norm", "norm2")
+
+__all__ = ["ESTIMATORS", "hutchinson_trace", "last_positions", "last_token_states", "preconditioners", "sharpness",
+           "sharpness_terms", "step_ratio", "TraceEstimate"]
+
+
+# ------------------------------------------------------------------------------------ step ratio
+
+
+def last_positions(attention_mask: Tensor) -> Tensor:
+    """Index of each row's last real token (works for left and right padding)."""
+    if attention_mask.dim() != 2:
+        raise ValueError(f"attention_mask must be [batch, seq], got shape {tuple(attention_mask.shape)}")
+    mask = attention_mask.bool()
+    idx = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    pos = torch.where(mask, idx, -1).amax(1)
+    if (pos < 0).any():
+        raise ValueError(f"attention_mask rows {torch.nonzero(pos < 0).flatten().tolist()} have no real token")
+    return pos
+
+
+def _gather(h: Tensor, positions: Tensor | None) -> Tensor:
+    if positions is None:
+        return h
+    return h[torch.arange(h.shape[0], device=h.device), positions.to(h.device)]
+
+
+def step_ratio(hidden_states: Sequence[Tensor] | Tensor, positions: Tensor | None, eps: float = 0.0) -> Tensor:
+    """J averaged over the batch (fp32 scalar; fp64 for fp64 states).
+
+    ``hidden_states``: L+1 tensors ``[B, T, d]`` (HF's ``output_hidden_states``) or a stacked
+    ``[L+1, B, T, d]``; with ``positions=None`` they are already taken at the positions, ``[B, d]``.
+    """
+    states = [_gather(h, positions) for h in hidden_states]
+    states = [h.to(torch.promote_types(h.dtype, torch.float32)) for h in states]
+    if len(states) < 4:
+        raise ValueError(f"step_ratio needs at least 4 hidden states (L >= 3 blocks), got {len(states)}")
+    z = torch.stack(states)  # [L+1, B, d]
+    steps = (z[1:] - z[:-1]).pow(2).sum(-1)  # steps[i] = ||Z_{i+1} - Z_i||^2, i = 0..L-1
+    L = z.shape[0] - 1
+    return (steps[2:L] / (steps[1:L - 1] + eps)).sum(0).mean()
+
+
+# ------------------------------------------------------------------------------- model structure
+
+
+@dataclass
+class _Structure:
+    base: nn.Module  # runs embeddings, blocks and the final norm; returns the last hidden state
+    blocks: list[nn.Module]
+    head: nn.Module | None  # output embeddings (LM head)
+    attn: str
+
+
+def _is_norm(module: nn.Module) -> bool:
+    name = type(module).__name__
+    return isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or name.endswith(("RMSNorm", "LayerNorm"))
+
+
+def _structure(model: nn.Module) -> _Structure:
+    """Finds the block list (the longest ModuleList of one class) and the module that owns it."""
+    best = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) and len({type(m) for m in module}) == 1:
+            if best is None or len(module) > len(best[1]):
+                best = (name, module)
+    if best is None:
+        raise ValueError(f"found no list of transformer blocks in {type(model).__name__}")
+    owner_name = best[0].rpartition(".")[0]
+    base = model.get_submodule(owner_name) if owner_name else model
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    config = getattr(model, "config", None)
+    attn = getattr(config, "_attn_implementation", None) or "eager"
+    return _Structure(base, list(best[1]), head, attn)
+
+
+def _post_norm(block: nn.Module) -> nn.Module:
+    for name in _NORM_NAMES:
+        module = getattr(block, name, None)
+        if module is not None and _is_norm(module):
+            return module
+    norms = [m for m in block.modules() if _is_norm(m)]
+    if len(norms) < 2:
+        raise ValueError(f"block {type(block).__name__} has no recognisable post-attention norm")
+    return norms[1]
+
+
+def preconditioners(model: nn.Module) -> list[Tensor]:
+    """Each block's ``gamma_t`` (post-attention norm gain, offset included) as detached fp32 copies.
+
+    Take these once from the original model and pass them to :func:`sharpness` while training.
+    """
+    from .patch import _rms_kind
+
+    gammas = []
+    for block in _structure(model).blocks:
+        norm = _post_norm(block)
+        offset = getattr(norm, "offset", None)
+        if offset is None:
+            kind = _rms_kind(norm)
+            offset = kind[1] if kind else 0.0
+        gammas.append(norm.weight.detach().float().clone() + offset)
+    return gammas
+
+
+# ----------------------------------------------------------------------------------- recording
+
+
+class _Tap:
+    """Hooks on the blocks that take each block's input at the selected rows (before and after an
+    optional transform of that input) and the final hidden state."""
+
+    def __init__(self, st: _Structure, positions: Tensor, transform: Callable[[int, Tensor], Tensor] | None):
+        self.st, self.pos, self.transform = st, positions, transform
+        self.rows = torch.arange(positions.shape[0], device=positions.device)
+        n = len(st.blocks)
+        self.inputs: list[Tensor | None] = [None] * n
+        self.fed: list[Tensor | None] = [None] * n
+        self.final: Tensor | None = None
+
+    def _take(self, h: Tensor) -> Tensor:
+        return h[self.rows, self.pos]
+
+    def _pre(self, t: int):
+        def hook(module, args, kwargs):
+            x = args[0] if args else kwargs["hidden_states"]
+            self.inputs[t] = self._take(x)
+            if self.transform is None:
+                self.fed[t] = self.inputs[t]
+                return None
+            y = self.transform(t, x)
+            self.fed[t] = self._take(y)
+            if args:
+                return (y,) + tuple(args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": y}
+        return hook
+
+    def _post(self, module, args, kwargs, output):
+        h = output[0] if isinstance(output, (tuple, list)) else getattr(output, "last_hidden_state", output)
+        self.final = self._take(h)
+
+    def run(self, input_ids: Tensor, attention_mask: Tensor) -> list[Tensor]:
+        """Runs the base model; returns ``[H_0, .., H_L]`` at the positions (H_t as block t received it)."""
+        handles = [b.register_forward_pre_hook(self._pre(t), with_kwargs=True) for t, b in enumerate(self.st.blocks)]
+        handles.append(self.st.base.register_forward_hook(self._post, with_kwargs=True))
+        try:
+            self.st.base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+        return list(self.inputs) + [self.final]
+
+
+def last_token_states(model: nn.Module, batch: Mapping[str, Tensor]) -> list[Tensor]:
+    """One forward pass of the model's base; returns ``[H_0, .., H_L]`` at each sequence's last real token.
+
+    Equal to HF's ``output_hidden_states`` taken at those positions, without keeping the full
+    ``[B, T, d]`` states or computing logits: ``head(H_L)`` gives the label-position logits, the list
+    feeds :func:`step_ratio` (``positions=None``) and ``sharpness(clean_states=...)``.
+    """
+    ids, mask = _batch(batch)
+    return _Tap(_structure(model), last_positions(mask), None).run(ids, mask)
+
+
+# ------------------------------------------------------------ attention that differentiates in any mode
+
+
+def _softmax(x: Tensor, dim: int | None = None, _stacklevel: int = 3, dtype: torch.dtype | None = None) -> Tensor:
+    if dtype is not None:
+        x = x.to(dtype)
+    m = x.detach().amax(dim, keepdim=True)
+    e = (x - torch.where(torch.isfinite(m), m, torch.zeros_like(m))).exp()
+    return e / e.sum(dim, keepdim=True).clamp_min(torch.finfo(e.dtype).tiny)
+
+
+def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    if dropout_p:
+        raise ValueError("the sharpness passes need deterministic attention: call model.eval() (dropout_p > 0)")
+    if enable_gqa and key.shape[-3] != query.shape[-3]:
+        repeat = query.shape[-3] // key.shape[-3]
+        key, value = key.repeat_interleave(repeat, -3), value.repeat_interleave(repeat, -3)
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
+    scores = (query @ key.transpose(-2, -1)) * scale
+    Lq, Lk = scores.shape[-2:]
+    if is_causal:
+        causal = torch.ones(Lq, Lk, dtype=torch.bool, device=scores.device).tril(Lk - Lq)
+        scores = scores.masked_fill(~causal, float("-inf"))
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+    return _softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), -1).to(query.dtype) @ value
+
+
+class _PlainAttention(TorchFunctionMode):
+    """Attention and softmax as plain ops: PyTorch's fused SDPA lacks forward-mode and double
+    derivatives, and softmax's forward-mode tangent cannot be backpropagated (PyTorch 2.13)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            return _sdpa(*args, **kwargs)
+        if func in (F.softmax, torch.softmax, Tensor.softmax):
+            return _softmax(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def _needs_plain_attention(st: _Structure, estimator: str) -> None:
+    if st.attn not in ("sdpa", "eager"):
+        raise ValueError(
+            f'estimator "{estimator}" differentiates through attention in forward mode or twice, which '
+            f'{st.attn!r} attention cannot; load the model with attn_implementation="sdpa" (or "eager"), '
+            'e.g. model.set_attn_implementation("sdpa"), or use estimator="fd"')
+
+
+# -------------------------------------------------------------------------------- the estimators
+
+
+@dataclass
+class _Probing:
+    layers: list[int]
+    gammas: list[Tensor]
+    seed: int
+    distribution: str
+    eps: float
+    scale_by_rms: bool
+    paper_exact: bool
+    backend: str | None
+
+
+def _counters(positions: Tensor, T: int, d: int, K: int) -> tuple[Tensor, Tensor]:
+    """Probe index and counter base of each gathered row of a K-probe pass ([K * B])."""
+    B = positions.shape[0]
+    b = torch.arange(B, device=positions.device)
+    base = ((b * T + positions) * d).repeat(K)
+    probe = torch.arange(K, device=positions.device).repeat_interleave(B)
+    return probe, base
+
+
+def _repeat(batch: tuple[Tensor, Tensor, Tensor], K: int) -> tuple[Tensor, Tensor, Tensor]:
+    ids, mask, pos = batch
+    return ids.repeat(K, 1), mask.repeat(K, 1), pos.repeat(K)
+
+
+def _fd(st, batch, pr: _Probing, first: int, K: int, clean: list[Tensor]) -> Tensor:
+    ids, mask, pos = _repeat(batch, K)
+    B, T = batch[0].shape
+    scales = {}
+
+    def transform(t, x):
+        if t not in pr.layers:
+            return x
+        y, s = perturb(x, pr.gammas[t].to(x.device), pr.eps, seed=pr.seed, layer=t, first_probe=first, num_probes=K,
+                       distribution=pr.distribution, scale_by_rms=pr.scale_by_rms, backend=pr.backend)
+        scales[t] = s[torch.arange(K * B, device=x.device), pos]
+        return y
+
+    tap = _Tap(st, pos, transform)
+    pert = tap.run(ids, mask)
+    probe, base = _counters(batch[2], T, pert[0].shape[-1], K)
+    out = []
+    for t in pr.layers:
+        keys = rng.key_table(pr.seed, t, first, K, ids.device)
+        if pr.paper_exact:
+            out.append(_paper_exact_q(pert[t + 1], pert[t], clean[t + 1], clean[t], scales[t], keys, probe, base,
+                                      pr.distribution, K, pr.backend))
+        else:
+            q = probe_dot(pert[t + 1], tap.fed[t], clean[t + 1], clean[t], scales[t], keys, probe, base,
+                          pr.distribution, backend=pr.backend)
+            out.append(q.view(K, B))
+    return torch.stack(out, 1)  # [K, layers, B] (or [K, layers, B, B])
+
+
+def _paper_exact_q(a, b, c, d, scale, keys, probe, base, distribution, K, backend) -> Tensor:
+    """The authors' code: noise left in H~, q over every (probe row, sequence) pair: [K, B, B]."""
+    R, N = a.shape
+    nu = probe_rows(torch.ones_like(scale), None, keys, probe, base, N, distribution, backend)
+    acc = scale.dtype
+    delta = (a.to(acc) - b.to(acc)) - (c.to(acc) - d.to(acc)).repeat(K, 1)
+    q = -(nu.view(K, -1, N) @ delta.view(K, -1, N).transpose(1, 2))
+    return q / scale.view(K, -1, 1)
+
+
+def _jvp(st, batch, pr: _Probing, first: int, K: int) -> Tensor:
+    ids, mask, pos = _repeat(batch, K)
+    B, T = batch[0].shape
+    scales, tangents_fed = {}, {}
+    with forward_ad.dual_level(), _PlainAttention():
+        def transform(t, x):
+            if t not in pr.layers:
+                return x
+            primal = forward_ad.unpack_dual(x).primal
+            noise, s = perturb(primal, pr.gammas[t].to(x.device), 1.0, seed=pr.seed, layer=t, first_probe=first,
+                               num_probes=K, distribution=pr.distribution, scale_by_rms=pr.scale_by_rms,
+                               noise_only=True, backend=pr.backend)
+            scales[t] = s[torch.arange(K * B, device=x.device), pos]
+            return x + forward_ad.make_dual(torch.zeros_like(noise), noise)
+
+        tap = _Tap(st, pos, transform)
+        states = tap.run(ids, mask)
+        tangent = [_tangent_of(h) for h in states]
+        tangents_fed = {t: _tangent_of(tap.fed[t]) for t in pr.layers}
+    probe, base = _counters(batch[2], T, states[0].shape[-1], K)
+    out = []
+    for t in pr.layers:
+        keys = rng.key_table(pr.seed, t, first, K, ids.device)
+        if pr.paper_exact:
+            zero = torch.zeros_like(tangent[t][:B])
+            out.append(_paper_exact_q(tangent[t + 1], tangent[t], zero, zero, scales[t], keys, probe, base,
+                                      pr.distribution, K, pr.backend))
+        else:
+            q = probe_dot(tangent[t + 1], tangents_fed[t], None, None, scales[t], keys, probe, base, pr.distribution,
+                          backend=pr.backend)
+            out.append(q.view(K, B))
+    return torch.stack(out, 1)
+
+
+def _tangent_of(h: Tensor) -> Tensor:
+    tangent = forward_ad.unpack_dual(h).tangent
+    return torch.zeros_like(h) if tangent is None else tangent
+
+
+def _hvp(st, batch, labels: Tensor, pr: _Probing, first: int, K: int) -> Tensor:
+    if st.head is None:
+        raise ValueError('estimator "hvp" needs a model with an LM head (get_output_embeddings())')
+    ids, mask, pos = _repeat(batch, K)
+    B, T = batch[0].shape
+    zs: dict[int, Tensor] = {}
+    rows = torch.arange(K * B, device=ids.device)
+
+    def transform(t, x):
+        if t not in pr.layers:
+            return x
+        zs[t] = torch.zeros(K * B, x.shape[-1], dtype=x.dtype, device=x.device, requires_grad=True)
+        return x.index_put((rows, pos), zs[t], accumulate=True)
+
+    with torch.enable_grad(), _PlainAttention():
+        states = _Tap(st, pos, transform).run(ids, mask)
+        logits = st.head(states[-1])
+        logits = logits if logits.dtype == torch.float64 else logits.float()
+        ce = F.cross_entropy(logits, labels.to(ids.device).repeat(K), reduction="sum")
+        z_list = [zs[t] for t in pr.layers]
+        grads = torch.autograd.grad(ce, z_list, create_graph=True)
+        d = states[0].shape[-1]
+        probe, base = _counters(batch[2], T, d, K)
+        acc = torch.float64 if states[0].dtype == torch.float64 else torch.float32
+        vs = [probe_rows(torch.ones(K * B, dtype=acc, device=ids.device), pr.gammas[t].to(ids.device),
+                         rng.key_table(pr.seed, t, first, K, ids.device), probe, base, d, pr.distribution, pr.backend)
+              for t in pr.layers]
+        dot = sum((g.to(acc) * v).sum() for g, v in zip(grads, vs))
+        train = any(p.requires_grad for p in st.base.parameters())
+        hv = torch.autograd.grad(dot, z_list, create_graph=train and torch.is_grad_enabled())
+    return torch.stack([(v * h.to(acc)).sum(-1).view(K, B) for v, h in zip(vs, hv)], 1)
+
+
+# ------------------------------------------------------------------------------------ public API
+
+
+def _model_dtype(st: _Structure) -> torch.dtype:
+    for p in st.blocks[0].parameters():
+        return p.dtype
+    return torch.float32
+
+
+def _batch(batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+    if "input_ids" not in batch:
+        raise ValueError("batch must hold 'input_ids' (and 'attention_mask')")
+    ids = batch["input_ids"]
+    mask = batch.get("attention_mask")
+    if mask is None:
+        mask = torch.ones_like(ids)
+    if mask.shape != ids.shape:
+        raise ValueError(f"batch['attention_mask'] has shape {tuple(mask.shape)}, expected {tuple(ids.shape)}")
+    return ids, mask
+
+
+def sharpness_terms(
+    model: nn.Module,
+    batch: Mapping[str, Tensor],
+    *,
+    estimator: str = "fd",
+    num_probes: int = 1,
+    distribution: str = "rademacher",
+    eps: float | None = None,
+    eps_scale: str = "auto",
+    layers: Sequence[int] | None = None,
+    seed: int | None = None,
+    first_probe: int = 0,
+    paper_exact: bool = False,
+    max_rows: int | None = None,
+    gammas: Sequence[Tensor] | None = None,
+    clean_states: Sequence[Tensor] | None = None,
+    backend: str | None = None,
+) -> Tensor:
+    """The per-probe quadratic forms q before the softplus: ``[K, len(layers), B]``.
+
+    With ``paper_exact`` ("fd"/"jvp") every (probe row, sequence) pair: ``[K, len(layers), B, B]``.
+    Arguments as for :func:`sharpness`; ``first_probe`` offsets the probe indices (probe k of a
+    call is probe ``first_probe + k`` of the stream, so K probes at once equal K calls of one).
+    """
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    rng.check_distribution(distribution)
+    if eps_scale not in EPS_SCALES:
+        raise ValueError(f"eps_scale must be one of {EPS_SCALES}, got {eps_scale!r}")
+    if not isinstance(num_probes, int) or num_probes < 1:
+        raise ValueError(f"num_probes must be an int >= 1, got {num_probes!r}")
+    if paper_exact and estimator == "hvp":
+        raise ValueError('paper_exact reproduces the authors\' finite difference; it applies to "fd" and "jvp" only')
+    st = _structure(model)
+    L = len(st.blocks)
+    layers = list(range(1, L)) if layers is None else [int(t) for t in layers]
+    if not layers or any(not 0 <= t < L for t in layers) or len(set(layers)) != len(layers):
+        raise ValueError(f"layers must be distinct block indices in [0, {L - 1}], got {layers}")
+    ids, mask = _batch(batch)
+    pos = last_positions(mask)
+    low_precision = _model_dtype(st) in (torch.bfloat16, torch.float16)
+    scale_by_rms = eps_scale == "rms" or (eps_scale == "auto" and low_precision)
+    if eps is None:
+        eps = BF16_SAFE_EPS if scale_by_rms and low_precision else 1e-3
+    if not (isinstance(eps, (int, float)) and eps > 0 and math.isfinite(eps)):
+        raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
+    gammas = preconditioners(model) if gammas is None else list(gammas)
+    if len(gammas) != L:
+        raise ValueError(f"gammas must hold one vector per block ({L}), got {len(gammas)}")
+    if seed is None:
+        seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    pr = _Probing(layers, gammas, int(seed), distribution, float(eps), scale_by_rms, paper_exact, backend)
+    labels = None
+    if estimator == "hvp":
+        labels = batch.get("labels")
+        if labels is None or labels.shape != (ids.shape[0],):
+            raise ValueError('estimator "hvp" needs batch["labels"]: the label token id of each sequence, shape [B]')
+    if estimator != "fd":
+        _needs_plain_attention(st, estimator)
+    per_pass = num_probes if max_rows is None else max(1, int(max_rows) // ids.shape[0])
+    if estimator == "fd" and clean_states is None:
+        clean_states = _Tap(st, pos, None).run(ids, mask)
+    parts = []
+    for start in range(0, num_probes, per_pass):
+        K = min(per_pass, num_probes - start)
+        first = first_probe + start
+        if estimator == "fd":
+            parts.append(_fd(st, (ids, mask, pos), pr, first, K, list(clean_states)))
+        elif estimator == "jvp":
+            parts.append(_jvp(st, (ids, mask, pos), pr, first, K))
+        else:
+            parts.append(_hvp(st, (ids, mask, pos), labels, pr, first, K))
+    return torch.cat(parts, 0)
+
+
+def sharpness(
+    model: nn.Module,
+    batch: Mapping[str, Tensor],
+    *,
+    estimator: str = "fd",
+    num_probes: int = 1,
+    distribution: str = "rademacher",
+    eps: float | None = None,
+    layers: Sequence[int] | None = None,
+    seed: int | None = None,
+    eps_scale: str = "auto",
+    paper_exact: bool = False,
+    max_rows: int | None = None,
+    gammas: Sequence[Tensor] | None = None,
+    clean_states: Sequence[Tensor] | None = None,
+    backend: str | None = None,
+) -> Tensor:
+    """OFA's sharpness S (fp32 scalar; fp64 for fp64 models), differentiable with respect to the trainable norm weights.
+
+    ``batch``: ``input_ids``, ``attention_mask`` (and ``labels``, the label token per sequence, for
+    "hvp"). ``estimator``: "fd", "jvp" or "hvp" (see the module docstring). ``num_probes`` K probes
+    run in one pass as K copies of the batch, at most ``max_rows`` sequences per pass.
+    ``distribution``: "rademacher" or "gaussian". ``eps``: the finite-difference step (default
+    1e-3, or ``2**-5 * rms`` for bf16/fp16 models); ``eps_scale``: "none", "rms" (step relative to
+    each row's RMS) or "auto" (rms for bf16/fp16). ``layers``: probed block indices (default
+    1..L-1). ``seed``: the probe stream (None draws one from torch's generator). ``gammas``: the
+    preconditioners (default: :func:`preconditioners` of the model now; pass the originals while
+    training). ``clean_states``: the clean pass's ``[H_0..H_L]`` at the last positions, if already
+    computed. ``paper_exact``: the authors' code's B x B product and injected noise.
+    """
+    q = sharpness_terms(model, batch, estimator=estimator, num_probes=num_probes, distribution=distribution,
+                        eps=eps, eps_scale=eps_scale, layers=layers, seed=seed, paper_exact=paper_exact,
+                        max_rows=max_rows, gammas=gammas, clean_states=clean_states, backend=backend)
+    s = F.softplus(q if q.dtype == torch.float64 else q.float())
+    reduce = [d for d in range(s.dim()) if d != 1]
+    return s.mean(reduce).sum()
+
+
+# ------------------------------------------------------------------------------- general Hutchinson
+
+
+class TraceEstimate(NamedTuple):
+    """Hutchinson estimate of a trace: the mean, its standard error, and the per-probe samples."""
+
+    estimate: Tensor
+    stderr: Tensor
+    samples: Tensor
+
+
+def hutchinson_trace(
+    fn: Callable[[Tensor], Tensor],
+    z: Tensor,
+    num_probes: int,
+    distribution: str = "rademacher",
+    seed: int | None = None,
+) -> TraceEstimate:
+    """Estimates ``tr(d fn / d z)`` (``fn(z)`` shaped like z) or, for a scalar ``fn``, the trace of its Hessian.
+
+    Each probe is one vector-Jacobian product ``v . (v^T J)`` (two for the Hessian), with probes
+    from ``rng.probes`` (probe k of ``seed``). Differentiable when ``fn``'s graph is (create_graph).
+    """
+    rng.check_distribution(distribution)
+    if num_probes < 1:
+        raise ValueError(f"num_probes must be >= 1, got {num_probes}")
+    if seed is None:
+        seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    z = z if z.requires_grad else z.detach().requires_grad_()
+    with torch.enable_grad():
+        out = fn(z)
+        scalar = out.dim() == 0
+        if not scalar and out.shape != z.shape:
+            raise ValueError(f"fn(z) must be a scalar or shaped like z {tuple(z.shape)}, got {tuple(out.shape)}")
+        if scalar:
+            (out,) = torch.autograd.grad(out, z, create_graph=True)
+        samples = []
+        for k in range(num_probes):
+            v = rng.probes(z.shape, seed, distribution, probe=k, device=z.device, dtype=z.dtype)
+            (vjp,) = torch.autograd.grad(out, z, v, retain_graph=True, create_graph=torch.is_grad_enabled())
+            samples.append((v * vjp).sum())
+    samples = torch.stack(samples)
+    stderr = samples.std() / math.sqrt(num_probes) if num_probes > 1 else torch.full_like(samples[0], float("nan"))
+    return TraceEstimate(samples.mean(), stderr, samples)

@@ -1,0 +1,263 @@
+"""J and S against brute force on tiny random models in float64, and bf16 agreement on SmolLM2."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import DEVICE, available_backends
+
+import ofa_kernels
+from ofa_kernels import objectives as obj
+
+# ------------------------------------------------------------------------------------ step ratio
+
+
+def test_step_ratio_matches_a_hand_written_loop():
+    L, B, T, d = 6, 3, 7, 5
+    hs = [torch.randn(B, T, d, device=DEVICE, dtype=torch.float64) for _ in range(L + 1)]
+    mask = torch.ones(B, T, dtype=torch.long, device=DEVICE)
+    mask[1, 4:] = 0  # right padding
+    mask[2, :2] = 0  # left padding
+    pos = obj.last_positions(mask)
+    assert pos.tolist() == [6, 3, 6]
+    want = 0.0
+    for b in range(B):
+        z = [h[b, pos[b]].float() for h in hs]
+        for i in range(2, L):
+            want += float((z[i + 1] - z[i]).pow(2).sum() / ((z[i] - z[i - 1]).pow(2).sum() + 0.1))
+    assert obj.step_ratio([h.float() for h in hs], pos, eps=0.1).dtype == torch.float32
+    got = obj.step_ratio(hs, pos, eps=0.1)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, torch.tensor(want / B, dtype=torch.float64, device=DEVICE), rtol=1e-5, atol=0)
+    torch.testing.assert_close(obj.step_ratio(torch.stack(hs), pos, eps=0.1), got)
+
+
+# ------------------------------------------------------------------------------------ tiny models
+
+
+def test_last_token_states_equal_hf_hidden_states(tiny):
+    batch = _batch()
+    pos = obj.last_positions(batch["attention_mask"])
+    with torch.no_grad():
+        hf = tiny(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+        ours = obj.last_token_states(tiny, batch)
+    assert len(ours) == len(hf.hidden_states) == 4
+    for h, o in zip(hf.hidden_states, ours):
+        torch.testing.assert_close(o, h[torch.arange(2, device=DEVICE), pos], rtol=0, atol=0)
+    torch.testing.assert_close(tiny.get_output_embeddings()(ours[-1]), hf.logits[torch.arange(2, device=DEVICE), pos])
+
+
+def _tiny(kind):
+    torch.manual_seed(1234)
+    if kind == "llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        cfg = LlamaConfig(vocab_size=50, hidden_size=12, intermediate_size=20, num_hidden_layers=3,
+                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16)
+        model = LlamaForCausalLM(cfg)
+    else:
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        cfg = GPT2Config(vocab_size=50, n_embd=12, n_layer=3, n_head=2, n_positions=16)
+        model = GPT2LMHeadModel(cfg)
+    model = model.to(DEVICE, torch.float64).eval()
+    with torch.no_grad():  # non-trivial preconditioners
+        for name, p in model.named_parameters():
+            if p.dim() == 1 and ("norm" in name or "ln_" in name) and name.endswith("weight"):
+                p.copy_(0.5 + torch.rand_like(p))
+    return model
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def tiny(request):
+    return _tiny(request.param)
+
+
+def _batch(B=2, T=5):
+    ids = torch.randint(0, 50, (B, T), device=DEVICE)
+    mask = torch.ones_like(ids)
+    mask[-1, T - 2:] = 0
+    labels = torch.randint(0, 50, (B,), device=DEVICE)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _with_offset(model, batch, t, v, *, take_ce=False):
+    """Runs the base model with v [B, d] added to block t's input at the last positions."""
+    st = obj._structure(model)
+    pos = obj.last_positions(batch["attention_mask"])
+    rows = torch.arange(pos.shape[0], device=DEVICE)
+    tap = obj._Tap(st, pos, lambda i, x: x.index_put((rows, pos), v, accumulate=True) if i == t else x)
+    states = tap.run(batch["input_ids"], batch["attention_mask"])
+    if take_ce:
+        return F.cross_entropy(st.head(states[-1]), batch["labels"], reduction="sum")
+    return states[t + 1] - tap.fed[t]  # block t's update at pos
+
+
+def _exact_traces(model, batch, estimator):
+    """Per block t >= 1 and sequence b: -tr(J_u P) ("fd", "jvp") or tr(P H P) ("hvp"), by brute force."""
+    gammas = obj.preconditioners(model)
+    B, d = batch["input_ids"].shape[0], gammas[0].shape[0]
+    out = []
+    for t in range(1, len(gammas)):
+        v0 = torch.zeros(B, d, dtype=torch.float64, device=DEVICE)
+        if estimator == "hvp":
+            with obj._PlainAttention():
+                full = torch.autograd.functional.hessian(lambda v: _with_offset(model, batch, t, v, take_ce=True), v0)
+        else:
+            full = torch.autograd.functional.jacobian(lambda v: _with_offset(model, batch, t, v), v0)
+        blocks = torch.stack([full[b, :, b, :] for b in range(B)])  # [B, d, d]
+        g = gammas[t].double()
+        if estimator == "hvp":
+            out.append(torch.einsum("bii,i->b", blocks, g * g))
+        else:
+            out.append(-torch.einsum("bii,i->b", blocks, g))
+    return torch.stack(out)  # [layers, B]
+
+
+@pytest.mark.parametrize("estimator", ["fd", "jvp", "hvp"])
+@pytest.mark.parametrize("dist", ["rademacher", "gaussian"])
+def test_mean_of_probes_converges_to_the_exact_trace(tiny, estimator, dist):
+    batch = _batch()
+    exact = _exact_traces(tiny, batch, estimator)
+    n = 384
+    with torch.no_grad() if estimator == "fd" else torch.enable_grad():
+        q = obj.sharpness_terms(tiny, batch, estimator=estimator, num_probes=n, distribution=dist,
+                                eps=1e-7 if estimator == "fd" else None, max_rows=256,
+                                seed=int(torch.randint(0, 2**31, ())))
+    q = q.detach()
+    mean, stderr = q.mean(0), q.std(0) / n**0.5
+    # 5 standard errors of the probe mean (plus fd's O(eps) bias, far smaller): fails ~1e-6 of the time
+    assert torch.all((mean - exact).abs() <= 5 * stderr + 1e-6 * exact.abs() + 1e-9), (mean, exact, stderr)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_fd_tends_to_jvp_as_eps_goes_to_zero(kind, monkeypatch):
+    # HF's LlamaRMSNorm computes in fp32 even in an fp64 model; ours keep fp64, so fd's cancellation is fp64's.
+    monkeypatch.setenv("OFA_BACKEND", "torch")
+    model = _tiny(kind)
+    ofa_kernels.patch_model(model)
+    batch = _batch()
+    seed = int(torch.randint(0, 2**31, ()))
+    with torch.no_grad():
+        jvp = obj.sharpness_terms(model, batch, estimator="jvp", num_probes=2, seed=seed)
+        errors = [(obj.sharpness_terms(model, batch, estimator="fd", num_probes=2, seed=seed, eps=eps) - jvp).abs().max()
+                  for eps in (1e-2, 1e-4, 1e-6)]
+    assert errors[0] > errors[1] > errors[2]
+    assert errors[2] <= 1e-4 * jvp.abs().max()
+
+
+@pytest.mark.parametrize("estimator", ["fd", "jvp", "hvp"])
+def test_batched_probes_equal_sequential_ones(tiny, estimator):
+    batch = _batch()
+    with torch.no_grad() if estimator == "fd" else torch.enable_grad():
+        together = obj.sharpness_terms(tiny, batch, estimator=estimator, num_probes=4, seed=77)
+        apart = torch.cat([obj.sharpness_terms(tiny, batch, estimator=estimator, num_probes=1, seed=77, first_probe=k)
+                           for k in range(4)])
+        capped = obj.sharpness_terms(tiny, batch, estimator=estimator, num_probes=4, seed=77, max_rows=3)
+    torch.testing.assert_close(together, apart, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(together, capped, rtol=1e-10, atol=1e-10)
+
+
+def test_paper_exact_reproduces_the_authors_product():
+    model = _tiny("llama")
+    batch = _batch(B=3)
+    with torch.no_grad():
+        q = obj.sharpness_terms(model, batch, estimator="fd", seed=5, paper_exact=True, distribution="gaussian")
+        st = obj._structure(model)
+        pos = obj.last_positions(batch["attention_mask"])
+        clean = obj._Tap(st, pos, None).run(batch["input_ids"], batch["attention_mask"])
+        gammas = obj.preconditioners(model)
+        noises = {}
+        def add(t, x):  # the authors' perturbation, noise drawn with the same generator
+            nu = ofa_kernels.probes(x.shape, 5, "gaussian", layer=t, device=DEVICE, dtype=x.dtype)
+            noises[t] = nu[torch.arange(3, device=DEVICE), pos]
+            return x + 1e-3 * gammas[t].double() * nu if t >= 1 else x
+        pert = obj._Tap(st, pos, add).run(batch["input_ids"], batch["attention_mask"])
+    for i, t in enumerate(range(1, 3)):
+        delta = (pert[t + 1] - pert[t]) - (clean[t + 1] - clean[t])
+        want = -(noises[t] @ delta.T) / 1e-3  # B x B, injected noise left inside
+        torch.testing.assert_close(q[0, i], want, rtol=1e-6, atol=1e-8)
+    s = obj.sharpness(model, batch, estimator="fd", seed=5, paper_exact=True, distribution="gaussian")
+    torch.testing.assert_close(s, F.softplus(q).mean((0, 2, 3)).sum())
+
+
+@pytest.fixture(params=available_backends())
+def patched_tiny(request, monkeypatch):
+    monkeypatch.setenv("OFA_BACKEND", request.param)
+    model = _tiny("llama")
+    assert len(ofa_kernels.patch_model(model)) == 7
+    return model
+
+
+@pytest.mark.parametrize("estimator", ["fd", "jvp", "hvp"])
+def test_gradcheck_of_J_and_S_with_respect_to_norm_weights(patched_tiny, estimator):
+    model = patched_tiny
+    batch = _batch()
+    gammas = obj.preconditioners(model)
+    weights = [model.model.layers[1].input_layernorm.weight, model.model.layers[2].post_attention_layernorm.weight]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for w in weights:
+        w.requires_grad_(True)
+
+    def S(*ws):
+        return obj.sharpness(model, batch, estimator=estimator, num_probes=2, seed=3, gammas=gammas,
+                             eps=1e-3 if estimator == "fd" else None)
+
+    def J(*ws):
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+        return obj.step_ratio(out.hidden_states, obj.last_positions(batch["attention_mask"]))
+
+    assert torch.autograd.gradcheck(S, weights)
+    if estimator == "fd":
+        assert torch.autograd.gradcheck(J, weights)
+
+
+def test_bad_arguments_are_named():
+    model = _tiny("llama")
+    batch = _batch()
+    with pytest.raises(ValueError, match="estimator"):
+        obj.sharpness(model, batch, estimator="exact")
+    with pytest.raises(ValueError, match="labels"):
+        obj.sharpness(model, {k: v for k, v in batch.items() if k != "labels"}, estimator="hvp")
+    with pytest.raises(ValueError, match="layers"):
+        obj.sharpness(model, batch, layers=[3])
+    with pytest.raises(ValueError, match="no real token"):
+        obj.sharpness(model, {**batch, "attention_mask": torch.zeros_like(batch["attention_mask"])})
+    model.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match='attn_implementation="sdpa"'):
+        obj.sharpness(model, batch, estimator="jvp")
+
+
+def test_hutchinson_trace_of_a_jacobian_and_a_hessian():
+    a = torch.randn(6, 6, dtype=torch.float64, device=DEVICE)
+    z = torch.randn(6, dtype=torch.float64, device=DEVICE)
+    est = ofa_kernels.hutchinson_trace(lambda z: a @ z, z, num_probes=2000, seed=int(torch.randint(0, 2**31, ())))
+    assert abs(est.estimate - a.trace()) <= 5 * est.stderr
+    h = a @ a.T
+    est = ofa_kernels.hutchinson_trace(lambda z: 0.5 * z @ h @ z, z, num_probes=500, distribution="gaussian")
+    assert abs(est.estimate - h.trace()) <= 5 * est.stderr
+    assert est.samples.shape == (500,)
+
+
+# --------------------------------------------------------------------------------- real SmolLM2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("estimator", ["fd", "jvp"])
+def test_bf16_agrees_with_fp64_on_smollm2(smollm2, estimator):
+    from ofa_kernels.models import load_smollm2
+
+    model, tokenizer = smollm2
+    texts = ["Review: a gorgeous, witty, seductive movie.\nSentiment:",
+             "Review: the plot is nothing but boilerplate cliches.\nSentiment:"]
+    batch = dict(tokenizer(texts, return_tensors="pt", padding=True).to(DEVICE))
+    bf16, _ = load_smollm2(torch.bfloat16, DEVICE)
+    seed = int(torch.randint(0, 2**31, ()))
+    with torch.no_grad() if estimator == "fd" else torch.enable_grad():
+        ref = obj.sharpness(model.double(), batch, estimator=estimator, eps=2.0**-5, eps_scale="rms", seed=seed,
+                            num_probes=2)
+        model.float()
+        got = obj.sharpness(bf16, batch, estimator=estimator, seed=seed, num_probes=2)  # bf16-safe defaults
+    assert abs(got - ref) <= 0.05 * abs(ref), (got, ref)
