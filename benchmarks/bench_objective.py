@@ -4,7 +4,8 @@ Each arm is one norm-tuning step (forward, loss, backward to the norm weights) o
 model of a real shape with patched (fused) norms and everything but the norms frozen:
   ce                     CE of the label token at the last position (logits there only)
   ce+S(<estimator>, K)   CE + 1e-3 * S, S by "fd", "jvp" or "hvp" with K probes in one pass
-Activation memory = peak during the step - memory before it (weights, norm grads). Targets
+Activation memory: on a GPU the allocator's peak during the step minus the memory before it
+(weights, norm grads); on a CPU the distinct storage autograd saves during the step. Targets
 (issue 3): K=4 costs <= 2x the time of K=1; "fd" adds <= 1.2x the CE step's activation memory
 per probe. An arm that runs out of memory is reported as OOM, not dropped.
 
@@ -69,7 +70,26 @@ def step(model, batch, gammas, estimator, K):
     return loss
 
 
-def measure(fn, device, reps):
+def saved_gib(fn, model) -> float:
+    """GiB of distinct tensor storage autograd saves while ``fn`` runs (forward and create_graph
+    backward), weights excluded: the activation memory, where no allocator peak counter exists (CPU)."""
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        try:
+            storage = t.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+        except RuntimeError:  # a forward-mode dual tensor has no plain storage
+            seen[id(t)] = t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(n for ptr, n in seen.items() if ptr not in weights) / 2**30
+
+
+def measure(fn, device, reps, model):
     fn()  # warm-up (kernel compilation, allocator)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -83,7 +103,7 @@ def measure(fn, device, reps):
             torch.cuda.synchronize()
         times.append((time.perf_counter() - t) * 1e3)
     times.sort()
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**30 if device.type == "cuda" else None
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**30 if device.type == "cuda" else saved_gib(fn, model)
     return times[len(times) // 2], peak
 
 
@@ -115,9 +135,9 @@ def main(argv=None) -> int:
         if wanted and label not in wanted:
             continue
         try:
-            ms, peak = measure(lambda: step(model, batch, gammas, estimator, K), device, reps)
+            ms, peak = measure(lambda: step(model, batch, gammas, estimator, K), device, reps, model)
             rows.append(dict(arm="ce" if not estimator else f"ce+S({estimator}, K={K})", estimator=estimator, K=K,
-                             ms=round(ms, 2), act_gib=None if peak is None else round(peak, 2), note=""))
+                             ms=round(ms, 2), act_gib=None if peak is None else round(peak, 3), note=""))
         except torch.OutOfMemoryError:
             rows.append(dict(arm=f"ce+S({estimator}, K={K})", estimator=estimator, K=K, ms=None, act_gib=None,
                              note="OOM"))

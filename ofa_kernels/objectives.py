@@ -32,6 +32,7 @@ step is ``2**-5 * rms(row)`` (``eps=None``, ``eps_scale="auto"``): a step of 1e-
 resolution (2**-8 relative), so the perturbation would round away. Pass ``eps`` and ``eps_scale``
 to choose yourself.
 
+The model must be in eval mode (dropout would make the clean and probe passes differ).
 "jvp" and "hvp" differentiate through attention in forward mode or twice; they run attention as
 plain PyTorch ops (a TorchFunctionMode replaces ``scaled_dot_product_attention`` and ``softmax`` for
 that pass), so models must use ``attn_implementation="sdpa"`` or ``"eager"``.
@@ -230,7 +231,8 @@ def _softmax(x: Tensor, dim: int | None = None, _stacklevel: int = 3, dtype: tor
     return e / e.sum(dim, keepdim=True).clamp_min(torch.finfo(e.dtype).tiny)
 
 
-def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, *,
+          softmax=torch.softmax):
     if dropout_p:
         raise ValueError("the sharpness passes need deterministic attention: call model.eval() (dropout_p > 0)")
     if enable_gqa and key.shape[-3] != query.shape[-3]:
@@ -244,18 +246,26 @@ def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, sca
         scores = scores.masked_fill(~causal, float("-inf"))
     if attn_mask is not None:
         scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
-    return _softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), -1).to(query.dtype) @ value
+    return softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), -1).to(query.dtype) @ value
 
 
 class _PlainAttention(TorchFunctionMode):
-    """Attention and softmax as plain ops: PyTorch's fused SDPA lacks forward-mode and double
-    derivatives, and softmax's forward-mode tangent cannot be backpropagated (PyTorch 2.13)."""
+    """Attention as plain ops: PyTorch's fused SDPA lacks forward-mode and double derivatives.
+
+    With ``forward_mode`` softmax is composed of exp and sum too: its built-in forward-mode tangent
+    cannot be backpropagated (PyTorch 2.13). Otherwise the built-in softmax (which saves only its
+    output) is kept, for memory.
+    """
+
+    def __init__(self, forward_mode: bool = False):
+        super().__init__()
+        self.softmax = _softmax if forward_mode else torch.softmax
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
-            return _sdpa(*args, **kwargs)
-        if func in (F.softmax, torch.softmax, Tensor.softmax):
+            return _sdpa(*args, **kwargs, softmax=self.softmax)
+        if self.softmax is _softmax and func in (F.softmax, torch.softmax, Tensor.softmax):
             return _softmax(*args, **kwargs)
         return func(*args, **kwargs)
 
@@ -340,7 +350,7 @@ def _jvp(st, batch, pr: _Probing, first: int, K: int) -> Tensor:
     ids, mask, pos = _repeat(batch, K)
     B, T = batch[0].shape
     scales, tangents_fed = {}, {}
-    with forward_ad.dual_level(), _PlainAttention():
+    with forward_ad.dual_level(), _PlainAttention(forward_mode=True):
         def transform(t, x):
             if t not in pr.layers:
                 return x

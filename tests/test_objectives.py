@@ -177,7 +177,8 @@ def test_paper_exact_reproduces_the_authors_product():
     for i, t in enumerate(range(1, 3)):
         delta = (pert[t + 1] - pert[t]) - (clean[t + 1] - clean[t])
         want = -(noises[t] @ delta.T) / 1e-3  # B x B, injected noise left inside
-        torch.testing.assert_close(q[0, i], want, rtol=1e-6, atol=1e-8)
+        # Gaussian probes differ from the host's in the last ulps of log/cos; /eps amplifies that
+        torch.testing.assert_close(q[0, i], want, rtol=1e-4, atol=1e-6)
     s = obj.sharpness(model, batch, estimator="fd", seed=5, paper_exact=True, distribution="gaussian")
     torch.testing.assert_close(s, F.softplus(q).mean((0, 2, 3)).sum())
 
