@@ -49,8 +49,14 @@ def providers(op: str, shape: tuple[int, int], device: torch.device) -> dict:
             "ofa": lambda x, w, b: ofa_kernels.layer_norm(x, w, b, 1e-5),
             "F.layer_norm": lambda x, w, b: F.layer_norm(x, (n,), w, b, 1e-5),
         }
+    report = ofa_kernels.backends()
+    for name in ("triton", "cuda") if device.type == "cuda" else ("torch", "cpu"):
+        if report[name]["available"]:  # each backend explicitly; "ofa" is what auto picks
+            table[f"ofa[{name}]"] = ((lambda x, w, b, be=name: ofa_kernels.rms_norm(x, w, 1e-6, backend=be))
+                                     if op == "rms" else
+                                     (lambda x, w, b, be=name: ofa_kernels.layer_norm(x, w, b, 1e-5, backend=be)))
     if device.type == "cuda" and shape in COMPILE_SHAPES:
-        for name in [k for k in table if k != "ofa"]:
+        for name in [k for k in table if not k.startswith("ofa")]:
             table[f"compile({name})"] = torch.compile(table[name], dynamic=False)
     if device.type == "cuda":
         try:

@@ -2,7 +2,7 @@
 # The one prepared GPU check, run on the lent machine (device tool) from the repo root:
 #   installs the package, runs the GPU tests, the launcher sweep, the norm benchmark and the
 #   objective (sharpness) benchmark, and writes everything under $OUT.
-# Knobs: STEPS (default "tests tune bench objective"), TEST_PATHS (default tests),
+# Knobs: STEPS (default "tests tune bench objective"), TEST_PATHS (default tests), TEST_K (pytest -k),
 #        BENCH_SHAPES (e.g. 32768x4096,150x4096; default all), OBJ_ARMS (e.g. ce,fd1,fd4; default all),
 #        TEST_TIMEOUT, TUNE_TIMEOUT, BENCH_TIMEOUT, OBJ_TIMEOUT (seconds), REP_MS (timing window).
 # Liger travels as a wheel in .whl/ (benchmarks/RESULTS.md says how it was fetched).
@@ -15,16 +15,21 @@ if compgen -G ".whl/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site
 fi
-python3 -m pip install -q --no-deps --no-build-isolation . > "$OUT/install.log" 2>&1 \
+# Editable, so the CUDA extension is built into the tree the tests import (ninja, nvcc on the image).
+start=$(date +%s)
+python3 -m pip install -v --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 \
   || { echo "pip install failed (see install.log); using the source tree"; export PYTHONPATH="$PWD:${PYTHONPATH:-}"; }
+echo "install + native build: $(( $(date +%s) - start )) s"; grep "ofa_kernels:" "$OUT/install.log"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm,clocks.mem --format=csv \
   | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
+python3 -c "import ofa_kernels; [print(k, v) for k, v in ofa_kernels.backends().items()]" | tee -a "$OUT/gpu.txt"
 
 if [[ " $STEPS " == *" tests "* ]]; then
   echo "== GPU tests"
   XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
   OFA_TEST_DEVICE=cuda timeout "${TEST_TIMEOUT:-240}" python3 -m pytest ${TEST_PATHS:-tests} -q -m "not slow" \
+    ${TEST_K:+-k "$TEST_K"} \
     -p no:cacheprovider \
     $XDIST 2>&1 | tee "$OUT/tests.log" | grep -E "^(FAILED|ERROR)|passed|failed" | tail -25
 fi

@@ -15,7 +15,8 @@ def available_backends() -> list[str]:
     from ofa_kernels import backends
 
     report = backends()
-    return [name for name in ("torch", "triton") if report[name]["available"]]
+    native = "cuda" if DEVICE.type == "cuda" else "cpu"  # the compiled extension, when built
+    return [name for name in ("torch", "triton", native) if report[name]["available"]]
 
 
 @pytest.fixture

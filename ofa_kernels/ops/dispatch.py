@@ -1,8 +1,13 @@
 """The one place that picks a backend for the ops (norm and probe families).
 
-Order: the ``backend`` argument, then ``OFA_BACKEND``, then auto (Triton for CUDA tensors when it
-imports, plain PyTorch otherwise). An explicitly requested backend that cannot run raises; auto
-falls back quietly. ``backends()`` reports what is available and why not.
+Backends: "torch" (plain PyTorch closed forms, any device), "triton" (CUDA tensors; CPU tensors
+through ``TRITON_INTERPRET=1``), and the compiled extension (csrc/) as "cpu" (CPU tensors) and
+"cuda" (CUDA tensors). Order: the ``backend`` argument, then ``OFA_BACKEND``, then auto:
+- CPU tensors: "cpu" when the extension is built, else "torch";
+- CUDA tensors: "triton" or "cuda" by ``AUTO_TABLE`` (measured per GPU architecture, op family and
+  row width; benchmarks/RESULTS.md), falling back to whichever is available.
+An explicitly requested backend that cannot run raises; auto falls back quietly. ``backends()``
+reports what is available and why not.
 """
 
 from __future__ import annotations
@@ -14,14 +19,17 @@ from types import ModuleType
 
 import torch
 
-BACKEND_NAMES = ("auto", "torch", "triton")
+BACKEND_NAMES = ("auto", "torch", "triton", "cpu", "cuda")
+FAMILIES = ("norm", "probe")
+_PACKAGE = {"torch": "eager", "triton": "triton", "cpu": "native", "cuda": "native"}
+
+# (compute capability major, family) -> [(max row width, backend)], first match wins; measured on
+# an H200 (sm_90) with benchmarks/bench_norm.py. Architectures not listed use Triton.
+AUTO_TABLE: dict[tuple[int, str], list[tuple[int, str]]] = {}
 
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-FAMILIES = ("norm", "probe")
 
 
 @functools.lru_cache(maxsize=None)
@@ -29,6 +37,8 @@ def _load(name: str, family: str = "norm") -> tuple[ModuleType | None, str]:
     """Imports a backend's module for an op family once; returns (module or None, reason when missing)."""
     if family not in FAMILIES:
         raise ValueError(f"op family must be one of {FAMILIES}, got {family!r}")
+    if name not in _PACKAGE:
+        raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {name!r}")
     if name == "torch":
         return importlib.import_module(f"..eager.{family}", __package__), "plain PyTorch closed forms; any device"
     if name == "triton":
@@ -38,28 +48,53 @@ def _load(name: str, family: str = "norm") -> tuple[ModuleType | None, str]:
             return None, f"triton did not import: {exc}"
         where = "CUDA tensors" + (", and CPU tensors through the interpreter" if _interpreting() else "")
         return module, f"Triton kernels for {where}"
-    raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {name!r}")
+    from ..native import load
+
+    ext, reason = load()
+    if ext is None:
+        return None, reason
+    if name == "cuda":
+        if not ext.with_cuda():
+            return None, "the native extension was built without CUDA (CPU torch or no nvcc at build time)"
+        if not torch.cuda.is_available():
+            return None, "no CUDA device is visible"
+    return importlib.import_module(f"..native.{family}", __package__), reason
 
 
 def _runs_on(name: str, device: torch.device) -> bool:
+    if name in ("cpu", "cuda"):
+        return device.type == name
     return name == "torch" or device.type == "cuda" or _interpreting()
 
 
-def resolve(backend: str, device: torch.device, family: str = "norm") -> ModuleType:
-    """Returns the backend module that runs ``family``'s ops for tensors on ``device``."""
+def _auto(device: torch.device, family: str, width: int | None) -> str:
+    if device.type != "cuda":
+        return "cpu" if _load("cpu", family)[0] is not None else "torch"
+    major = torch.cuda.get_device_capability(device)[0]
+    choice = "triton"
+    for max_width, name in AUTO_TABLE.get((major, family), []):
+        if width is None or width <= max_width:
+            choice = name
+            break
+    for name in (choice, "triton", "cuda", "torch"):
+        if _load(name, family)[0] is not None:
+            return name
+    return "torch"
+
+
+def resolve(backend: str, device: torch.device, family: str = "norm", width: int | None = None) -> ModuleType:
+    """Returns the backend module that runs ``family``'s ops for tensors on ``device`` (rows of ``width``)."""
     name = backend if backend != "auto" else os.environ.get("OFA_BACKEND", "auto") or "auto"
     if name == "auto":
-        if device.type == "cuda" and _load("triton", family)[0] is not None:
-            return _load("triton", family)[0]
-        return _load("torch", family)[0]
+        name = _auto(device, family, width)
     module, reason = _load(name, family)
     if module is None:
         raise RuntimeError(f"backend {name!r} was requested but is not available: {reason}")
     if not _runs_on(name, device):
         raise RuntimeError(
-            f"backend {name!r} cannot run on {device.type} tensors "
-            "(Triton needs CUDA tensors, or TRITON_INTERPRET=1 set before import for CPU tensors)"
-        )
+            f"backend {name!r} cannot run on {device.type} tensors ("
+            + ("it is the compiled extension for that device only)" if name in ("cpu", "cuda") else
+               "Triton needs CUDA tensors, or TRITON_INTERPRET=1 set before import for CPU tensors)"))
     return module
 
 
@@ -71,6 +106,7 @@ def backends() -> dict[str, dict[str, object]]:
         report[name] = {"available": module is not None, "detail": reason}
     report["auto"] = {
         "available": True,
-        "detail": "triton on CUDA tensors when available, torch otherwise; OFA_BACKEND overrides",
+        "detail": "CPU tensors: cpu if built, else torch; CUDA tensors: triton or cuda by a measured table "
+                  "(ofa_kernels.ops.dispatch.AUTO_TABLE); OFA_BACKEND overrides",
     }
     return report

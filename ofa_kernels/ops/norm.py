@@ -64,19 +64,21 @@ def _nothing(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
 
 def _call_fwd(x, weight, bias, eps, offset, is_rms, cast_mode, backend):
     out_dtype = output_dtype(x.dtype, None if weight is None else weight.dtype, is_rms, cast_mode)
-    return dispatch.resolve(backend, x.device).norm_fwd(x, weight, bias, eps, offset, is_rms, cast_mode, out_dtype)
+    impl = dispatch.resolve(backend, x.device, "norm", x.shape[-1])
+    return impl.norm_fwd(x, weight, bias, eps, offset, is_rms, cast_mode, out_dtype)
 
 
 def _call_bwd(dy, x, weight, mean, rstd, offset, is_rms, cast_mode, need_dx, need_dw, need_db, backend):
     """(dx, dw, db); None where not needed."""
-    return dispatch.resolve(backend, x.device).norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, cast_mode,
-                                                        need_dx, need_dw and weight is not None, need_db)
+    impl = dispatch.resolve(backend, x.device, "norm", x.shape[-1])
+    return impl.norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, cast_mode, need_dx,
+                         need_dw and weight is not None, need_db)
 
 
 def _call_bwd_bwd(dy, x, weight, mean, rstd, grad_dx, grad_dw, grad_db, offset, is_rms,
                   need_ddy, need_dx, need_dw, backend):
     """(d_dy, d_x, d_w); d_dy/d_x are zeros when needed but no cotangent reached them, d_w may be None."""
-    d_dy, d_x, d_w = dispatch.resolve(backend, x.device).norm_bwd_bwd(
+    d_dy, d_x, d_w = dispatch.resolve(backend, x.device, "norm", x.shape[-1]).norm_bwd_bwd(
         dy, x, weight, mean, rstd, grad_dx, grad_dw, grad_db, offset, is_rms, need_ddy, need_dx,
         need_dw and weight is not None)
     if need_ddy and d_dy is None:
@@ -358,8 +360,10 @@ def rms_norm(
     Statistics are fp32. ``cast_mode``: "llama" rounds the normalised x to x's dtype before the
     weight multiply and returns the promoted dtype (bit-compatible with HF ``LlamaRMSNorm``);
     "gemma" computes all in fp32 and returns x's dtype (HF Gemma, with ``offset=1``); "none" does no
-    intermediate rounding and returns the promoted dtype. Differentiable twice in x, weight and
-    the upstream gradient. ``backend``: "auto" (default, or ``OFA_BACKEND``), "torch" or "triton".
+    intermediate rounding and returns the promoted dtype. Differentiable in x, weight and the
+    upstream gradient (second order fused; higher orders in plain PyTorch). ``backend``: "auto"
+    (default, or ``OFA_BACKEND``), "torch", "triton", "cpu" or "cuda" (the compiled extension);
+    see ``ofa_kernels.backends()``.
     """
     width = _check(x, eps, weight=weight)
     if cast_mode not in CAST_MODES:
@@ -381,7 +385,7 @@ def layer_norm(
 ) -> Tensor:
     """LayerNorm over the last dim with fp32 statistics; returns x's dtype.
 
-    ``weight`` and ``bias`` may be None. Differentiable twice in x, weight, bias and the upstream
+    ``weight`` and ``bias`` may be None. Differentiable in x, weight, bias and the upstream
     gradient. ``backend`` as for :func:`rms_norm`.
     """
     width = _check(x, eps, weight=weight, bias=bias)

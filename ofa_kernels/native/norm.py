@@ -1,0 +1,79 @@
+"""Norm ops on the compiled kernels (csrc/): same contract as ``ofa_kernels/eager/norm.py``.
+
+Outputs are allocated here; weights and bias are passed in the accumulation dtype. y / dy may be in
+x's dtype or the accumulation dtype (other combinations compute in the accumulation dtype and cast).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import load
+
+_CAST_CODE = {"llama": 0, "gemma": 1, "none": 2}
+
+
+def _C():
+    module, reason = load()
+    if module is None:
+        raise RuntimeError(reason)
+    return module
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _vec(t: torch.Tensor | None, acc: torch.dtype) -> torch.Tensor | None:
+    return None if t is None else t.to(acc).contiguous()
+
+
+def _partner(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A y/dy-like tensor in a dtype the kernels pair with x (x's or the accumulation dtype)."""
+    return t if t.dtype in (x.dtype, _acc(x.dtype)) else t.to(_acc(x.dtype))
+
+
+def norm_fwd(x, weight, bias, eps, offset, is_rms, cast_mode, out_dtype):
+    M, N = x.shape
+    acc = _acc(x.dtype)
+    y_dtype = out_dtype if out_dtype in (x.dtype, acc) else acc
+    y = torch.empty((M, N), dtype=y_dtype, device=x.device)
+    rstd = torch.empty(M, dtype=acc, device=x.device)
+    mean = torch.empty(0 if is_rms else M, dtype=acc, device=x.device)
+    if M:
+        _C().norm_fwd(x, _vec(weight, acc), _vec(bias, acc), y, mean if not is_rms else rstd, rstd, eps, offset,
+                      is_rms, _CAST_CODE[cast_mode])
+    return y.to(out_dtype), mean, rstd
+
+
+def _parts(M, x, needed, N, acc):
+    return torch.empty((_C().num_parts(M, x.is_cuda), N), dtype=acc, device=x.device) if needed else None
+
+
+def norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, cast_mode, need_dx, need_dw, need_db):
+    M, N = x.shape
+    acc = _acc(x.dtype)
+    parts = _C().num_parts(M, x.is_cuda)
+    dx = torch.empty((M, N), dtype=x.dtype, device=x.device) if need_dx else None
+    dw_part = _parts(M, x, need_dw, N, acc)
+    db_part = _parts(M, x, need_db, N, acc)
+    if M or need_dw or need_db:
+        _C().norm_bwd(_partner(dy, x), x, _vec(weight, acc), mean if not is_rms else rstd, rstd, dx, dw_part, db_part,
+                      parts, offset, is_rms, _CAST_CODE[cast_mode])
+    return dx, None if dw_part is None else dw_part.sum(0), None if db_part is None else db_part.sum(0)
+
+
+def norm_bwd_bwd(dy, x, weight, mean, rstd, grad_dx, grad_dw, grad_db, offset, is_rms, need_ddy, need_dx, need_dw):
+    M, N = x.shape
+    acc = _acc(x.dtype)
+    parts = _C().num_parts(M, x.is_cuda)
+    dy_k = _partner(dy, x)
+    need_dw = need_dw and grad_dx is not None
+    d_dy = torch.empty((M, N), dtype=dy_k.dtype, device=x.device) if need_ddy else None
+    d_x = torch.empty((M, N), dtype=x.dtype, device=x.device) if need_dx else None
+    dw_part = _parts(M, x, need_dw, N, acc)
+    if need_ddy or need_dx or need_dw:
+        a = None if grad_dx is None else grad_dx.to(x.dtype)
+        _C().norm_bwd_bwd(dy_k, x, _vec(weight, acc), mean if not is_rms else rstd, rstd, a, _vec(grad_dw, acc),
+                          _vec(grad_db, acc), d_dy, d_x, dw_part, parts, offset, is_rms)
+    return (None if d_dy is None else d_dy.to(dy.dtype)), d_x, (None if dw_part is None else dw_part.sum(0))

@@ -1,0 +1,25 @@
+"""Probe ops on the compiled kernels: the perturbation is native on CUDA tensors; the gathered-row
+ops (a few rows per layer) and CPU tensors use the plain-PyTorch versions."""
+
+from __future__ import annotations
+
+import torch
+
+from ..eager import probe as _eager
+from . import load
+
+probe_rows = _eager.probe_rows
+probe_dot = _eager.probe_dot
+
+
+def probe_perturb(x, gamma, eps, keys, rows_per_probe, distribution, scale_by_rms, add_x):
+    module, reason = load()
+    if not x.is_cuda or module is None or not module.with_cuda():
+        return _eager.probe_perturb(x, gamma, eps, keys, rows_per_probe, distribution, scale_by_rms, add_x)
+    M, N = x.shape
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    scale = torch.empty(M, dtype=acc, device=x.device)
+    module.probe_perturb(x, y, gamma.to(acc).contiguous(), scale, keys.contiguous(), rows_per_probe, eps,
+                         scale_by_rms, add_x, distribution == "gaussian")
+    return y, scale
