@@ -89,12 +89,19 @@ ofa::NormPtrs ptrs_of(const Tensor& x, const Tensor& y_like, const OptT& w, cons
   cpu_call;
 #endif
 
-int64_t num_parts(int64_t M, bool cuda) {
+// Weight-gradient partial rows the backward kernels write for x [M, N] and y/dy (CPU: fixed chunks).
+int64_t num_parts(const Tensor& x, const Tensor& y_like, bool double_backward) {
+  const int64_t M = x.size(0);
 #ifdef OFA_WITH_CUDA
-  if (cuda) return ofa::cuda_num_parts(M);
+  if (x.is_cuda()) {
+    c10::cuda::CUDAGuard guard(x.device());
+    return ofa::cuda_num_parts(M, x.size(1), dtype_of(x, "x"), dtype_of(y_like, "dy"), double_backward);
+  }
 #else
-  TORCH_CHECK(!cuda, "ofa_kernels._C was built without CUDA");
+  TORCH_CHECK(!x.is_cuda(), "ofa_kernels._C was built without CUDA");
 #endif
+  (void)y_like;
+  (void)double_backward;
   return std::max<int64_t>(1, std::min<int64_t>(M, 64));
 }
 

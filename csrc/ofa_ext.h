@@ -45,7 +45,8 @@ void cpu_norm_bwd_bwd(const NormShape& s, const NormPtrs& p, const void* dy, int
 // ------------------------------------------------------------- CUDA (csrc/cuda/*.cu)
 #ifdef OFA_WITH_CUDA
 typedef ::CUstream_st* Stream;
-int cuda_num_parts(int64_t M);  // CTAs (= weight-gradient partial rows) of the backward kernels
+// CTAs (= weight-gradient partial rows) the backward (or double backward) kernel will launch.
+int cuda_num_parts(int64_t M, int64_t N, DType x_dt, DType y_dt, bool double_backward);
 void cuda_norm_fwd(const NormShape& s, const NormPtrs& p, void* y, int64_t y_stride, double eps, int cast_mode,
                    Stream stream);
 void cuda_norm_bwd(const NormShape& s, const NormPtrs& p, const void* dy, int64_t dy_stride, void* dx,

@@ -1,12 +1,14 @@
 // RMSNorm / LayerNorm forward, backward and double backward in CUDA (no torch headers).
 //
 // One CTA works on one row at a time over a persistent grid (grid-stride over rows). Each thread
-// owns the same columns of every row (16-byte vectors of the input type), so the weight-gradient
-// partial of a CTA accumulates in shared memory (or, for very wide rows, in the CTA's own partial
-// row in global memory) without atomics, and is written once as that CTA's fp32 partial row; the
-// caller sums the partials in a fixed order. Row statistics are fp32 (fp64 for fp64) with block
+// owns the same columns of every row (16-byte vectors of the input type), read once into registers
+// for rows up to 8 vectors per thread (any width otherwise, re-read from cache), so the
+// weight-gradient partial of a CTA accumulates in registers (or shared memory, or for very wide
+// rows the CTA's own partial row) without atomics, and is written once as that CTA's fp32 partial
+// row; the caller sums the partials in a fixed order. Row statistics are fp32 (fp64 for fp64) with block
 // reductions in a fixed order. The maths and notation: ofa_kernels/eager/norm.py.
 #include <initializer_list>
+#include <type_traits>
 #include <utility>
 
 #include "../ofa_ext.h"
@@ -17,8 +19,80 @@ namespace cuda {
 namespace {
 
 constexpr int kSmemBudget = 48 * 1024;  // dynamic shared memory without opting in
+constexpr int kMaxItems = 8;             // vectors per thread kept in registers
 
-template <typename TX, typename TY, int V>
+// Visits this thread's columns of a row: c = (tid + j * threads) * V. ITEMS > 0: exactly ITEMS
+// (unrolled; the row is cached in registers); ITEMS == 0: a loop over any width.
+template <int ITEMS, int V, typename F>
+__device__ __forceinline__ void for_cols(int64_t N, F&& f) {
+  if constexpr (ITEMS > 0) {
+#pragma unroll
+    for (int j = 0; j < ITEMS; ++j) {
+      const int64_t c = (static_cast<int64_t>(threadIdx.x) + static_cast<int64_t>(j) * blockDim.x) * V;
+      if (c < N) f(j, c);
+    }
+  } else {
+    for (int64_t c = static_cast<int64_t>(threadIdx.x) * V; c < N; c += static_cast<int64_t>(blockDim.x) * V) f(0, c);
+  }
+}
+
+// This thread's part of one row: read once into registers (ITEMS > 0) or re-read from memory.
+template <typename A, typename T, int V, int ITEMS>
+struct Cached {
+  A v[ITEMS > 0 ? ITEMS : 1][V];
+  const T* row;
+  __device__ __forceinline__ void fill(const T* r, int64_t N) {
+    row = r;
+    if constexpr (ITEMS > 0) for_cols<ITEMS, V>(N, [&](int j, int64_t c) { load<A>(r + c, v[j]); });
+  }
+  __device__ __forceinline__ void get(int j, int64_t c, A (&out)[V]) const {
+    if constexpr (ITEMS > 0) {
+#pragma unroll
+      for (int i = 0; i < V; ++i) out[i] = v[j][i];
+    } else {
+      load<A>(row + c, out);
+    }
+  }
+};
+
+// A CTA's weight-gradient accumulator over its rows: registers (ITEMS > 0), else shared memory or,
+// for rows too wide for it, the CTA's own partial row. Only the owning thread touches a column.
+template <typename A, int V, int ITEMS>
+struct Accum {
+  A r[ITEMS > 0 ? ITEMS : 1][V];
+  A* mem;
+  bool in_part;
+  __device__ __forceinline__ void init(A* smem, A* part, int64_t N) {
+    in_part = smem == nullptr;
+    mem = in_part ? part + blockIdx.x * N : smem;
+    if constexpr (ITEMS > 0) {
+#pragma unroll
+      for (int j = 0; j < (ITEMS > 0 ? ITEMS : 1); ++j)
+#pragma unroll
+        for (int i = 0; i < V; ++i) r[j][i] = 0;
+    } else {
+      for_cols<0, V>(N, [&](int, int64_t c) {
+#pragma unroll
+        for (int i = 0; i < V; ++i) mem[c + i] = 0;
+      });
+    }
+  }
+  __device__ __forceinline__ void add(int j, int64_t c, int i, A val) {
+    if constexpr (ITEMS > 0) r[j][i] += val; else mem[c + i] += val;
+  }
+  __device__ __forceinline__ void flush(A* part, int64_t N) {
+    if constexpr (ITEMS > 0) {
+      for_cols<ITEMS, V>(N, [&](int j, int64_t c) { store<A>(part + blockIdx.x * N + c, r[j]); });
+    } else if (!in_part) {
+      for_cols<0, V>(N, [&](int, int64_t c) {
+#pragma unroll
+        for (int i = 0; i < V; ++i) part[blockIdx.x * N + c + i] = mem[c + i];
+      });
+    }
+  }
+};
+
+template <typename TX, typename TY, int V, int ITEMS>
 __global__ void norm_fwd_kernel(const TX* __restrict__ x, int64_t xs, TY* __restrict__ y, int64_t ys,
                                 const typename AccOf<TX>::type* __restrict__ w,
                                 const typename AccOf<TX>::type* __restrict__ b, typename AccOf<TX>::type* mean_out,
@@ -27,46 +101,43 @@ __global__ void norm_fwd_kernel(const TX* __restrict__ x, int64_t xs, TY* __rest
                                 int cast_mode) {
   using A = typename AccOf<TX>::type;
   __shared__ A scratch[32];
-  const int64_t step = static_cast<int64_t>(blockDim.x) * V;
+  Cached<A, TX, V, ITEMS> xc;
   for (int64_t row = blockIdx.x; row < M; row += gridDim.x) {
-    const TX* xr = x + row * xs;
+    xc.fill(x + row * xs, N);
     A mean = 0;
     if (!is_rms) {
       A s[1] = {0};
-      for (int64_t c = threadIdx.x * V; c < N; c += step) {
+      for_cols<ITEMS, V>(N, [&](int j, int64_t c) {
         A v[V];
-        load<A>(xr + c, v);
+        xc.get(j, c, v);
 #pragma unroll
         for (int i = 0; i < V; ++i) s[0] += v[i];
-      }
+      });
       block_sum<A, 1>(s, scratch);
       mean = s[0] / static_cast<A>(N);
     }
     A sq[1] = {0};
-    for (int64_t c = threadIdx.x * V; c < N; c += step) {
+    for_cols<ITEMS, V>(N, [&](int j, int64_t c) {
       A v[V];
-      load<A>(xr + c, v);
+      xc.get(j, c, v);
 #pragma unroll
       for (int i = 0; i < V; ++i) sq[0] += (v[i] - mean) * (v[i] - mean);
-    }
+    });
     block_sum<A, 1>(sq, scratch);
     const A rstd = rsqrt(sq[0] / static_cast<A>(N) + eps);
-    for (int64_t c = threadIdx.x * V; c < N; c += step) {
+    for_cols<ITEMS, V>(N, [&](int j, int64_t c) {
       A v[V], out[V];
-      load<A>(xr + c, v);
+      xc.get(j, c, v);
 #pragma unroll
       for (int i = 0; i < V; ++i) {
-        A xhat = (v[i] - mean) * rstd;
+        const A xhat = (v[i] - mean) * rstd;
         A o = xhat;
-        if (w != nullptr) {
-          const A g = w[c + i] + offset;
-          o = (cast_mode == 0 ? to_acc<A>(Cast<TX>::to(xhat)) : xhat) * g;
-        }
+        if (w != nullptr) o = (cast_mode == 0 ? to_acc<A>(Cast<TX>::to(xhat)) : xhat) * (w[c + i] + offset);
         if (b != nullptr) o += b[c + i];
         out[i] = o;
       }
       store<TY>(y + row * ys + c, out);
-    }
+    });
     if (threadIdx.x == 0) {
       if (!is_rms) mean_out[row] = mean;
       rstd_out[row] = rstd;
@@ -74,83 +145,63 @@ __global__ void norm_fwd_kernel(const TX* __restrict__ x, int64_t xs, TY* __rest
   }
 }
 
-// The CTA's weight-gradient accumulators: shared memory when they fit, else its own partial rows.
-template <typename A>
-__device__ __forceinline__ A* accumulator(A* smem, A* part, int which, int64_t N, bool in_smem) {
-  return in_smem ? smem + which * N : part + blockIdx.x * N;
-}
-
-template <typename A, int V>
-__device__ __forceinline__ void zero_own(A* acc, int64_t N) {
-  for (int64_t c = threadIdx.x * V; c < N; c += static_cast<int64_t>(blockDim.x) * V)
-#pragma unroll
-    for (int i = 0; i < V; ++i) acc[c + i] = 0;
-}
-
-template <typename A, int V>
-__device__ __forceinline__ void flush_own(const A* acc, A* part, int64_t N) {
-  for (int64_t c = threadIdx.x * V; c < N; c += static_cast<int64_t>(blockDim.x) * V)
-#pragma unroll
-    for (int i = 0; i < V; ++i) part[blockIdx.x * N + c + i] = acc[c + i];
-}
-
-template <typename TX, typename TY, int V>
+template <typename TX, typename TY, int V, int ITEMS>
 __global__ void norm_bwd_kernel(const TY* __restrict__ dy, int64_t dys, const TX* __restrict__ x, int64_t xs,
                                 const typename AccOf<TX>::type* __restrict__ w,
                                 const typename AccOf<TX>::type* __restrict__ mean,
                                 const typename AccOf<TX>::type* __restrict__ rstd, TX* __restrict__ dx, int64_t dxs,
                                 typename AccOf<TX>::type* dw_part, typename AccOf<TX>::type* db_part, int64_t M,
-                                int64_t N, typename AccOf<TX>::type offset, bool is_rms, bool need_dw, bool need_db,
-                                int cast_mode, bool in_smem) {
+                                int64_t N, typename AccOf<TX>::type offset, bool is_rms, int cast_mode, bool in_smem) {
   using A = typename AccOf<TX>::type;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   __shared__ A scratch[64];
   A* smem = reinterpret_cast<A*>(smem_raw);
-  A* dw_acc = accumulator(smem, dw_part, 0, N, in_smem && need_dw);
-  A* db_acc = accumulator(smem, db_part, need_dw ? 1 : 0, N, in_smem && need_db);
-  if (need_dw) zero_own<A, V>(dw_acc, N);
-  if (need_db) zero_own<A, V>(db_acc, N);
-  const int64_t step = static_cast<int64_t>(blockDim.x) * V;
+  const bool need_dw = dw_part != nullptr, need_db = db_part != nullptr;
+  Accum<A, V, ITEMS> dw_acc, db_acc;
+  if (need_dw) dw_acc.init(in_smem ? smem : nullptr, dw_part, N);
+  if (need_db) db_acc.init(in_smem ? smem + (need_dw ? N : 0) : nullptr, db_part, N);
+  Cached<A, TX, V, ITEMS> xc;
+  Cached<A, TY, V, ITEMS> dyc;
   for (int64_t row = blockIdx.x; row < M; row += gridDim.x) {
     const A mu_x = is_rms ? A(0) : mean[row], r = rstd[row];
-    const TX* xr = x + row * xs;
-    const TY* dyr = dy + row * dys;
+    xc.fill(x + row * xs, N);
+    dyc.fill(dy + row * dys, N);
     A s[2] = {0, 0};
     if (dx != nullptr) {
-      for (int64_t c = threadIdx.x * V; c < N; c += step) {
+      for_cols<ITEMS, V>(N, [&](int j, int64_t c) {
         A xv[V], dv[V];
-        load<A>(xr + c, xv);
-        load<A>(dyr + c, dv);
+        xc.get(j, c, xv);
+        dyc.get(j, c, dv);
 #pragma unroll
         for (int i = 0; i < V; ++i) {
           const A u = w != nullptr ? dv[i] * (w[c + i] + offset) : dv[i];
           s[0] += u;
           s[1] += u * ((xv[i] - mu_x) * r);
         }
-      }
+      });
       block_sum<A, 2>(s, scratch);
     }
     const A m_u = is_rms ? A(0) : s[0] / static_cast<A>(N), m_ux = s[1] / static_cast<A>(N);
-    for (int64_t c = threadIdx.x * V; c < N; c += step) {
+    for_cols<ITEMS, V>(N, [&](int j, int64_t c) {
       A xv[V], dv[V], out[V];
-      load<A>(xr + c, xv);
-      load<A>(dyr + c, dv);
+      xc.get(j, c, xv);
+      dyc.get(j, c, dv);
 #pragma unroll
       for (int i = 0; i < V; ++i) {
         const A xhat = (xv[i] - mu_x) * r;
         const A u = w != nullptr ? dv[i] * (w[c + i] + offset) : dv[i];
         out[i] = (u - m_ux * xhat - m_u) * r;
-        if (need_dw) dw_acc[c + i] += dv[i] * (cast_mode == 0 ? to_acc<A>(Cast<TX>::to(xhat)) : xhat);
-        if (need_db) db_acc[c + i] += dv[i];
+        if (need_dw) dw_acc.add(j, c, i, dv[i] * (cast_mode == 0 ? to_acc<A>(Cast<TX>::to(xhat)) : xhat));
+        if (need_db) db_acc.add(j, c, i, dv[i]);
       }
       if (dx != nullptr) store<TX>(dx + row * dxs + c, out);
-    }
+    });
   }
-  if (in_smem && need_dw) flush_own<A, V>(dw_acc, dw_part, N);
-  if (in_smem && need_db) flush_own<A, V>(db_acc, db_part, N);
+  if (need_dw) dw_acc.flush(dw_part, N);
+  if (need_db) db_acc.flush(db_part, N);
 }
 
-template <typename TX, typename TY, int V>
+template <typename TX, typename TY, int V, int ITEMS>
 __global__ void norm_bwd_bwd_kernel(const TY* __restrict__ dy, int64_t dys, const TX* __restrict__ x, int64_t xs,
                                     const typename AccOf<TX>::type* __restrict__ w,
                                     const typename AccOf<TX>::type* __restrict__ mean,
@@ -164,21 +215,30 @@ __global__ void norm_bwd_bwd_kernel(const TY* __restrict__ dy, int64_t dys, cons
   extern __shared__ __align__(16) unsigned char smem_raw[];
   __shared__ A scratch[32 * 7];
   const bool need_dw = dw_part != nullptr;
-  A* dw_acc = accumulator(reinterpret_cast<A*>(smem_raw), dw_part, 0, N, in_smem && need_dw);
-  if (need_dw) zero_own<A, V>(dw_acc, N);
-  const int64_t step = static_cast<int64_t>(blockDim.x) * V;
+  Accum<A, V, ITEMS> dw_acc;
+  if (need_dw) dw_acc.init(in_smem ? reinterpret_cast<A*>(smem_raw) : nullptr, dw_part, N);
+  Cached<A, TX, V, ITEMS> xc, ac;
+  Cached<A, TY, V, ITEMS> dyc;
   for (int64_t row = blockIdx.x; row < M; row += gridDim.x) {
     const A mu_x = is_rms ? A(0) : mean[row], r = rstd[row];
-    const TX* xr = x + row * xs;
-    const TY* dyr = dy + row * dys;
-    const TX* ar = a != nullptr ? a + row * as : nullptr;
+    xc.fill(x + row * xs, N);
+    dyc.fill(dy + row * dys, N);
+    if (a != nullptr) ac.fill(a + row * as, N);
+    auto a_of = [&](int j, int64_t c, A (&out)[V]) {
+      if (a != nullptr) {
+        ac.get(j, c, out);
+      } else {
+#pragma unroll
+        for (int i = 0; i < V; ++i) out[i] = 0;
+      }
+    };
     // s: u, u*xhat, a, a*xhat, a*u, w2, w2*xhat  (w2 = bw * dy)
     A s[7] = {0, 0, 0, 0, 0, 0, 0};
-    for (int64_t c = threadIdx.x * V; c < N; c += step) {
-      A xv[V], dv[V], av[V] = {};
-      load<A>(xr + c, xv);
-      load<A>(dyr + c, dv);
-      if (ar != nullptr) load<A>(ar + c, av);
+    for_cols<ITEMS, V>(N, [&](int j, int64_t c) {
+      A xv[V], dv[V], av[V];
+      xc.get(j, c, xv);
+      dyc.get(j, c, dv);
+      a_of(j, c, av);
 #pragma unroll
       for (int i = 0; i < V; ++i) {
         const A xhat = (xv[i] - mu_x) * r;
@@ -187,17 +247,17 @@ __global__ void norm_bwd_bwd_kernel(const TY* __restrict__ dy, int64_t dys, cons
         s[0] += u; s[1] += u * xhat; s[2] += av[i]; s[3] += av[i] * xhat; s[4] += av[i] * u;
         s[5] += w2; s[6] += w2 * xhat;
       }
-    }
+    });
     block_sum<A, 7>(s, scratch);
     const A n = static_cast<A>(N);
     const A c2 = s[1] / n, mu = is_rms ? A(0) : s[0] / n, ma = is_rms ? A(0) : s[2] / n, ca = s[3] / n;
     const A mau = s[4] / n, mw2 = is_rms ? A(0) : s[5] / n, cb = s[6] / n;
     const A coef = 3 * ca * c2 - mau + ma * mu;
-    for (int64_t c = threadIdx.x * V; c < N; c += step) {
-      A xv[V], dv[V], av[V] = {}, o_dy[V], o_x[V];
-      load<A>(xr + c, xv);
-      load<A>(dyr + c, dv);
-      if (ar != nullptr) load<A>(ar + c, av);
+    for_cols<ITEMS, V>(N, [&](int j, int64_t c) {
+      A xv[V], dv[V], av[V], o_dy[V], o_x[V];
+      xc.get(j, c, xv);
+      dyc.get(j, c, dv);
+      a_of(j, c, av);
 #pragma unroll
       for (int i = 0; i < V; ++i) {
         const A xhat = (xv[i] - mu_x) * r;
@@ -208,13 +268,13 @@ __global__ void norm_bwd_bwd_kernel(const TY* __restrict__ dy, int64_t dys, cons
         const A ja = r * (av[i] - ma - ca * xhat);
         o_dy[i] = g * ja + bwi * xhat + (e != nullptr ? e[c + i] : A(0));
         o_x[i] = r * r * (coef * xhat - c2 * (av[i] - ma) - ca * (u - mu)) + r * (w2 - mw2 - cb * xhat);
-        if (need_dw) dw_acc[c + i] += dv[i] * ja;
+        if (need_dw) dw_acc.add(j, c, i, dv[i] * ja);
       }
       if (d_dy != nullptr) store<TY>(d_dy + row * d_dys + c, o_dy);
       if (d_x != nullptr) store<TX>(d_x + row * d_xs + c, o_x);
-    }
+    });
   }
-  if (in_smem && need_dw) flush_own<A, V>(dw_acc, dw_part, N);
+  if (need_dw) dw_acc.flush(dw_part, N);
 }
 
 // ------------------------------------------------------------------------------ host dispatch
@@ -256,15 +316,70 @@ bool vectorizable(int64_t N, std::initializer_list<std::pair<const void*, int64_
   return true;
 }
 
-int parts_for(int64_t M) {
-  const int64_t parts = static_cast<int64_t>(sm_count()) * 4;
-  return static_cast<int>(M < parts ? (M > 0 ? M : 1) : parts);
+// Threads per CTA and vectors per thread for a row of `vecs` vectors: about `target` vectors per
+// thread in registers (at most kMaxItems, rounded up to a power of two); 0 items = the looped path.
+struct Plan {
+  int threads, items;
+};
+
+Plan plan(int64_t vecs, int target) {
+  int64_t t = 32;
+  while (t * target < vecs && t < 1024) t <<= 1;
+  const int64_t items = (vecs + t - 1) / t;
+  if (items > kMaxItems) return {512, 0};
+  int it = 1;
+  while (it < items) it <<= 1;
+  return {static_cast<int>(t), it};
 }
+
+template <typename F>
+void with_items(int items, F&& f) {
+  switch (items) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    case 8: return f(std::integral_constant<int, 8>{});
+    default: return f(std::integral_constant<int, 0>{});
+  }
+}
+
+// Resident CTAs of `kernel` on the whole GPU: the persistent grids never exceed it, so every CTA
+// starts at once (a CTA waiting for a slot would run its whole strided share of rows at the end).
+template <typename K>
+int64_t resident(K kernel, int threads, size_t smem) {
+  int per_sm = 0;
+  check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem), "occupancy");
+  return static_cast<int64_t>(sm_count()) * (per_sm > 0 ? per_sm : 1);
+}
+
+int64_t clamp_rows(int64_t M, int64_t grid) { return M < grid ? (M > 0 ? M : 1) : grid; }
 
 }  // namespace
 }  // namespace cuda
 
-int cuda_num_parts(int64_t M) { return cuda::parts_for(M); }
+int cuda_num_parts(int64_t M, int64_t N, DType x_dt, DType y_dt, bool double_backward) {
+  using namespace cuda;
+  int64_t grid = 1;
+  dispatch_types(x_dt, y_dt, [&](auto tx, auto ty) {
+    using TX = typename decltype(tx)::type;
+    using TY = typename decltype(ty)::type;
+    constexpr int VV = 16 / sizeof(TX);
+    const bool vec = N % VV == 0;
+    const Plan pl = plan((N + (vec ? VV : 1) - 1) / (vec ? VV : 1), 2);
+    const size_t smem = pl.items == 0 ? sizeof(typename AccOf<TX>::type) * static_cast<size_t>(N) * 2 : 0;
+    const size_t use = smem <= static_cast<size_t>(kSmemBudget) ? smem : 0;
+    with_items(pl.items, [&](auto it) {
+      constexpr int IT = decltype(it)::value;
+      if (double_backward)
+        grid = vec ? resident(norm_bwd_bwd_kernel<TX, TY, VV, IT>, pl.threads, use)
+                   : resident(norm_bwd_bwd_kernel<TX, TY, 1, IT>, pl.threads, use);
+      else
+        grid = vec ? resident(norm_bwd_kernel<TX, TY, VV, IT>, pl.threads, use)
+                   : resident(norm_bwd_kernel<TX, TY, 1, IT>, pl.threads, use);
+    });
+  });
+  return static_cast<int>(clamp_rows(M, grid));
+}
 
 void cuda_norm_fwd(const NormShape& s, const NormPtrs& p, void* y, int64_t y_stride, double eps, int cast_mode,
                    Stream stream) {
@@ -276,15 +391,19 @@ void cuda_norm_fwd(const NormShape& s, const NormPtrs& p, void* y, int64_t y_str
     using A = typename AccOf<TX>::type;
     constexpr int VV = 16 / sizeof(TX);
     const bool vec = vectorizable<TX, TY>(s.N, {{p.x, p.x_stride}}, {{y, y_stride}});
-    const int threads = threads_for(s.N, vec ? VV : 1);
-    const int64_t grid = s.M < int64_t(sm_count()) * (2048 / threads) ? s.M : int64_t(sm_count()) * (2048 / threads);
-    auto args = [&](auto kernel) {
-      kernel<<<static_cast<unsigned>(grid), threads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
-          static_cast<const TX*>(p.x), p.x_stride, static_cast<TY*>(y), y_stride, static_cast<const A*>(p.w),
-          static_cast<const A*>(p.b), static_cast<A*>(p.mean), static_cast<A*>(p.rstd), s.M, s.N, A(eps),
-          A(s.offset), s.is_rms, cast_mode);
-    };
-    if (vec) args(norm_fwd_kernel<TX, TY, VV>); else args(norm_fwd_kernel<TX, TY, 1>);
+    const int V = vec ? VV : 1;
+    const Plan pl = plan((s.N + V - 1) / V, 4);
+    with_items(pl.items, [&](auto it) {
+      constexpr int IT = decltype(it)::value;
+      auto go = [&](auto kernel) {
+        const int64_t grid = clamp_rows(s.M, resident(kernel, pl.threads, 0));
+        kernel<<<static_cast<unsigned>(grid), pl.threads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
+            static_cast<const TX*>(p.x), p.x_stride, static_cast<TY*>(y), y_stride, static_cast<const A*>(p.w),
+            static_cast<const A*>(p.b), static_cast<A*>(p.mean), static_cast<A*>(p.rstd), s.M, s.N, A(eps),
+            A(s.offset), s.is_rms, cast_mode);
+      };
+      if (vec) go(norm_fwd_kernel<TX, TY, VV, IT>); else go(norm_fwd_kernel<TX, TY, 1, IT>);
+    });
     check(cudaGetLastError(), "norm_fwd launch");
   });
 }
@@ -298,18 +417,22 @@ void cuda_norm_bwd(const NormShape& s, const NormPtrs& p, const void* dy, int64_
     using A = typename AccOf<TX>::type;
     constexpr int VV = 16 / sizeof(TX);
     const bool vec = vectorizable<TX, TY>(s.N, {{p.x, p.x_stride}, {dx, dx_stride}}, {{dy, dy_stride}});
-    const int threads = threads_for(s.N, vec ? VV : 1) > 256 ? 256 : threads_for(s.N, vec ? VV : 1);
+    const int V = vec ? VV : 1;
+    const Plan pl = plan((s.N + V - 1) / V, 2);
     const int n_acc = (dw_part != nullptr) + (db_part != nullptr);
     const size_t smem = sizeof(A) * static_cast<size_t>(s.N) * n_acc;
-    const bool in_smem = smem <= static_cast<size_t>(kSmemBudget);
-    auto args = [&](auto kernel) {
-      kernel<<<num_parts, threads, in_smem ? smem : 0, reinterpret_cast<cudaStream_t>(stream)>>>(
-          static_cast<const TY*>(dy), dy_stride, static_cast<const TX*>(p.x), p.x_stride, static_cast<const A*>(p.w),
-          static_cast<const A*>(p.mean), static_cast<const A*>(p.rstd), static_cast<TX*>(dx), dx_stride,
-          static_cast<A*>(dw_part), static_cast<A*>(db_part), s.M, s.N, A(s.offset), s.is_rms, dw_part != nullptr,
-          db_part != nullptr, cast_mode, in_smem);
-    };
-    if (vec) args(norm_bwd_kernel<TX, TY, VV>); else args(norm_bwd_kernel<TX, TY, 1>);
+    const bool in_smem = pl.items == 0 && smem <= static_cast<size_t>(kSmemBudget);
+    with_items(pl.items, [&](auto it) {
+      constexpr int IT = decltype(it)::value;
+      auto go = [&](auto kernel) {
+        kernel<<<num_parts, pl.threads, in_smem ? smem : 0, reinterpret_cast<cudaStream_t>(stream)>>>(
+            static_cast<const TY*>(dy), dy_stride, static_cast<const TX*>(p.x), p.x_stride,
+            static_cast<const A*>(p.w), static_cast<const A*>(p.mean), static_cast<const A*>(p.rstd),
+            static_cast<TX*>(dx), dx_stride, static_cast<A*>(dw_part), static_cast<A*>(db_part), s.M, s.N,
+            A(s.offset), s.is_rms, cast_mode, in_smem);
+      };
+      if (vec) go(norm_bwd_kernel<TX, TY, VV, IT>); else go(norm_bwd_kernel<TX, TY, 1, IT>);
+    });
     check(cudaGetLastError(), "norm_bwd launch");
   });
 }
@@ -325,17 +448,22 @@ void cuda_norm_bwd_bwd(const NormShape& s, const NormPtrs& p, const void* dy, in
     constexpr int VV = 16 / sizeof(TX);
     const bool vec = vectorizable<TX, TY>(s.N, {{p.x, p.x_stride}, {a, a_stride}, {d_x, d_x_stride}},
                                           {{dy, dy_stride}, {d_dy, d_dy_stride}});
-    const int threads = threads_for(s.N, vec ? VV : 1) > 256 ? 256 : threads_for(s.N, vec ? VV : 1);
+    const int V = vec ? VV : 1;
+    const Plan pl = plan((s.N + V - 1) / V, 2);
     const size_t smem = dw_part != nullptr ? sizeof(A) * static_cast<size_t>(s.N) : 0;
-    const bool in_smem = smem <= static_cast<size_t>(kSmemBudget);
-    auto args = [&](auto kernel) {
-      kernel<<<num_parts, threads, in_smem ? smem : 0, reinterpret_cast<cudaStream_t>(stream)>>>(
-          static_cast<const TY*>(dy), dy_stride, static_cast<const TX*>(p.x), p.x_stride, static_cast<const A*>(p.w),
-          static_cast<const A*>(p.mean), static_cast<const A*>(p.rstd), static_cast<const TX*>(a), a_stride,
-          static_cast<const A*>(bw), static_cast<const A*>(e), static_cast<TY*>(d_dy), d_dy_stride,
-          static_cast<TX*>(d_x), d_x_stride, static_cast<A*>(dw_part), s.M, s.N, A(s.offset), s.is_rms, in_smem);
-    };
-    if (vec) args(norm_bwd_bwd_kernel<TX, TY, VV>); else args(norm_bwd_bwd_kernel<TX, TY, 1>);
+    const bool in_smem = pl.items == 0 && smem <= static_cast<size_t>(kSmemBudget);
+    with_items(pl.items, [&](auto it) {
+      constexpr int IT = decltype(it)::value;
+      auto go = [&](auto kernel) {
+        kernel<<<num_parts, pl.threads, in_smem ? smem : 0, reinterpret_cast<cudaStream_t>(stream)>>>(
+            static_cast<const TY*>(dy), dy_stride, static_cast<const TX*>(p.x), p.x_stride,
+            static_cast<const A*>(p.w), static_cast<const A*>(p.mean), static_cast<const A*>(p.rstd),
+            static_cast<const TX*>(a), a_stride, static_cast<const A*>(bw), static_cast<const A*>(e),
+            static_cast<TY*>(d_dy), d_dy_stride, static_cast<TX*>(d_x), d_x_stride, static_cast<A*>(dw_part), s.M,
+            s.N, A(s.offset), s.is_rms, in_smem);
+      };
+      if (vec) go(norm_bwd_bwd_kernel<TX, TY, VV, IT>); else go(norm_bwd_bwd_kernel<TX, TY, 1, IT>);
+    });
     check(cudaGetLastError(), "norm_bwd_bwd launch");
   });
 }

@@ -46,19 +46,20 @@ def norm_fwd(x, weight, bias, eps, offset, is_rms, cast_mode, out_dtype):
     return y.to(out_dtype), mean, rstd
 
 
-def _parts(M, x, needed, N, acc):
-    return torch.empty((_C().num_parts(M, x.is_cuda), N), dtype=acc, device=x.device) if needed else None
+def _parts(parts, x, needed, N, acc):
+    return torch.empty((parts, N), dtype=acc, device=x.device) if needed else None
 
 
 def norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, cast_mode, need_dx, need_dw, need_db):
     M, N = x.shape
     acc = _acc(x.dtype)
-    parts = _C().num_parts(M, x.is_cuda)
+    dy = _partner(dy, x)
+    parts = _C().num_parts(x, dy, False)
     dx = torch.empty((M, N), dtype=x.dtype, device=x.device) if need_dx else None
-    dw_part = _parts(M, x, need_dw, N, acc)
-    db_part = _parts(M, x, need_db, N, acc)
+    dw_part = _parts(parts, x, need_dw, N, acc)
+    db_part = _parts(parts, x, need_db, N, acc)
     if M or need_dw or need_db:
-        _C().norm_bwd(_partner(dy, x), x, _vec(weight, acc), mean if not is_rms else rstd, rstd, dx, dw_part, db_part,
+        _C().norm_bwd(dy, x, _vec(weight, acc), mean if not is_rms else rstd, rstd, dx, dw_part, db_part,
                       parts, offset, is_rms, _CAST_CODE[cast_mode])
     return dx, None if dw_part is None else dw_part.sum(0), None if db_part is None else db_part.sum(0)
 
@@ -66,12 +67,12 @@ def norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, cast_mode, need_dx, need
 def norm_bwd_bwd(dy, x, weight, mean, rstd, grad_dx, grad_dw, grad_db, offset, is_rms, need_ddy, need_dx, need_dw):
     M, N = x.shape
     acc = _acc(x.dtype)
-    parts = _C().num_parts(M, x.is_cuda)
     dy_k = _partner(dy, x)
+    parts = _C().num_parts(x, dy_k, True)
     need_dw = need_dw and grad_dx is not None
     d_dy = torch.empty((M, N), dtype=dy_k.dtype, device=x.device) if need_ddy else None
     d_x = torch.empty((M, N), dtype=x.dtype, device=x.device) if need_dx else None
-    dw_part = _parts(M, x, need_dw, N, acc)
+    dw_part = _parts(parts, x, need_dw, N, acc)
     if need_ddy or need_dx or need_dw:
         a = None if grad_dx is None else grad_dx.to(x.dtype)
         _C().norm_bwd_bwd(dy_k, x, _vec(weight, acc), mean if not is_rms else rstd, rstd, a, _vec(grad_dw, acc),
