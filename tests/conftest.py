@@ -53,3 +53,18 @@ def smollm2():
     for p in model.parameters():
         p.requires_grad_(True)
     return model, tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(smollm2, tmp_path_factory):
+    """A saved random-init tiny Llama with SmolLM2's tokenizer (for CLI and example runs)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = smollm2[1]
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

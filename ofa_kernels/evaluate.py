@@ -1,0 +1,176 @@
+"""Scoring label words at the last position: predictions, accuracy and macro-F1.
+
+Two scoring rules:
+- ``"full"`` (default): the log-probability of the whole label word (all its sub-tokens, teacher
+  forced after the prompt). First pieces collide across label words (SmolLM2 splits
+  " Abbreviation" as " Ab" + ...), which the first-token rule cannot tell apart.
+- ``"first"``: the authors' protocol, the logit of each label word's first sub-token.
+
+Label words are scored with a leading space (" positive"), as they follow "Sentiment:". In-context
+demonstrations are prepended as "prompt label" blocks separated by blank lines; that prefix is run
+once and its KV cache reused for every batch (tokenised apart from the prompts, so a token never
+spans the boundary).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .data import Example, Task
+
+SCORING = ("full", "first")
+
+
+def label_token_ids(tokenizer, labels: Sequence[str]) -> list[list[int]]:
+    """Token ids of each label word as it follows the prompt (leading space)."""
+    ids = [tokenizer(" " + word, add_special_tokens=False)["input_ids"] for word in labels]
+    if any(not t for t in ids):
+        raise ValueError(f"a label word tokenises to nothing: {labels}")
+    return ids
+
+
+def demonstrations_prefix(task: Task, demos: Sequence[Example]) -> str:
+    return "".join(f"{task.prompt(d.text)} {task.labels[d.label]}\n\n" for d in demos)
+
+
+def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
+    return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
+def _pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.float64 else t.float()
+
+
+class Prefix:
+    """A shared prompt prefix (the ICL demonstrations) run once; its KV cache is reused by every batch."""
+
+    def __init__(self, model, ids: list[int]):
+        from .objectives import _structure
+
+        device = next(model.parameters()).device
+        self.length = len(ids)
+        with torch.no_grad():
+            out = _structure(model).base(input_ids=torch.tensor([ids], device=device), use_cache=True)
+        self.cache = out.past_key_values
+
+    def for_batch(self, batch: int):
+        import copy
+
+        cache = copy.deepcopy(self.cache)
+        cache.batch_repeat_interleave(batch)
+        return cache
+
+
+def _run_base(st, ids, mask, prefix: "Prefix | None"):
+    if prefix is None:
+        return st.base(input_ids=ids, attention_mask=mask, use_cache=False)[0]
+    import inspect
+
+    ones = torch.ones(ids.shape[0], prefix.length, dtype=mask.dtype, device=mask.device)
+    # transformers >= 5.2x names the argument `cache` (and deprecates `past_key_values`)
+    name = "cache" if "cache" in inspect.signature(st.base.forward).parameters else "past_key_values"
+    return st.base(input_ids=ids, attention_mask=torch.cat([ones, mask], 1), use_cache=True,
+                   **{name: prefix.for_batch(ids.shape[0])})[0]
+
+
+def label_log_probs(model, prompt_ids: list[list[int]], label_ids: list[list[int]], *, scoring: str = "full",
+                    pad_id: int = 0, prefix: Prefix | None = None) -> torch.Tensor:
+    """[N, C] scores of each label for each tokenised prompt; differentiable (the trainer's CE).
+
+    Runs the model's base and applies the LM head only at the positions scored (never sequence x
+    vocabulary logits).
+    """
+    if scoring not in SCORING:
+        raise ValueError(f"scoring must be one of {SCORING}, got {scoring!r}")
+    from .objectives import _structure
+
+    st = _structure(model)
+    device = next(model.parameters()).device
+    if scoring == "first":
+        seqs, firsts = prompt_ids, torch.tensor([t[0] for t in label_ids], device=device)
+    else:
+        seqs = [p + lab for p in prompt_ids for lab in label_ids]  # prompt-major
+    ids, mask = _pad(seqs, pad_id, device)
+    hidden = _run_base(st, ids, mask, prefix)
+    if scoring == "first":
+        last = mask.sum(1) - 1
+        logp = F.log_softmax(_at_least_fp32(st.head(hidden[torch.arange(len(seqs), device=device), last])), -1)
+        return logp[:, firsts]
+    return continuation_log_probs(model, [p for p in prompt_ids for _ in label_ids],
+                                  [lab for _ in prompt_ids for lab in label_ids], pad_id=pad_id,
+                                  _hidden=(hidden, st)).view(len(prompt_ids), len(label_ids))
+
+
+def continuation_log_probs(model, prompt_ids: list[list[int]], continuations: list[list[int]], *, pad_id: int = 0,
+                           _hidden=None) -> torch.Tensor:
+    """[N] log-probability of each continuation after its prompt (teacher forced), LM head at those positions only."""
+    device = next(model.parameters()).device
+    if _hidden is None:
+        from .objectives import _structure
+
+        st = _structure(model)
+        ids, mask = _pad([p + c for p, c in zip(prompt_ids, continuations)], pad_id, device)
+        hidden = st.base(input_ids=ids, attention_mask=mask, use_cache=False)[0]
+    else:
+        hidden, st = _hidden
+    rows, cols, targets = [], [], []
+    for i, (p, cont) in enumerate(zip(prompt_ids, continuations)):
+        for k, token in enumerate(cont):  # the logit at position t predicts token t + 1
+            rows.append(i)
+            cols.append(len(p) - 1 + k)
+            targets.append(token)
+    rows_t = torch.tensor(rows, device=device)
+    picked = hidden[rows_t, torch.tensor(cols, device=device)]
+    logp = F.log_softmax(_at_least_fp32(st.head(picked)), -1)
+    token_logp = logp[torch.arange(len(targets), device=device), torch.tensor(targets, device=device)]
+    return torch.zeros(len(prompt_ids), dtype=token_logp.dtype, device=device).index_add(0, rows_t, token_logp)
+
+
+@dataclass
+class Scores:
+    accuracy: float
+    macro_f1: float
+    predictions: list[int]
+
+
+def macro_f1(predictions: Sequence[int], targets: Sequence[int], n_classes: int) -> float:
+    f1s = []
+    for c in range(n_classes):
+        tp = sum(p == c and t == c for p, t in zip(predictions, targets))
+        fp = sum(p == c and t != c for p, t in zip(predictions, targets))
+        fn = sum(p != c and t == c for p, t in zip(predictions, targets))
+        f1s.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
+    return sum(f1s) / n_classes
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, task: Task, examples: Sequence[Example], *, demonstrations: Sequence[Example] = (),
+             scoring: str = "full", batch_size: int = 16) -> Scores:
+    """Predicts each example's label (argmax over label words) with an optional demonstrations prefix."""
+    label_ids = label_token_ids(tokenizer, task.labels)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    text = demonstrations_prefix(task, demonstrations)
+    prefix = Prefix(model, _encode(tokenizer, [text])[0]) if text else None
+    predictions: list[int] = []
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start:start + batch_size]
+        prompt_ids = _encode(tokenizer, [task.prompt(e.text) for e in chunk])
+        scores = label_log_probs(model, prompt_ids, label_ids, scoring=scoring, pad_id=pad_id, prefix=prefix)
+        predictions += scores.argmax(1).tolist()
+    targets = [e.label for e in examples]
+    accuracy = sum(p == t for p, t in zip(predictions, targets)) / max(1, len(targets))
+    return Scores(accuracy, macro_f1(predictions, targets, len(task.labels)), predictions)

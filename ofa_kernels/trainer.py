@@ -1,0 +1,234 @@
+"""OFA few-shot adaptation: train only the norm weights with CE + lambda_J * J + lambda_S * S.
+
+Protocol (the authors'): the k-shot set is the training data; each training sequence pairs one
+demonstration (another k-shot example, drawn per epoch) with one query, and the loss is computed
+at the query's label; all queries form one batch, so an epoch is one optimizer step. AdamW
+(lr 1e-3, weight decay 1e-3), linear warm-up over the first 5% of steps, then cosine to zero.
+Arms: "ce", "ce+J", "ce+S", "ofa" (both regularisers). J and S are taken at the last prompt token
+(before the label); P_t are the original post-attention gains, frozen at the start.
+
+Runs resume: with ``checkpoint=path`` the state (weights, optimizer, scheduler, epoch, losses) is
+written atomically every ``checkpoint_every`` epochs, and a run that finds a checkpoint of the same
+options continues from it and ends with the same weights as an uninterrupted run (every random
+choice is a function of the seed and the epoch).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import objectives
+from .data import Dataset, Example, Task, k_shot
+from .evaluate import (_encode, _pad, continuation_log_probs, demonstrations_prefix, label_log_probs,
+                       label_token_ids)
+from .nn import FusedLayerNorm, FusedRMSNorm
+from .patch import patch_model
+
+ARMS = ("ce", "ce+J", "ce+S", "ofa")
+
+
+@dataclass
+class AdaptOptions:
+    """Everything that decides the adapted weights (stored with checkpoints and adapters)."""
+
+    arm: str = "ofa"
+    shots: int = 5
+    seed: int = 42
+    epochs: int = 60
+    lr: float = 1e-3
+    weight_decay: float = 1e-3
+    warmup: float = 0.05
+    lambda_j: float = 1e-2
+    lambda_s: float = 1e-3
+    estimator: str = "fd"
+    num_probes: int = 1
+    distribution: str = "gaussian"
+    eps: float | None = None
+    scoring: str = "full"
+
+    def check(self) -> "AdaptOptions":
+        if self.arm not in ARMS:
+            raise ValueError(f"arm must be one of {ARMS}, got {self.arm!r}")
+        if self.estimator not in objectives.ESTIMATORS:
+            raise ValueError(f"estimator must be one of {objectives.ESTIMATORS}, got {self.estimator!r}")
+        for name in ("shots", "epochs", "num_probes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.warmup < 1:
+            raise ValueError(f"warmup must be a fraction in [0, 1), got {self.warmup}")
+        return self
+
+
+@dataclass
+class AdaptResult:
+    weights: dict[str, torch.Tensor]  # the trained norm parameters, by name
+    base_hash: str  # of the norm weights before training
+    losses: list[dict[str, float]] = field(default_factory=list)
+    train: list[Example] = field(default_factory=list)
+    options: AdaptOptions = field(default_factory=AdaptOptions)
+
+
+def norm_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The weights (and biases) of the model's fused norms, by name."""
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, (FusedRMSNorm, FusedLayerNorm)):
+            for pname, p in module.named_parameters(recurse=False):
+                out[f"{name}.{pname}" if name else pname] = p
+    return out
+
+
+def weights_hash(params: dict[str, torch.Tensor]) -> str:
+    """sha256 over names, shapes and fp32 values of norm parameters (identifies a base model)."""
+    h = hashlib.sha256()
+    for name in sorted(params):
+        t = params[name].detach().float().cpu().contiguous()
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def _schedule(options: AdaptOptions):
+    warm = max(1, round(options.warmup * options.epochs)) if options.warmup > 0 else 0
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        progress = (step - warm) / max(1, options.epochs - warm)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def _pairs(train: Sequence[Example], seed: int, epoch: int) -> list[tuple[Example, Example]]:
+    """(demonstration, query) for every query; the demonstration is another example, drawn per epoch."""
+    rng = random.Random(seed * 1_000_003 + epoch)
+    out = []
+    for j, query in enumerate(train):
+        others = [i for i in range(len(train)) if i != j]
+        out.append((train[rng.choice(others)], query))
+    return out
+
+
+def _step_loss(model, tokenizer, task: Task, pairs, options: AdaptOptions, gammas, label_ids, epoch: int):
+    prompts = [demonstrations_prefix(task, [demo]) + task.prompt(query.text) for demo, query in pairs]
+    targets = torch.tensor([q.label for _, q in pairs])
+    prompt_ids = _encode(tokenizer, prompts)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    device = next(model.parameters()).device
+    if options.scoring == "full":  # token-level CE of the whole label word, one sequence per query
+        ce = -continuation_log_probs(model, prompt_ids, [label_ids[q.label] for _, q in pairs], pad_id=pad_id).mean()
+    else:
+        scores = label_log_probs(model, prompt_ids, label_ids, scoring="first", pad_id=pad_id)
+        ce = -scores[torch.arange(len(pairs)), targets.to(device)].mean()
+    parts = {"ce": ce}
+    if options.arm != "ce":
+        ids, mask = _pad(prompt_ids, pad_id, device)
+        batch = {"input_ids": ids, "attention_mask": mask}
+        states = objectives.last_token_states(model, batch)
+        if options.arm in ("ce+J", "ofa"):
+            parts["J"] = objectives.step_ratio(states, None)
+        if options.arm in ("ce+S", "ofa"):
+            if options.estimator == "hvp":
+                batch["labels"] = torch.tensor([label_ids[q.label][0] for _, q in pairs], device=device)
+            parts["S"] = objectives.sharpness(model, batch, estimator=options.estimator,
+                                              num_probes=options.num_probes, distribution=options.distribution,
+                                              eps=options.eps, seed=options.seed * 7919 + epoch, gammas=gammas,
+                                              clean_states=states)
+    loss = ce + options.lambda_j * parts.get("J", 0.0) + options.lambda_s * parts.get("S", 0.0)
+    return loss, {k: float(v.detach()) for k, v in parts.items()}
+
+
+def _save_atomic(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def adapt(
+    model: nn.Module,
+    tokenizer,
+    dataset: Dataset,
+    options: AdaptOptions | None = None,
+    *,
+    train: Sequence[Example] | None = None,
+    checkpoint: str | Path | None = None,
+    checkpoint_every: int = 5,
+    stop_after: int | None = None,
+    progress: bool = False,
+) -> AdaptResult:
+    """Adapts ``model`` (in place) to ``dataset.task`` from its k-shot set; returns the norm weights.
+
+    ``train`` overrides the k-shot draw; ``stop_after`` ends after that many epochs (as a killed
+    run would; resume with the same ``checkpoint``).
+    """
+    options = (options or AdaptOptions()).check()
+    task = dataset.task
+    model.eval()  # no dropout: the clean and probe passes must see the same network
+    patch_model(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = norm_parameters(model)
+    if not params:
+        raise ValueError("the model has no norms that ofa_kernels recognises; nothing to adapt")
+    for p in params.values():
+        p.requires_grad_(True)
+    base_hash = weights_hash(params)
+    gammas = objectives.preconditioners(model)
+    train = list(train) if train is not None else k_shot(dataset, options.shots, options.seed)
+    if len(train) < 2:
+        raise ValueError("adapt needs at least 2 training examples (each query is paired with another one)")
+    label_ids = label_token_ids(tokenizer, task.labels)
+    optimizer = torch.optim.AdamW(params.values(), lr=options.lr, weight_decay=options.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(options))
+    losses: list[dict[str, float]] = []
+    start = 0
+    ckpt = Path(checkpoint) if checkpoint else None
+    fingerprint = json.dumps({"options": dataclasses.asdict(options), "task": task.name, "base": base_hash,
+                              "train": [e.where for e in train]}, sort_keys=True)
+    if ckpt and ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        if state["fingerprint"] != fingerprint:
+            raise ValueError(f"checkpoint {ckpt} belongs to another run (options, task, base model or k-shot set "
+                             "differ); remove it or pass another path")
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(state["weights"][name])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start, losses = state["epoch"], state["losses"]
+    epochs = range(start, options.epochs)
+    if progress:
+        from tqdm.auto import tqdm
+
+        epochs = tqdm(epochs, desc=f"{task.name} {options.arm}", initial=start, total=options.epochs)
+    for epoch in epochs:
+        if stop_after is not None and epoch >= stop_after:
+            break
+        optimizer.zero_grad(set_to_none=True)
+        loss, parts = _step_loss(model, tokenizer, task, _pairs(train, options.seed, epoch), options, gammas,
+                                 label_ids, epoch)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        losses.append({"epoch": epoch, "loss": float(loss.detach()), **parts})
+        done = epoch + 1
+        if ckpt and (done % checkpoint_every == 0 or done == options.epochs):
+            _save_atomic({"fingerprint": fingerprint, "epoch": done, "losses": losses,
+                          "weights": {k: v.detach().clone() for k, v in params.items()},
+                          "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, ckpt)
+    weights = {k: v.detach().clone() for k, v in params.items()}
+    return AdaptResult(weights, base_hash, losses, train, options)

@@ -1,0 +1,29 @@
+"""The ofa command end to end at tiny size: adapt writes complete files, eval loads the adapter."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from ofa_kernels.cli import main
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.mark.skipif(not DATA.exists(), reason="shared data not found")
+def test_adapt_then_eval_through_the_cli(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["adapt", "--model", str(tiny_model_dir), "--task", "sst2", "--data-dir", str(DATA), "--shots", "2",
+                 "--seeds", "42,43", "--arm", "ce,ofa", "--epochs", "3", "--test-size", "8", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["accuracy"]) == {"zero-shot", "ICL", "ce", "ce + demos", "ofa", "ofa + demos"}
+    assert all(len(v) == 2 for v in results["accuracy"].values())
+    assert len(results["runs"]) == 4 and all(len(r["losses"]) == 3 for r in results["runs"])
+    assert "| ofa |" in (out / "results.md").read_text()
+    adapters = sorted(out.glob("adapter-sst2-*.safetensors"))
+    assert len(adapters) == 4
+    capsys.readouterr()
+    assert main(["eval", "--model", str(tiny_model_dir), "--task", "sst2", "--data-dir", str(DATA),
+                 "--test-size", "8", "--adapter", str(adapters[0])]) == 0
+    assert "accuracy" in capsys.readouterr().out

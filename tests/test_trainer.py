@@ -1,0 +1,113 @@
+"""The trainer: arms run and learn, runs resume to identical weights, adapters round-trip and refuse misfits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import DEVICE
+
+from ofa_kernels import data
+from ofa_kernels import evaluate as ev
+from ofa_kernels.adapters import load_adapter, read_adapter, save_adapter
+from ofa_kernels.trainer import AdaptOptions, adapt, norm_parameters
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+pytestmark = pytest.mark.skipif(not DATA.exists(), reason="shared data not found")
+
+
+def _tiny(vocab: int, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    return LlamaForCausalLM(cfg).to(DEVICE).eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2):
+    return smollm2[1]
+
+
+@pytest.fixture(scope="module")
+def sst2():
+    return data.load_task("sst2", DATA)
+
+
+@pytest.mark.parametrize("arm", ["ce", "ce+J", "ce+S", "ofa"])
+def test_every_arm_trains_only_the_norms_and_lowers_its_loss(tokenizer, sst2, arm):
+    model = _tiny(len(tokenizer))
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if "norm" not in n}
+    options = AdaptOptions(arm=arm, shots=3, epochs=12, lr=3e-2, warmup=0.1)
+    result = adapt(model, tokenizer, sst2, options)
+    assert len(result.losses) == 12 and len(result.train) == 6
+    assert {"J": arm in ("ce+J", "ofa"), "S": arm in ("ce+S", "ofa")} == {k: k in result.losses[0] for k in "JS"}
+    assert result.losses[-1]["ce"] < result.losses[0]["ce"]
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
+    assert set(result.weights) == set(norm_parameters(model)) and len(result.weights) == 7
+
+
+def test_a_killed_run_resumes_to_the_same_weights(tokenizer, sst2, tmp_path):
+    options = AdaptOptions(arm="ofa", shots=2, epochs=7, lr=1e-2)
+    whole = adapt(_tiny(len(tokenizer)), tokenizer, sst2, options)
+    ckpt = tmp_path / "run.ckpt"
+    adapt(_tiny(len(tokenizer)), tokenizer, sst2, options, checkpoint=ckpt, checkpoint_every=2, stop_after=5)
+    assert torch.load(ckpt, weights_only=False)["epoch"] == 4  # killed after epoch 5, last checkpoint at 4
+    resumed = adapt(_tiny(len(tokenizer)), tokenizer, sst2, options, checkpoint=ckpt, checkpoint_every=2)
+    for name, w in whole.weights.items():
+        assert torch.equal(resumed.weights[name], w), name
+    assert [r["loss"] for r in resumed.losses] == [r["loss"] for r in whole.losses]
+    with pytest.raises(ValueError, match="another run"):
+        adapt(_tiny(len(tokenizer)), tokenizer, sst2, AdaptOptions(arm="ce", shots=2, epochs=7), checkpoint=ckpt)
+
+
+def test_adapter_round_trips_and_refuses_other_models(tokenizer, sst2, tmp_path):
+    model = _tiny(len(tokenizer))
+    result = adapt(model, tokenizer, sst2, AdaptOptions(arm="ce", shots=2, epochs=3, lr=1e-2))
+    path = save_adapter(result, tmp_path / "adapter.safetensors", base_model="tiny-llama", task="sst2")
+    weights, meta = read_adapter(path)
+    assert meta["task"] == "sst2" and meta["base_model"] == "tiny-llama" and '"arm": "ce"' in meta["options"]
+    assert path.stat().st_size < 64 * 1024
+    fresh = _tiny(len(tokenizer))
+    load_adapter(fresh, path)
+    for name, p in norm_parameters(fresh).items():
+        assert torch.equal(p, result.weights[name].to(p.dtype)), name
+    with pytest.raises(ValueError, match="another base model"):
+        load_adapter(fresh, path)  # already adapted: its norms are not the base any more
+    other_base = _tiny(len(tokenizer))
+    with torch.no_grad():
+        other_base.model.norm.weight.mul_(1.5)  # another base: same shapes, other norm weights
+    with pytest.raises(ValueError, match="another base model"):
+        load_adapter(other_base, path)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    other = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=48, intermediate_size=48,
+                                         num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2))
+    with pytest.raises(ValueError, match="shape"):
+        load_adapter(other, path)
+
+
+def test_bad_options_are_named():
+    with pytest.raises(ValueError, match="arm must be one of"):
+        AdaptOptions(arm="lora").check()
+    with pytest.raises(ValueError, match="epochs"):
+        AdaptOptions(epochs=0).check()
+
+
+@pytest.mark.slow
+def test_smollm2_trec_training_loss_falls_and_accuracy_beats_zero_shot(smollm2):
+    from ofa_kernels.models import load_smollm2
+
+    _, tokenizer = smollm2
+    model, _ = load_smollm2(torch.float32, DEVICE)  # a fresh copy: the session fixture stays unadapted
+    ds = data.load_task("trec", DATA)
+    test = data.test_subset(ds, 48)
+    zero = ev.evaluate(model, tokenizer, ds.task, test)
+    result = adapt(model, tokenizer, ds, AdaptOptions(arm="ofa", shots=2, epochs=10, lr=1e-2, warmup=0.1))
+    adapted = ev.evaluate(model, tokenizer, ds.task, test)
+    assert result.losses[-1]["ce"] < 0.5 * result.losses[0]["ce"]
+    assert adapted.accuracy > zero.accuracy, (zero.accuracy, adapted.accuracy)
