@@ -119,7 +119,7 @@ def continuation_log_probs(model, prompt_ids: list[list[int]], continuations: li
                            _hidden=None) -> torch.Tensor:
     """[N] log-probability of each continuation after its prompt (teacher forced), LM head at those positions only."""
     device = next(model.parameters()).device
-    if _hidden is None:
+    if _hidden is None:  # (hidden [N, T, d], structure) of prompt + continuation when the caller has them
         from .objectives import _structure
 
         st = _structure(model)

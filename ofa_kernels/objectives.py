@@ -195,6 +195,7 @@ class _Tap:
 
     def _post(self, module, args, kwargs, output):
         h = output[0] if isinstance(output, (tuple, list)) else getattr(output, "last_hidden_state", output)
+        self.final_full = h  # [B, T, d]: callers that score other positions (label tokens) read it
         self.final = self._take(h)
 
     def run(self, input_ids: Tensor, attention_mask: Tensor) -> list[Tensor]:
@@ -209,15 +210,20 @@ class _Tap:
         return list(self.inputs) + [self.final]
 
 
-def last_token_states(model: nn.Module, batch: Mapping[str, Tensor]) -> list[Tensor]:
+def last_token_states(model: nn.Module, batch: Mapping[str, Tensor], positions: Tensor | None = None,
+                      *, return_final: bool = False):
     """One forward pass of the model's base; returns ``[H_0, .., H_L]`` at each sequence's last real token.
 
     Equal to HF's ``output_hidden_states`` taken at those positions, without keeping the full
     ``[B, T, d]`` states or computing logits: ``head(H_L)`` gives the label-position logits, the list
-    feeds :func:`step_ratio` (``positions=None``) and ``sharpness(clean_states=...)``.
+    feeds :func:`step_ratio` (``positions=None``) and ``sharpness(clean_states=...)``. ``positions``
+    overrides the positions (e.g. the prompt's last token of prompt + label sequences);
+    ``return_final`` also returns the full final hidden states ``[B, T, d]`` (for label scoring).
     """
     ids, mask = _batch(batch)
-    return _Tap(_structure(model), last_positions(mask), None).run(ids, mask)
+    tap = _Tap(_structure(model), last_positions(mask) if positions is None else positions, None)
+    states = tap.run(ids, mask)
+    return (states, tap.final_full) if return_final else states
 
 
 # ------------------------------------------------------------ attention that differentiates in any mode

@@ -31,8 +31,7 @@ from torch import nn
 
 from . import objectives
 from .data import Dataset, Example, Task, k_shot
-from .evaluate import (_encode, _pad, continuation_log_probs, demonstrations_prefix, label_log_probs,
-                       label_token_ids)
+from .evaluate import _encode, _pad, continuation_log_probs, demonstrations_prefix, label_token_ids
 from .nn import FusedLayerNorm, FusedRMSNorm
 from .patch import patch_model
 
@@ -123,30 +122,35 @@ def _pairs(train: Sequence[Example], seed: int, epoch: int) -> list[tuple[Exampl
 
 
 def _step_loss(model, tokenizer, task: Task, pairs, options: AdaptOptions, gammas, label_ids, epoch: int):
+    """CE (+ J, S) of one epoch's batch. One pass over prompt (+ label word) gives the CE and, at the
+    prompt's last token (causal: the label tokens after it do not change it), the states J and S use."""
     prompts = [demonstrations_prefix(task, [demo]) + task.prompt(query.text) for demo, query in pairs]
-    targets = torch.tensor([q.label for _, q in pairs])
     prompt_ids = _encode(tokenizer, prompts)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = next(model.parameters()).device
-    if options.scoring == "full":  # token-level CE of the whole label word, one sequence per query
-        ce = -continuation_log_probs(model, prompt_ids, [label_ids[q.label] for _, q in pairs], pad_id=pad_id).mean()
+    st = objectives._structure(model)
+    full = options.scoring == "full"
+    targets = [label_ids[q.label] for _, q in pairs]
+    ids, mask = _pad([p + t for p, t in zip(prompt_ids, targets)] if full else prompt_ids, pad_id, device)
+    last_prompt = torch.tensor([len(p) - 1 for p in prompt_ids], device=device)
+    states, hidden = objectives.last_token_states(model, {"input_ids": ids, "attention_mask": mask}, last_prompt,
+                                                  return_final=True)
+    if full:  # token-level CE of the whole label word
+        ce = -continuation_log_probs(model, prompt_ids, targets, _hidden=(hidden, st)).mean()
     else:
-        scores = label_log_probs(model, prompt_ids, label_ids, scoring="first", pad_id=pad_id)
-        ce = -scores[torch.arange(len(pairs)), targets.to(device)].mean()
+        logp = torch.log_softmax(st.head(states[-1]).float(), -1)
+        ce = -logp[torch.arange(len(pairs), device=device), torch.tensor([t[0] for t in targets], device=device)].mean()
     parts = {"ce": ce}
-    if options.arm != "ce":
-        ids, mask = _pad(prompt_ids, pad_id, device)
-        batch = {"input_ids": ids, "attention_mask": mask}
-        states = objectives.last_token_states(model, batch)
-        if options.arm in ("ce+J", "ofa"):
-            parts["J"] = objectives.step_ratio(states, None)
-        if options.arm in ("ce+S", "ofa"):
-            if options.estimator == "hvp":
-                batch["labels"] = torch.tensor([label_ids[q.label][0] for _, q in pairs], device=device)
-            parts["S"] = objectives.sharpness(model, batch, estimator=options.estimator,
-                                              num_probes=options.num_probes, distribution=options.distribution,
-                                              eps=options.eps, seed=options.seed * 7919 + epoch, gammas=gammas,
-                                              clean_states=states)
+    if options.arm in ("ce+J", "ofa"):
+        parts["J"] = objectives.step_ratio(states, None)
+    if options.arm in ("ce+S", "ofa"):
+        p_ids, p_mask = _pad(prompt_ids, pad_id, device)
+        batch = {"input_ids": p_ids, "attention_mask": p_mask}
+        if options.estimator == "hvp":
+            batch["labels"] = torch.tensor([t[0] for t in targets], device=device)
+        parts["S"] = objectives.sharpness(model, batch, estimator=options.estimator, num_probes=options.num_probes,
+                                          distribution=options.distribution, eps=options.eps,
+                                          seed=options.seed * 7919 + epoch, gammas=gammas, clean_states=states)
     loss = ce + options.lambda_j * parts.get("J", 0.0) + options.lambda_s * parts.get("S", 0.0)
     return loss, {k: float(v.detach()) for k, v in parts.items()}
 

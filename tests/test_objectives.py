@@ -262,3 +262,16 @@ def test_bf16_agrees_with_fp64_on_smollm2(smollm2, estimator):
         model.float()
         got = obj.sharpness(bf16, batch, estimator=estimator, seed=seed, num_probes=2)  # bf16-safe defaults
     assert abs(got - ref) <= 0.05 * abs(ref), (got, ref)
+
+
+def test_states_at_the_prompt_end_do_not_see_the_label_tokens_after_it(tiny):
+    """The trainer's one pass: prompt + label word, states taken at the prompt's last token."""
+    prompt = torch.randint(0, 50, (2, 5), device=DEVICE)
+    label = torch.randint(0, 50, (2, 2), device=DEVICE)
+    with torch.no_grad():
+        alone = obj.last_token_states(tiny, {"input_ids": prompt})
+        both, final = obj.last_token_states(tiny, {"input_ids": torch.cat([prompt, label], 1)},
+                                            torch.tensor([4, 4], device=DEVICE), return_final=True)
+    assert final.shape[:2] == (2, 7)
+    for a, b in zip(alone, both):
+        torch.testing.assert_close(a, b)
