@@ -99,7 +99,8 @@ class _Reader:
         self.problems: list[str] = []
         self.latin1 = 0
 
-    def lines(self, path: Path):
+    def lines(self, path: Path, strip: bool = True):
+        """(line number, decoded line); ``strip=False`` keeps edge whitespace (empty leading TSV fields)."""
         if not path.exists():
             raise FileNotFoundError(f"{path} not found (data_dir should hold the task folders)")
         for number, raw in enumerate(path.read_bytes().splitlines(), 1):
@@ -108,7 +109,7 @@ class _Reader:
             except UnicodeDecodeError:
                 line = raw.decode("latin-1")
                 self.latin1 += 1
-            yield number, line.strip()
+            yield number, line.strip() if strip else line
 
     def add(self, out: list[Example], text: str, label: int | None, where: str, n_labels: int) -> None:
         if label is None or not 0 <= label < n_labels:
@@ -198,7 +199,7 @@ def load_table(path: str | Path, labels: Sequence[str], *, text_column: str = "t
             reader.add(rows, str(record[text_column]), label_of(record[label_column]), f"{path}:{number}",
                        len(labels))
         return rows
-    text = "\n".join(line for _, line in reader.lines(path))
+    text = "\n".join(line for _, line in reader.lines(path, strip=False))
     table = csv.DictReader(io.StringIO(text), delimiter="\t" if path.suffix == ".tsv" else ",")
     missing = {text_column, label_column} - set(table.fieldnames or [])
     if missing:

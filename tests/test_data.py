@@ -55,12 +55,18 @@ def test_generic_tables_name_their_columns(tmp_path, suffix):
     else:
         sep = "\t" if suffix == ".tsv" else ","
         path.write_text(f"review{sep}y\ngreat{sep}positive\nbad{sep}0\n{sep}1\nmeh{sep}neutral\n")
-    rows = data.load_table(path, ("negative", "positive"), text_column="review", label_column="y")
+    reader = data._Reader()
+    rows = data.load_table(path, ("negative", "positive"), text_column="review", label_column="y", reader=reader)
     assert [(r.text, r.label) for r in rows] == [("great", 1), ("bad", 0)]
-    with pytest.raises(ValueError, match="columns"):
-        if suffix == ".jsonl":
-            raise ValueError("columns")  # JSONL rows are checked one by one (reported above)
-        data.load_table(path, ("negative", "positive"))
+    if suffix == ".jsonl":  # rows are checked one by one: the bad line and missing columns are reported
+        assert reader.problems == [f"{path}:3: not JSON (Expecting value)"]
+        missing = data._Reader()
+        assert data.load_table(path, ("negative", "positive"), reader=missing) == []
+        assert missing.problems[0] == f"{path}:1: missing 'text' or 'label'"
+    else:
+        assert reader.problems == [f"{path}:4: empty text", f"{path}:5: unknown label"]
+        with pytest.raises(ValueError, match="columns"):
+            data.load_table(path, ("negative", "positive"))
 
 
 @needs_data
