@@ -14,6 +14,8 @@ spans the boundary).
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -75,16 +77,18 @@ class Prefix:
         return cache
 
 
+@functools.lru_cache(maxsize=None)
+def _cache_argument(base_class: type) -> str:
+    """transformers >= 5.2x names the KV-cache argument `cache` (and deprecates `past_key_values`)."""
+    return "cache" if "cache" in inspect.signature(base_class.forward).parameters else "past_key_values"
+
+
 def _run_base(st, ids, mask, prefix: "Prefix | None"):
     if prefix is None:
         return st.base(input_ids=ids, attention_mask=mask, use_cache=False)[0]
-    import inspect
-
     ones = torch.ones(ids.shape[0], prefix.length, dtype=mask.dtype, device=mask.device)
-    # transformers >= 5.2x names the argument `cache` (and deprecates `past_key_values`)
-    name = "cache" if "cache" in inspect.signature(st.base.forward).parameters else "past_key_values"
     return st.base(input_ids=ids, attention_mask=torch.cat([ones, mask], 1), use_cache=True,
-                   **{name: prefix.for_batch(ids.shape[0])})[0]
+                   **{_cache_argument(type(st.base)): prefix.for_batch(ids.shape[0])})[0]
 
 
 def label_log_probs(model, prompt_ids: list[list[int]], label_ids: list[list[int]], *, scoring: str = "full",

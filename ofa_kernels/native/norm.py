@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from ..eager.norm import acc_dtype as _acc
 from . import load
 
 _CAST_CODE = {"llama": 0, "gemma": 1, "none": 2}
@@ -18,10 +19,6 @@ def _C():
     if module is None:
         raise RuntimeError(reason)
     return module
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _vec(t: torch.Tensor | None, acc: torch.dtype) -> torch.Tensor | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..eager import probe as _eager
+from ..eager.norm import acc_dtype
 from . import load
 
 probe_rows = _eager.probe_rows
@@ -17,7 +18,7 @@ def probe_perturb(x, gamma, eps, keys, rows_per_probe, distribution, scale_by_rm
     if not x.is_cuda or module is None or not module.with_cuda():
         return _eager.probe_perturb(x, gamma, eps, keys, rows_per_probe, distribution, scale_by_rms, add_x)
     M, N = x.shape
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(x.dtype)
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     scale = torch.empty(M, dtype=acc, device=x.device)
     module.probe_perturb(x, y, gamma.to(acc).contiguous(), scale, keys.contiguous(), rows_per_probe, eps,

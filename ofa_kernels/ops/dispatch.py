@@ -67,12 +67,17 @@ def _runs_on(name: str, device: torch.device) -> bool:
     return name == "torch" or device.type == "cuda" or _interpreting()
 
 
+@functools.lru_cache(maxsize=None)
+def _major(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
 def _auto(device: torch.device, family: str, width: int | None) -> str:
     if device.type != "cuda":
         return "cpu" if _load("cpu", family)[0] is not None else "torch"
-    major = torch.cuda.get_device_capability(device)[0]
     choice = "triton"
-    for max_width, name in AUTO_TABLE.get((major, family), []):
+    rows = AUTO_TABLE.get((_major(device.index or 0), family), []) if AUTO_TABLE else []
+    for max_width, name in rows:
         if width is None or width <= max_width:
             choice = name
             break

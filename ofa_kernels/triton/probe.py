@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .norm import _cast
+from .norm import _acc, _acc_torch, _cast
 
 MAX_WIDTH = 32768
 
@@ -119,14 +119,6 @@ def _probe_dot_kernel(A, B, C, D, Scale, Keys, Probe, Base, Q, N, clean_rows,
 
 
 # --------------------------------------------------------------------------------- launchers
-
-
-def _acc(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def _acc_torch(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _block_n(N: int) -> int:
