@@ -50,7 +50,7 @@ def native_extension():
     if with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
     cxx_flags = ["-O3", "-fopenmp"]
-    sources = ["csrc/bindings.cpp", "csrc/cpu/norm.cpp"]
+    sources = ["csrc/bindings.cpp", "csrc/cpu/norm.cpp", "csrc/cpu/probe.cpp"]
     if with_cuda:
         cxx_flags.append("-DOFA_WITH_CUDA")
         sources += ["csrc/cuda/norm.cu", "csrc/cuda/probe.cu"]

@@ -151,23 +151,26 @@ void norm_bwd_bwd(const Tensor& dy, const Tensor& x, const OptT& w, const Tensor
 
 void probe_perturb(const Tensor& x, const Tensor& y, const Tensor& gamma, const Tensor& scale, const Tensor& keys,
                    int64_t rows_per_probe, double eps, bool scale_by_rms, bool add_x, bool gaussian) {
-#ifdef OFA_WITH_CUDA
-  TORCH_CHECK(x.is_cuda(), "probe_perturb: the native kernel is CUDA-only");
   shape_of(x, true, 0.0);
   check_rows(y, x, "y");
-  TORCH_CHECK(gamma.scalar_type() == acc_of(x) && gamma.is_contiguous() && gamma.numel() == x.size(1),
-              "gamma must be a contiguous [N] vector in the accumulation dtype");
-  TORCH_CHECK(scale.scalar_type() == acc_of(x) && scale.numel() == x.size(0), "scale must be [M], accumulation dtype");
-  TORCH_CHECK(keys.scalar_type() == at::kLong && keys.is_contiguous() && keys.dim() == 2 && keys.size(1) == 2,
-              "keys must be a contiguous [K, 2] int64 tensor");
-  c10::cuda::CUDAGuard guard(x.device());
-  ofa::cuda_probe_perturb(dtype_of(x, "x"), x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), gamma.data_ptr(),
-                          scale.data_ptr(), keys.data_ptr<int64_t>(), x.size(0), x.size(1), rows_per_probe, eps,
-                          scale_by_rms, add_x, gaussian,
-                          reinterpret_cast<ofa::Stream>(at::cuda::getCurrentCUDAStream().stream()));
-#else
-  TORCH_CHECK(false, "ofa_kernels._C was built without CUDA; probe_perturb is CUDA-only");
-#endif
+  TORCH_CHECK(gamma.scalar_type() == acc_of(x) && gamma.is_contiguous() && gamma.numel() == x.size(1) &&
+                  gamma.device() == x.device(),
+              "gamma must be a contiguous [N] vector in the accumulation dtype, on x's device");
+  TORCH_CHECK(scale.scalar_type() == acc_of(x) && scale.numel() == x.size(0) && scale.device() == x.device(),
+              "scale must be [M], accumulation dtype, on x's device");
+  TORCH_CHECK(keys.scalar_type() == at::kLong && keys.is_contiguous() && keys.dim() == 2 && keys.size(1) == 2 &&
+                  keys.device() == x.device(),
+              "keys must be a contiguous [K, 2] int64 tensor on x's device");
+  TORCH_CHECK(rows_per_probe > 0 && keys.size(0) * rows_per_probe >= x.size(0),
+              "keys must hold a pair for every probe (rows / rows_per_probe)");
+  if (x.size(0) == 0) return;
+  OFA_ON_DEVICE(x,
+                ofa::cpu_probe_perturb(dtype_of(x, "x"), x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0),
+                                       gamma.data_ptr(), scale.data_ptr(), keys.data_ptr<int64_t>(), x.size(0),
+                                       x.size(1), rows_per_probe, eps, scale_by_rms, add_x, gaussian),
+                ofa::cuda_probe_perturb(dtype_of(x, "x"), x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0),
+                                        gamma.data_ptr(), scale.data_ptr(), keys.data_ptr<int64_t>(), x.size(0),
+                                        x.size(1), rows_per_probe, eps, scale_by_rms, add_x, gaussian, stream));
 }
 
 bool with_cuda() {

@@ -67,7 +67,7 @@ class Prefix:
         self.length = len(ids)
         with torch.no_grad():
             out = _structure(model).base(input_ids=torch.tensor([ids], device=device), use_cache=True)
-        self.cache = out.past_key_values
+        self.cache = out[1]  # the cache (named `cache` or `past_key_values` by transformers version)
 
     def for_batch(self, batch: int):
         import copy
@@ -104,6 +104,8 @@ def label_log_probs(model, prompt_ids: list[list[int]], label_ids: list[list[int
 
     st = _structure(model)
     device = next(model.parameters()).device
+    if all(len(t) == 1 for t in label_ids):
+        scoring = "first"  # one-token label words: the two rules are the same numbers, and "first" is one pass
     if scoring == "first":
         seqs, firsts = prompt_ids, torch.tensor([t[0] for t in label_ids], device=device)
     else:

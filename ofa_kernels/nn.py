@@ -12,8 +12,11 @@ class FusedRMSNorm(nn.Module):
     """RMSNorm with a ``weight`` parameter, like HF ``LlamaRMSNorm`` (same state dict).
 
     ``offset`` and ``cast_mode`` select Gemma-style ``(offset + weight)`` in fp32; both attributes
-    ``eps`` and ``variance_epsilon`` are exposed, since HF models use either name.
+    ``eps`` and ``variance_epsilon`` are exposed, since HF models use either name. ``output_dtype``
+    (None: HF's promotion rule) fixes the result dtype, e.g. bf16 for fp32 master weights in a bf16 model.
     """
+
+    output_dtype: torch.dtype | None = None
 
     def __init__(
         self,
@@ -44,7 +47,8 @@ class FusedRMSNorm(nn.Module):
         return self.eps
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return rms_norm(hidden_states, self.weight, self.eps, offset=self.offset, cast_mode=self.cast_mode)
+        y = rms_norm(hidden_states, self.weight, self.eps, offset=self.offset, cast_mode=self.cast_mode)
+        return y if self.output_dtype is None else y.to(self.output_dtype)
 
     def extra_repr(self) -> str:
         extra = f", offset={self.offset}, cast_mode={self.cast_mode!r}" if self.offset or self.cast_mode != "llama" else ""
@@ -61,5 +65,8 @@ class FusedLayerNorm(nn.LayerNorm):
             raise ValueError(
                 f"normalized_shape must be a single (last) dim, got {tuple(self.normalized_shape)}")
 
+    output_dtype: torch.dtype | None = None  # None: x's dtype (LayerNorm's rule)
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return layer_norm(input, self.weight, self.bias, self.eps)
+        y = layer_norm(input, self.weight, self.bias, self.eps)
+        return y if self.output_dtype is None else y.to(self.output_dtype)

@@ -1,9 +1,10 @@
 """The jobs behind ``ofa adapt``, ``ofa eval`` and ``ofa demo``: load, adapt per seed, evaluate, write.
 
 ``adapt_and_report`` evaluates zero-shot and in-context learning (ICL, the k-shot set as a prefix)
-once per seed, adapts a fresh copy of the model per seed, evaluates the adapted model with and
-without the demonstrations prefix, and writes ``results.json`` and ``results.md`` (mean +- std
-over seeds) and one adapter per seed under ``out``. Files are written atomically.
+once per seed, adapts a fresh copy of the model per seed and arm, evaluates the adapted model
+without (and optionally with) the demonstrations prefix, and writes ``results.json`` and
+``results.md`` (mean +- std over seeds) and one adapter per run under ``out``. Files are written
+atomically, and finished evaluations are kept in ``progress.json``, so a killed job resumes.
 """
 
 from __future__ import annotations
@@ -50,6 +51,29 @@ def _mean_std(values: Sequence[float]) -> str:
     return f"{statistics.mean(values):.3f} +- {statistics.stdev(values):.3f}"
 
 
+class _Progress:
+    """Finished evaluations and runs of one protocol, kept in ``progress.json`` so a killed job resumes.
+
+    Entries are valid only for the same task, model, options, test rows and scoring (the ``key``).
+    """
+
+    def __init__(self, path: Path | None, key: dict):
+        self.path, self.key, self.entries = path, key, {}
+        if path and path.exists():
+            saved = json.loads(path.read_text())
+            if saved.get("key") == key:
+                self.entries = saved["entries"]
+
+    def get(self, name: str) -> dict | None:
+        return self.entries.get(name)
+
+    def put(self, name: str, entry: dict) -> dict:
+        self.entries[name] = entry
+        if self.path:
+            _write_atomic(self.path, json.dumps({"key": self.key, "entries": self.entries}))
+        return entry
+
+
 def adapt_and_report(
     load: Callable[[], tuple],
     task: str,
@@ -61,9 +85,15 @@ def adapt_and_report(
     options: AdaptOptions | None = None,
     test_size: int = 500,
     out: str | Path | None = None,
+    with_demos: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Runs the protocol; returns the results dictionary (also written under ``out``)."""
+    """Runs the protocol; returns the results dictionary (also written under ``out``).
+
+    ``with_demos`` also evaluates every adapted model with the demonstrations prefix. With ``out``,
+    finished evaluations are kept in ``out/progress.json``, and a rerun with the same settings
+    continues where the last one stopped.
+    """
     options = options or AdaptOptions()
     dataset = data_mod.load_task(task, data_dir)
     if dataset.problems:
@@ -72,41 +102,74 @@ def adapt_and_report(
     out_dir = Path(out) if out else None
     if out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)
-    rows: dict[str, list[float]] = {}
-    runs = []
+    key = {"task": task, "model": model_name, "options": dataclasses.asdict(options),
+           "test": [e.where for e in test]}
+    progress = _Progress(out_dir / "progress.json" if out_dir else None, key)
     started = time.time()
-    model, tokenizer = load()
-    zero = ev.evaluate(model, tokenizer, dataset.task, test, scoring=options.scoring)  # the same for every seed
-    rows["zero-shot"] = [zero.accuracy] * len(seeds)
-    log(f"zero-shot {zero.accuracy:.3f}")
+    loaded: list = []
+
+    def model_and_tokenizer():  # the base model, loaded again after a run adapted it
+        if not loaded:
+            loaded.append(load())
+        return loaded[0]
+
+    def scored(name: str, run: Callable[[], dict]) -> dict:
+        entry = progress.get(name)
+        if entry is None:
+            t0 = time.time()
+            entry = progress.put(name, {**run(), "seconds": round(time.time() - t0, 1)})
+        return entry
+
+    def evaluation(model, tokenizer, demos=()):
+        scores = ev.evaluate(model, tokenizer, dataset.task, test, demonstrations=demos, scoring=options.scoring)
+        return {"accuracy": scores.accuracy, "macro_f1": scores.macro_f1}
+
+    rows: dict[str, list[float]] = {}
+    f1s: dict[str, list[float]] = {}
+
+    def add(row: str, entry: dict, prefix: str = "") -> None:
+        rows.setdefault(row, []).append(entry[prefix + "accuracy"])
+        f1s.setdefault(row, []).append(entry[prefix + "macro_f1"])
+
+    zero = scored("zero-shot", lambda: evaluation(*model_and_tokenizer()))
+    log(f"zero-shot {zero['accuracy']:.3f}")
+    runs = []
     for seed in seeds:
         shots = data_mod.k_shot(dataset, options.shots, seed)
-        icl = ev.evaluate(model, tokenizer, dataset.task, test, demonstrations=shots, scoring=options.scoring)
-        rows.setdefault("ICL", []).append(icl.accuracy)
-        log(f"seed {seed}: ICL {icl.accuracy:.3f}")
+        add("zero-shot", zero)  # the same for every seed
+        icl = scored(f"ICL|{seed}", lambda: evaluation(*model_and_tokenizer(), shots))
+        add("ICL", icl)
+        log(f"seed {seed}: ICL {icl['accuracy']:.3f}")
         for arm in arms:
-            model, tokenizer = load()
-            run_options = dataclasses.replace(options, arm=arm, seed=seed)
-            result = adapt(model, tokenizer, dataset, run_options, train=shots)
-            plain = ev.evaluate(model, tokenizer, dataset.task, test, scoring=options.scoring)
-            with_demos = ev.evaluate(model, tokenizer, dataset.task, test, demonstrations=shots,
-                                     scoring=options.scoring)
-            rows.setdefault(arm, []).append(plain.accuracy)
-            rows.setdefault(f"{arm} + demos", []).append(with_demos.accuracy)
-            log(f"seed {seed}: {arm} {plain.accuracy:.3f} (with demonstrations {with_demos.accuracy:.3f}), "
-                f"final loss {result.losses[-1]['loss']:.4f}")
-            adapter = None
-            if out_dir:
-                adapter = save_adapter(result, out_dir / f"adapter-{task}-{arm}-seed{seed}.safetensors",
-                                       base_model=model_name, task=task)
-            runs.append({"seed": seed, "arm": arm, "accuracy": plain.accuracy, "macro_f1": plain.macro_f1,
-                         "accuracy_with_demos": with_demos.accuracy, "losses": result.losses,
-                         "adapter": str(adapter) if adapter else None})
+            def run_arm():
+                model, tokenizer = model_and_tokenizer()
+                result = adapt(model, tokenizer, dataset, dataclasses.replace(options, arm=arm, seed=seed),
+                               train=shots)
+                entry = evaluation(model, tokenizer)
+                if with_demos:
+                    entry.update({f"demos_{k}": v for k, v in evaluation(model, tokenizer, shots).items()})
+                entry["losses"] = result.losses
+                entry["adapter"] = None
+                if out_dir:
+                    entry["adapter"] = str(save_adapter(result, out_dir / f"adapter-{task}-{arm}-seed{seed}.safetensors",
+                                                        base_model=model_name, task=task))
+                loaded.clear()  # the adapted model is not the base any more
+                return entry
+
+            entry = scored(f"{arm}|{seed}", run_arm)
+            add(arm, entry)
+            if "demos_accuracy" in entry:
+                add(f"{arm} + demos", entry, "demos_")
+            demos = f" (with demonstrations {entry['demos_accuracy']:.3f})" if "demos_accuracy" in entry else ""
+            log(f"seed {seed}: {arm} {entry['accuracy']:.3f}{demos}, final loss {entry['losses'][-1]['loss']:.4f}")
+            runs.append({"seed": seed, "arm": arm, **entry})
     results = {"task": task, "model": model_name, "test_rows": len(test), "seeds": list(seeds),
-               "options": dataclasses.asdict(options), "accuracy": rows, "runs": runs,
-               "seconds": round(time.time() - started, 1)}
+               "options": dataclasses.asdict(options), "accuracy": rows, "macro_f1": f1s, "runs": runs,
+               "seconds": round(time.time() - started, 1),
+               "compute_seconds": round(sum(e.get("seconds", 0.0) for e in progress.entries.values()), 1)}
     table = [f"# {task} on {model_name}: accuracy over {len(test)} test rows, seeds {list(seeds)}", "",
-             "| method | accuracy |", "|---|---:|"] + [f"| {k} | {_mean_std(v)} |" for k, v in rows.items()]
+             "| method | accuracy | macro-F1 |", "|---|---:|---:|"]
+    table += [f"| {k} | {_mean_std(v)} | {_mean_std(f1s[k])} |" for k, v in rows.items()]
     if out_dir:
         _write_atomic(out_dir / "results.json", json.dumps(results, indent=1))
         _write_atomic(out_dir / "results.md", "\n".join(table) + "\n")

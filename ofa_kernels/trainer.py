@@ -4,8 +4,11 @@ Protocol (the authors'): the k-shot set is the training data; each training sequ
 demonstration (another k-shot example, drawn per epoch) with one query, and the loss is computed
 at the query's label; all queries form one batch, so an epoch is one optimizer step. AdamW
 (lr 1e-3, weight decay 1e-3), linear warm-up over the first 5% of steps, then cosine to zero.
-Arms: "ce", "ce+J", "ce+S", "ofa" (both regularisers). J and S are taken at the last prompt token
-(before the label); P_t are the original post-attention gains, frozen at the start.
+Arms: "ce", "ce+J", "ce+S", "ofa" (both regularisers) train the norm weights; "lora" and "ia3"
+train PEFT adapters with CE in the same protocol (the baselines, ``baselines.py``). J and S are
+taken at the last prompt token (before the label); P_t are the original post-attention gains,
+frozen at the start. Trainable norms are kept in fp32 (master weights) for bf16/fp16 models; the
+norms still return the model's dtype.
 
 Runs resume: with ``checkpoint=path`` the state (weights, optimizer, scheduler, epoch, losses) is
 written atomically every ``checkpoint_every`` epochs, and a run that finds a checkpoint of the same
@@ -30,12 +33,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import objectives
+from .baselines import PEFT_ARMS, attach
 from .data import Dataset, Example, Task, k_shot
 from .evaluate import _encode, _pad, continuation_log_probs, demonstrations_prefix, label_token_ids
 from .nn import FusedLayerNorm, FusedRMSNorm
 from .patch import patch_model
 
-ARMS = ("ce", "ce+J", "ce+S", "ofa")
+NORM_ARMS = ("ce", "ce+J", "ce+S", "ofa")
+ARMS = NORM_ARMS + PEFT_ARMS
 
 
 @dataclass
@@ -56,13 +61,14 @@ class AdaptOptions:
     distribution: str = "gaussian"
     eps: float | None = None
     scoring: str = "full"
+    rank: int = 1  # LoRA rank (arm "lora")
 
     def check(self) -> "AdaptOptions":
         if self.arm not in ARMS:
             raise ValueError(f"arm must be one of {ARMS}, got {self.arm!r}")
         if self.estimator not in objectives.ESTIMATORS:
             raise ValueError(f"estimator must be one of {objectives.ESTIMATORS}, got {self.estimator!r}")
-        for name in ("shots", "epochs", "num_probes"):
+        for name in ("shots", "epochs", "num_probes", "rank"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.warmup < 1:
@@ -72,8 +78,8 @@ class AdaptOptions:
 
 @dataclass
 class AdaptResult:
-    weights: dict[str, torch.Tensor]  # the trained norm parameters, by name
-    base_hash: str  # of the norm weights before training
+    weights: dict[str, torch.Tensor]  # the trained parameters by name (norms; adapter layers for lora/ia3)
+    base_hash: str  # of the base model's norm weights before training
     losses: list[dict[str, float]] = field(default_factory=list)
     train: list[Example] = field(default_factory=list)
     options: AdaptOptions = field(default_factory=AdaptOptions)
@@ -87,6 +93,16 @@ def norm_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
             for pname, p in module.named_parameters(recurse=False):
                 out[f"{name}.{pname}" if name else pname] = p
     return out
+
+
+def _fp32_masters(model: nn.Module) -> None:
+    """Trainable norms of a bf16/fp16 model in fp32; the norms keep returning the model's dtype."""
+    for module in model.modules():
+        if isinstance(module, (FusedRMSNorm, FusedLayerNorm)):
+            for p in module.parameters(recurse=False):
+                if p.dtype in (torch.bfloat16, torch.float16):
+                    module.output_dtype = p.dtype
+                    p.data = p.data.float()
 
 
 def weights_hash(params: dict[str, torch.Tensor]) -> str:
@@ -185,13 +201,17 @@ def adapt(
     patch_model(model)
     for p in model.parameters():
         p.requires_grad_(False)
-    params = norm_parameters(model)
-    if not params:
-        raise ValueError("the model has no norms that ofa_kernels recognises; nothing to adapt")
-    for p in params.values():
-        p.requires_grad_(True)
-    base_hash = weights_hash(params)
+    base_hash = weights_hash(norm_parameters(model))
     gammas = objectives.preconditioners(model)
+    if options.arm in PEFT_ARMS:
+        params = attach(model, options)
+    else:
+        _fp32_masters(model)
+        params = norm_parameters(model)
+        if not params:
+            raise ValueError("the model has no norms that ofa_kernels recognises; nothing to adapt")
+        for p in params.values():
+            p.requires_grad_(True)
     train = list(train) if train is not None else k_shot(dataset, options.shots, options.seed)
     if len(train) < 2:
         raise ValueError("adapt needs at least 2 training examples (each query is paired with another one)")

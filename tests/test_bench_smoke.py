@@ -42,3 +42,27 @@ def test_bench_objective_smoke_times_every_arm(tmp_path):
     assert [(r["estimator"], r["K"]) for r in rows] == [(e, k) for _, e, k in bench_objective.ARMS]
     assert all(r["ms"] and r["ms"] > 0 for r in rows)
     assert "K=4 / K=1" in (tmp_path / "objective_cpu.md").read_text()
+
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def test_accuracy_benchmark_writes_the_summary_and_resumes(tiny_model_dir, tmp_path):
+    import pytest
+
+    if not DATA.exists():
+        pytest.skip("shared data not found")
+    import accuracy
+
+    args = ["--model", str(tiny_model_dir), "--data-dir", str(DATA), "--tasks", "sst2,trec", "--arms", "ce,lora",
+            "--seeds", "42,43", "--shots", "1", "--epochs", "2", "--test-size", "6", "--out", str(tmp_path)]
+    assert accuracy.main(args) == 0
+    summary = (tmp_path / "summary.md").read_text()
+    for method in ("zero-shot", "ICL", "ce", "ce + demos", "lora", "lora + demos"):
+        assert f"| {method} |" in summary
+    data = json.loads((tmp_path / "summary.json").read_text())
+    assert len(data["methods"]["ce"]["mean_over_tasks_per_seed"]) == 2
+    progress = {t: (tmp_path / t / "progress.json").read_text() for t in ("sst2", "trec")}
+    assert accuracy.main(args) == 0  # everything finished: nothing is recomputed
+    assert {t: (tmp_path / t / "progress.json").read_text() for t in progress} == progress
+    assert (tmp_path / "summary.md").read_text() == summary

@@ -91,9 +91,46 @@ def test_adapter_round_trips_and_refuses_other_models(tokenizer, sst2, tmp_path)
         load_adapter(other, path)
 
 
+@pytest.mark.parametrize("arm", ["lora", "ia3"])
+def test_peft_baselines_train_only_their_layers_and_their_adapters_round_trip(tokenizer, sst2, arm, tmp_path):
+    model = _tiny(len(tokenizer))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    result = adapt(model, tokenizer, sst2, AdaptOptions(arm=arm, shots=3, epochs=10, lr=3e-2, warmup=0.1))
+    marker = "lora_" if arm == "lora" else "ia3_"
+    assert result.weights and all(marker in n for n in result.weights)
+    assert "J" not in result.losses[0] and "S" not in result.losses[0]
+    assert result.losses[-1]["ce"] < result.losses[0]["ce"]
+    for n, p in model.named_parameters():
+        if marker not in n:
+            assert torch.equal(p, before[n.replace(".base_layer", "")]), n  # the base stays frozen
+    test = data.test_subset(sst2, 12)
+    want = ev.evaluate(model, tokenizer, sst2.task, test, scoring="first").predictions
+    path = save_adapter(result, tmp_path / "a.safetensors", base_model="tiny", task="sst2")
+    fresh = _tiny(len(tokenizer))
+    load_adapter(fresh, path)
+    assert ev.evaluate(fresh, tokenizer, sst2.task, test, scoring="first").predictions == want
+    for n, p in fresh.named_parameters():
+        if marker in n:
+            assert torch.equal(p, result.weights[n]), n
+
+
+def test_bf16_models_train_fp32_master_norms(tokenizer, sst2):
+    model = _tiny(len(tokenizer)).to(torch.bfloat16)
+    result = adapt(model, tokenizer, sst2, AdaptOptions(arm="ofa", shots=2, epochs=6, lr=1e-3, warmup=0.1))
+    params = norm_parameters(model)
+    assert all(p.dtype == torch.float32 for p in params.values())
+    moved = torch.cat([(w - 1).flatten() for w in result.weights.values()])  # the tiny Llama's norms start at 1
+    assert moved.abs().max() > 0
+    assert ((moved.abs() > 0) & (moved.abs() < 2**-8)).any()  # steps finer than bf16's spacing near 1 were kept
+    ids = torch.tensor([[1, 2, 3]], device=DEVICE)
+    assert model(input_ids=ids).logits.dtype == torch.bfloat16  # the norms still return bf16
+
+
 def test_bad_options_are_named():
     with pytest.raises(ValueError, match="arm must be one of"):
-        AdaptOptions(arm="lora").check()
+        AdaptOptions(arm="dora").check()
+    with pytest.raises(ValueError, match="rank"):
+        AdaptOptions(arm="lora", rank=0).check()
     with pytest.raises(ValueError, match="epochs"):
         AdaptOptions(epochs=0).check()
 

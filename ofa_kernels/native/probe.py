@@ -1,5 +1,5 @@
-"""Probe ops on the compiled kernels: the perturbation is native on CUDA tensors; the gathered-row
-ops (a few rows per layer) and CPU tensors use the plain-PyTorch versions."""
+"""Probe ops on the compiled kernels: the perturbation is native (CPU and CUDA); the gathered-row ops
+(a few rows per layer) use the plain-PyTorch versions."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ probe_dot = _eager.probe_dot
 
 def probe_perturb(x, gamma, eps, keys, rows_per_probe, distribution, scale_by_rms, add_x):
     module, reason = load()
-    if not x.is_cuda or module is None or not module.with_cuda():
+    if module is None or (x.is_cuda and not module.with_cuda()):
         return _eager.probe_perturb(x, gamma, eps, keys, rows_per_probe, distribution, scale_by_rms, add_x)
     M, N = x.shape
     acc = acc_dtype(x.dtype)

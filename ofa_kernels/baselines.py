@@ -1,0 +1,43 @@
+"""PEFT baselines in the OFA harness: LoRA and IA3 adapters, trained with CE by the same trainer.
+
+``attach`` injects the adapter layers into the model in place (``peft.inject_adapter_in_model``,
+so the model object, its forward and the evaluation code stay the same) and returns the trainable
+parameters by name. Target modules are PEFT's defaults for the model type (LoRA: the attention
+query and value projections of Llama; IA3: keys, values and the MLP down projection). LoRA
+uses rank ``options.rank`` with ``alpha = 2 * rank`` and no dropout.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+PEFT_ARMS = ("lora", "ia3")
+
+
+def _config(options):
+    from peft import IA3Config, LoraConfig
+
+    if options.arm == "lora":
+        return LoraConfig(r=options.rank, lora_alpha=2 * options.rank, lora_dropout=0.0)
+    if options.arm == "ia3":
+        return IA3Config()
+    raise ValueError(f"arm must be one of {PEFT_ARMS} for a PEFT baseline, got {options.arm!r}")
+
+
+def attach(model: nn.Module, options) -> dict[str, nn.Parameter]:
+    """Injects ``options.arm``'s adapter into ``model``; returns its (trainable) parameters by name."""
+    try:
+        from peft import inject_adapter_in_model
+    except ImportError as exc:
+        raise ImportError("the lora and ia3 baselines need peft: pip install peft") from exc
+    config = _config(options)
+    if getattr(model, "config", None) is None:
+        raise ValueError("PEFT baselines need a Hugging Face model (with .config) to pick target modules")
+    inject_adapter_in_model(config, model)
+    marker = "lora_" if options.arm == "lora" else "ia3_"
+    params = {n: p for n, p in model.named_parameters() if marker in n}
+    if not params:
+        raise ValueError(f"PEFT found no {options.arm} target modules in {type(model).__name__}")
+    for p in params.values():
+        p.requires_grad_(True)
+    return params
