@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # The one prepared GPU check, run on the lent machine (device tool) from the repo root:
 #   installs the package, runs the GPU tests, the launcher sweep, the norm benchmark and the
-#   objective (sharpness) benchmark, and writes everything under $OUT.
-# Knobs: STEPS (default "tests tune bench objective"), TEST_PATHS (default tests), TEST_K (pytest -k),
+#   objective (sharpness) benchmark, the OFA training-step benchmark, and writes everything under $OUT.
+# Knobs: STEPS (default "tests tune bench objective step"), TEST_PATHS (default tests), TEST_K (pytest -k),
 #        BENCH_SHAPES (e.g. 32768x4096,150x4096; default all), OBJ_ARMS (e.g. ce,fd1,fd4; default all),
 #        TEST_TIMEOUT, TUNE_TIMEOUT, BENCH_TIMEOUT, OBJ_TIMEOUT (seconds), REP_MS (timing window).
 # Liger travels as a wheel in .whl/ (benchmarks/RESULTS.md says how it was fetched).
 set -uo pipefail
 OUT=${OUT:-/tmp/ofa_gpu_check}
-STEPS=${STEPS:-tests tune bench objective}
+STEPS=${STEPS:-tests tune bench objective step}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 if compgen -G ".whl/*.whl" > /dev/null; then
@@ -51,4 +51,11 @@ if [[ " $STEPS " == *" objective "* ]]; then
   echo "objective exit $?"
   tail -5 "$OUT/objective.log"
   cat "$OUT/objective_gpu.md" 2>/dev/null
+fi
+if [[ " $STEPS " == *" step "* ]]; then
+  echo "== OFA training step (Llama-2-7B shape, bf16) against the authors-style eager step"
+  timeout "${STEP_TIMEOUT:-300}" python3 benchmarks/bench_ofa_step.py --out "$OUT" > "$OUT/ofa_step.log" 2>&1
+  echo "step exit $?"
+  grep -E "OOM|Error|error" "$OUT/ofa_step.log" | tail -5
+  cat "$OUT/ofa_step_gpu.md" 2>/dev/null
 fi

@@ -51,6 +51,7 @@ from torch.autograd import forward_ad
 from torch.overrides import TorchFunctionMode
 
 from . import rng
+from .memory import recompute_under
 from .ops.probe import perturb, probe_dot, probe_rows
 
 ESTIMATORS = ("fd", "jvp", "hvp")
@@ -356,7 +357,7 @@ def _jvp(st, batch, pr: _Probing, first: int, K: int) -> Tensor:
     ids, mask, pos = _repeat(batch, K)
     B, T = batch[0].shape
     scales, tangents_fed = {}, {}
-    with forward_ad.dual_level(), _PlainAttention(forward_mode=True):
+    with forward_ad.dual_level(), _PlainAttention(forward_mode=True), recompute_under(None):  # no checkpointing
         def transform(t, x):
             if t not in pr.layers:
                 return x
@@ -405,7 +406,7 @@ def _hvp(st, batch, labels: Tensor, pr: _Probing, first: int, K: int) -> Tensor:
         zs[t] = torch.zeros(K * B, x.shape[-1], dtype=x.dtype, device=x.device, requires_grad=True)
         return x.index_put((rows, pos), zs[t], accumulate=True)
 
-    with torch.enable_grad(), _PlainAttention():
+    with torch.enable_grad(), _PlainAttention(), recompute_under(_PlainAttention):
         states = _Tap(st, pos, transform).run(ids, mask)
         logits = st.head(states[-1])
         logits = logits if logits.dtype == torch.float64 else logits.float()
@@ -536,6 +537,7 @@ def sharpness(
     gammas: Sequence[Tensor] | None = None,
     clean_states: Sequence[Tensor] | None = None,
     backend: str | None = None,
+    first_probe: int = 0,
 ) -> Tensor:
     """OFA's sharpness S (fp32 scalar; fp64 for fp64 models), differentiable with respect to the trainable norm weights.
 
@@ -548,11 +550,14 @@ def sharpness(
     1..L-1). ``seed``: the probe stream (None draws one from torch's generator). ``gammas``: the
     preconditioners (default: :func:`preconditioners` of the model now; pass the originals while
     training). ``clean_states``: the clean pass's ``[H_0..H_L]`` at the last positions, if already
-    computed. ``paper_exact``: the authors' code's B x B product and injected noise.
+    computed. ``paper_exact``: the authors' code's B x B product and injected noise. ``first_probe``:
+    this call's probes are probes ``first_probe ..`` of the stream (S over K probes is the mean of S
+    over disjoint probe ranges, which is how a training step splits the probe pass).
     """
     q = sharpness_terms(model, batch, estimator=estimator, num_probes=num_probes, distribution=distribution,
                         eps=eps, eps_scale=eps_scale, layers=layers, seed=seed, paper_exact=paper_exact,
-                        max_rows=max_rows, gammas=gammas, clean_states=clean_states, backend=backend)
+                        max_rows=max_rows, gammas=gammas, clean_states=clean_states, backend=backend,
+                        first_probe=first_probe)
     s = F.softplus(q if q.dtype == torch.float64 else q.float())
     reduce = [d for d in range(s.dim()) if d != 1]
     return s.mean(reduce).sum()

@@ -18,6 +18,7 @@ choice is a function of the seed and the epoch).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -32,10 +33,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import objectives
+from . import memory, objectives
 from .baselines import PEFT_ARMS, attach
 from .data import Dataset, Example, Task, k_shot
 from .evaluate import _encode, _pad, continuation_log_probs, demonstrations_prefix, label_token_ids
+from .memory import checkpointed_blocks
 from .nn import FusedLayerNorm, FusedRMSNorm
 from .patch import patch_model
 
@@ -62,6 +64,9 @@ class AdaptOptions:
     eps: float | None = None
     scoring: str = "full"
     rank: int = 1  # LoRA rank (arm "lora")
+    memory_efficient: bool | None = None  # checkpointed blocks + split probe pass; None: on for CUDA models
+    max_memory_gb: float | None = None  # budget that sizes the probe passes (CUDA)
+    probes_per_pass: int | None = None  # fixes the split instead of the budget
 
     def check(self) -> "AdaptOptions":
         if self.arm not in ARMS:
@@ -71,6 +76,10 @@ class AdaptOptions:
         for name in ("shots", "epochs", "num_probes", "rank"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.probes_per_pass is not None and self.probes_per_pass < 1:
+            raise ValueError(f"probes_per_pass must be >= 1, got {self.probes_per_pass}")
+        if self.max_memory_gb is not None and not self.max_memory_gb > 0:
+            raise ValueError(f"max_memory_gb must be > 0, got {self.max_memory_gb}")
         if not 0 <= self.warmup < 1:
             raise ValueError(f"warmup must be a fraction in [0, 1), got {self.warmup}")
         return self
@@ -137,38 +146,94 @@ def _pairs(train: Sequence[Example], seed: int, epoch: int) -> list[tuple[Exampl
     return out
 
 
-def _step_loss(model, tokenizer, task: Task, pairs, options: AdaptOptions, gammas, label_ids, epoch: int):
-    """CE (+ J, S) of one epoch's batch. One pass over prompt (+ label word) gives the CE and, at the
-    prompt's last token (causal: the label tokens after it do not change it), the states J and S use."""
+def _batch_of_pairs(tokenizer, task: Task, pairs, options: AdaptOptions, label_ids, device) -> dict:
+    """The token batch of one epoch: prompt (+ label word for whole-word scoring), positions, targets."""
     prompts = [demonstrations_prefix(task, [demo]) + task.prompt(query.text) for demo, query in pairs]
     prompt_ids = _encode(tokenizer, prompts)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    device = next(model.parameters()).device
-    st = objectives._structure(model)
-    full = options.scoring == "full"
     targets = [label_ids[q.label] for _, q in pairs]
+    full = options.scoring == "full"
     ids, mask = _pad([p + t for p, t in zip(prompt_ids, targets)] if full else prompt_ids, pad_id, device)
-    last_prompt = torch.tensor([len(p) - 1 for p in prompt_ids], device=device)
-    states, hidden = objectives.last_token_states(model, {"input_ids": ids, "attention_mask": mask}, last_prompt,
-                                                  return_final=True)
-    if full:  # token-level CE of the whole label word
-        ce = -continuation_log_probs(model, prompt_ids, targets, _hidden=(hidden, st)).mean()
-    else:
-        logp = torch.log_softmax(st.head(states[-1]).float(), -1)
-        ce = -logp[torch.arange(len(pairs), device=device), torch.tensor([t[0] for t in targets], device=device)].mean()
-    parts = {"ce": ce}
-    if options.arm in ("ce+J", "ofa"):
-        parts["J"] = objectives.step_ratio(states, None)
-    if options.arm in ("ce+S", "ofa"):
-        p_ids, p_mask = _pad(prompt_ids, pad_id, device)
-        batch = {"input_ids": p_ids, "attention_mask": p_mask}
+    p_ids, p_mask = _pad(prompt_ids, pad_id, device)
+    return {"input_ids": ids, "attention_mask": mask, "prompt_ids": prompt_ids, "targets": targets,
+            "prompt_input_ids": p_ids, "prompt_attention_mask": p_mask,
+            "positions": torch.tensor([len(p) - 1 for p in prompt_ids], device=device)}
+
+
+def training_step(model: nn.Module, batch: dict, options: AdaptOptions, gammas: Sequence[torch.Tensor], seed: int, *,
+                  memory_efficient: bool = False, max_memory_gb: float | None = None,
+                  probes_per_pass: int | None = None) -> dict[str, float]:
+    """Forward and backward of ``CE + lambda_J * J + lambda_S * S`` on one batch (gradients accumulate
+    in the trainable parameters); returns the loss and its parts as floats.
+
+    One pass over prompt (+ label word) gives the CE and, at the prompt's last token (causal: the
+    label tokens after it do not change it), the states J and S use. ``memory_efficient``:
+    checkpointed blocks, and the probe pass split into passes of ``probes_per_pass`` probes (or as
+    many as fit ``max_memory_gb``), each back-propagated at once; the gradient the probe passes send
+    into the clean states is collected on detached copies and sent through the clean pass in one
+    final backward. Same loss and gradients as the plain step, up to summation order.
+    """
+    st = objectives._structure(model)
+    device = batch["input_ids"].device
+    n = batch["input_ids"].shape[0]
+    full = options.scoring == "full"
+    use_j, use_s = options.arm in ("ce+J", "ofa"), options.arm in ("ce+S", "ofa")
+    measure = memory_efficient and max_memory_gb is not None and device.type == "cuda"
+    context = checkpointed_blocks(model) if memory_efficient else contextlib.nullcontext()
+    with context:
+        if measure:
+            torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device)
+        states, hidden = objectives.last_token_states(
+            model, {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}, batch["positions"],
+            return_final=True)
+        targets = batch["targets"]
+        if full:  # token-level CE of the whole label word
+            ce = -continuation_log_probs(model, batch["prompt_ids"], targets, _hidden=(hidden, st)).mean()
+        else:
+            logp = torch.log_softmax(st.head(states[-1]).float(), -1)
+            ce = -logp[torch.arange(n, device=device), torch.tensor([t[0] for t in targets], device=device)].mean()
+        del hidden
+        parts = {"ce": ce}
+        if use_j:
+            parts["J"] = objectives.step_ratio(states, None)
+        clean_loss = ce + options.lambda_j * parts.get("J", 0.0)
+        if not use_s:
+            clean_loss.backward()
+            return {"loss": float(clean_loss.detach()), **{k: float(v.detach()) for k, v in parts.items()}}
+        s_batch = {"input_ids": batch["prompt_input_ids"], "attention_mask": batch["prompt_attention_mask"]}
         if options.estimator == "hvp":
-            batch["labels"] = torch.tensor([t[0] for t in targets], device=device)
-        parts["S"] = objectives.sharpness(model, batch, estimator=options.estimator, num_probes=options.num_probes,
-                                          distribution=options.distribution, eps=options.eps,
-                                          seed=options.seed * 7919 + epoch, gammas=gammas, clean_states=states)
-    loss = ce + options.lambda_j * parts.get("J", 0.0) + options.lambda_s * parts.get("S", 0.0)
-    return loss, {k: float(v.detach()) for k, v in parts.items()}
+            s_batch["labels"] = torch.tensor([t[0] for t in targets], device=device)
+        probe_args = dict(estimator=options.estimator, distribution=options.distribution, eps=options.eps, seed=seed,
+                          gammas=gammas)
+        K = options.num_probes
+        if not memory_efficient:
+            parts["S"] = objectives.sharpness(model, s_batch, num_probes=K, clean_states=states, **probe_args)
+            loss = clean_loss + options.lambda_s * parts["S"]
+            loss.backward()
+            return {"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in parts.items()}}
+        per_pass = probes_per_pass
+        if per_pass is None:
+            per_probe = torch.cuda.max_memory_allocated(device) - before if measure else 0.0
+            per_pass = memory.probes_per_pass(K, per_probe, max_memory_gb, device)
+        leaves = [h.detach().requires_grad_() for h in states] if options.estimator == "fd" else None
+        s_value = 0.0
+        for first in range(0, K, per_pass):
+            k = min(per_pass, K - first)
+            s_part = objectives.sharpness(model, s_batch, num_probes=k, first_probe=first, clean_states=leaves,
+                                          **probe_args)
+            (options.lambda_s * k / K * s_part).backward()
+            s_value += float(s_part.detach()) * k / K
+            del s_part
+        surrogate = clean_loss
+        if leaves is not None:
+            surrogate = surrogate + sum((h * leaf.grad).sum() for h, leaf in zip(states, leaves)
+                                        if leaf.grad is not None)
+        surrogate.backward()
+    out = {"loss": float(clean_loss.detach()) + options.lambda_s * s_value}
+    out.update({k: float(v.detach()) for k, v in parts.items()})
+    out["S"] = s_value
+    return out
 
 
 def _save_atomic(obj, path: Path) -> None:
@@ -216,6 +281,8 @@ def adapt(
     if len(train) < 2:
         raise ValueError("adapt needs at least 2 training examples (each query is paired with another one)")
     label_ids = label_token_ids(tokenizer, task.labels)
+    device = next(model.parameters()).device
+    memory_efficient = options.memory_efficient if options.memory_efficient is not None else device.type == "cuda"
     optimizer = torch.optim.AdamW(params.values(), lr=options.lr, weight_decay=options.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(options))
     losses: list[dict[str, float]] = []
@@ -243,12 +310,13 @@ def adapt(
         if stop_after is not None and epoch >= stop_after:
             break
         optimizer.zero_grad(set_to_none=True)
-        loss, parts = _step_loss(model, tokenizer, task, _pairs(train, options.seed, epoch), options, gammas,
-                                 label_ids, epoch)
-        loss.backward()
+        batch = _batch_of_pairs(tokenizer, task, _pairs(train, options.seed, epoch), options, label_ids, device)
+        parts = training_step(model, batch, options, gammas, options.seed * 7919 + epoch,
+                              memory_efficient=memory_efficient, max_memory_gb=options.max_memory_gb,
+                              probes_per_pass=options.probes_per_pass)
         optimizer.step()
         scheduler.step()
-        losses.append({"epoch": epoch, "loss": float(loss.detach()), **parts})
+        losses.append({"epoch": epoch, **parts})
         done = epoch + 1
         if ckpt and (done % checkpoint_every == 0 or done == options.epochs):
             _save_atomic({"fingerprint": fingerprint, "epoch": done, "losses": losses,

@@ -66,3 +66,15 @@ def test_accuracy_benchmark_writes_the_summary_and_resumes(tiny_model_dir, tmp_p
     assert accuracy.main(args) == 0  # everything finished: nothing is recomputed
     assert {t: (tmp_path / t / "progress.json").read_text() for t in progress} == progress
     assert (tmp_path / "summary.md").read_text() == summary
+
+
+def test_bench_ofa_step_smoke_times_ours_plain_and_the_authors_style_step(tmp_path):
+    import bench_ofa_step
+
+    assert bench_ofa_step.main(["--smoke", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "ofa_step_cpu.json").read_text())["rows"]
+    impls = {(r["impl"], r["arm"]) for r in rows}
+    assert {("ofa_kernels", a) for a, *_ in bench_ofa_step.OURS} <= impls
+    assert {("authors-style", a) for a, _ in bench_ofa_step.REFERENCE} <= impls
+    assert all(r["ms"] and r["ms"] > 0 for r in rows)
+    assert "ofa-fd-K4 / authors-style ce" in (tmp_path / "ofa_step_cpu.md").read_text()

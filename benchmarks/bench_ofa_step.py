@@ -1,0 +1,235 @@
+"""Time and peak memory of one OFA optimizer step at the Llama-2-7B shape, against an authors-style eager step.
+
+Ours (``ofa_kernels.trainer.training_step``, memory-efficient: bf16 base weights, fp32 trainable
+norms, checkpointed blocks, states recorded only at the last token, logits only there, the probe
+pass split to fit ``--max-memory`` GiB) + AdamW on the norms, for the arms
+  ce, ofa(fd, K=1), ofa(fd, K=4), ofa(hvp, K=1)
+and the authors-style reference (PEFT ``LNTuningConfig`` norms in the model dtype, the full
+hidden-state list from ``output_hidden_states``, full ``[B, T, vocab]`` logits, forward hooks that add
+the finite-difference noise, one more full pass per probe, every graph alive until one backward)
+for ce and ofa(fd, K). Random-init weights of the real shape (hidden 4096, 32 layers, ffn 11008,
+vocab 32000), bf16, (B, T) in {(1, 256), (4, 512)}; median of ``--reps`` steps after a warm-up.
+Peak memory: ``torch.cuda.max_memory_allocated`` over the step, weights included. An arm that runs
+out of memory is reported as OOM.
+
+Targets (issue 6): ofa(fd, K=4) at 4 x 512 peaks <= 20 GiB and takes <= 2.5x the reference CE step;
+at the paper's protocol (B = 1) our ofa step is >= 3x faster than the authors-style one.
+
+    python benchmarks/bench_ofa_step.py --out DIR            # GPU
+    python benchmarks/bench_ofa_step.py --smoke --out DIR    # CPU, tiny shape (tests)
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_objective import SHAPES  # noqa: E402
+from harness import stamp  # noqa: E402
+
+import ofa_kernels  # noqa: E402
+from ofa_kernels import objectives as obj  # noqa: E402
+from ofa_kernels.trainer import AdaptOptions, _fp32_masters, norm_parameters, training_step  # noqa: E402
+
+OURS = [("ce", "ce", "fd", 1), ("ofa-fd-K1", "ofa", "fd", 1), ("ofa-fd-K4", "ofa", "fd", 4),
+        ("ofa-hvp-K1", "ofa", "hvp", 1)]
+PLAIN = ("ce", "ofa-fd-K1", "ofa-fd-K4")  # also timed without checkpointing or split probe passes
+REFERENCE = [("ce", 0), ("ofa-fd-K1", 1), ("ofa-fd-K4", 4)]
+
+
+def _model(shape: str, dtype: torch.dtype, device: torch.device):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(max_position_embeddings=4096, attn_implementation="sdpa", **SHAPES[shape])
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).to(dtype).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _batch(B: int, T: int, vocab: int, device: torch.device) -> dict:
+    gen = torch.Generator().manual_seed(B * 1000 + T)
+    ids = torch.randint(3, vocab, (B, T), generator=gen).to(device)
+    labels = torch.randint(3, vocab, (B,), generator=gen).tolist()
+    mask = torch.ones_like(ids)
+    return {"input_ids": ids, "attention_mask": mask, "prompt_ids": [ids[b].tolist() for b in range(B)],
+            "targets": [[t] for t in labels], "prompt_input_ids": ids, "prompt_attention_mask": mask,
+            "positions": torch.full((B,), T - 1, device=device), "labels": torch.tensor(labels, device=device)}
+
+
+def _measure(step, device: torch.device, reps: int) -> dict:
+    """Median time and peak memory of ``step()`` (after one warm-up); OOM is a result."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    try:
+        step()
+        sync()
+        times = []
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            step()
+            sync()
+            times.append(1e3 * (time.perf_counter() - t0))
+        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+        return {"ms": statistics.median(times), "peak_gib": peak}
+    except torch.OutOfMemoryError:
+        return {"ms": None, "peak_gib": None, "note": "OOM"}
+    finally:
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _ours(model, batch, arm: str, estimator: str, K: int, max_memory: float | None, lean: bool = True):
+    options = AdaptOptions(arm=arm, estimator=estimator, num_probes=K, scoring="first", max_memory_gb=max_memory)
+    gammas = obj.preconditioners(model)
+    params = list(norm_parameters(model).values())
+    optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-3)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        training_step(model, batch, options, gammas, 0, memory_efficient=lean, max_memory_gb=max_memory)
+        optimizer.step()
+    return step
+
+
+def _reference(model, batch, K: int, gammas, eps: float = 1e-3):
+    """The authors-style step: full hidden states, full logits, hook-injected noise, one backward."""
+    layers = model.base_model.model.model.layers if hasattr(model, "base_model") else model.model.layers
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-3)
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        ce = F.cross_entropy(out.logits[:, -1].float(), labels)
+        loss = ce
+        if K:
+            hs = [h[:, -1].float() for h in out.hidden_states]
+            steps = [(hs[i + 1] - hs[i]).pow(2).sum(-1) for i in range(len(hs) - 1)]
+            loss = loss + 1e-2 * sum(steps[i] / steps[i - 1] for i in range(2, len(steps) - 1)).mean()
+            s_total = 0.0
+            for _ in range(K):
+                noise = {}
+
+                def pre(t):
+                    def hook(module, args, kwargs):
+                        x = args[0] if args else kwargs["hidden_states"]
+                        nu = torch.randn_like(x)
+                        noise[t] = nu[:, -1].float()
+                        y = x + eps * gammas[t].to(x.dtype) * nu
+                        return ((y,) + tuple(args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": y})
+                    return hook
+
+                handles = [blk.register_forward_pre_hook(pre(t), with_kwargs=True) for t, blk in enumerate(layers)]
+                try:
+                    pert = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+                finally:
+                    for h in handles:
+                        h.remove()
+                ph = [h[:, -1].float() for h in pert.hidden_states]
+                for t in range(1, len(layers)):
+                    q = -(noise[t] * ((ph[t + 1] - ph[t]) - (hs[t + 1] - hs[t]))).sum(-1) / eps
+                    s_total = s_total + F.softplus(q).mean() / K
+            loss = loss + 1e-3 * s_total
+        loss.backward()
+        optimizer.step()
+    return step
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--smoke", action="store_true", help="CPU, tiny shape, fp32 (tests)")
+    p.add_argument("--shapes", default="1x256,4x512")
+    p.add_argument("--max-memory", type=float, default=20.0, help="GiB budget for the probe passes (ours)")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--skip-reference", action="store_true")
+    args = p.parse_args(argv)
+    device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
+    shape, dtype = ("tiny", torch.float32) if args.smoke else ("llama2-7b", torch.bfloat16)
+    shapes = [tuple(int(v) for v in s.split("x")) for s in (("2x16",) if args.smoke else args.shapes.split(","))]
+    reps = 1 if args.smoke else args.reps
+    vocab = SHAPES[shape]["vocab_size"]
+    rows = []
+
+    model = _model(shape, dtype, device)
+    ofa_kernels.patch_model(model)
+    _fp32_masters(model)
+    for p_ in norm_parameters(model).values():
+        p_.requires_grad_(True)
+    for B, T in shapes:
+        batch = _batch(B, T, vocab, device)
+        for name, arm, estimator, K in OURS:
+            r = _measure(_ours(model, batch, arm, estimator, K, args.max_memory), device, reps)
+            rows.append({"impl": "ofa_kernels", "arm": name, "B": B, "T": T, **r})
+            print(rows[-1], flush=True)
+        for name, arm, estimator, K in OURS:
+            if name in PLAIN:
+                r = _measure(_ours(model, batch, arm, estimator, K, None, lean=False), device, reps)
+                rows.append({"impl": "ofa_kernels plain", "arm": name, "B": B, "T": T, **r})
+                print(rows[-1], flush=True)
+    if not args.skip_reference:
+        from peft import LNTuningConfig, get_peft_model
+
+        del model
+        gc.collect()
+        base = _model(shape, dtype, device)
+        gammas = [blk.post_attention_layernorm.weight.detach().float().clone() for blk in base.model.layers]
+        ref = get_peft_model(base, LNTuningConfig(task_type="CAUSAL_LM")).eval()
+        for B, T in shapes:
+            batch = _batch(B, T, vocab, device)
+            for name, K in REFERENCE:
+                r = _measure(_reference(ref, batch, K, gammas), device, reps)
+                rows.append({"impl": "authors-style", "arm": name, "B": B, "T": T, **r})
+                print(rows[-1], flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = "cpu" if device.type == "cpu" else "gpu"
+    (out / f"ofa_step_{tag}.json").write_text(json.dumps({"stamp": stamp(device), "rows": rows}, indent=1))
+    (out / f"ofa_step_{tag}.md").write_text(table(rows) + "\n")
+    print(table(rows))
+    return 0
+
+
+def table(rows: list[dict]) -> str:
+    def find(impl, arm, B, T):
+        return next((r for r in rows if (r["impl"], r["arm"], r["B"], r["T"]) == (impl, arm, B, T)), None)
+
+    lines = ["| B x T | arm | ofa_kernels ms | peak GiB | plain step ms | peak GiB | authors-style ms | peak GiB "
+             "| speed-up vs authors |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    for B, T in dict.fromkeys((r["B"], r["T"]) for r in rows):
+        for arm in dict.fromkeys(r["arm"] for r in rows):
+            ours, ref = find("ofa_kernels", arm, B, T), find("authors-style", arm, B, T)
+            plain = find("ofa_kernels plain", arm, B, T) or {}
+            o_ms, o_mem = (ours or {}).get("ms"), (ours or {}).get("peak_gib")
+            r_ms, r_mem = (ref or {}).get("ms"), (ref or {}).get("peak_gib")
+            o_txt = fmt(o_ms, ".1f") if ours is None or o_ms is not None else ours.get("note", "-")
+            r_txt = fmt(r_ms, ".1f") if ref is None or r_ms is not None else ref.get("note", "-")
+            speed = f"{r_ms / o_ms:.2f}x" if o_ms and r_ms else "-"
+            p_txt = fmt(plain.get("ms"), ".1f") if plain.get("ms") is not None else plain.get("note", "-")
+            lines.append(f"| {B} x {T} | {arm} | {o_txt} | {fmt(o_mem, '.2f')} | {p_txt} | "
+                         f"{fmt(plain.get('peak_gib'), '.2f')} | {r_txt} | {fmt(r_mem, '.2f')} | {speed} |")
+        ce_ref = find("authors-style", "ce", B, T)
+        k4 = find("ofa_kernels", "ofa-fd-K4", B, T)
+        if ce_ref and k4 and ce_ref.get("ms") and k4.get("ms"):
+            lines.append(f"| {B} x {T} | ofa-fd-K4 / authors-style ce | {k4['ms'] / ce_ref['ms']:.2f}x | | | | | | |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""The memory-efficient training step gives the plain step's loss and gradients; checkpointing engages."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import DEVICE
+
+from ofa_kernels import memory, objectives
+from ofa_kernels.patch import patch_model
+from ofa_kernels.trainer import AdaptOptions, norm_parameters, training_step
+
+
+def _model(dtype, seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=101, hidden_size=40, intermediate_size=56, num_hidden_layers=3, num_attention_heads=4,
+                      num_key_value_heads=2, attn_implementation="sdpa")
+    model = LlamaForCausalLM(cfg).to(DEVICE, dtype).eval()
+    patch_model(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in norm_parameters(model).values():  # away from 1, so every gain matters
+        p.data.add_(0.1 * torch.randn_like(p))
+        p.requires_grad_(True)
+    return model
+
+
+def _batch(seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    prompt_len = [7, 5, 9]
+    targets = [[5, 6], [7], [8, 9]]
+    width = max(p + len(t) for p, t in zip(prompt_len, targets))
+    ids = torch.zeros(3, width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    prompts = []
+    for i, (p, t) in enumerate(zip(prompt_len, targets)):
+        prompt = torch.randint(10, 101, (p,), generator=gen).tolist()
+        prompts.append(prompt)
+        ids[i, : p + len(t)] = torch.tensor(prompt + t)
+        mask[i, : p + len(t)] = 1
+    p_ids = torch.zeros(3, max(prompt_len), dtype=torch.long)
+    p_mask = torch.zeros_like(p_ids)
+    for i, prompt in enumerate(prompts):
+        p_ids[i, : len(prompt)] = torch.tensor(prompt)
+        p_mask[i, : len(prompt)] = 1
+    return {"input_ids": ids.to(DEVICE), "attention_mask": mask.to(DEVICE), "prompt_ids": prompts, "targets": targets,
+            "prompt_input_ids": p_ids.to(DEVICE), "prompt_attention_mask": p_mask.to(DEVICE),
+            "positions": torch.tensor([p - 1 for p in prompt_len], device=DEVICE)}
+
+
+def _step(dtype, options, **kwargs):
+    model = _model(dtype)
+    out = training_step(model, _batch(), options, objectives.preconditioners(model), 11, **kwargs)
+    return out, {n: p.grad.clone() for n, p in norm_parameters(model).items()}
+
+
+@pytest.mark.parametrize("estimator", ["fd", "jvp", "hvp"])
+@pytest.mark.parametrize("per_pass", [1, 3])
+def test_memory_efficient_step_equals_the_plain_step(estimator, per_pass):
+    options = AdaptOptions(arm="ofa", estimator=estimator, num_probes=4, distribution="rademacher")
+    plain, want = _step(torch.float64, options)
+    lean, got = _step(torch.float64, options, memory_efficient=True, probes_per_pass=per_pass)
+    assert set(plain) == {"loss", "ce", "J", "S"}
+    for key in plain:
+        assert lean[key] == pytest.approx(plain[key], rel=1e-12), key
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_memory_efficient_step_in_bf16_matches_within_bf16_tolerance():
+    options = AdaptOptions(arm="ofa", estimator="fd", num_probes=2)
+    plain, want = _step(torch.bfloat16, options)
+    lean, got = _step(torch.bfloat16, options, memory_efficient=True, probes_per_pass=1)
+    assert lean["loss"] == pytest.approx(plain["loss"], rel=2e-2)
+    for name in want:
+        torch.testing.assert_close(got[name].float(), want[name].float(), rtol=5e-2, atol=5e-2 * want[name].abs().max().item())
+
+
+def test_checkpointing_recomputes_the_blocks_and_restores_them():
+    model = _model(torch.float32)
+    calls = []
+    handle = model.model.layers[1].mlp.register_forward_pre_hook(lambda *a: calls.append(1))
+    options = AdaptOptions(arm="ce")
+    training_step(model, _batch(), options, objectives.preconditioners(model), 0)
+    plain_calls = len(calls)
+    calls.clear()
+    training_step(model, _batch(), options, objectives.preconditioners(model), 0, memory_efficient=True)
+    assert plain_calls == 1 and len(calls) == 2  # the forward, and its recomputation in the backward
+    handle.remove()
+    assert all("forward" not in block.__dict__ for block in model.model.layers)
+
+
+def test_probe_budget():
+    assert memory.probes_per_pass(4, 1e9, None, torch.device("cpu")) == 4
+    assert memory.probes_per_pass(4, 1e9, 1.0, torch.device("cpu")) == 4  # budgets apply to CUDA memory only
+    with pytest.raises(ValueError, match="probes_per_pass"):
+        AdaptOptions(probes_per_pass=0).check()
+    with pytest.raises(ValueError, match="max_memory_gb"):
+        AdaptOptions(max_memory_gb=-1).check()
