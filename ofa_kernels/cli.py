@@ -24,7 +24,8 @@ def _options(args: argparse.Namespace):
     from .trainer import AdaptOptions
 
     return AdaptOptions(shots=args.shots, epochs=args.epochs, lr=args.lr, estimator=args.estimator,
-                        num_probes=args.probes, scoring=args.scoring, rank=args.rank).check()
+                        num_probes=args.probes, scoring=args.scoring, rank=args.rank, max_memory_gb=args.max_memory,
+                        memory_efficient={"auto": None, "on": True, "off": False}[args.memory_efficient]).check()
 
 
 def _dtype(name: str):
@@ -61,6 +62,25 @@ def _eval(args: argparse.Namespace) -> int:
         print(f"adapter {args.adapter}: task {meta['task']}, base {meta['base_model']}")
     scores = ev.evaluate(model, tokenizer, dataset.task, test, scoring=args.scoring)
     print(f"{args.task}: accuracy {scores.accuracy:.3f}, macro-F1 {scores.macro_f1:.3f} over {len(test)} rows")
+    return 0
+
+
+def _diagnose(args: argparse.Namespace) -> int:
+    from . import data, diagnostics
+    from .runs import load_model
+
+    def load():
+        return load_model(args.model, _dtype(args.dtype), args.device)[0]
+
+    _, tokenizer = load_model(args.model, _dtype(args.dtype), args.device)
+    dataset = data.load_task(args.task, args.data_dir)
+    test = data.test_subset(dataset, args.test_size)
+    train = data.k_shot(dataset, args.shots, args.seed)
+    report = diagnostics.compare(load, args.adapter, (tokenizer, dataset.task, train, test), num_probes=args.probes)
+    paths = diagnostics.write(report, args.out, f"{args.model} on {args.task}: base vs {args.adapter}")
+    acc = lambda r: max(r["probe_accuracy"])  # noqa: E731
+    print(f"best linear-probe accuracy: base {acc(report['base']):.3f}, adapted {acc(report['adapted']):.3f}; "
+          f"wrote {paths[0]} and {paths[1]}")
     return 0
 
 
@@ -112,6 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     ad.add_argument("--lr", type=float, default=1e-3)
     ad.add_argument("--rank", type=int, default=1, help="LoRA rank (arm lora)")
     ad.add_argument("--no-demos", action="store_true", help="skip evaluating adapted models with the demonstrations")
+    ad.add_argument("--max-memory", type=float, default=None, help="GiB budget for a CUDA training step (splits the "
+                    "probe pass; turns on the memory-efficient step)")
+    ad.add_argument("--memory-efficient", default="auto", choices=["auto", "on", "off"],
+                    help="checkpointed blocks + split probe pass (auto: on CUDA for >= 1024 tokens per step)")
     ad.add_argument("--epochs", type=int, default=60)
     ad.add_argument("--estimator", default="fd", help="sharpness estimator: fd, jvp or hvp")
     ad.add_argument("--probes", type=int, default=1, help="sharpness probes per step")
@@ -121,6 +145,14 @@ def main(argv: list[str] | None = None) -> int:
     _common(ev)
     ev.add_argument("--adapter", default=None, help="an adapter .safetensors written by ofa adapt")
     ev.set_defaults(func=_eval)
+    dg = sub.add_parser("diagnose", help="per-layer steps, ratios, sharpness and linear probes: base vs adapted")
+    _common(dg)
+    dg.add_argument("--adapter", required=True, help="an adapter .safetensors written by ofa adapt")
+    dg.add_argument("--shots", type=int, default=5, help="examples per class the linear probes are fit on")
+    dg.add_argument("--seed", type=int, default=42, help="k-shot draw")
+    dg.add_argument("--probes", type=int, default=4, help="sharpness probes")
+    dg.add_argument("--out", default="ofa_diagnostics", help="folder for diagnostics.json and diagnostics.png")
+    dg.set_defaults(func=_diagnose)
     demo = sub.add_parser("demo", help="the embedded default: SmolLM2 on tweets, zero-shot vs ICL vs CE vs OFA")
     demo.add_argument("--test-size", type=int, default=100)
     demo.add_argument("--seed", type=int, default=42, help="k-shot draw and training seed")

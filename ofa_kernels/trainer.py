@@ -64,7 +64,7 @@ class AdaptOptions:
     eps: float | None = None
     scoring: str = "full"
     rank: int = 1  # LoRA rank (arm "lora")
-    memory_efficient: bool | None = None  # checkpointed blocks + split probe pass; None: on for CUDA models
+    memory_efficient: bool | None = None  # checkpointed blocks + split probe pass; None: memory.use_lean_step
     max_memory_gb: float | None = None  # budget that sizes the probe passes (CUDA)
     probes_per_pass: int | None = None  # fixes the split instead of the budget
 
@@ -282,7 +282,6 @@ def adapt(
         raise ValueError("adapt needs at least 2 training examples (each query is paired with another one)")
     label_ids = label_token_ids(tokenizer, task.labels)
     device = next(model.parameters()).device
-    memory_efficient = options.memory_efficient if options.memory_efficient is not None else device.type == "cuda"
     optimizer = torch.optim.AdamW(params.values(), lr=options.lr, weight_decay=options.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(options))
     losses: list[dict[str, float]] = []
@@ -311,6 +310,9 @@ def adapt(
             break
         optimizer.zero_grad(set_to_none=True)
         batch = _batch_of_pairs(tokenizer, task, _pairs(train, options.seed, epoch), options, label_ids, device)
+        memory_efficient = options.memory_efficient
+        if memory_efficient is None:
+            memory_efficient = memory.use_lean_step(device, batch["input_ids"].numel(), options.max_memory_gb)
         parts = training_step(model, batch, options, gammas, options.seed * 7919 + epoch,
                               memory_efficient=memory_efficient, max_memory_gb=options.max_memory_gb,
                               probes_per_pass=options.probes_per_pass)

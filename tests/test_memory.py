@@ -99,3 +99,10 @@ def test_probe_budget():
         AdaptOptions(probes_per_pass=0).check()
     with pytest.raises(ValueError, match="max_memory_gb"):
         AdaptOptions(max_memory_gb=-1).check()
+
+
+def test_lean_step_default():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert not memory.use_lean_step(cpu, 10**6, 20.0)
+    assert memory.use_lean_step(cuda, 4 * 512, None) and not memory.use_lean_step(cuda, 256, None)
+    assert memory.use_lean_step(cuda, 256, 20.0)
