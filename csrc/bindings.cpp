@@ -150,7 +150,8 @@ void norm_bwd_bwd(const Tensor& dy, const Tensor& x, const OptT& w, const Tensor
 }
 
 void probe_perturb(const Tensor& x, const Tensor& y, const Tensor& gamma, const Tensor& scale, const Tensor& keys,
-                   int64_t rows_per_probe, double eps, bool scale_by_rms, bool add_x, bool gaussian) {
+                   int64_t rows_per_probe, int64_t row_offset, double eps, bool scale_by_rms, bool add_x,
+                   bool gaussian) {
   shape_of(x, true, 0.0);
   check_rows(y, x, "y");
   TORCH_CHECK(gamma.scalar_type() == acc_of(x) && gamma.is_contiguous() && gamma.numel() == x.size(1) &&
@@ -167,10 +168,11 @@ void probe_perturb(const Tensor& x, const Tensor& y, const Tensor& gamma, const 
   OFA_ON_DEVICE(x,
                 ofa::cpu_probe_perturb(dtype_of(x, "x"), x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0),
                                        gamma.data_ptr(), scale.data_ptr(), keys.data_ptr<int64_t>(), x.size(0),
-                                       x.size(1), rows_per_probe, eps, scale_by_rms, add_x, gaussian),
+                                       x.size(1), rows_per_probe, row_offset, eps, scale_by_rms, add_x, gaussian),
                 ofa::cuda_probe_perturb(dtype_of(x, "x"), x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0),
                                         gamma.data_ptr(), scale.data_ptr(), keys.data_ptr<int64_t>(), x.size(0),
-                                        x.size(1), rows_per_probe, eps, scale_by_rms, add_x, gaussian, stream));
+                                        x.size(1), rows_per_probe, row_offset, eps, scale_by_rms, add_x, gaussian,
+                                        stream));
 }
 
 bool with_cuda() {

@@ -42,9 +42,10 @@ void cpu_norm_bwd_bwd(const NormShape& s, const NormPtrs& p, const void* dy, int
                       int64_t a_stride, const void* bw, const void* e, void* d_dy, int64_t d_dy_stride, void* d_x,
                       int64_t d_x_stride, void* dw_part, int num_parts);
 // y = (add_x ? x : 0) + s_r * gamma * nu (counter-based probes, as ofa_kernels/rng.py); scale[r] = s_r.
+// Row r is row (r mod rows_per_probe) + row_offset of probe r / rows_per_probe's slab (a shard of a batch).
 void cpu_probe_perturb(DType x_dt, const void* x, int64_t x_stride, void* y, int64_t y_stride, const void* gamma,
-                       void* scale, const int64_t* keys, int64_t M, int64_t N, int64_t rows_per_probe, double eps,
-                       bool scale_by_rms, bool add_x, bool gaussian);
+                       void* scale, const int64_t* keys, int64_t M, int64_t N, int64_t rows_per_probe,
+                       int64_t row_offset, double eps, bool scale_by_rms, bool add_x, bool gaussian);
 
 // ------------------------------------------------------------- CUDA (csrc/cuda/*.cu)
 #ifdef OFA_WITH_CUDA
@@ -60,8 +61,8 @@ void cuda_norm_bwd_bwd(const NormShape& s, const NormPtrs& p, const void* dy, in
                        int64_t d_x_stride, void* dw_part, int num_parts, Stream stream);
 // As cpu_probe_perturb.
 void cuda_probe_perturb(DType x_dt, const void* x, int64_t x_stride, void* y, int64_t y_stride, const void* gamma,
-                        void* scale, const int64_t* keys, int64_t M, int64_t N, int64_t rows_per_probe, double eps,
-                        bool scale_by_rms, bool add_x, bool gaussian, Stream stream);
+                        void* scale, const int64_t* keys, int64_t M, int64_t N, int64_t rows_per_probe,
+                        int64_t row_offset, double eps, bool scale_by_rms, bool add_x, bool gaussian, Stream stream);
 #endif
 
 }  // namespace ofa

@@ -298,12 +298,13 @@ class _Probing:
     scale_by_rms: bool
     paper_exact: bool
     backend: str | None
+    row_offset: int = 0  # sequences before this batch in the batch whose probes it draws (a shard)
 
 
-def _counters(positions: Tensor, T: int, d: int, K: int) -> tuple[Tensor, Tensor]:
+def _counters(positions: Tensor, T: int, d: int, K: int, row_offset: int = 0) -> tuple[Tensor, Tensor]:
     """Probe index and counter base of each gathered row of a K-probe pass ([K * B])."""
     B = positions.shape[0]
-    b = torch.arange(B, device=positions.device)
+    b = torch.arange(B, device=positions.device) + row_offset
     base = ((b * T + positions) * d).repeat(K)
     probe = torch.arange(K, device=positions.device).repeat_interleave(B)
     return probe, base
@@ -323,13 +324,14 @@ def _fd(st, batch, pr: _Probing, first: int, K: int, clean: list[Tensor]) -> Ten
         if t not in pr.layers:
             return x
         y, s = perturb(x, pr.gammas[t].to(x.device), pr.eps, seed=pr.seed, layer=t, first_probe=first, num_probes=K,
-                       distribution=pr.distribution, scale_by_rms=pr.scale_by_rms, backend=pr.backend)
+                       distribution=pr.distribution, scale_by_rms=pr.scale_by_rms, row_offset=pr.row_offset * T,
+                       backend=pr.backend)
         scales[t] = s[torch.arange(K * B, device=x.device), pos]
         return y
 
     tap = _Tap(st, pos, transform)
     pert = tap.run(ids, mask)
-    probe, base = _counters(batch[2], T, pert[0].shape[-1], K)
+    probe, base = _counters(batch[2], T, pert[0].shape[-1], K, pr.row_offset)
     out = []
     for t in pr.layers:
         keys = rng.key_table(pr.seed, t, first, K, ids.device)
@@ -364,7 +366,7 @@ def _jvp(st, batch, pr: _Probing, first: int, K: int) -> Tensor:
             primal = forward_ad.unpack_dual(x).primal
             noise, s = perturb(primal, pr.gammas[t].to(x.device), 1.0, seed=pr.seed, layer=t, first_probe=first,
                                num_probes=K, distribution=pr.distribution, scale_by_rms=pr.scale_by_rms,
-                               noise_only=True, backend=pr.backend)
+                               noise_only=True, row_offset=pr.row_offset * T, backend=pr.backend)
             scales[t] = s[torch.arange(K * B, device=x.device), pos]
             return x + forward_ad.make_dual(torch.zeros_like(noise), noise)
 
@@ -372,7 +374,7 @@ def _jvp(st, batch, pr: _Probing, first: int, K: int) -> Tensor:
         states = tap.run(ids, mask)
         tangent = [_tangent_of(h) for h in states]
         tangents_fed = {t: _tangent_of(tap.fed[t]) for t in pr.layers}
-    probe, base = _counters(batch[2], T, states[0].shape[-1], K)
+    probe, base = _counters(batch[2], T, states[0].shape[-1], K, pr.row_offset)
     out = []
     for t in pr.layers:
         keys = rng.key_table(pr.seed, t, first, K, ids.device)
@@ -414,7 +416,7 @@ def _hvp(st, batch, labels: Tensor, pr: _Probing, first: int, K: int) -> Tensor:
         z_list = [zs[t] for t in pr.layers]
         grads = torch.autograd.grad(ce, z_list, create_graph=True)
         d = states[0].shape[-1]
-        probe, base = _counters(batch[2], T, d, K)
+        probe, base = _counters(batch[2], T, d, K, pr.row_offset)
         acc = torch.float64 if states[0].dtype == torch.float64 else torch.float32
         vs = [probe_rows(torch.ones(K * B, dtype=acc, device=ids.device), pr.gammas[t].to(ids.device),
                          rng.key_table(pr.seed, t, first, K, ids.device), probe, base, d, pr.distribution, pr.backend)
@@ -463,12 +465,15 @@ def sharpness_terms(
     gammas: Sequence[Tensor] | None = None,
     clean_states: Sequence[Tensor] | None = None,
     backend: str | None = None,
+    row_offset: int = 0,
 ) -> Tensor:
     """The per-probe quadratic forms q before the softplus: ``[K, len(layers), B]``.
 
     With ``paper_exact`` ("fd"/"jvp") every (probe row, sequence) pair: ``[K, len(layers), B, B]``.
     Arguments as for :func:`sharpness`; ``first_probe`` offsets the probe indices (probe k of a
     call is probe ``first_probe + k`` of the stream, so K probes at once equal K calls of one).
+    ``row_offset``: the batch is rows ``row_offset ..`` of a larger batch padded to the same width,
+    and draws that batch's probes (shards of a batch together equal the whole batch).
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
@@ -497,7 +502,10 @@ def sharpness_terms(
         raise ValueError(f"gammas must hold one vector per block ({L}), got {len(gammas)}")
     if seed is None:
         seed = int(torch.randint(0, 2**31 - 1, ()).item())
-    pr = _Probing(layers, gammas, int(seed), distribution, float(eps), scale_by_rms, paper_exact, backend)
+    if row_offset < 0:
+        raise ValueError(f"row_offset must be >= 0, got {row_offset}")
+    pr = _Probing(layers, gammas, int(seed), distribution, float(eps), scale_by_rms, paper_exact, backend,
+                  int(row_offset))
     labels = None
     if estimator == "hvp":
         labels = batch.get("labels")
@@ -538,6 +546,7 @@ def sharpness(
     clean_states: Sequence[Tensor] | None = None,
     backend: str | None = None,
     first_probe: int = 0,
+    row_offset: int = 0,
 ) -> Tensor:
     """OFA's sharpness S (fp32 scalar; fp64 for fp64 models), differentiable with respect to the trainable norm weights.
 
@@ -552,12 +561,13 @@ def sharpness(
     training). ``clean_states``: the clean pass's ``[H_0..H_L]`` at the last positions, if already
     computed. ``paper_exact``: the authors' code's B x B product and injected noise. ``first_probe``:
     this call's probes are probes ``first_probe ..`` of the stream (S over K probes is the mean of S
-    over disjoint probe ranges, which is how a training step splits the probe pass).
+    over disjoint probe ranges, which is how a training step splits the probe pass). ``row_offset``:
+    see :func:`sharpness_terms` (how data-parallel ranks draw the probes of the whole batch).
     """
     q = sharpness_terms(model, batch, estimator=estimator, num_probes=num_probes, distribution=distribution,
                         eps=eps, eps_scale=eps_scale, layers=layers, seed=seed, paper_exact=paper_exact,
                         max_rows=max_rows, gammas=gammas, clean_states=clean_states, backend=backend,
-                        first_probe=first_probe)
+                        first_probe=first_probe, row_offset=row_offset)
     s = F.softplus(q if q.dtype == torch.float64 else q.float())
     reduce = [d for d in range(s.dim()) if d != 1]
     return s.mean(reduce).sum()

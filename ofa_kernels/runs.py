@@ -20,6 +20,7 @@ from typing import Callable, Sequence
 import torch
 
 from . import data as data_mod
+from . import distributed
 from . import evaluate as ev
 from .adapters import save_adapter
 from .trainer import AdaptOptions, adapt
@@ -69,7 +70,7 @@ class _Progress:
 
     def put(self, name: str, entry: dict) -> dict:
         self.entries[name] = entry
-        if self.path:
+        if self.path and distributed.is_main_process():
             _write_atomic(self.path, json.dumps({"key": self.key, "entries": self.entries}))
         return entry
 
@@ -95,6 +96,11 @@ def adapt_and_report(
     continues where the last one stopped.
     """
     options = options or AdaptOptions()
+    main = distributed.is_main_process()  # data-parallel runs: every rank adapts, rank 0 evaluates and writes
+    if not main:
+        log = lambda *_: None  # noqa: E731
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        log(f"data-parallel: {os.environ['WORLD_SIZE']} processes (rank 0 evaluates and writes)")
     dataset = data_mod.load_task(task, data_dir)
     if dataset.problems:
         log(f"{len(dataset.problems)} rows skipped, e.g. {dataset.problems[0]}")
@@ -121,6 +127,8 @@ def adapt_and_report(
         return entry
 
     def evaluation(model, tokenizer, demos=()):
+        if not main:
+            return {"accuracy": float("nan"), "macro_f1": float("nan")}
         scores = ev.evaluate(model, tokenizer, dataset.task, test, demonstrations=demos, scoring=options.scoring)
         return {"accuracy": scores.accuracy, "macro_f1": scores.macro_f1}
 
@@ -150,7 +158,7 @@ def adapt_and_report(
                     entry.update({f"demos_{k}": v for k, v in evaluation(model, tokenizer, shots).items()})
                 entry["losses"] = result.losses
                 entry["adapter"] = None
-                if out_dir:
+                if out_dir and main:
                     entry["adapter"] = str(save_adapter(result, out_dir / f"adapter-{task}-{arm}-seed{seed}.safetensors",
                                                         base_model=model_name, task=task))
                 loaded.clear()  # the adapted model is not the base any more
@@ -170,7 +178,7 @@ def adapt_and_report(
     table = [f"# {task} on {model_name}: accuracy over {len(test)} test rows, seeds {list(seeds)}", "",
              "| method | accuracy | macro-F1 |", "|---|---:|---:|"]
     table += [f"| {k} | {_mean_std(v)} | {_mean_std(f1s[k])} |" for k, v in rows.items()]
-    if out_dir:
+    if out_dir and main:
         _write_atomic(out_dir / "results.json", json.dumps(results, indent=1))
         _write_atomic(out_dir / "results.md", "\n".join(table) + "\n")
     log("\n".join(table))

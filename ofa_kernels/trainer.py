@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import memory, objectives
+from . import distributed, memory, objectives
 from .baselines import PEFT_ARMS, attach
 from .data import Dataset, Example, Task, k_shot
 from .evaluate import _encode, _pad, continuation_log_probs, demonstrations_prefix, label_token_ids
@@ -146,23 +146,28 @@ def _pairs(train: Sequence[Example], seed: int, epoch: int) -> list[tuple[Exampl
     return out
 
 
-def _batch_of_pairs(tokenizer, task: Task, pairs, options: AdaptOptions, label_ids, device) -> dict:
-    """The token batch of one epoch: prompt (+ label word for whole-word scoring), positions, targets."""
+def _batch_of_pairs(tokenizer, task: Task, pairs, options: AdaptOptions, label_ids, device,
+                    rows: slice = slice(None)) -> dict:
+    """The token batch of one epoch: prompt (+ label word for whole-word scoring), positions, targets.
+
+    ``rows`` keeps a block of the batch (a data-parallel shard), padded to the whole batch's widths.
+    """
     prompts = [demonstrations_prefix(task, [demo]) + task.prompt(query.text) for demo, query in pairs]
     prompt_ids = _encode(tokenizer, prompts)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     targets = [label_ids[q.label] for _, q in pairs]
     full = options.scoring == "full"
-    ids, mask = _pad([p + t for p, t in zip(prompt_ids, targets)] if full else prompt_ids, pad_id, device)
+    seqs = [p + t for p, t in zip(prompt_ids, targets)] if full else prompt_ids
+    ids, mask = _pad(seqs, pad_id, device)
     p_ids, p_mask = _pad(prompt_ids, pad_id, device)
-    return {"input_ids": ids, "attention_mask": mask, "prompt_ids": prompt_ids, "targets": targets,
-            "prompt_input_ids": p_ids, "prompt_attention_mask": p_mask,
-            "positions": torch.tensor([len(p) - 1 for p in prompt_ids], device=device)}
+    return {"input_ids": ids[rows], "attention_mask": mask[rows], "prompt_ids": prompt_ids[rows],
+            "targets": targets[rows], "prompt_input_ids": p_ids[rows], "prompt_attention_mask": p_mask[rows],
+            "positions": torch.tensor([len(p) - 1 for p in prompt_ids[rows]], device=device)}
 
 
 def training_step(model: nn.Module, batch: dict, options: AdaptOptions, gammas: Sequence[torch.Tensor], seed: int, *,
                   memory_efficient: bool = False, max_memory_gb: float | None = None,
-                  probes_per_pass: int | None = None) -> dict[str, float]:
+                  probes_per_pass: int | None = None, row_offset: int = 0) -> dict[str, float]:
     """Forward and backward of ``CE + lambda_J * J + lambda_S * S`` on one batch (gradients accumulate
     in the trainable parameters); returns the loss and its parts as floats.
 
@@ -172,6 +177,7 @@ def training_step(model: nn.Module, batch: dict, options: AdaptOptions, gammas: 
     many as fit ``max_memory_gb``), each back-propagated at once; the gradient the probe passes send
     into the clean states is collected on detached copies and sent through the clean pass in one
     final backward. Same loss and gradients as the plain step, up to summation order.
+    ``row_offset``: the batch is a shard starting at that row of a larger batch (probe numbering).
     """
     st = objectives._structure(model)
     device = batch["input_ids"].device
@@ -205,7 +211,7 @@ def training_step(model: nn.Module, batch: dict, options: AdaptOptions, gammas: 
         if options.estimator == "hvp":
             s_batch["labels"] = torch.tensor([t[0] for t in targets], device=device)
         probe_args = dict(estimator=options.estimator, distribution=options.distribution, eps=options.eps, seed=seed,
-                          gammas=gammas)
+                          gammas=gammas, row_offset=row_offset)
         K = options.num_probes
         if not memory_efficient:
             parts["S"] = objectives.sharpness(model, s_batch, num_probes=K, clean_states=states, **probe_args)
@@ -282,6 +288,9 @@ def adapt(
         raise ValueError("adapt needs at least 2 training examples (each query is paired with another one)")
     label_ids = label_token_ids(tokenizer, task.labels)
     device = next(model.parameters()).device
+    par = distributed.current(device.type)
+    if len(train) < par.world:
+        raise ValueError(f"{len(train)} training examples cannot be shared by {par.world} processes")
     optimizer = torch.optim.AdamW(params.values(), lr=options.lr, weight_decay=options.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(options))
     losses: list[dict[str, float]] = []
@@ -309,18 +318,27 @@ def adapt(
         if stop_after is not None and epoch >= stop_after:
             break
         optimizer.zero_grad(set_to_none=True)
-        batch = _batch_of_pairs(tokenizer, task, _pairs(train, options.seed, epoch), options, label_ids, device)
+        rows = par.shard(len(train))
+        batch = _batch_of_pairs(tokenizer, task, _pairs(train, options.seed, epoch), options, label_ids, device, rows)
         memory_efficient = options.memory_efficient
         if memory_efficient is None:
             memory_efficient = memory.use_lean_step(device, batch["input_ids"].numel(), options.max_memory_gb)
         parts = training_step(model, batch, options, gammas, options.seed * 7919 + epoch,
                               memory_efficient=memory_efficient, max_memory_gb=options.max_memory_gb,
-                              probes_per_pass=options.probes_per_pass)
+                              probes_per_pass=options.probes_per_pass, row_offset=rows.start or 0)
+        if par.world > 1:  # the whole batch's mean: shard means weighted by their share of the rows
+            share = (rows.stop - rows.start) / len(train)
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params.values()]
+            for p, g in zip(params.values(), grads):
+                p.grad = g.mul_(share)
+            logged = torch.tensor([parts[k] * share for k in sorted(parts)], dtype=torch.float64, device=device)
+            par.sum_(grads + [logged])
+            parts = dict(zip(sorted(parts), logged.tolist()))
         optimizer.step()
         scheduler.step()
         losses.append({"epoch": epoch, **parts})
         done = epoch + 1
-        if ckpt and (done % checkpoint_every == 0 or done == options.epochs):
+        if ckpt and par.is_main and (done % checkpoint_every == 0 or done == options.epochs):
             _save_atomic({"fingerprint": fingerprint, "epoch": done, "losses": losses,
                           "weights": {k: v.detach().clone() for k, v in params.items()},
                           "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, ckpt)

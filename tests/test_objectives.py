@@ -159,6 +159,16 @@ def test_batched_probes_equal_sequential_ones(tiny, estimator):
     torch.testing.assert_close(together, capped, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("estimator", ["fd", "jvp", "hvp"])
+def test_shards_of_a_batch_draw_the_whole_batchs_probes(tiny, estimator):
+    batch = _batch(B=3)
+    with torch.no_grad() if estimator == "fd" else torch.enable_grad():
+        whole = obj.sharpness_terms(tiny, batch, estimator=estimator, num_probes=2, seed=5)
+        parts = [obj.sharpness_terms(tiny, {k: v[rows] for k, v in batch.items()}, estimator=estimator, num_probes=2,
+                                     seed=5, row_offset=rows.start) for rows in (slice(0, 1), slice(1, 3))]
+    torch.testing.assert_close(torch.cat(parts, -1), whole, rtol=1e-10, atol=1e-10)
+
+
 def test_paper_exact_reproduces_the_authors_product():
     model = _tiny("llama")
     batch = _batch(B=3)

@@ -38,6 +38,21 @@ def test_in_kernel_probes_equal_the_host_generator(backend, dist, dtype):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dist", DISTS)
+def test_a_row_offset_draws_the_rows_of_a_larger_slab(backend, dist):
+    K, B, T, d = 2, 5, 3, 19
+    x = torch.randn(K, B, T, d, device=DEVICE)
+    gamma = torch.rand(d, device=DEVICE) + 0.5
+    whole, _ = perturb(x.reshape(K * B, T, d), gamma, 0.1, seed=9, layer=2, num_probes=K, distribution=dist,
+                       backend=backend)
+    shard, _ = perturb(x[:, 2:4].reshape(K * 2, T, d), gamma, 0.1, seed=9, layer=2, num_probes=K, distribution=dist,
+                       row_offset=2 * T, backend=backend)
+    torch.testing.assert_close(shard.view(K, 2, T, d), whole.view(K, B, T, d)[:, 2:4], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="row_offset"):
+        perturb(x, gamma, 0.1, seed=9, layer=2, row_offset=-1, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dist", DISTS)
 def test_perturbation_scaled_by_row_rms(backend, dist):
     x = torch.randn(4, 3, 29, device=DEVICE) * torch.rand(4, 3, 1, device=DEVICE) * 10
     gamma = torch.rand(29, device=DEVICE)

@@ -34,7 +34,8 @@ template <> struct AccOf<double> { using type = double; };
 
 template <typename T>
 void perturb(const T* x, int64_t xs, T* y, int64_t ys, const void* gamma_v, void* scale_v, const int64_t* keys,
-             int64_t M, int64_t N, int64_t rows_per_probe, double eps, bool scale_by_rms, bool add_x, bool gaussian) {
+             int64_t M, int64_t N, int64_t rows_per_probe, int64_t row_offset, double eps, bool scale_by_rms,
+             bool add_x, bool gaussian) {
   using A = typename AccOf<T>::type;
   const A* gamma = static_cast<const A*>(gamma_v);
   A* scale_out = static_cast<A*>(scale_v);
@@ -48,7 +49,7 @@ void perturb(const T* x, int64_t xs, T* y, int64_t ys, const void* gamma_v, void
       const A rms = std::sqrt(sq / static_cast<A>(N));
       scale = static_cast<A>(eps) * (rms > 0 ? rms : A(1));
     }
-    const int64_t probe = row / rows_per_probe, local = row - probe * rows_per_probe;
+    const int64_t probe = row / rows_per_probe, local = row - probe * rows_per_probe + row_offset;
     const uint32_t k0 = static_cast<uint32_t>(keys[2 * probe]), k1 = static_cast<uint32_t>(keys[2 * probe + 1]);
     T* yr = y + row * ys;
     for (int64_t c = 0; c < N; ++c) {
@@ -64,12 +65,12 @@ void perturb(const T* x, int64_t xs, T* y, int64_t ys, const void* gamma_v, void
 }  // namespace
 
 void cpu_probe_perturb(DType x_dt, const void* x, int64_t x_stride, void* y, int64_t y_stride, const void* gamma,
-                       void* scale, const int64_t* keys, int64_t M, int64_t N, int64_t rows_per_probe, double eps,
-                       bool scale_by_rms, bool add_x, bool gaussian) {
+                       void* scale, const int64_t* keys, int64_t M, int64_t N, int64_t rows_per_probe,
+                       int64_t row_offset, double eps, bool scale_by_rms, bool add_x, bool gaussian) {
   switch (x_dt) {
 #define OFA_PERTURB(T)                                                                                            \
   return perturb<T>(static_cast<const T*>(x), x_stride, static_cast<T*>(y), y_stride, gamma, scale, keys, M, N, \
-                    rows_per_probe, eps, scale_by_rms, add_x, gaussian)
+                    rows_per_probe, row_offset, eps, scale_by_rms, add_x, gaussian)
     case DType::f16: OFA_PERTURB(c10::Half);
     case DType::bf16: OFA_PERTURB(c10::BFloat16);
     case DType::f32: OFA_PERTURB(float);

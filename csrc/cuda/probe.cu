@@ -28,7 +28,7 @@ template <typename T>
 __global__ void perturb_kernel(const T* __restrict__ x, int64_t xs, T* __restrict__ y, int64_t ys,
                                const typename AccOf<T>::type* __restrict__ gamma, typename AccOf<T>::type* scale_out,
                                const int64_t* __restrict__ keys, int64_t M, int64_t N, int64_t rows_per_probe,
-                               double eps, bool scale_by_rms, bool add_x, bool gaussian) {
+                               int64_t row_offset, double eps, bool scale_by_rms, bool add_x, bool gaussian) {
   using A = typename AccOf<T>::type;
   __shared__ A scratch[32];
   for (int64_t row = blockIdx.x; row < M; row += gridDim.x) {
@@ -44,7 +44,7 @@ __global__ void perturb_kernel(const T* __restrict__ x, int64_t xs, T* __restric
       const A rms = sqrt(sq[0] / static_cast<A>(N));
       scale = static_cast<A>(eps) * (rms > 0 ? rms : A(1));
     }
-    const int64_t probe = row / rows_per_probe, local = row - probe * rows_per_probe;
+    const int64_t probe = row / rows_per_probe, local = row - probe * rows_per_probe + row_offset;
     const uint32_t k0 = static_cast<uint32_t>(keys[2 * probe]), k1 = static_cast<uint32_t>(keys[2 * probe + 1]);
     for (int64_t c = threadIdx.x; c < N; c += blockDim.x) {
       const A nu = static_cast<A>(probe_value(static_cast<uint32_t>(local * N + c), k0, k1, gaussian));
@@ -58,13 +58,14 @@ __global__ void perturb_kernel(const T* __restrict__ x, int64_t xs, T* __restric
 
 template <typename T>
 void launch(const void* x, int64_t xs, void* y, int64_t ys, const void* gamma, void* scale, const int64_t* keys,
-            int64_t M, int64_t N, int64_t rpp, double eps, bool by_rms, bool add_x, bool gaussian, Stream stream) {
+            int64_t M, int64_t N, int64_t rpp, int64_t off, double eps, bool by_rms, bool add_x, bool gaussian,
+            Stream stream) {
   using A = typename AccOf<T>::type;
   const int threads = threads_for(N, 1) > 256 ? 256 : threads_for(N, 1);
   const int64_t cap = int64_t(sm_count()) * 8, grid = M < cap ? M : cap;
   perturb_kernel<T><<<static_cast<unsigned>(grid), threads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
       static_cast<const T*>(x), xs, static_cast<T*>(y), ys, static_cast<const A*>(gamma), static_cast<A*>(scale), keys,
-      M, N, rpp, eps, by_rms, add_x, gaussian);
+      M, N, rpp, off, eps, by_rms, add_x, gaussian);
   check(cudaGetLastError(), "probe_perturb launch");
 }
 
@@ -72,18 +73,19 @@ void launch(const void* x, int64_t xs, void* y, int64_t ys, const void* gamma, v
 }  // namespace cuda
 
 void cuda_probe_perturb(DType x_dt, const void* x, int64_t x_stride, void* y, int64_t y_stride, const void* gamma,
-                        void* scale, const int64_t* keys, int64_t M, int64_t N, int64_t rows_per_probe, double eps,
-                        bool scale_by_rms, bool add_x, bool gaussian, Stream stream) {
+                        void* scale, const int64_t* keys, int64_t M, int64_t N, int64_t rows_per_probe,
+                        int64_t row_offset, double eps, bool scale_by_rms, bool add_x, bool gaussian, Stream stream) {
   if (M == 0) return;
   switch (x_dt) {
     case DType::f16: return cuda::launch<__half>(x, x_stride, y, y_stride, gamma, scale, keys, M, N, rows_per_probe,
-                                                 eps, scale_by_rms, add_x, gaussian, stream);
+                                                 row_offset, eps, scale_by_rms, add_x, gaussian, stream);
     case DType::bf16: return cuda::launch<__nv_bfloat16>(x, x_stride, y, y_stride, gamma, scale, keys, M, N,
-                                                         rows_per_probe, eps, scale_by_rms, add_x, gaussian, stream);
+                                                         rows_per_probe, row_offset, eps, scale_by_rms, add_x,
+                                                         gaussian, stream);
     case DType::f32: return cuda::launch<float>(x, x_stride, y, y_stride, gamma, scale, keys, M, N, rows_per_probe,
-                                                eps, scale_by_rms, add_x, gaussian, stream);
+                                                row_offset, eps, scale_by_rms, add_x, gaussian, stream);
     case DType::f64: return cuda::launch<double>(x, x_stride, y, y_stride, gamma, scale, keys, M, N, rows_per_probe,
-                                                 eps, scale_by_rms, add_x, gaussian, stream);
+                                                 row_offset, eps, scale_by_rms, add_x, gaussian, stream);
   }
 }
 

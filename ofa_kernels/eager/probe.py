@@ -17,7 +17,7 @@ def _nu(keys, probe, counters, distribution, dtype):
     return rng.values(counters, k[:, 0:1], k[:, 1:2], distribution, torch.float32).to(dtype)
 
 
-def probe_perturb(x, gamma, eps, keys, rows_per_probe, distribution, scale_by_rms, add_x):
+def probe_perturb(x, gamma, eps, keys, rows_per_probe, distribution, scale_by_rms, add_x, row_offset=0):
     M, N = x.shape
     acc = acc_dtype(x.dtype)
     xs = x.to(acc)
@@ -28,7 +28,7 @@ def probe_perturb(x, gamma, eps, keys, rows_per_probe, distribution, scale_by_rm
         scale = torch.full((M,), eps, dtype=acc, device=x.device)
     rows = torch.arange(M, device=x.device)
     probe = rows // rows_per_probe
-    counters = (rows - probe * rows_per_probe)[:, None] * N + torch.arange(N, device=x.device)
+    counters = (rows - probe * rows_per_probe + row_offset)[:, None] * N + torch.arange(N, device=x.device)
     y = scale[:, None] * gamma.to(acc) * _nu(keys, probe, counters, distribution, acc)
     if add_x:
         y = xs + y

@@ -22,16 +22,16 @@ def _backend(backend: str | None, device: torch.device):
 
 class _PerturbFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, gamma, eps, keys, rows_per_probe, distribution, scale_by_rms, add_x, backend):
+    def forward(ctx, x, gamma, eps, keys, rows_per_probe, distribution, scale_by_rms, add_x, row_offset, backend):
         ctx.add_x = add_x
         y, scale = _backend(backend, x.device).probe_perturb(x, gamma, eps, keys, rows_per_probe, distribution,
-                                                             scale_by_rms, add_x)
+                                                             scale_by_rms, add_x, row_offset)
         ctx.mark_non_differentiable(scale)
         return y, scale
 
     @staticmethod
     def backward(ctx, dy, _dscale):
-        return (dy if ctx.add_x else None), None, None, None, None, None, None, None, None
+        return (dy if ctx.add_x else None), None, None, None, None, None, None, None, None, None
 
 
 class _ProbeDotFn(torch.autograd.Function):
@@ -73,13 +73,15 @@ def perturb(
     distribution: str = "rademacher",
     scale_by_rms: bool = False,
     noise_only: bool = False,
+    row_offset: int = 0,
     backend: str | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``x + s * gamma * nu`` (or ``s * gamma * nu`` with ``noise_only``) and the per-row step ``s``.
 
     ``x``: ``[K * ..., N]``; its rows split evenly into ``num_probes`` consecutive groups, group k
     drawing probe ``first_probe + k``. ``s = eps * rms(row)`` with ``scale_by_rms``, else ``eps``.
-    The probe numbers equal ``rng.probes(x[k].shape, seed, distribution, layer=layer, probe=k)``.
+    The probe numbers equal ``rng.probes(x[k].shape, seed, distribution, layer=layer, probe=k)``;
+    with ``row_offset`` each group is rows ``row_offset ..`` of a larger slab (a shard of a batch).
     """
     rng.check_distribution(distribution)
     N = x.shape[-1]
@@ -89,11 +91,13 @@ def perturb(
     if num_probes < 1 or rows % num_probes:
         raise ValueError(f"x has {rows} rows, which do not split into num_probes={num_probes} equal groups")
     rows_per_probe = rows // num_probes
-    if rows_per_probe * N > rng.MAX_COUNTER:
+    if row_offset < 0:
+        raise ValueError(f"row_offset must be >= 0, got {row_offset}")
+    if (rows_per_probe + row_offset) * N > rng.MAX_COUNTER:
         raise ValueError(f"one probe covers {rows_per_probe * N} elements; at most 2**31 are supported")
     keys = rng.key_table(seed, layer, first_probe, num_probes, x.device)
     y, scale = _PerturbFn.apply(_rows(x), gamma.detach().contiguous(), float(eps), keys, rows_per_probe,
-                                distribution, scale_by_rms, not noise_only, backend)
+                                distribution, scale_by_rms, not noise_only, int(row_offset), backend)
     return y.view(x.shape), scale.view(x.shape[:-1])
 
 

@@ -57,7 +57,7 @@ def _keys(Keys, probe, mask):
 
 
 @triton.jit
-def _perturb_kernel(X, Y, G, Scale, Keys, M, N, stride_x, stride_y, rows_per_probe, eps,
+def _perturb_kernel(X, Y, G, Scale, Keys, M, N, stride_x, stride_y, rows_per_probe, row_offset, eps,
                     SCALE_BY_RMS: tl.constexpr, ADD_X: tl.constexpr, GAUSSIAN: tl.constexpr,
                     ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -74,7 +74,7 @@ def _perturb_kernel(X, Y, G, Scale, Keys, M, N, stride_x, stride_y, rows_per_pro
         scale = tl.zeros([BLOCK_M], dtype=ACC) + eps
     probe = rows // rows_per_probe
     k0, k1 = _keys(Keys, probe, row_ok)
-    counters = (rows - probe * rows_per_probe)[:, None] * N + cols[None, :]
+    counters = (rows - probe * rows_per_probe + row_offset)[:, None] * N + cols[None, :]
     nu = _values(counters, k0[:, None], k1[:, None], GAUSSIAN).to(ACC)
     g = tl.load(G + cols, mask=col_ok, other=0.0).to(ACC)
     y = scale[:, None] * g[None, :] * nu
@@ -131,7 +131,8 @@ def _warps(elements: int) -> int:
     return max(1, min(16, elements // 1024))
 
 
-def probe_perturb(x, gamma, eps, keys, rows_per_probe, distribution, scale_by_rms, add_x, *, rows_per_program=None):
+def probe_perturb(x, gamma, eps, keys, rows_per_probe, distribution, scale_by_rms, add_x, row_offset=0, *,
+                  rows_per_program=None):
     """x: [M, N] (last-dim stride 1). Returns (y in x.dtype, per-row scale in the accumulation dtype)."""
     M, N = x.shape
     block_n = _block_n(N)
@@ -143,7 +144,7 @@ def probe_perturb(x, gamma, eps, keys, rows_per_probe, distribution, scale_by_rm
         rows_per_program = max(1, (4096 if x.is_cuda else 16384) // block_n)
     block_m = triton.next_power_of_2(rows_per_program)
     _perturb_kernel[(triton.cdiv(M, block_m),)](
-        x, y, gamma, scale, keys, M, N, x.stride(0), y.stride(0), rows_per_probe, eps,
+        x, y, gamma, scale, keys, M, N, x.stride(0), y.stride(0), rows_per_probe, row_offset, eps,
         SCALE_BY_RMS=scale_by_rms, ADD_X=add_x, GAUSSIAN=distribution == "gaussian", ACC=_acc(x.dtype),
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=_warps(block_m * block_n),
     )
