@@ -25,7 +25,8 @@ def _options(args: argparse.Namespace):
 
     return AdaptOptions(shots=args.shots, epochs=args.epochs, lr=args.lr, estimator=args.estimator,
                         num_probes=args.probes, scoring=args.scoring, rank=args.rank, max_memory_gb=args.max_memory,
-                        memory_efficient={"auto": None, "on": True, "off": False}[args.memory_efficient]).check()
+                        memory_efficient={"auto": None, "on": True, "off": False}[args.memory_efficient],
+                        fsdp=args.fsdp).check()
 
 
 def _dtype(name: str):
@@ -132,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     ad.add_argument("--lr", type=float, default=1e-3)
     ad.add_argument("--rank", type=int, default=1, help="LoRA rank (arm lora)")
     ad.add_argument("--no-demos", action="store_true", help="skip evaluating adapted models with the demonstrations")
+    ad.add_argument("--fsdp", action="store_true", help="with accelerate launch: shard the frozen base weights "
+                    "(FSDP2) instead of replicating them")
     ad.add_argument("--max-memory", type=float, default=None, help="GiB budget for a CUDA training step (splits the "
                     "probe pass; turns on the memory-efficient step)")
     ad.add_argument("--memory-efficient", default="auto", choices=["auto", "on", "off"],

@@ -45,6 +45,40 @@ class Parallel:
             offset += t.numel()
 
 
+def shard_model(model, par: Parallel, device: torch.device) -> torch.device:
+    """FSDP2: shards the blocks' parameters and every norm across the ranks (each fused norm in its own
+    group, so the fp32 trainable norms and the frozen low-precision weights are gathered
+    separately), placing the shards on this rank's device (``cuda:LOCAL_RANK`` with GPUs, else the
+    CPU); returns that device. The embedding and LM head (a few % of a 7B model, often tied, and
+    called apart from the model's forward here) stay replicated on every rank."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from .nn import FusedLayerNorm, FusedRMSNorm
+    from .objectives import _structure
+
+    if torch.cuda.is_available() and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+        mesh = init_device_mesh("cuda", (par.world,))
+    else:
+        device = torch.device("cpu")
+        mesh = init_device_mesh("cpu", (par.world,))
+    for module in model.modules():
+        if isinstance(module, (FusedRMSNorm, FusedLayerNorm)) and any(True for _ in module.parameters(recurse=False)):
+            fully_shard(module, mesh=mesh)
+    st = _structure(model)
+    for block in st.blocks:
+        fully_shard(block, mesh=mesh)
+    model.to(device)  # what is not sharded: embedding, head, rotary buffers
+    return device
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a sharded (DTensor) parameter; plain tensors as they are."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 def is_main_process() -> bool:
     """Rank 0, or the only process (read from the launcher's environment; creates no process group)."""
     return int(os.environ.get("RANK", "0")) == 0

@@ -126,8 +126,8 @@ def adapt_and_report(
             entry = progress.put(name, {**run(), "seconds": round(time.time() - t0, 1)})
         return entry
 
-    def evaluation(model, tokenizer, demos=()):
-        if not main:
+    def evaluation(model, tokenizer, demos=(), sharded=False):
+        if not main and not sharded:  # a sharded model runs on every rank together
             return {"accuracy": float("nan"), "macro_f1": float("nan")}
         scores = ev.evaluate(model, tokenizer, dataset.task, test, demonstrations=demos, scoring=options.scoring)
         return {"accuracy": scores.accuracy, "macro_f1": scores.macro_f1}
@@ -153,9 +153,10 @@ def adapt_and_report(
                 model, tokenizer = model_and_tokenizer()
                 result = adapt(model, tokenizer, dataset, dataclasses.replace(options, arm=arm, seed=seed),
                                train=shots)
-                entry = evaluation(model, tokenizer)
+                sharded = options.fsdp and int(os.environ.get("WORLD_SIZE", "1")) > 1
+                entry = evaluation(model, tokenizer, sharded=sharded)
                 if with_demos:
-                    entry.update({f"demos_{k}": v for k, v in evaluation(model, tokenizer, shots).items()})
+                    entry.update({f"demos_{k}": v for k, v in evaluation(model, tokenizer, shots, sharded).items()})
                 entry["losses"] = result.losses
                 entry["adapter"] = None
                 if out_dir and main:

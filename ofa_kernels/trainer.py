@@ -67,6 +67,7 @@ class AdaptOptions:
     memory_efficient: bool | None = None  # checkpointed blocks + split probe pass; None: memory.use_lean_step
     max_memory_gb: float | None = None  # budget that sizes the probe passes (CUDA)
     probes_per_pass: int | None = None  # fixes the split instead of the budget
+    fsdp: bool = False  # data-parallel runs: shard the frozen base weights with FSDP2 (else replicate)
 
     def check(self) -> "AdaptOptions":
         if self.arm not in ARMS:
@@ -167,7 +168,8 @@ def _batch_of_pairs(tokenizer, task: Task, pairs, options: AdaptOptions, label_i
 
 def training_step(model: nn.Module, batch: dict, options: AdaptOptions, gammas: Sequence[torch.Tensor], seed: int, *,
                   memory_efficient: bool = False, max_memory_gb: float | None = None,
-                  probes_per_pass: int | None = None, row_offset: int = 0) -> dict[str, float]:
+                  probes_per_pass: int | None = None, row_offset: int = 0,
+                  loss_scale: float = 1.0) -> dict[str, float]:
     """Forward and backward of ``CE + lambda_J * J + lambda_S * S`` on one batch (gradients accumulate
     in the trainable parameters); returns the loss and its parts as floats.
 
@@ -177,7 +179,8 @@ def training_step(model: nn.Module, batch: dict, options: AdaptOptions, gammas: 
     many as fit ``max_memory_gb``), each back-propagated at once; the gradient the probe passes send
     into the clean states is collected on detached copies and sent through the clean pass in one
     final backward. Same loss and gradients as the plain step, up to summation order.
-    ``row_offset``: the batch is a shard starting at that row of a larger batch (probe numbering).
+    ``row_offset``: the batch is a shard starting at that row of a larger batch (probe numbering);
+    ``loss_scale`` multiplies what is back-propagated (not the returned values).
     """
     st = objectives._structure(model)
     device = batch["input_ids"].device
@@ -205,7 +208,7 @@ def training_step(model: nn.Module, batch: dict, options: AdaptOptions, gammas: 
             parts["J"] = objectives.step_ratio(states, None)
         clean_loss = ce + options.lambda_j * parts.get("J", 0.0)
         if not use_s:
-            clean_loss.backward()
+            (clean_loss * loss_scale).backward()
             return {"loss": float(clean_loss.detach()), **{k: float(v.detach()) for k, v in parts.items()}}
         s_batch = {"input_ids": batch["prompt_input_ids"], "attention_mask": batch["prompt_attention_mask"]}
         if options.estimator == "hvp":
@@ -216,7 +219,7 @@ def training_step(model: nn.Module, batch: dict, options: AdaptOptions, gammas: 
         if not memory_efficient:
             parts["S"] = objectives.sharpness(model, s_batch, num_probes=K, clean_states=states, **probe_args)
             loss = clean_loss + options.lambda_s * parts["S"]
-            loss.backward()
+            (loss * loss_scale).backward()
             return {"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in parts.items()}}
         per_pass = probes_per_pass
         if per_pass is None:
@@ -228,14 +231,14 @@ def training_step(model: nn.Module, batch: dict, options: AdaptOptions, gammas: 
             k = min(per_pass, K - first)
             s_part = objectives.sharpness(model, s_batch, num_probes=k, first_probe=first, clean_states=leaves,
                                           **probe_args)
-            (options.lambda_s * k / K * s_part).backward()
+            (loss_scale * options.lambda_s * k / K * s_part).backward()
             s_value += float(s_part.detach()) * k / K
             del s_part
         surrogate = clean_loss
         if leaves is not None:
             surrogate = surrogate + sum((h * leaf.grad).sum() for h, leaf in zip(states, leaves)
                                         if leaf.grad is not None)
-        surrogate.backward()
+        (surrogate * loss_scale).backward()
     out = {"loss": float(clean_loss.detach()) + options.lambda_s * s_value}
     out.update({k: float(v.detach()) for k, v in parts.items()})
     out["S"] = s_value
@@ -291,6 +294,12 @@ def adapt(
     par = distributed.current(device.type)
     if len(train) < par.world:
         raise ValueError(f"{len(train)} training examples cannot be shared by {par.world} processes")
+    sharded = options.fsdp and par.world > 1
+    if sharded:
+        if checkpoint:
+            raise ValueError("checkpoint/resume is not supported with fsdp yet; run without checkpoint")
+        device = distributed.shard_model(model, par, device)
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad}  # FSDP2 swapped in sharded ones
     optimizer = torch.optim.AdamW(params.values(), lr=options.lr, weight_decay=options.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(options))
     losses: list[dict[str, float]] = []
@@ -325,12 +334,15 @@ def adapt(
             memory_efficient = memory.use_lean_step(device, batch["input_ids"].numel(), options.max_memory_gb)
         parts = training_step(model, batch, options, gammas, options.seed * 7919 + epoch,
                               memory_efficient=memory_efficient, max_memory_gb=options.max_memory_gb,
-                              probes_per_pass=options.probes_per_pass, row_offset=rows.start or 0)
+                              probes_per_pass=options.probes_per_pass, row_offset=rows.start or 0,
+                              loss_scale=(rows.stop - rows.start) / len(train) * par.world if sharded else 1.0)
         if par.world > 1:  # the whole batch's mean: shard means weighted by their share of the rows
             share = (rows.stop - rows.start) / len(train)
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params.values()]
-            for p, g in zip(params.values(), grads):
-                p.grad = g.mul_(share)
+            grads = []
+            if not sharded:  # FSDP reduce-scattered the (share * world)-scaled gradients already
+                grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params.values()]
+                for p, g in zip(params.values(), grads):
+                    p.grad = g.mul_(share)
             logged = torch.tensor([parts[k] * share for k in sorted(parts)], dtype=torch.float64, device=device)
             par.sum_(grads + [logged])
             parts = dict(zip(sorted(parts), logged.tolist()))
@@ -342,5 +354,5 @@ def adapt(
             _save_atomic({"fingerprint": fingerprint, "epoch": done, "losses": losses,
                           "weights": {k: v.detach().clone() for k, v in params.items()},
                           "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, ckpt)
-    weights = {k: v.detach().clone() for k, v in params.items()}
+    weights = {k: distributed.full(v).detach().clone() for k, v in params.items()}
     return AdaptResult(weights, base_hash, losses, train, options)

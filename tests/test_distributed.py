@@ -25,8 +25,9 @@ def test_shards_cover_the_batch_once():
 
 
 @pytest.mark.skipif(not DATA.exists(), reason="shared data not found")
-@pytest.mark.parametrize("arm", ["ofa"])
-def test_two_processes_give_the_single_process_adapter(tiny_model_dir, tmp_path, arm):
+@pytest.mark.parametrize("mode", ["ddp", "fsdp", "fsdp-lean"])
+def test_two_processes_give_the_single_process_adapter(tiny_model_dir, tmp_path, mode):
+    arm = "ofa"
     pytest.importorskip("accelerate")
     args = ["adapt", "--model", str(tiny_model_dir), "--task", "sst2", "--data-dir", str(DATA), "--shots", "3",
             "--seeds", "42", "--arm", arm, "--epochs", "4", "--lr", "3e-2", "--test-size", "8", "--no-demos"]
@@ -37,8 +38,9 @@ def test_two_processes_give_the_single_process_adapter(tiny_model_dir, tmp_path,
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
               "-m", "ofa_kernels.cli"]
-    two = subprocess.run([*launch, *args, "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True,
-                         timeout=600)
+    two = subprocess.run([*launch, *args, "--out", str(tmp_path / "two")] + {"ddp": [], "fsdp": ["--fsdp"],
+                                                                 "fsdp-lean": ["--fsdp", "--memory-efficient", "on"]}[mode],
+                         env=env, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     assert "data-parallel: 2 processes" in two.stdout
     name = f"adapter-sst2-{arm}-seed42.safetensors"
@@ -50,3 +52,7 @@ def test_two_processes_give_the_single_process_adapter(tiny_model_dir, tmp_path,
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-5, atol=1e-6, msg=k)
     assert not list((tmp_path / "two").glob("*.tmp"))
+    import json
+
+    acc = [json.loads((tmp_path / d / "results.json").read_text())["accuracy"][arm] for d in ("one", "two")]
+    assert acc[0] == acc[1]  # rank 0 (with the sharded model: every rank) evaluated the same weights
