@@ -1,28 +1,45 @@
 """ofa_kernels: fused, twice-differentiable norms and the OFA few-shot adaptation toolkit."""
 
+from .adapters import load_adapter, save_adapter
+from .data import k_shot, load_table, load_task, test_subset
+from .diagnostics import layer_report
+from .evaluate import evaluate
 from .nn import FusedLayerNorm, FusedRMSNorm
 from .objectives import (hutchinson_trace, last_token_states, preconditioners, sharpness, sharpness_terms,
                          step_ratio)
 from .ops import backends, layer_norm, rms_norm
 from .patch import patch_model, unpatch_model
 from .rng import probes
+from .trainer import AdaptOptions, AdaptResult, adapt, training_step
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaptOptions",
+    "AdaptResult",
     "FusedLayerNorm",
     "FusedRMSNorm",
     "__version__",
+    "adapt",
     "backends",
+    "evaluate",
     "hutchinson_trace",
+    "k_shot",
     "last_token_states",
     "layer_norm",
+    "layer_report",
+    "load_adapter",
+    "load_table",
+    "load_task",
     "patch_model",
     "preconditioners",
     "probes",
     "rms_norm",
+    "save_adapter",
     "sharpness",
     "sharpness_terms",
     "step_ratio",
+    "test_subset",
+    "training_step",
     "unpatch_model",
 ]

@@ -55,9 +55,12 @@ TASKS: dict[str, Task] = {
              {"dataset": "ag_news"}),
         Task("dbpedia", "Article: {text}\nCategory:",
              ("Company", "School", "Artist", "Athlete", "Politician", "Transportation", "Building", "Nature",
-              "Village", "Animal", "Plant", "Album", "Film", "Book"), "hub", {"dataset": "dbpedia_14"}),
-        Task("cb", "{text}\nAnswer:", ("yes", "no", "maybe"), "hub", {"dataset": "super_glue", "config": "cb"}),
-        Task("rte", "{text}\nAnswer:", ("yes", "no"), "hub", {"dataset": "super_glue", "config": "rte"}),
+              "Village", "Animal", "Plant", "Album", "Film", "Book"), "hub",
+             {"dataset": "dbpedia_14", "text": ("title", "content")}),
+        Task("cb", "{text}\nAnswer:", ("yes", "no", "maybe"), "hub",
+             {"dataset": "super_glue", "config": "cb", "text": ("premise", "hypothesis")}),
+        Task("rte", "{text}\nAnswer:", ("yes", "no"), "hub",
+             {"dataset": "super_glue", "config": "rte", "text": ("premise", "hypothesis")}),
         Task("hate_speech18", "Text: {text}\nLabel:", ("neutral", "hate"), "hub", {"dataset": "hate_speech18"}),
         Task("emo", "Dialogue: {text}\nEmotion:", ("others", "happy", "sad", "angry"), "hub", {"dataset": "emo"}),
     ]
@@ -261,7 +264,7 @@ def _from_hub(task: Task, reader: _Reader) -> tuple[list[Example], list[Example]
     for split in ("train", "test" if "test" in ds else "validation"):
         rows: list[Example] = []
         for i, record in enumerate(ds[split]):
-            text = record.get("text") or " ".join(str(record[k]) for k in ("premise", "hypothesis") if k in record)
+            text = " ".join(str(record.get(k) or "") for k in task.files.get("text", ("text",))).strip()
             reader.add(rows, text, int(record["label"]), f"{task.files['dataset']}/{split}:{i}", len(task.labels))
         out.append(rows)
     return out[0], out[1]

@@ -90,3 +90,52 @@ def test_tweets_corpus_loads_positive_and_negative():
 def test_unknown_task_is_named():
     with pytest.raises(ValueError, match="task must be one of"):
         data.get_task("imdb")
+
+
+HUB_RECORDS = {  # one record in each dataset's own columns (what datasets.load_dataset returns)
+    "agnews": {"text": "Stocks rallied.", "label": 2},
+    "dbpedia": {"title": "Acme", "content": "Acme is a company.", "label": 0},
+    "cb": {"premise": "It rained.", "hypothesis": "The street is wet.", "label": 2},
+    "rte": {"premise": "A man sleeps.", "hypothesis": "A man is awake.", "label": 1},
+    "hate_speech18": {"text": "hello there", "label": 0},
+    "emo": {"text": "i am so happy", "label": 1},
+}
+
+
+@pytest.mark.parametrize("name", sorted(HUB_RECORDS))
+def test_hub_tasks_map_their_columns_and_report_bad_rows(name, monkeypatch):
+    """Offline: a stand-in for datasets.load_dataset returns the real column layout of each dataset."""
+    import sys
+    import types
+
+    good = HUB_RECORDS[name]
+    bad = {**good, "label": 99}  # hate_speech18's "idk"/"relation" classes and the like: reported
+    calls = []
+
+    def load_dataset(path, config=None):
+        calls.append((path, config))
+        test_split = "validation" if name in ("cb", "rte") else "test"
+        return {"train": [good, bad, good], test_split: [good]}
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    ds = data.load_task(name)
+    assert calls == [(data.TASKS[name].files["dataset"], data.TASKS[name].files.get("config"))]
+    assert len(ds.pool) == 2 and len(ds.test) == 1
+    assert ds.pool[0].label == good["label"] and ds.pool[0].text
+    assert ds.problems == [f"{data.TASKS[name].files['dataset']}/train:1: unknown label"]
+    if name in ("cb", "rte"):
+        assert ds.pool[0].text == f"{good['premise']} {good['hypothesis']}"
+    if name == "dbpedia":
+        assert ds.pool[0].text == "Acme Acme is a company."
+
+
+def test_hub_tasks_without_network_say_what_to_do(monkeypatch):
+    import sys
+    import types
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("no network")
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=offline))
+    with pytest.raises(RuntimeError, match="load a local copy with load_table"):
+        data.load_task("agnews")
