@@ -45,7 +45,7 @@ def _adapt(args: argparse.Namespace) -> int:
     arms = [a.strip() for a in args.arm.split(",") if a.strip()]
     adapt_and_report(lambda: load_model(args.model, _dtype(args.dtype), args.device), args.task,
                      model_name=args.model, data_dir=args.data_dir, seeds=seeds, arms=arms, options=_options(args),
-                     test_size=args.test_size, out=args.out, with_demos=not args.no_demos)
+                     test_size=args.test_size, out=args.out, with_demos=not args.no_demos, progress=True)
     return 0
 
 
@@ -100,7 +100,7 @@ def _demo(args: argparse.Namespace) -> int:
           f"{DEMO_OPTIONS['lr']} (ofa adapt runs the full 60-epoch recipe)")
     adapt_and_report(lambda: load_model(SMOLLM2), "tweets", model_name=SMOLLM2, seeds=[args.seed], arms=["ce", "ofa"],
                      options=AdaptOptions(**DEMO_OPTIONS), test_size=args.test_size, out=args.out,
-                     with_demos=False)
+                     with_demos=False, progress=True)
     print(f"done in {time.time() - started:.0f} s")
     return 0
 

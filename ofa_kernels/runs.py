@@ -87,11 +87,13 @@ def adapt_and_report(
     test_size: int = 500,
     out: str | Path | None = None,
     with_demos: bool = True,
+    progress: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Runs the protocol; returns the results dictionary (also written under ``out``).
 
-    ``with_demos`` also evaluates every adapted model with the demonstrations prefix. With ``out``,
+    ``with_demos`` also evaluates every adapted model with the demonstrations prefix; ``progress``
+    shows a tqdm bar per run. With ``out``,
     finished evaluations are kept in ``out/progress.json``, and a rerun with the same settings
     continues where the last one stopped.
     """
@@ -152,7 +154,7 @@ def adapt_and_report(
             def run_arm():
                 model, tokenizer = model_and_tokenizer()
                 result = adapt(model, tokenizer, dataset, dataclasses.replace(options, arm=arm, seed=seed),
-                               train=shots)
+                               train=shots, progress=progress and main)
                 sharded = options.fsdp and int(os.environ.get("WORLD_SIZE", "1")) > 1
                 entry = evaluation(model, tokenizer, sharded=sharded)
                 if with_demos:
