@@ -1,9 +1,12 @@
-"""ofa_kernels: fused, twice-differentiable norms and the OFA few-shot adaptation toolkit."""
+"""ofa_kernels: fused, twice-differentiable norms and the OFA few-shot adaptation toolkit.
+
+Submodules keep their own names (``ofa_kernels.evaluate.evaluate``, ``ofa_kernels.data``, ...);
+nothing here shadows one.
+"""
 
 from .adapters import load_adapter, save_adapter
 from .data import k_shot, load_table, load_task, test_subset
 from .diagnostics import layer_report
-from .evaluate import evaluate
 from .nn import FusedLayerNorm, FusedRMSNorm
 from .objectives import (hutchinson_trace, last_token_states, preconditioners, sharpness, sharpness_terms,
                          step_ratio)
@@ -22,7 +25,6 @@ __all__ = [
     "__version__",
     "adapt",
     "backends",
-    "evaluate",
     "hutchinson_trace",
     "k_shot",
     "last_token_states",

@@ -161,3 +161,14 @@ def test_real_smollm2_patched_gives_the_same_logits_and_norm_grads(smollm2, back
     assert got.keys() == want.keys() and len(got) == len(names)
     for n in want:
         torch.testing.assert_close(got[n], want[n], rtol=1e-3, atol=1e-4 * max(want[n].abs().max().item(), 1.0))
+
+
+def test_the_public_surface_shadows_no_submodule():
+    import importlib
+    import pkgutil
+
+    submodules = {m.name for m in pkgutil.iter_modules(ofa_kernels.__path__)}
+    for name in ofa_kernels.__all__:
+        assert name not in submodules, name
+    for name in submodules - {"_C"}:
+        assert isinstance(importlib.import_module(f"ofa_kernels.{name}"), type(ofa_kernels)), name
