@@ -102,11 +102,10 @@ def _write_summary(out: Path, per_task: dict, seeds: list[int], args, started: f
               f"Compute: {compute / 60:.0f} min on {os.cpu_count()} CPU cores, torch {torch.__version__}.")
     summary = {"args": vars(args), "tasks": list(per_task), "compute_seconds": compute, "methods": data,
                "seconds_this_call": round(time.time() - started, 1)}
-    out.mkdir(parents=True, exist_ok=True)
-    for name, text in (("summary.md", header + "\n\n" + table + "\n"), ("summary.json", json.dumps(summary, indent=1))):
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, out / name)
+    from ofa_kernels.files import write_text
+
+    write_text(out / "summary.md", header + "\n\n" + table + "\n")
+    write_text(out / "summary.json", json.dumps(summary, indent=1))
     print(header + "\n\n" + table)
 
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .baselines import PEFT_ARMS, attach
+from .files import atomic_path
 from .patch import patch_model
 from .trainer import AdaptOptions, AdaptResult, norm_parameters, weights_hash
 
@@ -27,15 +27,12 @@ def save_adapter(result: AdaptResult, path: str | Path, *, base_model: str, task
 
     from . import __version__
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"base_model": base_model, "base_hash": result.base_hash, "task": task,
                 "options": json.dumps(dataclasses.asdict(result.options), sort_keys=True),
                 "library_version": __version__, "format": "ofa_kernels.adapter/1"}
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in result.weights.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
-    return path
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in result.weights.items()}, str(tmp), metadata=metadata)
+    return Path(path)
 
 
 def read_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -16,7 +16,6 @@ model with an adapter loaded, and ``write`` saves JSON and a PNG with the two si
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Sequence
 
@@ -27,6 +26,7 @@ from torch import nn
 from . import objectives
 from .data import Example, Task
 from .evaluate import _encode, _pad
+from .files import atomic_path, write_text
 
 
 @torch.no_grad()
@@ -110,9 +110,7 @@ def write(report: dict, out: str | Path, title: str = "") -> tuple[Path, Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     json_path, png_path = out / "diagnostics.json", out / "diagnostics.png"
-    tmp = out / ".diagnostics.json.tmp"
-    tmp.write_text(json.dumps(report, indent=1))
-    os.replace(tmp, json_path)
+    write_text(json_path, json.dumps(report, indent=1))
     panels = [("step", "||H_{t+1} - H_t||", True), ("ratio", "step ratio term", True),
               ("sharpness", "sharpness s_t", True), ("probe_accuracy", "linear-probe accuracy", False)]
     fig, axes = plt.subplots(1, 4, figsize=(18, 4))
@@ -128,8 +126,7 @@ def write(report: dict, out: str | Path, title: str = "") -> tuple[Path, Path]:
         ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    tmp_png = out / ".diagnostics.png.tmp"
-    fig.savefig(tmp_png, format="png", dpi=100)
+    with atomic_path(png_path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
-    os.replace(tmp_png, png_path)
     return json_path, png_path

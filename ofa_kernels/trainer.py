@@ -23,20 +23,19 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import distributed, memory, objectives
 from .baselines import PEFT_ARMS, attach
 from .data import Dataset, Example, Task, k_shot
 from .evaluate import _encode, _pad, continuation_log_probs, demonstrations_prefix, label_token_ids
+from .files import atomic_path
 from .memory import checkpointed_blocks
 from .nn import FusedLayerNorm, FusedRMSNorm
 from .patch import patch_model
@@ -245,13 +244,6 @@ def training_step(model: nn.Module, batch: dict, options: AdaptOptions, gammas: 
     return out
 
 
-def _save_atomic(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def adapt(
     model: nn.Module,
     tokenizer,
@@ -351,8 +343,9 @@ def adapt(
         losses.append({"epoch": epoch, **parts})
         done = epoch + 1
         if ckpt and par.is_main and (done % checkpoint_every == 0 or done == options.epochs):
-            _save_atomic({"fingerprint": fingerprint, "epoch": done, "losses": losses,
-                          "weights": {k: v.detach().clone() for k, v in params.items()},
-                          "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, ckpt)
+            with atomic_path(ckpt) as tmp:
+                torch.save({"fingerprint": fingerprint, "epoch": done, "losses": losses,
+                            "weights": {k: v.detach().clone() for k, v in params.items()},
+                            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp)
     weights = {k: distributed.full(v).detach().clone() for k, v in params.items()}
     return AdaptResult(weights, base_hash, losses, train, options)
