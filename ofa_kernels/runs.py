@@ -107,7 +107,7 @@ def adapt_and_report(
         out_dir.mkdir(parents=True, exist_ok=True)
     key = {"task": task, "model": model_name, "options": dataclasses.asdict(options),
            "test": [e.where for e in test]}
-    progress = _Progress(out_dir / "progress.json" if out_dir else None, key)
+    finished = _Progress(out_dir / "progress.json" if out_dir else None, key)
     started = time.time()
     loaded: list = []
 
@@ -117,10 +117,10 @@ def adapt_and_report(
         return loaded[0]
 
     def scored(name: str, run: Callable[[], dict]) -> dict:
-        entry = progress.get(name)
+        entry = finished.get(name)
         if entry is None:
             t0 = time.time()
-            entry = progress.put(name, {**run(), "seconds": round(time.time() - t0, 1)})
+            entry = finished.put(name, {**run(), "seconds": round(time.time() - t0, 1)})
         return entry
 
     def evaluation(model, tokenizer, demos=(), sharded=False):
@@ -172,7 +172,7 @@ def adapt_and_report(
     results = {"task": task, "model": model_name, "test_rows": len(test), "seeds": list(seeds),
                "options": dataclasses.asdict(options), "accuracy": rows, "macro_f1": f1s, "runs": runs,
                "seconds": round(time.time() - started, 1),
-               "compute_seconds": round(sum(e.get("seconds", 0.0) for e in progress.entries.values()), 1)}
+               "compute_seconds": round(sum(e.get("seconds", 0.0) for e in finished.entries.values()), 1)}
     table = [f"# {task} on {model_name}: accuracy over {len(test)} test rows, seeds {list(seeds)}", "",
              "| method | accuracy | macro-F1 |", "|---|---:|---:|"]
     table += [f"| {k} | {_mean_std(v)} | {_mean_std(f1s[k])} |" for k, v in rows.items()]
