@@ -79,6 +79,11 @@ def full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
+def launched_processes() -> int:
+    """How many processes the launcher started (``WORLD_SIZE``; 1 when run directly)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def is_main_process() -> bool:
     """Rank 0, or the only process (read from the launcher's environment; creates no process group)."""
     return int(os.environ.get("RANK", "0")) == 0
@@ -86,7 +91,7 @@ def is_main_process() -> bool:
 
 def current(device_type: str = "cpu") -> Parallel:
     """This process's place: one process unless launched by ``accelerate launch`` (or torchrun) with more."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if launched_processes() <= 1:
         return Parallel()
     try:
         from accelerate import PartialState

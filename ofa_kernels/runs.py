@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import statistics
 import time
 from pathlib import Path
@@ -96,8 +95,8 @@ def adapt_and_report(
     main = distributed.is_main_process()  # data-parallel runs: every rank adapts, rank 0 evaluates and writes
     if not main:
         log = lambda *_: None  # noqa: E731
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        log(f"data-parallel: {os.environ['WORLD_SIZE']} processes (rank 0 evaluates and writes)")
+    if distributed.launched_processes() > 1:
+        log(f"data-parallel: {distributed.launched_processes()} processes (rank 0 evaluates and writes)")
     dataset = data_mod.load_task(task, data_dir)
     if dataset.problems:
         log(f"{len(dataset.problems)} rows skipped, e.g. {dataset.problems[0]}")
@@ -150,7 +149,7 @@ def adapt_and_report(
                 model, tokenizer = model_and_tokenizer()
                 result = adapt(model, tokenizer, dataset, dataclasses.replace(options, arm=arm, seed=seed),
                                train=shots, progress=progress and main)
-                sharded = options.fsdp and int(os.environ.get("WORLD_SIZE", "1")) > 1
+                sharded = options.fsdp and distributed.launched_processes() > 1
                 entry = evaluation(model, tokenizer, sharded=sharded)
                 if with_demos:
                     entry.update({f"demos_{k}": v for k, v in evaluation(model, tokenizer, shots, sharded).items()})

@@ -320,6 +320,7 @@ def adapt(
             break
         optimizer.zero_grad(set_to_none=True)
         rows = par.shard(len(train))
+        share = (rows.stop - rows.start) / len(train)  # this rank's part of the batch mean
         batch = _batch_of_pairs(tokenizer, task, _pairs(train, options.seed, epoch), options, label_ids, device, rows)
         memory_efficient = options.memory_efficient
         if memory_efficient is None:
@@ -327,9 +328,8 @@ def adapt(
         parts = training_step(model, batch, options, gammas, options.seed * 7919 + epoch,
                               memory_efficient=memory_efficient, max_memory_gb=options.max_memory_gb,
                               probes_per_pass=options.probes_per_pass, row_offset=rows.start or 0,
-                              loss_scale=(rows.stop - rows.start) / len(train) * par.world if sharded else 1.0)
+                              loss_scale=share * par.world if sharded else 1.0)
         if par.world > 1:  # the whole batch's mean: shard means weighted by their share of the rows
-            share = (rows.stop - rows.start) / len(train)
             grads = []
             if not sharded:  # FSDP reduce-scattered the (share * world)-scaled gradients already
                 grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params.values()]
