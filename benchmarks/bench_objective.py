@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import stamp  # noqa: E402
 
 import ofa_kernels  # noqa: E402
+from ofa_kernels import anatomy  # noqa: E402
 from ofa_kernels import objectives as obj  # noqa: E402
 
 SHAPES = {  # LlamaConfig fields
@@ -58,8 +59,8 @@ def build(shape: str, dtype: torch.dtype, device: torch.device):
 
 def step(model, batch, gammas, estimator, K):
     """One norm-tuning step: a single clean pass gives the label logits and the states S reuses."""
-    states = obj.last_token_states(model, batch)
-    logits = obj._structure(model).head(states[-1])  # the label position only
+    states = anatomy.last_token_states(model, batch)
+    logits = anatomy.structure(model).head(states[-1])  # the label position only
     loss = F.cross_entropy(logits.float(), batch["labels"])
     if estimator:
         loss = loss + 1e-3 * obj.sharpness(model, batch, estimator=estimator, num_probes=K, seed=0, gammas=gammas,
@@ -127,7 +128,7 @@ def main(argv=None) -> int:
     batch = {"input_ids": torch.randint(0, vocab, (B, T), device=device),
              "attention_mask": torch.ones(B, T, dtype=torch.long, device=device),
              "labels": torch.randint(0, vocab, (B,), device=device)}
-    gammas = obj.preconditioners(model)
+    gammas = anatomy.preconditioners(model)
     wanted = None if args.arms is None else set(args.arms.split(","))
     rows = []
     for name, estimator, K in ARMS:

@@ -37,8 +37,9 @@ from bench_objective import SHAPES  # noqa: E402
 from harness import stamp  # noqa: E402
 
 import ofa_kernels  # noqa: E402
-from ofa_kernels import objectives as obj  # noqa: E402
-from ofa_kernels.trainer import AdaptOptions, _fp32_masters, norm_parameters, training_step  # noqa: E402
+from ofa_kernels import anatomy  # noqa: E402
+from ofa_kernels.anatomy import norm_parameters  # noqa: E402
+from ofa_kernels.trainer import AdaptOptions, training_step, use_fp32_masters  # noqa: E402
 
 OURS = [("ce", "ce", "fd", 1), ("ofa-fd-K1", "ofa", "fd", 1), ("ofa-fd-K4", "ofa", "fd", 4),
         ("ofa-hvp-K1", "ofa", "hvp", 1)]
@@ -94,7 +95,7 @@ def _measure(step, device: torch.device, reps: int) -> dict:
 
 def _ours(model, batch, arm: str, estimator: str, K: int, max_memory: float | None, lean: bool = True):
     options = AdaptOptions(arm=arm, estimator=estimator, num_probes=K, scoring="first", max_memory_gb=max_memory)
-    gammas = obj.preconditioners(model)
+    gammas = anatomy.preconditioners(model)
     params = list(norm_parameters(model).values())
     optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-3)
 
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
 
     model = _model(shape, dtype, device)
     ofa_kernels.patch_model(model)
-    _fp32_masters(model)
+    use_fp32_masters(model)
     for p_ in norm_parameters(model).values():
         p_.requires_grad_(True)
     for B, T in shapes:

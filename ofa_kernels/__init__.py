@@ -5,11 +5,11 @@ nothing here shadows one.
 """
 
 from .adapters import load_adapter, save_adapter
+from .anatomy import last_token_states, norm_parameters, preconditioners
 from .data import k_shot, load_table, load_task, test_subset
 from .diagnostics import layer_report
 from .nn import FusedLayerNorm, FusedRMSNorm
-from .objectives import (hutchinson_trace, last_token_states, preconditioners, sharpness, sharpness_terms,
-                         step_ratio)
+from .objectives import hutchinson_trace, sharpness, sharpness_terms, step_ratio
 from .ops import backends, layer_norm, rms_norm
 from .patch import patch_model, unpatch_model
 from .rng import probes
@@ -33,6 +33,7 @@ __all__ = [
     "load_adapter",
     "load_table",
     "load_task",
+    "norm_parameters",
     "patch_model",
     "preconditioners",
     "probes",

@@ -19,7 +19,8 @@ from torch import nn
 from .baselines import PEFT_ARMS, attach
 from .files import atomic_path
 from .patch import patch_model
-from .trainer import AdaptOptions, AdaptResult, norm_parameters, weights_hash
+from .anatomy import norm_parameters
+from .trainer import AdaptOptions, AdaptResult, weights_hash
 
 
 def save_adapter(result: AdaptResult, path: str | Path, *, base_model: str, task: str) -> Path:

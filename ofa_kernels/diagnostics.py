@@ -24,21 +24,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import objectives
+from .anatomy import last_token_states
 from .data import Example, Task
-from .evaluate import _encode, _pad
+from .prompts import encode, pad, padding_id
 from .files import atomic_path, write_text
 
 
 @torch.no_grad()
 def _states(model: nn.Module, tokenizer, task: Task, examples: Sequence[Example], batch_size: int) -> torch.Tensor:
     """[L+1, N, d] fp64 states at each prompt's last token."""
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_token = padding_id(tokenizer)
     device = next(model.parameters()).device
     chunks = []
     for start in range(0, len(examples), batch_size):
-        ids, mask = _pad(_encode(tokenizer, [task.prompt(e.text) for e in examples[start:start + batch_size]]),
-                         pad_id, device)
-        chunks.append(torch.stack(objectives.last_token_states(model, {"input_ids": ids, "attention_mask": mask})))
+        ids, mask = pad(encode(tokenizer, [task.prompt(e.text) for e in examples[start:start + batch_size]]),
+                        pad_token, device)
+        chunks.append(torch.stack(last_token_states(model, {"input_ids": ids, "attention_mask": mask})))
     return torch.cat(chunks, 1).double().cpu()
 
 
@@ -72,9 +73,9 @@ def layer_report(model: nn.Module, tokenizer, task: Task, train: Sequence[Exampl
     train_states = _states(model, tokenizer, task, train, batch_size)
     steps = (test_states[1:] - test_states[:-1]).norm(dim=-1)  # [L, N]
     ratio = (steps[1:].pow(2) / steps[:-1].pow(2).clamp_min(1e-30)).mean(1)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     rows = list(test[:sharpness_rows])
-    ids, mask = _pad(_encode(tokenizer, [task.prompt(e.text) for e in rows]), pad_id, next(model.parameters()).device)
+    ids, mask = pad(encode(tokenizer, [task.prompt(e.text) for e in rows]), padding_id(tokenizer),
+                    next(model.parameters()).device)
     with torch.no_grad():
         q = objectives.sharpness_terms(model, {"input_ids": ids, "attention_mask": mask}, estimator="fd",
                                        num_probes=num_probes, seed=seed)

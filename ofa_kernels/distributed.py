@@ -15,6 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .anatomy import structure
+from .nn import FusedLayerNorm, FusedRMSNorm
+
 
 @dataclass(frozen=True)
 class Parallel:
@@ -54,8 +57,6 @@ def shard_model(model, par: Parallel, device: torch.device) -> torch.device:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from .nn import FusedLayerNorm, FusedRMSNorm
-    from .objectives import _structure
 
     if torch.cuda.is_available() and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -67,7 +68,7 @@ def shard_model(model, par: Parallel, device: torch.device) -> torch.device:
     for module in model.modules():
         if isinstance(module, (FusedRMSNorm, FusedLayerNorm)) and any(True for _ in module.parameters(recurse=False)):
             fully_shard(module, mesh=mesh)
-    st = _structure(model)
+    st = structure(model)
     for block in st.blocks:
         fully_shard(block, mesh=mesh)
     model.to(device)  # what is not sharded: embedding, head, rotary buffers

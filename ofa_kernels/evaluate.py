@@ -6,10 +6,9 @@ Two scoring rules:
   " Abbreviation" as " Ab" + ...), which the first-token rule cannot tell apart.
 - ``"first"``: the authors' protocol, the logit of each label word's first sub-token.
 
-Label words are scored with a leading space (" positive"), as they follow "Sentiment:". In-context
-demonstrations are prepended as "prompt label" blocks separated by blank lines; that prefix is run
-once and its KV cache reused for every batch (tokenised apart from the prompts, so a token never
-spans the boundary).
+Prompt text, label words and padding come from ``prompts`` (the authors' format). In-context
+demonstrations are a prefix that is run once and whose KV cache is reused for every batch
+(tokenised apart from the prompts, so a token never spans the boundary).
 """
 
 from __future__ import annotations
@@ -22,35 +21,11 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from .anatomy import structure
 from .data import Example, Task
+from .prompts import demonstrations_prefix, encode, label_token_ids, pad, padding_id
 
 SCORING = ("full", "first")
-
-
-def label_token_ids(tokenizer, labels: Sequence[str]) -> list[list[int]]:
-    """Token ids of each label word as it follows the prompt (leading space)."""
-    ids = [tokenizer(" " + word, add_special_tokens=False)["input_ids"] for word in labels]
-    if any(not t for t in ids):
-        raise ValueError(f"a label word tokenises to nothing: {labels}")
-    return ids
-
-
-def demonstrations_prefix(task: Task, demos: Sequence[Example]) -> str:
-    return "".join(f"{task.prompt(d.text)} {task.labels[d.label]}\n\n" for d in demos)
-
-
-def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
-    return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-
-
-def _pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s)
-        mask[i, : len(s)] = 1
-    return ids.to(device), mask.to(device)
 
 
 def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
@@ -61,12 +36,10 @@ class Prefix:
     """A shared prompt prefix (the ICL demonstrations) run once; its KV cache is reused by every batch."""
 
     def __init__(self, model, ids: list[int]):
-        from .objectives import _structure
-
         device = next(model.parameters()).device
         self.length = len(ids)
         with torch.no_grad():
-            out = _structure(model).base(input_ids=torch.tensor([ids], device=device), use_cache=True)
+            out = structure(model).base(input_ids=torch.tensor([ids], device=device), use_cache=True)
         self.cache = out[1]  # the cache (named `cache` or `past_key_values` by transformers version)
 
     def for_batch(self, batch: int):
@@ -100,9 +73,7 @@ def label_log_probs(model, prompt_ids: list[list[int]], label_ids: list[list[int
     """
     if scoring not in SCORING:
         raise ValueError(f"scoring must be one of {SCORING}, got {scoring!r}")
-    from .objectives import _structure
-
-    st = _structure(model)
+    st = structure(model)
     device = next(model.parameters()).device
     if all(len(t) == 1 for t in label_ids):
         scoring = "first"  # one-token label words: the two rules are the same numbers, and "first" is one pass
@@ -110,7 +81,7 @@ def label_log_probs(model, prompt_ids: list[list[int]], label_ids: list[list[int
         seqs, firsts = prompt_ids, torch.tensor([t[0] for t in label_ids], device=device)
     else:
         seqs = [p + lab for p in prompt_ids for lab in label_ids]  # prompt-major
-    ids, mask = _pad(seqs, pad_id, device)
+    ids, mask = pad(seqs, pad_id, device)
     hidden = _run_base(st, ids, mask, prefix)
     if scoring == "first":
         last = mask.sum(1) - 1
@@ -126,10 +97,8 @@ def continuation_log_probs(model, prompt_ids: list[list[int]], continuations: li
     """[N] log-probability of each continuation after its prompt (teacher forced), LM head at those positions only."""
     device = next(model.parameters()).device
     if _hidden is None:  # (hidden [N, T, d], structure) of prompt + continuation when the caller has them
-        from .objectives import _structure
-
-        st = _structure(model)
-        ids, mask = _pad([p + c for p, c in zip(prompt_ids, continuations)], pad_id, device)
+        st = structure(model)
+        ids, mask = pad([p + c for p, c in zip(prompt_ids, continuations)], pad_id, device)
         hidden = st.base(input_ids=ids, attention_mask=mask, use_cache=False)[0]
     else:
         hidden, st = _hidden
@@ -168,14 +137,14 @@ def evaluate(model, tokenizer, task: Task, examples: Sequence[Example], *, demon
              scoring: str = "full", batch_size: int = 16) -> Scores:
     """Predicts each example's label (argmax over label words) with an optional demonstrations prefix."""
     label_ids = label_token_ids(tokenizer, task.labels)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_token = padding_id(tokenizer)
     text = demonstrations_prefix(task, demonstrations)
-    prefix = Prefix(model, _encode(tokenizer, [text])[0]) if text else None
+    prefix = Prefix(model, encode(tokenizer, [text])[0]) if text else None
     predictions: list[int] = []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
-        prompt_ids = _encode(tokenizer, [task.prompt(e.text) for e in chunk])
-        scores = label_log_probs(model, prompt_ids, label_ids, scoring=scoring, pad_id=pad_id, prefix=prefix)
+        prompt_ids = encode(tokenizer, [task.prompt(e.text) for e in chunk])
+        scores = label_log_probs(model, prompt_ids, label_ids, scoring=scoring, pad_id=pad_token, prefix=prefix)
         predictions += scores.argmax(1).tolist()
     targets = [e.label for e in examples]
     accuracy = sum(p == t for p, t in zip(predictions, targets)) / max(1, len(targets))

@@ -20,6 +20,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .anatomy import structure
+
 
 _local = threading.local()  # per thread: checkpointing suspended, and a context to recompute under
 
@@ -39,10 +41,8 @@ def recompute_under(factory: Callable[[], ContextManager] | None) -> Iterator[No
 @contextlib.contextmanager
 def checkpointed_blocks(model: nn.Module) -> Iterator[None]:
     """Within the block, every block of ``model`` is checkpointed (when gradients are recorded)."""
-    from .objectives import _structure
-
     patched = []
-    for block in _structure(model).blocks:
+    for block in structure(model).blocks:
         if "forward" in block.__dict__:  # already wrapped (nested use): leave it
             continue
         forward = block.forward

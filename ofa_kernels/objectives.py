@@ -51,31 +51,18 @@ from torch.autograd import forward_ad
 from torch.overrides import TorchFunctionMode
 
 from . import rng
+from .anatomy import Structure, StateTap, input_batch, last_positions, preconditioners, structure
 from .memory import recompute_under
 from .ops.probe import perturb, probe_dot, probe_rows
 
 ESTIMATORS = ("fd", "jvp", "hvp")
 EPS_SCALES = ("auto", "none", "rms")
 BF16_SAFE_EPS = 2.0**-5
-_NORM_NAMES = ("post_attention_layernorm", "ln_2", "post_attention_norm", "ffn_norm", "norm2")
 
-__all__ = ["ESTIMATORS", "hutchinson_trace", "last_positions", "last_token_states", "preconditioners", "sharpness",
-           "sharpness_terms", "step_ratio", "TraceEstimate"]
+__all__ = ["ESTIMATORS", "hutchinson_trace", "sharpness", "sharpness_terms", "step_ratio", "TraceEstimate"]
 
 
 # ------------------------------------------------------------------------------------ step ratio
-
-
-def last_positions(attention_mask: Tensor) -> Tensor:
-    """Index of each row's last real token (works for left and right padding)."""
-    if attention_mask.dim() != 2:
-        raise ValueError(f"attention_mask must be [batch, seq], got shape {tuple(attention_mask.shape)}")
-    mask = attention_mask.bool()
-    idx = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
-    pos = torch.where(mask, idx, -1).amax(1)
-    if (pos < 0).any():
-        raise ValueError(f"attention_mask rows {torch.nonzero(pos < 0).flatten().tolist()} have no real token")
-    return pos
 
 
 def _gather(h: Tensor, positions: Tensor | None) -> Tensor:
@@ -98,133 +85,6 @@ def step_ratio(hidden_states: Sequence[Tensor] | Tensor, positions: Tensor | Non
     steps = (z[1:] - z[:-1]).pow(2).sum(-1)  # steps[i] = ||Z_{i+1} - Z_i||^2, i = 0..L-1
     L = z.shape[0] - 1
     return (steps[2:L] / (steps[1:L - 1] + eps)).sum(0).mean()
-
-
-# ------------------------------------------------------------------------------- model structure
-
-
-@dataclass
-class _Structure:
-    base: nn.Module  # runs embeddings, blocks and the final norm; returns the last hidden state
-    blocks: list[nn.Module]
-    head: nn.Module | None  # output embeddings (LM head)
-    attn: str
-
-
-def _is_norm(module: nn.Module) -> bool:
-    name = type(module).__name__
-    return isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or name.endswith(("RMSNorm", "LayerNorm"))
-
-
-def _structure(model: nn.Module) -> _Structure:
-    """Finds the block list (the longest ModuleList of one class) and the module that owns it."""
-    best = None
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) and len({type(m) for m in module}) == 1:
-            if best is None or len(module) > len(best[1]):
-                best = (name, module)
-    if best is None:
-        raise ValueError(f"found no list of transformer blocks in {type(model).__name__}")
-    owner_name = best[0].rpartition(".")[0]
-    base = model.get_submodule(owner_name) if owner_name else model
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    config = getattr(model, "config", None)
-    attn = getattr(config, "_attn_implementation", None) or "eager"
-    return _Structure(base, list(best[1]), head, attn)
-
-
-def _post_norm(block: nn.Module) -> nn.Module:
-    for name in _NORM_NAMES:
-        module = getattr(block, name, None)
-        if module is not None and _is_norm(module):
-            return module
-    norms = [m for m in block.modules() if _is_norm(m)]
-    if len(norms) < 2:
-        raise ValueError(f"block {type(block).__name__} has no recognisable post-attention norm")
-    return norms[1]
-
-
-def preconditioners(model: nn.Module) -> list[Tensor]:
-    """Each block's ``gamma_t`` (post-attention norm gain, offset included) as detached fp32 copies.
-
-    Take these once from the original model and pass them to :func:`sharpness` while training.
-    """
-    from .patch import _rms_kind
-
-    gammas = []
-    for block in _structure(model).blocks:
-        norm = _post_norm(block)
-        offset = getattr(norm, "offset", None)
-        if offset is None:
-            kind = _rms_kind(norm)
-            offset = kind[1] if kind else 0.0
-        gammas.append(norm.weight.detach().float().clone() + offset)
-    return gammas
-
-
-# ----------------------------------------------------------------------------------- recording
-
-
-class _Tap:
-    """Hooks on the blocks that take each block's input at the selected rows (before and after an
-    optional transform of that input) and the final hidden state."""
-
-    def __init__(self, st: _Structure, positions: Tensor, transform: Callable[[int, Tensor], Tensor] | None):
-        self.st, self.pos, self.transform = st, positions, transform
-        self.rows = torch.arange(positions.shape[0], device=positions.device)
-        n = len(st.blocks)
-        self.inputs: list[Tensor | None] = [None] * n
-        self.fed: list[Tensor | None] = [None] * n
-        self.final: Tensor | None = None
-
-    def _take(self, h: Tensor) -> Tensor:
-        return h[self.rows, self.pos]
-
-    def _pre(self, t: int):
-        def hook(module, args, kwargs):
-            x = args[0] if args else kwargs["hidden_states"]
-            self.inputs[t] = self._take(x)
-            if self.transform is None:
-                self.fed[t] = self.inputs[t]
-                return None
-            y = self.transform(t, x)
-            self.fed[t] = self._take(y)
-            if args:
-                return (y,) + tuple(args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": y}
-        return hook
-
-    def _post(self, module, args, kwargs, output):
-        h = output[0] if isinstance(output, (tuple, list)) else getattr(output, "last_hidden_state", output)
-        self.final_full = h  # [B, T, d]: callers that score other positions (label tokens) read it
-        self.final = self._take(h)
-
-    def run(self, input_ids: Tensor, attention_mask: Tensor) -> list[Tensor]:
-        """Runs the base model; returns ``[H_0, .., H_L]`` at the positions (H_t as block t received it)."""
-        handles = [b.register_forward_pre_hook(self._pre(t), with_kwargs=True) for t, b in enumerate(self.st.blocks)]
-        handles.append(self.st.base.register_forward_hook(self._post, with_kwargs=True))
-        try:
-            self.st.base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        finally:
-            for h in handles:
-                h.remove()
-        return list(self.inputs) + [self.final]
-
-
-def last_token_states(model: nn.Module, batch: Mapping[str, Tensor], positions: Tensor | None = None,
-                      *, return_final: bool = False):
-    """One forward pass of the model's base; returns ``[H_0, .., H_L]`` at each sequence's last real token.
-
-    Equal to HF's ``output_hidden_states`` taken at those positions, without keeping the full
-    ``[B, T, d]`` states or computing logits: ``head(H_L)`` gives the label-position logits, the list
-    feeds :func:`step_ratio` (``positions=None``) and ``sharpness(clean_states=...)``. ``positions``
-    overrides the positions (e.g. the prompt's last token of prompt + label sequences);
-    ``return_final`` also returns the full final hidden states ``[B, T, d]`` (for label scoring).
-    """
-    ids, mask = _batch(batch)
-    tap = _Tap(_structure(model), last_positions(mask) if positions is None else positions, None)
-    states = tap.run(ids, mask)
-    return (states, tap.final_full) if return_final else states
 
 
 # ------------------------------------------------------------ attention that differentiates in any mode
@@ -277,7 +137,7 @@ class _PlainAttention(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _needs_plain_attention(st: _Structure, estimator: str) -> None:
+def _needs_plain_attention(st: Structure, estimator: str) -> None:
     if st.attn not in ("sdpa", "eager"):
         raise ValueError(
             f'estimator "{estimator}" differentiates through attention in forward mode or twice, which '
@@ -329,7 +189,7 @@ def _fd(st, batch, pr: _Probing, first: int, K: int, clean: list[Tensor]) -> Ten
         scales[t] = s[torch.arange(K * B, device=x.device), pos]
         return y
 
-    tap = _Tap(st, pos, transform)
+    tap = StateTap(st, pos, transform)
     pert = tap.run(ids, mask)
     probe, base = _counters(batch[2], T, pert[0].shape[-1], K, pr.row_offset)
     out = []
@@ -370,7 +230,7 @@ def _jvp(st, batch, pr: _Probing, first: int, K: int) -> Tensor:
             scales[t] = s[torch.arange(K * B, device=x.device), pos]
             return x + forward_ad.make_dual(torch.zeros_like(noise), noise)
 
-        tap = _Tap(st, pos, transform)
+        tap = StateTap(st, pos, transform)
         states = tap.run(ids, mask)
         tangent = [_tangent_of(h) for h in states]
         tangents_fed = {t: _tangent_of(tap.fed[t]) for t in pr.layers}
@@ -409,7 +269,7 @@ def _hvp(st, batch, labels: Tensor, pr: _Probing, first: int, K: int) -> Tensor:
         return x.index_put((rows, pos), zs[t], accumulate=True)
 
     with torch.enable_grad(), _PlainAttention(), recompute_under(_PlainAttention):
-        states = _Tap(st, pos, transform).run(ids, mask)
+        states = StateTap(st, pos, transform).run(ids, mask)
         logits = st.head(states[-1])
         logits = logits if logits.dtype == torch.float64 else logits.float()
         ce = F.cross_entropy(logits, labels.to(ids.device).repeat(K), reduction="sum")
@@ -430,22 +290,10 @@ def _hvp(st, batch, labels: Tensor, pr: _Probing, first: int, K: int) -> Tensor:
 # ------------------------------------------------------------------------------------ public API
 
 
-def _model_dtype(st: _Structure) -> torch.dtype:
+def _model_dtype(st: Structure) -> torch.dtype:
     for p in st.blocks[0].parameters():
         return p.dtype
     return torch.float32
-
-
-def _batch(batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
-    if "input_ids" not in batch:
-        raise ValueError("batch must hold 'input_ids' (and 'attention_mask')")
-    ids = batch["input_ids"]
-    mask = batch.get("attention_mask")
-    if mask is None:
-        mask = torch.ones_like(ids)
-    if mask.shape != ids.shape:
-        raise ValueError(f"batch['attention_mask'] has shape {tuple(mask.shape)}, expected {tuple(ids.shape)}")
-    return ids, mask
 
 
 def sharpness_terms(
@@ -484,12 +332,12 @@ def sharpness_terms(
         raise ValueError(f"num_probes must be an int >= 1, got {num_probes!r}")
     if paper_exact and estimator == "hvp":
         raise ValueError('paper_exact reproduces the authors\' finite difference; it applies to "fd" and "jvp" only')
-    st = _structure(model)
+    st = structure(model)
     L = len(st.blocks)
     layers = list(range(1, L)) if layers is None else [int(t) for t in layers]
     if not layers or any(not 0 <= t < L for t in layers) or len(set(layers)) != len(layers):
         raise ValueError(f"layers must be distinct block indices in [0, {L - 1}], got {layers}")
-    ids, mask = _batch(batch)
+    ids, mask = input_batch(batch)
     pos = last_positions(mask)
     low_precision = _model_dtype(st) in (torch.bfloat16, torch.float16)
     scale_by_rms = eps_scale == "rms" or (eps_scale == "auto" and low_precision)
@@ -515,7 +363,7 @@ def sharpness_terms(
         _needs_plain_attention(st, estimator)
     per_pass = num_probes if max_rows is None else max(1, int(max_rows) // ids.shape[0])
     if estimator == "fd" and clean_states is None:
-        clean_states = _Tap(st, pos, None).run(ids, mask)
+        clean_states = StateTap(st, pos, None).run(ids, mask)
     parts = []
     for start in range(0, num_probes, per_pass):
         K = min(per_pass, num_probes - start)

@@ -2,9 +2,8 @@
 
 One walk over the module tree; norms are recognised by kind, not by model type:
 - ``torch.nn.LayerNorm`` over one dim (GPT-2 ``ln_*``, BERT ``LayerNorm``, ...) -> FusedLayerNorm;
-- RMSNorms: classes HF tags as "RMSNorm" or named ``*RMSNorm`` with a 1-D ``weight`` and an
-  ``eps``/``variance_epsilon`` (Llama, Mistral, Qwen2, SmolLM, ...; Gemma's ``1 + weight`` in fp32)
-  and ``torch.nn.RMSNorm`` -> FusedRMSNorm.
+- RMSNorms as ``anatomy.rms_kind`` recognises them (HF's Llama, Mistral, Qwen2, SmolLM, Gemma, ...;
+  ``torch.nn.RMSNorm``) -> FusedRMSNorm.
 PEFT wrappers (``LNTuningLayer``, ``ModulesToSaveWrapper``) are not norms themselves; the norms
 inside them (base layer and trainable copies) are found by the same walk. The replacement takes
 over the very same Parameter objects (values, dtype, device, ``requires_grad`` and optimizer
@@ -19,29 +18,10 @@ import warnings
 import torch
 from torch import nn
 
+from .anatomy import rms_kind
 from .nn import FusedLayerNorm, FusedRMSNorm
 
 _RECORD = "_ofa_patched_norms"
-
-
-def _rms_kind(module: nn.Module) -> tuple[float, float, str] | None:
-    """(eps, offset, cast_mode) when ``module`` is an RMSNorm we reproduce, else None."""
-    cls = type(module)
-    if isinstance(module, nn.RMSNorm):
-        if len(module.normalized_shape) != 1:
-            return None
-        eps = module.eps if module.eps is not None else torch.finfo(torch.float32).eps
-        return float(eps), 0.0, "gemma"
-    tagged = getattr(cls, "kernel_layer_name", None) == "RMSNorm" or cls.__name__.endswith("RMSNorm")
-    weight = getattr(module, "weight", None)
-    if not tagged or not isinstance(weight, nn.Parameter) or weight.dim() != 1:
-        return None
-    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
-    if not isinstance(eps, (int, float)):
-        return None
-    if "gemma" in cls.__name__.lower():
-        return float(eps), 1.0, "gemma"
-    return float(eps), 0.0, "llama"
 
 
 def _fused_for(module: nn.Module) -> nn.Module | None:
@@ -55,7 +35,7 @@ def _fused_for(module: nn.Module) -> nn.Module | None:
         fused.elementwise_affine = module.elementwise_affine
         fused.weight, fused.bias = module.weight, module.bias
         return fused
-    kind = _rms_kind(module)
+    kind = rms_kind(module)
     if kind is None:
         return None
     eps, offset, cast_mode = kind

@@ -1,19 +1,27 @@
 """OFA few-shot adaptation: train only the norm weights with CE + lambda_J * J + lambda_S * S.
 
-Protocol (the authors'): the k-shot set is the training data; each training sequence pairs one
-demonstration (another k-shot example, drawn per epoch) with one query, and the loss is computed
-at the query's label; all queries form one batch, so an epoch is one optimizer step. AdamW
-(lr 1e-3, weight decay 1e-3), linear warm-up over the first 5% of steps, then cosine to zero.
-Arms: "ce", "ce+J", "ce+S", "ofa" (both regularisers) train the norm weights; "lora" and "ia3"
-train PEFT adapters with CE in the same protocol (the baselines, ``baselines.py``). J and S are
-taken at the last prompt token (before the label); P_t are the original post-attention gains,
-frozen at the start. Trainable norms are kept in fp32 (master weights) for bf16/fp16 models; the
-norms still return the model's dtype.
+Two protocols (``AdaptOptions.protocol``); the k-shot set D is the training data:
+- ``"paper"`` (default; the authors' code, ``shared/PROTOCOL.md``): each epoch shuffles D (seeded
+  by seed and epoch) and takes consecutive disjoint pairs (demonstration, query); an odd example
+  left over is dropped. ``batch_size`` pairs (default 1: one sequence) make one optimizer step, so
+  an epoch is ceil((|D| // 2) / batch_size) steps (SST-2, |D| = 10: 5 steps, 300 in 60 epochs).
+  Warm-up ``int(warmup * total)`` steps, then cosine to zero over the whole horizon: the lr
+  multiplier at step s = 1 .. total is ``s / warm`` for ``s <= warm``, else
+  ``0.5 * (1 + cos(pi * s / total))``.
+- ``"batched"``: every example of D is a query, paired with another one drawn per epoch as its
+  demonstration; all queries form one batch, so an epoch is one optimizer step. Warm-up
+  ``max(1, round(warmup * epochs))`` steps, then cosine to zero over the steps after it.
+AdamW (lr 1e-3, weight decay 1e-3) in both. Arms: "ce", "ce+J", "ce+S", "ofa" (both regularisers)
+train the norm weights; "lora" and "ia3" train PEFT adapters with CE in the same protocol (the
+baselines, ``baselines.py``). J and S are taken at the last prompt token (before the label); P_t
+are the original post-attention gains, frozen at the start. Trainable norms are kept in fp32
+(master weights) for bf16/fp16 models; the norms still return the model's dtype.
 
-Runs resume: with ``checkpoint=path`` the state (weights, optimizer, scheduler, epoch, losses) is
-written atomically every ``checkpoint_every`` epochs, and a run that finds a checkpoint of the same
-options continues from it and ends with the same weights as an uninterrupted run (every random
-choice is a function of the seed and the epoch).
+Runs resume: with ``checkpoint=path`` the state (weights, optimizer, scheduler, step, losses) is
+written atomically every ``checkpoint_every`` optimizer steps (and at the end), and a run that
+finds a checkpoint of the same options continues from it, mid-epoch too, and ends with the same
+weights as an uninterrupted run (every random choice is a function of the seed, the epoch and the
+step). Checkpoints hold tensors and plain values only and are read with ``weights_only=True``.
 """
 
 from __future__ import annotations
@@ -33,15 +41,18 @@ from torch import nn
 
 from . import distributed, memory, objectives
 from .baselines import PEFT_ARMS, attach
+from .anatomy import last_token_states, norm_parameters, preconditioners, structure
 from .data import Dataset, Example, Task, k_shot
-from .evaluate import _encode, _pad, continuation_log_probs, demonstrations_prefix, label_token_ids
+from .evaluate import continuation_log_probs
 from .files import atomic_path
 from .memory import checkpointed_blocks
 from .nn import FusedLayerNorm, FusedRMSNorm
 from .patch import patch_model
+from .prompts import encode, label_token_ids, pad, padding_id, pair_prompt
 
 NORM_ARMS = ("ce", "ce+J", "ce+S", "ofa")
 ARMS = NORM_ARMS + PEFT_ARMS
+PROTOCOLS = ("paper", "batched")
 
 
 @dataclass
@@ -49,6 +60,8 @@ class AdaptOptions:
     """Everything that decides the adapted weights (stored with checkpoints and adapters)."""
 
     arm: str = "ofa"
+    protocol: str = "paper"  # "paper": one (demonstration, query) pair per step; "batched": one step per epoch
+    batch_size: int = 1  # pairs per optimizer step (protocol "paper")
     shots: int = 5
     seed: int = 42
     epochs: int = 60
@@ -71,9 +84,11 @@ class AdaptOptions:
     def check(self) -> "AdaptOptions":
         if self.arm not in ARMS:
             raise ValueError(f"arm must be one of {ARMS}, got {self.arm!r}")
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
         if self.estimator not in objectives.ESTIMATORS:
             raise ValueError(f"estimator must be one of {objectives.ESTIMATORS}, got {self.estimator!r}")
-        for name in ("shots", "epochs", "num_probes", "rank"):
+        for name in ("shots", "epochs", "num_probes", "rank", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.probes_per_pass is not None and self.probes_per_pass < 1:
@@ -94,17 +109,7 @@ class AdaptResult:
     options: AdaptOptions = field(default_factory=AdaptOptions)
 
 
-def norm_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """The weights (and biases) of the model's fused norms, by name."""
-    out = {}
-    for name, module in model.named_modules():
-        if isinstance(module, (FusedRMSNorm, FusedLayerNorm)):
-            for pname, p in module.named_parameters(recurse=False):
-                out[f"{name}.{pname}" if name else pname] = p
-    return out
-
-
-def _fp32_masters(model: nn.Module) -> None:
+def use_fp32_masters(model: nn.Module) -> None:
     """Trainable norms of a bf16/fp16 model in fp32; the norms keep returning the model's dtype."""
     for module in model.modules():
         if isinstance(module, (FusedRMSNorm, FusedLayerNorm)):
@@ -125,20 +130,38 @@ def weights_hash(params: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def _schedule(options: AdaptOptions):
-    warm = max(1, round(options.warmup * options.epochs)) if options.warmup > 0 else 0
-
-    def factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        progress = (step - warm) / max(1, options.epochs - warm)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return factor
+def steps_per_epoch(n_train: int, options: AdaptOptions) -> int:
+    """Optimizer steps in one epoch over a k-shot set of ``n_train`` examples."""
+    if options.protocol == "batched":
+        return 1
+    return math.ceil((n_train // 2) / options.batch_size)
 
 
-def _pairs(train: Sequence[Example], seed: int, epoch: int) -> list[tuple[Example, Example]]:
-    """(demonstration, query) for every query; the demonstration is another example, drawn per epoch."""
+def lr_multiplier(step: int, total: int, options: AdaptOptions) -> float:
+    """The learning-rate factor of optimizer step ``step`` (1 .. total) of a run of ``total`` steps."""
+    if options.protocol == "paper":
+        warm = int(options.warmup * total)
+        if step <= warm:
+            return step / warm
+        return 0.5 * (1 + math.cos(math.pi * step / total))
+    warm = max(1, round(options.warmup * total)) if options.warmup > 0 else 0
+    if step <= warm:
+        return step / warm
+    progress = (step - 1 - warm) / max(1, total - warm)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def epoch_pairs(train: Sequence[Example], seed: int, epoch: int, protocol: str = "paper") -> list[tuple[Example, Example]]:
+    """The (demonstration, query) pairs of one epoch, in training order.
+
+    "paper": D shuffled, consecutive disjoint pairs (an odd example left over is dropped);
+    "batched": every example a query, with another example drawn as its demonstration.
+    """
     rng = random.Random(seed * 1_000_003 + epoch)
+    if protocol == "paper":
+        order = list(range(len(train)))
+        rng.shuffle(order)
+        return [(train[order[i]], train[order[i + 1]]) for i in range(0, len(order) - 1, 2)]
     out = []
     for j, query in enumerate(train):
         others = [i for i in range(len(train)) if i != j]
@@ -146,20 +169,25 @@ def _pairs(train: Sequence[Example], seed: int, epoch: int) -> list[tuple[Exampl
     return out
 
 
+def _step_pairs(pairs: list, step_in_epoch: int, options: AdaptOptions) -> list:
+    if options.protocol == "batched":
+        return pairs
+    return pairs[step_in_epoch * options.batch_size:(step_in_epoch + 1) * options.batch_size]
+
+
 def _batch_of_pairs(tokenizer, task: Task, pairs, options: AdaptOptions, label_ids, device,
                     rows: slice = slice(None)) -> dict:
-    """The token batch of one epoch: prompt (+ label word for whole-word scoring), positions, targets.
+    """The token batch of one step: prompt (+ label word for whole-word scoring), positions, targets.
 
     ``rows`` keeps a block of the batch (a data-parallel shard), padded to the whole batch's widths.
     """
-    prompts = [demonstrations_prefix(task, [demo]) + task.prompt(query.text) for demo, query in pairs]
-    prompt_ids = _encode(tokenizer, prompts)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    prompt_ids = encode(tokenizer, [pair_prompt(task, demo, query) for demo, query in pairs])
+    pad_token = padding_id(tokenizer)
     targets = [label_ids[q.label] for _, q in pairs]
     full = options.scoring == "full"
     seqs = [p + t for p, t in zip(prompt_ids, targets)] if full else prompt_ids
-    ids, mask = _pad(seqs, pad_id, device)
-    p_ids, p_mask = _pad(prompt_ids, pad_id, device)
+    ids, mask = pad(seqs, pad_token, device)
+    p_ids, p_mask = pad(prompt_ids, pad_token, device)
     return {"input_ids": ids[rows], "attention_mask": mask[rows], "prompt_ids": prompt_ids[rows],
             "targets": targets[rows], "prompt_input_ids": p_ids[rows], "prompt_attention_mask": p_mask[rows],
             "positions": torch.tensor([len(p) - 1 for p in prompt_ids[rows]], device=device)}
@@ -181,7 +209,7 @@ def training_step(model: nn.Module, batch: dict, options: AdaptOptions, gammas: 
     ``row_offset``: the batch is a shard starting at that row of a larger batch (probe numbering);
     ``loss_scale`` multiplies what is back-propagated (not the returned values).
     """
-    st = objectives._structure(model)
+    st = structure(model)
     device = batch["input_ids"].device
     n = batch["input_ids"].shape[0]
     full = options.scoring == "full"
@@ -192,7 +220,7 @@ def training_step(model: nn.Module, batch: dict, options: AdaptOptions, gammas: 
         if measure:
             torch.cuda.reset_peak_memory_stats(device)
             before = torch.cuda.memory_allocated(device)
-        states, hidden = objectives.last_token_states(
+        states, hidden = last_token_states(
             model, {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}, batch["positions"],
             return_final=True)
         targets = batch["targets"]
@@ -252,14 +280,14 @@ def adapt(
     *,
     train: Sequence[Example] | None = None,
     checkpoint: str | Path | None = None,
-    checkpoint_every: int = 5,
+    checkpoint_every: int = 10,
     stop_after: int | None = None,
     progress: bool = False,
 ) -> AdaptResult:
     """Adapts ``model`` (in place) to ``dataset.task`` from its k-shot set; returns the norm weights.
 
-    ``train`` overrides the k-shot draw; ``stop_after`` ends after that many epochs (as a killed
-    run would; resume with the same ``checkpoint``).
+    ``train`` overrides the k-shot draw; ``checkpoint_every`` counts optimizer steps; ``stop_after``
+    ends after that many optimizer steps (as a killed run would; resume with the same ``checkpoint``).
     """
     options = (options or AdaptOptions()).check()
     task = dataset.task
@@ -268,11 +296,11 @@ def adapt(
     for p in model.parameters():
         p.requires_grad_(False)
     base_hash = weights_hash(norm_parameters(model))
-    gammas = objectives.preconditioners(model)
+    gammas = preconditioners(model)
     if options.arm in PEFT_ARMS:
         params = attach(model, options)
     else:
-        _fp32_masters(model)
+        use_fp32_masters(model)
         params = norm_parameters(model)
         if not params:
             raise ValueError("the model has no norms that ofa_kernels recognises; nothing to adapt")
@@ -284,24 +312,28 @@ def adapt(
     label_ids = label_token_ids(tokenizer, task.labels)
     device = next(model.parameters()).device
     par = distributed.current(device.type)
-    if len(train) < par.world:
-        raise ValueError(f"{len(train)} training examples cannot be shared by {par.world} processes")
+    per_epoch = steps_per_epoch(len(train), options)
+    smallest = len(train) if options.protocol == "batched" else min(options.batch_size, len(train) // 2)
+    if smallest < par.world:
+        raise ValueError(f"a step of {smallest} sequences cannot be shared by {par.world} processes "
+                         f"(protocol {options.protocol!r}: raise batch_size, or use fewer processes)")
     sharded = options.fsdp and par.world > 1
     if sharded:
         if checkpoint:
             raise ValueError("checkpoint/resume is not supported with fsdp yet; run without checkpoint")
         device = distributed.shard_model(model, par, device)
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}  # FSDP2 swapped in sharded ones
+    total = options.epochs * per_epoch
     optimizer = torch.optim.AdamW(params.values(), lr=options.lr, weight_decay=options.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(options))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: lr_multiplier(i + 1, total, options))
     losses: list[dict[str, float]] = []
     start = 0
     ckpt = Path(checkpoint) if checkpoint else None
     fingerprint = json.dumps({"options": dataclasses.asdict(options), "task": task.name, "base": base_hash,
                               "train": [e.where for e in train]}, sort_keys=True)
     if ckpt and ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
-        if state["fingerprint"] != fingerprint:
+        state = torch.load(ckpt, weights_only=True)  # tensors and plain values only: nothing in it runs
+        if state.get("fingerprint") != fingerprint:
             raise ValueError(f"checkpoint {ckpt} belongs to another run (options, task, base model or k-shot set "
                              "differ); remove it or pass another path")
         with torch.no_grad():
@@ -309,23 +341,28 @@ def adapt(
                 p.copy_(state["weights"][name])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        start, losses = state["epoch"], state["losses"]
-    epochs = range(start, options.epochs)
+        start, losses = state["step"], state["losses"]
+    steps = range(start, total)
     if progress:
         from tqdm.auto import tqdm
 
-        epochs = tqdm(epochs, desc=f"{task.name} {options.arm}", initial=start, total=options.epochs)
-    for epoch in epochs:
-        if stop_after is not None and epoch >= stop_after:
+        steps = tqdm(steps, desc=f"{task.name} {options.arm}", initial=start, total=total, unit="step")
+    pairs: list = []
+    for step in steps:
+        if stop_after is not None and step >= stop_after:
             break
+        epoch, in_epoch = divmod(step, per_epoch)
+        if in_epoch == 0 or not pairs:
+            pairs = epoch_pairs(train, options.seed, epoch, options.protocol)
         optimizer.zero_grad(set_to_none=True)
-        rows = par.shard(len(train))
-        share = (rows.stop - rows.start) / len(train)  # this rank's part of the batch mean
-        batch = _batch_of_pairs(tokenizer, task, _pairs(train, options.seed, epoch), options, label_ids, device, rows)
+        batch_pairs = _step_pairs(pairs, in_epoch, options)
+        rows = par.shard(len(batch_pairs))
+        share = (rows.stop - rows.start) / len(batch_pairs)  # this rank's part of the batch mean
+        batch = _batch_of_pairs(tokenizer, task, batch_pairs, options, label_ids, device, rows)
         memory_efficient = options.memory_efficient
         if memory_efficient is None:
             memory_efficient = memory.use_lean_step(device, batch["input_ids"].numel(), options.max_memory_gb)
-        parts = training_step(model, batch, options, gammas, options.seed * 7919 + epoch,
+        parts = training_step(model, batch, options, gammas, options.seed * 7919 + step,
                               memory_efficient=memory_efficient, max_memory_gb=options.max_memory_gb,
                               probes_per_pass=options.probes_per_pass, row_offset=rows.start or 0,
                               loss_scale=share * par.world if sharded else 1.0)
@@ -338,14 +375,21 @@ def adapt(
             logged = torch.tensor([parts[k] * share for k in sorted(parts)], dtype=torch.float64, device=device)
             par.sum_(grads + [logged])
             parts = dict(zip(sorted(parts), logged.tolist()))
+        if not math.isfinite(parts["loss"]):
+            raise FloatingPointError(f"training diverged at step {step + 1} of {total} (loss {parts['loss']}); "
+                                     f"lower the learning rate (lr {options.lr})")
+        lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
         scheduler.step()
-        losses.append({"epoch": epoch, **parts})
-        done = epoch + 1
-        if ckpt and par.is_main and (done % checkpoint_every == 0 or done == options.epochs):
+        losses.append({"epoch": epoch, "step": step + 1, "lr": lr, **parts})
+        done = step + 1
+        if ckpt and par.is_main and (done % checkpoint_every == 0 or done == total):
             with atomic_path(ckpt) as tmp:
-                torch.save({"fingerprint": fingerprint, "epoch": done, "losses": losses,
+                torch.save({"fingerprint": fingerprint, "step": done, "losses": losses,
                             "weights": {k: v.detach().clone() for k, v in params.items()},
                             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp)
     weights = {k: distributed.full(v).detach().clone() for k, v in params.items()}
+    bad = [k for k, v in weights.items() if not torch.isfinite(v).all()]
+    if bad:
+        raise FloatingPointError(f"the trained weights are not finite ({bad[:3]}); lower the learning rate")
     return AdaptResult(weights, base_hash, losses, train, options)

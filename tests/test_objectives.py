@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from conftest import DEVICE, available_backends
 
 import ofa_kernels
+from ofa_kernels import anatomy
 from ofa_kernels import objectives as obj
 
 # ------------------------------------------------------------------------------------ step ratio
@@ -19,7 +20,7 @@ def test_step_ratio_matches_a_hand_written_loop():
     mask = torch.ones(B, T, dtype=torch.long, device=DEVICE)
     mask[1, 4:] = 0  # right padding
     mask[2, :2] = 0  # left padding
-    pos = obj.last_positions(mask)
+    pos = anatomy.last_positions(mask)
     assert pos.tolist() == [6, 3, 6]
     want = 0.0
     for b in range(B):
@@ -38,10 +39,10 @@ def test_step_ratio_matches_a_hand_written_loop():
 
 def test_last_token_states_equal_hf_hidden_states(tiny):
     batch = _batch()
-    pos = obj.last_positions(batch["attention_mask"])
+    pos = anatomy.last_positions(batch["attention_mask"])
     with torch.no_grad():
         hf = tiny(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
-        ours = obj.last_token_states(tiny, batch)
+        ours = anatomy.last_token_states(tiny, batch)
     assert len(ours) == len(hf.hidden_states) == 4
     for h, o in zip(hf.hidden_states, ours):
         torch.testing.assert_close(o, h[torch.arange(2, device=DEVICE), pos], rtol=0, atol=0)
@@ -84,10 +85,10 @@ def _batch(B=2, T=5):
 
 def _with_offset(model, batch, t, v, *, take_ce=False):
     """Runs the base model with v [B, d] added to block t's input at the last positions."""
-    st = obj._structure(model)
-    pos = obj.last_positions(batch["attention_mask"])
+    st = anatomy.structure(model)
+    pos = anatomy.last_positions(batch["attention_mask"])
     rows = torch.arange(pos.shape[0], device=DEVICE)
-    tap = obj._Tap(st, pos, lambda i, x: x.index_put((rows, pos), v, accumulate=True) if i == t else x)
+    tap = anatomy.StateTap(st, pos, lambda i, x: x.index_put((rows, pos), v, accumulate=True) if i == t else x)
     states = tap.run(batch["input_ids"], batch["attention_mask"])
     if take_ce:
         return F.cross_entropy(st.head(states[-1]), batch["labels"], reduction="sum")
@@ -96,7 +97,7 @@ def _with_offset(model, batch, t, v, *, take_ce=False):
 
 def _exact_traces(model, batch, estimator):
     """Per block t >= 1 and sequence b: -tr(J_u P) ("fd", "jvp") or tr(P H P) ("hvp"), by brute force."""
-    gammas = obj.preconditioners(model)
+    gammas = anatomy.preconditioners(model)
     B, d = batch["input_ids"].shape[0], gammas[0].shape[0]
     out = []
     for t in range(1, len(gammas)):
@@ -174,16 +175,16 @@ def test_paper_exact_reproduces_the_authors_product():
     batch = _batch(B=3)
     with torch.no_grad():
         q = obj.sharpness_terms(model, batch, estimator="fd", seed=5, paper_exact=True, distribution="gaussian")
-        st = obj._structure(model)
-        pos = obj.last_positions(batch["attention_mask"])
-        clean = obj._Tap(st, pos, None).run(batch["input_ids"], batch["attention_mask"])
-        gammas = obj.preconditioners(model)
+        st = anatomy.structure(model)
+        pos = anatomy.last_positions(batch["attention_mask"])
+        clean = anatomy.StateTap(st, pos, None).run(batch["input_ids"], batch["attention_mask"])
+        gammas = anatomy.preconditioners(model)
         noises = {}
         def add(t, x):  # the authors' perturbation, noise drawn with the same generator
             nu = ofa_kernels.probes(x.shape, 5, "gaussian", layer=t, device=DEVICE, dtype=x.dtype)
             noises[t] = nu[torch.arange(3, device=DEVICE), pos]
             return x + 1e-3 * gammas[t].double() * nu if t >= 1 else x
-        pert = obj._Tap(st, pos, add).run(batch["input_ids"], batch["attention_mask"])
+        pert = anatomy.StateTap(st, pos, add).run(batch["input_ids"], batch["attention_mask"])
     for i, t in enumerate(range(1, 3)):
         delta = (pert[t + 1] - pert[t]) - (clean[t + 1] - clean[t])
         want = -(noises[t] @ delta.T) / 1e-3  # B x B, injected noise left inside
@@ -205,7 +206,7 @@ def patched_tiny(request, monkeypatch):
 def test_gradcheck_of_J_and_S_with_respect_to_norm_weights(patched_tiny, estimator):
     model = patched_tiny
     batch = _batch()
-    gammas = obj.preconditioners(model)
+    gammas = anatomy.preconditioners(model)
     weights = [model.model.layers[1].input_layernorm.weight, model.model.layers[2].post_attention_layernorm.weight]
     for p in model.parameters():
         p.requires_grad_(False)
@@ -218,7 +219,7 @@ def test_gradcheck_of_J_and_S_with_respect_to_norm_weights(patched_tiny, estimat
 
     def J(*ws):
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
-        return obj.step_ratio(out.hidden_states, obj.last_positions(batch["attention_mask"]))
+        return obj.step_ratio(out.hidden_states, anatomy.last_positions(batch["attention_mask"]))
 
     assert torch.autograd.gradcheck(S, weights)
     if estimator == "fd":
@@ -279,8 +280,8 @@ def test_states_at_the_prompt_end_do_not_see_the_label_tokens_after_it(tiny):
     prompt = torch.randint(0, 50, (2, 5), device=DEVICE)
     label = torch.randint(0, 50, (2, 2), device=DEVICE)
     with torch.no_grad():
-        alone = obj.last_token_states(tiny, {"input_ids": prompt})
-        both, final = obj.last_token_states(tiny, {"input_ids": torch.cat([prompt, label], 1)},
+        alone = anatomy.last_token_states(tiny, {"input_ids": prompt})
+        both, final = anatomy.last_token_states(tiny, {"input_ids": torch.cat([prompt, label], 1)},
                                             torch.tensor([4, 4], device=DEVICE), return_final=True)
     assert final.shape[:2] == (2, 7)
     for a, b in zip(alone, both):

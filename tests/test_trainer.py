@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,8 @@ from conftest import DEVICE
 from ofa_kernels import data
 from ofa_kernels import evaluate as ev
 from ofa_kernels.adapters import load_adapter, read_adapter, save_adapter
-from ofa_kernels.trainer import AdaptOptions, adapt, norm_parameters
+from ofa_kernels.anatomy import norm_parameters
+from ofa_kernels.trainer import AdaptOptions, adapt, epoch_pairs, lr_multiplier, steps_per_epoch
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 pytestmark = pytest.mark.skipif(not DATA.exists(), reason="shared data not found")
@@ -40,7 +42,7 @@ def sst2():
 def test_every_arm_trains_only_the_norms_and_lowers_its_loss(tokenizer, sst2, arm):
     model = _tiny(len(tokenizer))
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if "norm" not in n}
-    options = AdaptOptions(arm=arm, shots=3, epochs=12, lr=3e-2, warmup=0.1)
+    options = AdaptOptions(arm=arm, protocol="batched", shots=3, epochs=12, lr=3e-2, warmup=0.1)
     result = adapt(model, tokenizer, sst2, options)
     assert len(result.losses) == 12 and len(result.train) == 6
     assert {"J": arm in ("ce+J", "ofa"), "S": arm in ("ce+S", "ofa")} == {k: k in result.losses[0] for k in "JS"}
@@ -51,18 +53,68 @@ def test_every_arm_trains_only_the_norms_and_lowers_its_loss(tokenizer, sst2, ar
     assert set(result.weights) == set(norm_parameters(model)) and len(result.weights) == 7
 
 
-def test_a_killed_run_resumes_to_the_same_weights(tokenizer, sst2, tmp_path):
-    options = AdaptOptions(arm="ofa", shots=2, epochs=7, lr=1e-2)
+@pytest.mark.parametrize("protocol", ["paper", "batched"])
+def test_a_killed_run_resumes_to_the_same_weights(tokenizer, sst2, tmp_path, protocol):
+    # paper: |D| = 6 -> 3 steps per epoch, 9 in all; killed after step 5 (mid-epoch), last checkpoint at step 4
+    options = AdaptOptions(arm="ofa", protocol=protocol, shots=3, epochs=3 if protocol == "paper" else 7, lr=1e-2)
     whole = adapt(_tiny(len(tokenizer)), tokenizer, sst2, options)
     ckpt = tmp_path / "run.ckpt"
     adapt(_tiny(len(tokenizer)), tokenizer, sst2, options, checkpoint=ckpt, checkpoint_every=2, stop_after=5)
-    assert torch.load(ckpt, weights_only=False)["epoch"] == 4  # killed after epoch 5, last checkpoint at 4
+    assert torch.load(ckpt, weights_only=True)["step"] == 4
     resumed = adapt(_tiny(len(tokenizer)), tokenizer, sst2, options, checkpoint=ckpt, checkpoint_every=2)
     for name, w in whole.weights.items():
         assert torch.equal(resumed.weights[name], w), name
     assert [r["loss"] for r in resumed.losses] == [r["loss"] for r in whole.losses]
     with pytest.raises(ValueError, match="another run"):
-        adapt(_tiny(len(tokenizer)), tokenizer, sst2, AdaptOptions(arm="ce", shots=2, epochs=7), checkpoint=ckpt)
+        adapt(_tiny(len(tokenizer)), tokenizer, sst2, AdaptOptions(arm="ce", shots=3, epochs=7), checkpoint=ckpt)
+
+
+def test_paper_protocol_pairs_are_disjoint_seeded_and_cover_every_example_once_per_epoch():
+    train = [data.Example(f"text {i}", i % 2, f"f:{i}") for i in range(10)]
+    seen_orders = set()
+    for epoch in range(4):
+        pairs = epoch_pairs(train, 42, epoch)
+        used = [e.where for pair in pairs for e in pair]
+        assert len(pairs) == 5 and sorted(used) == sorted(e.where for e in train)  # each example once
+        assert epoch_pairs(train, 42, epoch) == pairs  # seeded: the same pairs again
+        seen_orders.add(tuple(used))
+    assert len(seen_orders) == 4  # reshuffled every epoch
+    assert epoch_pairs(train, 43, 0) != epoch_pairs(train, 42, 0)
+    odd = epoch_pairs(train[:7], 42, 0)
+    assert len(odd) == 3 and len({e.where for pair in odd for e in pair}) == 6  # the odd one out is dropped
+
+
+def test_paper_protocol_step_count_and_schedule_match_hand_computed_values():
+    paper = AdaptOptions()  # the default protocol: the authors'
+    assert paper.protocol == "paper" and paper.batch_size == 1
+    assert steps_per_epoch(10, paper) * paper.epochs == 300  # SST-2: 5 pairs per epoch, 60 epochs
+    assert steps_per_epoch(30, paper) * paper.epochs == 900  # TREC: 6 classes x 5 shots
+    assert steps_per_epoch(11, paper) == 5  # the odd example is dropped
+    assert steps_per_epoch(10, AdaptOptions(batch_size=2)) == 3  # 5 pairs in steps of 2, 2, 1
+    assert steps_per_epoch(10, AdaptOptions(protocol="batched")) == 1
+    # SST-2: total 300, warm-up int(0.05 * 300) = 15 steps, then cosine over the whole horizon
+    assert lr_multiplier(1, 300, paper) == pytest.approx(1 / 15)
+    assert lr_multiplier(15, 300, paper) == pytest.approx(1.0)
+    assert lr_multiplier(16, 300, paper) == pytest.approx(0.5 * (1 + math.cos(math.pi * 16 / 300)))
+    assert lr_multiplier(150, 300, paper) == pytest.approx(0.5)
+    assert lr_multiplier(300, 300, paper) == pytest.approx(0.0, abs=1e-12)
+    # TREC: total 900, warm-up 45
+    assert lr_multiplier(45, 900, paper) == pytest.approx(1.0)
+    assert lr_multiplier(450, 900, paper) == pytest.approx(0.5)
+
+
+def test_paper_protocol_trains_one_pair_per_step_with_the_schedule(tokenizer, sst2):
+    options = AdaptOptions(arm="ce", shots=2, epochs=10, lr=3e-2, warmup=0.1)  # |D| = 4: 2 steps per epoch
+    result = adapt(_tiny(len(tokenizer)), tokenizer, sst2, options)
+    assert [r["step"] for r in result.losses] == list(range(1, 21))
+    assert [r["epoch"] for r in result.losses] == [e for e in range(10) for _ in range(2)]
+    warm = int(0.1 * 20)
+    want = [3e-2 * (s / warm if s <= warm else 0.5 * (1 + math.cos(math.pi * s / 20))) for s in range(1, 21)]
+    assert [r["lr"] for r in result.losses] == pytest.approx(want)
+    first, last = result.losses[:2], result.losses[-2:]  # an epoch sees every example once
+    assert sum(r["ce"] for r in last) < sum(r["ce"] for r in first)
+    two = adapt(_tiny(len(tokenizer)), tokenizer, sst2, AdaptOptions(arm="ce", shots=2, epochs=3, batch_size=2))
+    assert len(two.losses) == 3  # two pairs in one step
 
 
 def test_adapter_round_trips_and_refuses_other_models(tokenizer, sst2, tmp_path):
@@ -95,7 +147,8 @@ def test_adapter_round_trips_and_refuses_other_models(tokenizer, sst2, tmp_path)
 def test_peft_baselines_train_only_their_layers_and_their_adapters_round_trip(tokenizer, sst2, arm, tmp_path):
     model = _tiny(len(tokenizer))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    result = adapt(model, tokenizer, sst2, AdaptOptions(arm=arm, shots=3, epochs=10, lr=3e-2, warmup=0.1))
+    result = adapt(model, tokenizer, sst2, AdaptOptions(arm=arm, protocol="batched", shots=3, epochs=10, lr=3e-2,
+                                                        warmup=0.1))
     marker = "lora_" if arm == "lora" else "ia3_"
     assert result.weights and all(marker in n for n in result.weights)
     assert "J" not in result.losses[0] and "S" not in result.losses[0]
@@ -133,6 +186,10 @@ def test_bad_options_are_named():
         AdaptOptions(arm="lora", rank=0).check()
     with pytest.raises(ValueError, match="epochs"):
         AdaptOptions(epochs=0).check()
+    with pytest.raises(ValueError, match="protocol must be one of"):
+        AdaptOptions(protocol="authors").check()
+    with pytest.raises(ValueError, match="batch_size"):
+        AdaptOptions(batch_size=0).check()
 
 
 @pytest.mark.slow
@@ -146,5 +203,7 @@ def test_smollm2_trec_training_loss_falls_and_accuracy_beats_zero_shot(smollm2):
     zero = ev.evaluate(model, tokenizer, ds.task, test)
     result = adapt(model, tokenizer, ds, AdaptOptions(arm="ofa", shots=2, epochs=10, lr=1e-2, warmup=0.1))
     adapted = ev.evaluate(model, tokenizer, ds.task, test)
-    assert result.losses[-1]["ce"] < 0.5 * result.losses[0]["ce"]
+    per_epoch = len(result.losses) // 10  # the paper protocol: |D| // 2 steps per epoch, one pair each
+    ce = [sum(r["ce"] for r in result.losses[e * per_epoch:(e + 1) * per_epoch]) for e in (0, 9)]
+    assert ce[1] < 0.5 * ce[0], ce
     assert adapted.accuracy > zero.accuracy, (zero.accuracy, adapted.accuracy)

@@ -33,7 +33,7 @@ _SOFT_BF16_RNE = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 
 @triton.jit
-def _cast(x, DTYPE: tl.constexpr):
+def cast_to(x, DTYPE: tl.constexpr):
     """x.to(DTYPE) with round-to-nearest-even on every target (x is fp32 or fp64)."""
     if _SOFT_BF16_RNE and DTYPE == tl.bfloat16:
         bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
@@ -97,7 +97,7 @@ def _affine(xhat, W, B, cols, N, offset, HAS_W: tl.constexpr, HAS_B: tl.constexp
     if HAS_W:
         g = _load_vec(W, cols, N, ACC) + offset
         if CAST_MODE == 0:  # llama: round xhat to the input dtype, then multiply
-            y = _cast(xhat, IN_DTYPE).to(ACC) * g[None, :]
+            y = cast_to(xhat, IN_DTYPE).to(ACC) * g[None, :]
         else:
             y = xhat * g[None, :]
     if HAS_B:
@@ -124,7 +124,7 @@ def _norm_fwd_kernel(
         xc = _xhat(x, mean, tl.full([BLOCK_M], 1.0, ACC), mask, IS_RMS)
         rstd = tl.rsqrt(_div_n(tl.sum(xc * xc, axis=1), N) + eps)
         y = _affine(xc * rstd[:, None], W, B, cols, N, offset, HAS_W, HAS_B, CAST_MODE, in_dtype, ACC)
-        tl.store(Y + rows[:, None] * stride_y + cols[None, :], _cast(y, Y.dtype.element_ty), mask=mask)
+        tl.store(Y + rows[:, None] * stride_y + cols[None, :], cast_to(y, Y.dtype.element_ty), mask=mask)
     else:
         ones = tl.full([BLOCK_M], 1.0, ACC)
         if not IS_RMS:
@@ -142,7 +142,7 @@ def _norm_fwd_kernel(
             rows, cols, mask = _tile(row0, M, N, c0, BLOCK_M, BLOCK_N)
             xhat = _xhat(_load(X, rows, stride_x, cols, mask, ACC), mean, rstd, mask, IS_RMS)
             y = _affine(xhat, W, B, cols, N, offset, HAS_W, HAS_B, CAST_MODE, in_dtype, ACC)
-            tl.store(Y + rows[:, None] * stride_y + cols[None, :], _cast(y, Y.dtype.element_ty), mask=mask)
+            tl.store(Y + rows[:, None] * stride_y + cols[None, :], cast_to(y, Y.dtype.element_ty), mask=mask)
     r = row0 + tl.arange(0, BLOCK_M)
     if not IS_RMS:
         tl.store(Mean + r, mean, mask=row_mask)
@@ -196,10 +196,10 @@ def _norm_bwd_kernel(
             if NEED_DX:
                 s_u, s_ux = _bwd_row_sums(dy, xhat, W, cols, N, offset, HAS_W, ACC)
                 dx = _bwd_dx(dy, xhat, rstd, s_u, s_ux, W, cols, N, offset, IS_RMS, HAS_W, ACC)
-                tl.store(DX + rows[:, None] * stride_dx + cols[None, :], _cast(dx, DX.dtype.element_ty), mask=mask)
+                tl.store(DX + rows[:, None] * stride_dx + cols[None, :], cast_to(dx, DX.dtype.element_ty), mask=mask)
             if NEED_DW:
                 if CAST_MODE == 0:
-                    dw_acc += tl.sum(dy * _cast(xhat, in_dtype).to(ACC), axis=0)
+                    dw_acc += tl.sum(dy * cast_to(xhat, in_dtype).to(ACC), axis=0)
                 else:
                     dw_acc += tl.sum(dy * xhat, axis=0)
             if NEED_DB:
@@ -229,11 +229,11 @@ def _norm_bwd_kernel(
                 dy = _load(DY, rows, stride_dy, cols, mask, ACC)
                 if NEED_DX:
                     dx = _bwd_dx(dy, xhat, rstd, s_u, s_ux, W, cols, N, offset, IS_RMS, HAS_W, ACC)
-                    tl.store(DX + rows[:, None] * stride_dx + cols[None, :], _cast(dx, DX.dtype.element_ty), mask=mask)
+                    tl.store(DX + rows[:, None] * stride_dx + cols[None, :], cast_to(dx, DX.dtype.element_ty), mask=mask)
                 if NEED_DW:
                     xw = xhat
                     if CAST_MODE == 0:
-                        xw = _cast(xhat, in_dtype).to(ACC)
+                        xw = cast_to(xhat, in_dtype).to(ACC)
                     p = DW_part + part + cols
                     tl.store(p, tl.load(p, mask=cols < N) + tl.sum(dy * xw, axis=0), mask=cols < N)
                 if NEED_DB:
@@ -345,9 +345,9 @@ def _norm_bwd_bwd_kernel(
             d_dy, d_x, dw_rows = _bb_outputs(xhat, dy, g, u, a, w2, rstd, s_u, s_ux, s_a, s_ax, s_au, s_w2,
                                              s_w2x, BW, E, cols, N, IS_RMS, HAS_BW, HAS_E, ACC)
             if NEED_DDY:
-                tl.store(D_DY + rows[:, None] * stride_ddy + cols[None, :], _cast(d_dy, D_DY.dtype.element_ty), mask=mask)
+                tl.store(D_DY + rows[:, None] * stride_ddy + cols[None, :], cast_to(d_dy, D_DY.dtype.element_ty), mask=mask)
             if NEED_DX:
-                tl.store(D_X + rows[:, None] * stride_dx + cols[None, :], _cast(d_x, D_X.dtype.element_ty), mask=mask)
+                tl.store(D_X + rows[:, None] * stride_dx + cols[None, :], cast_to(d_x, D_X.dtype.element_ty), mask=mask)
             if NEED_DW:
                 if SINGLE_PASS:
                     dw_acc += tl.sum(dw_rows, axis=0)
@@ -396,11 +396,11 @@ def _config(x: torch.Tensor, kernel: str, max_block_n: int | None, rows_per_prog
     return block_m, block_n, single, num_warps, max(1, min(n_tiles, persistent))
 
 
-def _acc(dtype: torch.dtype):
+def acc_tl_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def _acc_torch(dtype: torch.dtype) -> torch.dtype:
+def acc_torch_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -408,7 +408,7 @@ def norm_fwd(x, weight, bias, eps, offset, is_rms, cast_mode, out_dtype, *, max_
              num_warps=None):
     """x: [M, N] with x.stride(1) == 1. Returns (y, mean, rstd); mean is empty for RMSNorm."""
     M, N = x.shape
-    acc = _acc_torch(x.dtype)
+    acc = acc_torch_dtype(x.dtype)
     y = torch.empty((M, N), dtype=out_dtype, device=x.device)
     rstd = torch.empty(M, dtype=acc, device=x.device)
     mean = torch.empty(0 if is_rms else M, dtype=acc, device=x.device)
@@ -419,7 +419,7 @@ def norm_fwd(x, weight, bias, eps, offset, is_rms, cast_mode, out_dtype, *, max_
         x, y, weight if weight is not None else x, bias if bias is not None else x,
         mean if not is_rms else rstd, rstd, x.stride(0), y.stride(0), M, N, eps, offset,
         IS_RMS=is_rms, HAS_W=weight is not None, HAS_B=bias is not None, CAST_MODE=_CAST_CODE[cast_mode],
-        ACC=_acc(x.dtype), BLOCK_M=block_m, BLOCK_N=block_n, SINGLE_PASS=single, num_warps=num_warps,
+        ACC=acc_tl_dtype(x.dtype), BLOCK_M=block_m, BLOCK_N=block_n, SINGLE_PASS=single, num_warps=num_warps,
     )
     return y, mean, rstd
 
@@ -428,7 +428,7 @@ def norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, cast_mode, need_dx, need
              max_block_n=None, rows_per_program=None, num_warps=None, programs_per_sm=None):
     """Returns (dx in x.dtype, dw, db in the accumulation dtype); None where not needed."""
     M, N = x.shape
-    acc = _acc_torch(x.dtype)
+    acc = acc_torch_dtype(x.dtype)
     block_m, block_n, single, num_warps, n_progs = _config(x, "bwd", max_block_n, rows_per_program, num_warps,
                                                            programs_per_sm)
     dx = torch.empty((M, N), dtype=x.dtype, device=x.device) if need_dx else None
@@ -440,7 +440,7 @@ def norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, cast_mode, need_dx, need
             dx if need_dx else x, dw_part if need_dw else rstd, db_part if need_db else rstd,
             dy.stride(0), x.stride(0), N if need_dx else 0, M, N, triton.cdiv(M, block_m), n_progs, offset,
             IS_RMS=is_rms, HAS_W=weight is not None, NEED_DX=need_dx, NEED_DW=need_dw, NEED_DB=need_db,
-            CAST_MODE=_CAST_CODE[cast_mode], ACC=_acc(x.dtype), BLOCK_M=block_m, BLOCK_N=block_n,
+            CAST_MODE=_CAST_CODE[cast_mode], ACC=acc_tl_dtype(x.dtype), BLOCK_M=block_m, BLOCK_N=block_n,
             SINGLE_PASS=single, num_warps=num_warps,
         )
     dw = _reduce(dw_part, M)
@@ -453,7 +453,7 @@ def norm_bwd_bwd(dy, x, weight, mean, rstd, grad_dx, grad_dw, grad_db, offset, i
                  programs_per_sm=None):
     """Returns (d_dy in dy.dtype, d_x in x.dtype, d_w in the accumulation dtype)."""
     M, N = x.shape
-    acc = _acc_torch(x.dtype)
+    acc = acc_torch_dtype(x.dtype)
     block_m, block_n, single, num_warps, n_progs = _config(x, "bwd_bwd", max_block_n, rows_per_program, num_warps,
                                                            programs_per_sm)
     need_dw = need_dw and grad_dx is not None
@@ -470,7 +470,7 @@ def norm_bwd_bwd(dy, x, weight, mean, rstd, grad_dx, grad_dw, grad_db, offset, i
             triton.cdiv(M, block_m), n_progs, offset,
             IS_RMS=is_rms, HAS_W=weight is not None, HAS_A=grad_dx is not None, HAS_BW=grad_dw is not None,
             HAS_E=grad_db is not None, NEED_DDY=need_ddy, NEED_DX=need_dx, NEED_DW=need_dw,
-            ACC=_acc(x.dtype), BLOCK_M=block_m, BLOCK_N=block_n, SINGLE_PASS=single, num_warps=num_warps,
+            ACC=acc_tl_dtype(x.dtype), BLOCK_M=block_m, BLOCK_N=block_n, SINGLE_PASS=single, num_warps=num_warps,
         )
     d_w = _reduce(dw_part, M) if need_dw else None
     return d_dy, d_x, d_w

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .norm import _acc, _acc_torch, _cast
+from .norm import acc_tl_dtype, acc_torch_dtype, cast_to
 
 MAX_WIDTH = 32768
 
@@ -80,7 +80,7 @@ def _perturb_kernel(X, Y, G, Scale, Keys, M, N, stride_x, stride_y, rows_per_pro
     y = scale[:, None] * g[None, :] * nu
     if ADD_X:
         y = x + y
-    tl.store(Y + rows[:, None] * stride_y + cols[None, :], _cast(y, Y.dtype.element_ty), mask=mask)
+    tl.store(Y + rows[:, None] * stride_y + cols[None, :], cast_to(y, Y.dtype.element_ty), mask=mask)
     tl.store(Scale + rows, scale, mask=row_ok)
 
 
@@ -137,7 +137,7 @@ def probe_perturb(x, gamma, eps, keys, rows_per_probe, distribution, scale_by_rm
     M, N = x.shape
     block_n = _block_n(N)
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    scale = torch.empty(M, dtype=_acc_torch(x.dtype), device=x.device)
+    scale = torch.empty(M, dtype=acc_torch_dtype(x.dtype), device=x.device)
     if M == 0:
         return y, scale
     if rows_per_program is None:
@@ -145,7 +145,7 @@ def probe_perturb(x, gamma, eps, keys, rows_per_probe, distribution, scale_by_rm
     block_m = triton.next_power_of_2(rows_per_program)
     _perturb_kernel[(triton.cdiv(M, block_m),)](
         x, y, gamma, scale, keys, M, N, x.stride(0), y.stride(0), rows_per_probe, row_offset, eps,
-        SCALE_BY_RMS=scale_by_rms, ADD_X=add_x, GAUSSIAN=distribution == "gaussian", ACC=_acc(x.dtype),
+        SCALE_BY_RMS=scale_by_rms, ADD_X=add_x, GAUSSIAN=distribution == "gaussian", ACC=acc_tl_dtype(x.dtype),
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=_warps(block_m * block_n),
     )
     return y, scale
@@ -159,7 +159,7 @@ def probe_rows(coef, gamma, keys, probe, base, N, distribution):
         block_n = _block_n(N)
         _probe_rows_kernel[(R,)](out, coef, gamma if gamma is not None else coef, keys, probe, base, N,
                                  HAS_G=gamma is not None, GAUSSIAN=distribution == "gaussian",
-                                 ACC=_acc(coef.dtype), BLOCK_N=block_n, num_warps=_warps(block_n))
+                                 ACC=acc_tl_dtype(coef.dtype), BLOCK_N=block_n, num_warps=_warps(block_n))
     return out
 
 
@@ -173,5 +173,5 @@ def probe_dot(a, b, c, d, scale, keys, probe, base, distribution):
         _probe_dot_kernel[(R,)](a, b, c if has_clean else a, d if has_clean else a, scale, keys, probe, base,
                                 q, N, c.shape[0] if has_clean else 1, HAS_CLEAN=has_clean,
                                 GAUSSIAN=distribution == "gaussian",
-                                ACC=_acc(scale.dtype), BLOCK_N=block_n, num_warps=_warps(block_n))
+                                ACC=acc_tl_dtype(scale.dtype), BLOCK_N=block_n, num_warps=_warps(block_n))
     return q

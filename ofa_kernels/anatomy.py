@@ -1,0 +1,220 @@
+"""A decoder's anatomy as OFA reads it: blocks, base, head, norms, post-attention gains, and states.
+
+The one place that knows how a Hugging Face causal LM is put together (every other module asks here):
+- ``structure(model)``: the block list (the longest ModuleList of one class), the module that owns
+  it (the "base": embeddings, blocks, final norm; returns the last hidden state), the LM head and
+  the attention implementation.
+- Norm recognition: ``is_norm`` (any LayerNorm/RMSNorm-like module) and ``rms_kind`` (the RMSNorms
+  the fused kernels reproduce, with their eps, offset and cast rule); ``post_attention_norm`` finds
+  block t's post-attention norm, whose gain gamma_t is OFA's preconditioner P_t = diag(gamma_t).
+- ``norm_parameters``: the fused norms' weights and biases by name (what OFA trains).
+- ``StateTap`` / ``last_token_states``: one pass of the base that records ``H_0 .. H_L`` at chosen
+  positions (each block's input, optionally transformed: the probe perturbations), never the full
+  ``[B, T, d]`` states of every block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from .nn import FusedLayerNorm, FusedRMSNorm
+
+POST_ATTENTION_NORM_NAMES = ("post_attention_layernorm", "ln_2", "post_attention_norm", "ffn_norm", "norm2")
+
+__all__ = ["POST_ATTENTION_NORM_NAMES", "StateTap", "Structure", "input_batch", "is_norm", "last_positions",
+           "last_token_states", "norm_parameters", "post_attention_norm", "preconditioners", "rms_kind", "structure"]
+
+
+# ------------------------------------------------------------------------------------------ norms
+
+
+def rms_kind(module: nn.Module) -> tuple[float, float, str] | None:
+    """(eps, offset, cast_mode) when ``module`` is an RMSNorm the fused kernels reproduce, else None.
+
+    ``torch.nn.RMSNorm``; classes HF tags as "RMSNorm" or named ``*RMSNorm`` with a 1-D ``weight``
+    and an ``eps``/``variance_epsilon`` (Llama, Mistral, Qwen2, SmolLM; Gemma's ``1 + weight``).
+    """
+    if isinstance(module, FusedRMSNorm):
+        return float(module.eps), float(module.offset), module.cast_mode
+    cls = type(module)
+    if isinstance(module, nn.RMSNorm):
+        if len(module.normalized_shape) != 1:
+            return None
+        eps = module.eps if module.eps is not None else torch.finfo(torch.float32).eps
+        return float(eps), 0.0, "gemma"
+    tagged = getattr(cls, "kernel_layer_name", None) == "RMSNorm" or cls.__name__.endswith("RMSNorm")
+    weight = getattr(module, "weight", None)
+    if not tagged or not isinstance(weight, nn.Parameter) or weight.dim() != 1:
+        return None
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+    if not isinstance(eps, (int, float)):
+        return None
+    if "gemma" in cls.__name__.lower():
+        return float(eps), 1.0, "gemma"
+    return float(eps), 0.0, "llama"
+
+
+def is_norm(module: nn.Module) -> bool:
+    """Any normalisation layer: LayerNorm, RMSNorm (ours, torch's, HF's) or a class named ``*Norm``-like."""
+    if isinstance(module, (nn.LayerNorm, nn.RMSNorm, FusedRMSNorm)) or rms_kind(module) is not None:
+        return True
+    return type(module).__name__.endswith(("RMSNorm", "LayerNorm"))
+
+
+def norm_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The weights (and biases) of the model's fused norms, by qualified name."""
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, (FusedRMSNorm, FusedLayerNorm)):
+            for pname, p in module.named_parameters(recurse=False):
+                out[f"{name}.{pname}" if name else pname] = p
+    return out
+
+
+# -------------------------------------------------------------------------------------- structure
+
+
+@dataclass
+class Structure:
+    base: nn.Module  # runs embeddings, blocks and the final norm; returns the last hidden state
+    blocks: list[nn.Module]
+    head: nn.Module | None  # output embeddings (LM head)
+    attn: str  # the attention implementation ("sdpa", "eager", "flash_attention_2", ...)
+
+
+def structure(model: nn.Module) -> Structure:
+    """Finds the block list (the longest ModuleList of one class) and the module that owns it."""
+    best = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) and len({type(m) for m in module}) == 1:
+            if best is None or len(module) > len(best[1]):
+                best = (name, module)
+    if best is None:
+        raise ValueError(f"found no list of transformer blocks in {type(model).__name__}")
+    owner_name = best[0].rpartition(".")[0]
+    base = model.get_submodule(owner_name) if owner_name else model
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    config = getattr(model, "config", None)
+    attn = getattr(config, "_attn_implementation", None) or "eager"
+    return Structure(base, list(best[1]), head, attn)
+
+
+def post_attention_norm(block: nn.Module) -> nn.Module:
+    """Block's post-attention norm (by HF's names, else the block's second norm)."""
+    for name in POST_ATTENTION_NORM_NAMES:
+        module = getattr(block, name, None)
+        if module is not None and is_norm(module):
+            return module
+    norms = [m for m in block.modules() if is_norm(m)]
+    if len(norms) < 2:
+        raise ValueError(f"block {type(block).__name__} has no recognisable post-attention norm")
+    return norms[1]
+
+
+def preconditioners(model: nn.Module) -> list[Tensor]:
+    """Each block's ``gamma_t`` (post-attention norm gain, offset included) as detached fp32 copies.
+
+    Take these once from the original model and pass them to ``sharpness`` while training.
+    """
+    gammas = []
+    for block in structure(model).blocks:
+        norm = post_attention_norm(block)
+        kind = rms_kind(norm)
+        offset = kind[1] if kind else 0.0
+        gammas.append(norm.weight.detach().float().clone() + offset)
+    return gammas
+
+
+# ----------------------------------------------------------------------------------- recording
+
+
+def input_batch(batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """(input_ids, attention_mask) of a batch dictionary; a missing mask means every token is real."""
+    if "input_ids" not in batch:
+        raise ValueError("batch must hold 'input_ids' (and 'attention_mask')")
+    ids = batch["input_ids"]
+    mask = batch.get("attention_mask")
+    if mask is None:
+        mask = torch.ones_like(ids)
+    if mask.shape != ids.shape:
+        raise ValueError(f"batch['attention_mask'] has shape {tuple(mask.shape)}, expected {tuple(ids.shape)}")
+    return ids, mask
+
+
+def last_positions(attention_mask: Tensor) -> Tensor:
+    """Index of each row's last real token (works for left and right padding)."""
+    if attention_mask.dim() != 2:
+        raise ValueError(f"attention_mask must be [batch, seq], got shape {tuple(attention_mask.shape)}")
+    mask = attention_mask.bool()
+    idx = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    pos = torch.where(mask, idx, -1).amax(1)
+    if (pos < 0).any():
+        raise ValueError(f"attention_mask rows {torch.nonzero(pos < 0).flatten().tolist()} have no real token")
+    return pos
+
+
+class StateTap:
+    """Hooks on the blocks that take each block's input at the selected rows (before and after an
+    optional ``transform(t, x)`` of that input) and the final hidden state."""
+
+    def __init__(self, st: Structure, positions: Tensor, transform: Callable[[int, Tensor], Tensor] | None):
+        self.st, self.pos, self.transform = st, positions, transform
+        self.rows = torch.arange(positions.shape[0], device=positions.device)
+        n = len(st.blocks)
+        self.inputs: list[Tensor | None] = [None] * n
+        self.fed: list[Tensor | None] = [None] * n
+        self.final: Tensor | None = None
+        self.final_full: Tensor | None = None
+
+    def _take(self, h: Tensor) -> Tensor:
+        return h[self.rows, self.pos]
+
+    def _pre(self, t: int):
+        def hook(module, args, kwargs):
+            x = args[0] if args else kwargs["hidden_states"]
+            self.inputs[t] = self._take(x)
+            if self.transform is None:
+                self.fed[t] = self.inputs[t]
+                return None
+            y = self.transform(t, x)
+            self.fed[t] = self._take(y)
+            if args:
+                return (y,) + tuple(args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": y}
+        return hook
+
+    def _post(self, module, args, kwargs, output):
+        h = output[0] if isinstance(output, (tuple, list)) else getattr(output, "last_hidden_state", output)
+        self.final_full = h  # [B, T, d]: callers that score other positions (label tokens) read it
+        self.final = self._take(h)
+
+    def run(self, input_ids: Tensor, attention_mask: Tensor) -> list[Tensor]:
+        """Runs the base model; returns ``[H_0, .., H_L]`` at the positions (H_t as block t received it)."""
+        handles = [b.register_forward_pre_hook(self._pre(t), with_kwargs=True) for t, b in enumerate(self.st.blocks)]
+        handles.append(self.st.base.register_forward_hook(self._post, with_kwargs=True))
+        try:
+            self.st.base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+        return list(self.inputs) + [self.final]
+
+
+def last_token_states(model: nn.Module, batch: Mapping[str, Tensor], positions: Tensor | None = None,
+                      *, return_final: bool = False):
+    """One forward pass of the model's base; returns ``[H_0, .., H_L]`` at each sequence's last real token.
+
+    Equal to HF's ``output_hidden_states`` taken at those positions, without keeping the full
+    ``[B, T, d]`` states or computing logits: ``head(H_L)`` gives the label-position logits, the list
+    feeds ``step_ratio`` (``positions=None``) and ``sharpness(clean_states=...)``. ``positions``
+    overrides the positions (e.g. the prompt's last token of prompt + label sequences);
+    ``return_final`` also returns the full final hidden states ``[B, T, d]`` (for label scoring).
+    """
+    ids, mask = input_batch(batch)
+    tap = StateTap(structure(model), last_positions(mask) if positions is None else positions, None)
+    states = tap.run(ids, mask)
+    return (states, tap.final_full) if return_final else states
