@@ -68,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=60)
     p.add_argument("--test-size", type=int, default=500)
     p.add_argument("--scoring", default="full")
+    p.add_argument("--protocol", default="paper", choices=["paper", "batched"],
+                   help="the trainer's protocol (paper: the authors', one pair per step)")
     p.add_argument("--no-demos", action="store_true", help="skip evaluating adapted models with the demonstrations")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "accuracy"))
     args = p.parse_args(argv)
@@ -80,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     arms = [a for a in args.arms.split(",") if a]
     out = Path(args.out)
-    options = AdaptOptions(shots=args.shots, epochs=args.epochs, scoring=args.scoring)
+    options = AdaptOptions(shots=args.shots, epochs=args.epochs, scoring=args.scoring, protocol=args.protocol)
     started = time.time()
     per_task = {}
     for task in args.tasks.split(","):
@@ -98,7 +100,8 @@ def _write_summary(out: Path, per_task: dict, seeds: list[int], args, started: f
     table, data = summarise(per_task, seeds)
     compute = sum(r["compute_seconds"] for r in per_task.values())
     header = (f"Accuracy (%) of {args.model} over {args.test_size} test rows per task, {args.shots} shots per class, "
-              f"seeds {seeds}, {args.epochs} epochs, scoring {args.scoring!r}; mean +- std over seeds. "
+              f"seeds {seeds}, {args.epochs} epochs, protocol {args.protocol!r}, scoring {args.scoring!r}; "
+              "mean +- std over seeds. "
               f"Compute: {compute / 60:.0f} min on {os.cpu_count()} CPU cores, torch {torch.__version__}.")
     summary = {"args": vars(args), "tasks": list(per_task), "compute_seconds": compute, "methods": data,
                "seconds_this_call": round(time.time() - started, 1)}

@@ -18,9 +18,12 @@ from torch import nn
 
 from .baselines import PEFT_ARMS, attach
 from .files import atomic_path
-from .patch import patch_model
+from .patch import fusable_norm_parameters, patch_model
 from .anatomy import norm_parameters
 from .trainer import AdaptOptions, AdaptResult, weights_hash
+
+
+FORMAT = "ofa_kernels.adapter/1"
 
 
 def save_adapter(result: AdaptResult, path: str | Path, *, base_model: str, task: str) -> Path:
@@ -30,17 +33,49 @@ def save_adapter(result: AdaptResult, path: str | Path, *, base_model: str, task
 
     metadata = {"base_model": base_model, "base_hash": result.base_hash, "task": task,
                 "options": json.dumps(dataclasses.asdict(result.options), sort_keys=True),
-                "library_version": __version__, "format": "ofa_kernels.adapter/1"}
+                "library_version": __version__, "format": FORMAT}
     with atomic_path(path) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in result.weights.items()}, str(tmp), metadata=metadata)
     return Path(path)
 
 
-def read_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import safe_open
+def read_adapter_metadata(path: str | Path) -> dict[str, str]:
+    """The adapter's metadata (reads only the file's header); clear errors for a missing, corrupt or foreign file."""
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"adapter {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ValueError(f"{path} is not a readable safetensors file ({exc})") from None
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path} is not an ofa_kernels adapter (format {meta.get('format')!r})")
+    return meta
+
+
+def read_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors by name, metadata) of an adapter file."""
+    from safetensors import SafetensorError, safe_open
+
+    meta = read_adapter_metadata(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, meta
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ValueError(f"{path}: its tensors cannot be read ({exc})") from None
+
+
+def adapter_options(meta: dict[str, str]) -> AdaptOptions:
+    """The training options stored with an adapter (fields this version does not know are ignored)."""
+    known = {f.name for f in dataclasses.fields(AdaptOptions)}
+    try:
+        stored = json.loads(meta.get("options", "{}"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"the adapter's options are not JSON ({exc})") from None
+    return AdaptOptions(**{k: v for k, v in stored.items() if k in known})
 
 
 def _check_fit(weights: dict[str, torch.Tensor], params: dict[str, nn.Parameter], path) -> None:
@@ -54,24 +89,48 @@ def _check_fit(weights: dict[str, torch.Tensor], params: dict[str, nn.Parameter]
                              f"{tuple(params[name].shape)}")
 
 
-def load_adapter(model: nn.Module, path: str | Path) -> dict[str, str]:
-    """Patches ``model``'s norms and loads the adapter (norm weights, or a PEFT baseline's layers) into
-    it; returns the adapter's metadata."""
+def _check_peft_fit(model: nn.Module, weights: dict[str, torch.Tensor], arm: str, path) -> None:
+    """Every PEFT layer of the adapter sits on a Linear of the model with matching features."""
+    marker = ".lora_" if arm == "lora" else ".ia3_"
+    modules = dict(model.named_modules())
+    for name, t in weights.items():
+        owner = name.split(marker, 1)[0]
+        target = modules.get(owner)
+        target = getattr(target, "base_layer", target)  # already injected: the wrapped Linear
+        if marker not in name or not isinstance(target, nn.Linear):
+            raise ValueError(f"adapter {path}: {name} belongs to no Linear layer of this model")
+        features = {"lora_A": t.shape[-1] == target.in_features, "lora_B": t.shape[0] == target.out_features}
+        part = name.split(marker, 1)[1].split(".", 1)[0]
+        ok = features.get(f"lora_{part}", t.numel() in (target.in_features, target.out_features))
+        if not ok:
+            raise ValueError(f"adapter {path}: {name} has shape {tuple(t.shape)}, which does not fit {owner} "
+                             f"({target.in_features} -> {target.out_features})")
+
+
+def load_adapter(model: nn.Module, path: str | Path, *, task: str | None = None) -> dict[str, str]:
+    """Loads an adapter (norm weights, or a PEFT baseline's layers) into ``model``; returns its metadata.
+
+    Everything is checked before the model changes: the file, ``task`` (when given) against the
+    adapter's, the base model (norm weights hash), names and shapes. Then the norms are patched (and
+    a PEFT baseline's layers injected) and the weights copied in.
+    """
     weights, meta = read_adapter(path)
-    if meta.get("format") != "ofa_kernels.adapter/1":
-        raise ValueError(f"{path} is not an ofa_kernels adapter (format {meta.get('format')!r})")
-    known = {f.name for f in dataclasses.fields(AdaptOptions)}
-    options = AdaptOptions(**{k: v for k, v in json.loads(meta.get("options", "{}")).items() if k in known})
-    patch_model(model)
-    params = norm_parameters(model)
-    if options.arm not in PEFT_ARMS:
+    options = adapter_options(meta)
+    if task is not None and meta.get("task") != task:
+        raise ValueError(f"adapter {path} was trained on task {meta.get('task')!r}, not {task!r}")
+    params = fusable_norm_parameters(model)
+    if options.arm in PEFT_ARMS:
+        _check_peft_fit(model, weights, options.arm, path)
+    else:
         _check_fit(weights, params, path)
     if weights_hash(params) != meta.get("base_hash"):
         raise ValueError(f"adapter {path} was trained from another base model ({meta.get('base_model')!r}): the "
                          "norm weights of this model differ from its base (load it into the original model)")
+    patch_model(model)
+    params = norm_parameters(model)
     if options.arm in PEFT_ARMS:
         params = attach(model, options)
-        _check_fit(weights, params, path)
+    _check_fit(weights, params, path)
     with torch.no_grad():
         for name, t in weights.items():
             params[name].copy_(t.to(params[name].dtype))

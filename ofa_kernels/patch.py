@@ -70,6 +70,17 @@ def _set(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
+def fusable_norm_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The parameters of every norm ``patch_model`` replaces (or has replaced), by the names they keep
+    after patching; the model is not changed."""
+    out = {}
+    for name, module in model.named_modules():
+        if name and (isinstance(module, (FusedRMSNorm, FusedLayerNorm)) or _fused_for(module) is not None):
+            for pname, p in module.named_parameters(recurse=False):
+                out[f"{name}.{pname}"] = p
+    return out
+
+
 def patch_model(model: nn.Module) -> list[str]:
     """Replaces every supported norm of ``model`` in place with its fused twin.
 

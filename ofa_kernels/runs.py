@@ -71,7 +71,7 @@ class _Progress:
 
 def adapt_and_report(
     load: Callable[[], tuple],
-    task: str,
+    task: str | data_mod.Dataset,
     *,
     model_name: str,
     data_dir: str | None = None,
@@ -86,6 +86,8 @@ def adapt_and_report(
 ) -> dict:
     """Runs the protocol; returns the results dictionary (also written under ``out``).
 
+    ``task``: a registered task's name (read from ``data_dir``) or a loaded ``Dataset`` (your own files).
+
     ``with_demos`` also evaluates every adapted model with the demonstrations prefix; ``progress``
     shows a tqdm bar per run. With ``out``,
     finished evaluations are kept in ``out/progress.json``, and a rerun with the same settings
@@ -97,7 +99,8 @@ def adapt_and_report(
         log = lambda *_: None  # noqa: E731
     if distributed.launched_processes() > 1:
         log(f"data-parallel: {distributed.launched_processes()} processes (rank 0 evaluates and writes)")
-    dataset = data_mod.load_task(task, data_dir)
+    dataset = task if isinstance(task, data_mod.Dataset) else data_mod.load_task(task, data_dir)
+    task = dataset.task.name
     if dataset.problems:
         log(f"{len(dataset.problems)} rows skipped, e.g. {dataset.problems[0]}")
     test = data_mod.test_subset(dataset, test_size)

@@ -19,7 +19,8 @@ def test_adapt_then_eval_through_the_cli(tiny_model_dir, tmp_path, capsys):
     results = json.loads((out / "results.json").read_text())
     assert set(results["accuracy"]) == {"zero-shot", "ICL", "ce", "ce + demos", "ofa", "ofa + demos"}
     assert all(len(v) == 2 for v in results["accuracy"].values())
-    assert len(results["runs"]) == 4 and all(len(r["losses"]) == 3 for r in results["runs"])
+    # the authors' protocol by default: |D| = 4 -> 2 pairs, one optimizer step each, per epoch
+    assert len(results["runs"]) == 4 and all(len(r["losses"]) == 6 for r in results["runs"])
     assert "| ofa |" in (out / "results.md").read_text()
     adapters = sorted(out.glob("adapter-sst2-*.safetensors"))
     assert len(adapters) == 4

@@ -62,7 +62,7 @@ def test_generic_tables_name_their_columns(tmp_path, suffix):
         assert reader.problems == [f"{path}:3: not JSON (Expecting value)"]
         missing = data._Reader()
         assert data.load_table(path, ("negative", "positive"), reader=missing) == []
-        assert missing.problems[0] == f"{path}:1: missing 'text' or 'label'"
+        assert missing.problems[0] == f"{path}:1: missing ['text', 'label']"
     else:
         assert reader.problems == [f"{path}:4: empty text", f"{path}:5: unknown label"]
         with pytest.raises(ValueError, match="columns"):
@@ -137,5 +137,112 @@ def test_hub_tasks_without_network_say_what_to_do(monkeypatch):
         raise ConnectionError("no network")
 
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=offline))
-    with pytest.raises(RuntimeError, match="load a local copy with load_table"):
+    with pytest.raises(RuntimeError, match="no network.*pass --data-dir with a agnews/ folder"):
         data.load_task("agnews")
+
+
+# ------------------------------------------------------------------ local copies of the Hub tasks
+
+
+LOCAL_FILES = {  # each task's public release format, two rows of train and one of test (class 1 of the task)
+    "agnews": {"train.csv": '"3","Stocks rally","Markets rose."\n"2","Cup final","A late goal."\n',
+               "test.csv": 'Class Index,Title,Description\n"1","Summit","Leaders met."\n'},
+    "dbpedia": {"train.csv": '1,Acme,"Acme is a company."\n14,Dune,"A novel."\n',
+                "test.csv": '2,Eton,"A school."\n'},
+    "cb": {"train.jsonl": '{"premise": "It rained.", "hypothesis": "It is wet.", "label": "entailment", "idx": 0}\n'
+                          '{"premise": "A", "hypothesis": "B", "label": "neutral", "idx": 1}\n',
+           "val.jsonl": '{"premise": "C", "hypothesis": "D", "label": "contradiction", "idx": 0}\n'},
+    "rte": {"train.jsonl": '{"premise": "P", "hypothesis": "H", "label": "not_entailment"}\n'
+                           '{"premise": "Q", "hypothesis": "G", "label": "entailment"}\n',
+            "val.jsonl": '{"premise": "R", "hypothesis": "S", "label": "entailment"}\n'},
+    "hate_speech18": {"train.csv": 'text,label\nhello there,noHate\nawful words,hate\nskip me,idk/skip\n',
+                      "test.csv": 'text,label\nhi,0\n'},
+    "emo": {"train.txt": 'id\tturn1\tturn2\tturn3\tlabel\n0\tHi\tHello\tHow are you\tothers\n'
+                         '1\tI won\tWow\tSo happy\thappy\n',
+            "test.txt": 'id\tturn1\tturn2\tturn3\tlabel\n0\tI lost\tOh no\tSo sad\tsad\n'},
+}
+LOCAL_EXPECTED = {  # (first train text, train labels, test labels)
+    "agnews": ("Stocks rally Markets rose.", [2, 1], [0]),
+    "dbpedia": ("Acme Acme is a company.", [0, 13], [1]),
+    "cb": ("It rained. It is wet.", [0, 2], [1]),
+    "rte": ("P H", [1, 0], [0]),
+    "hate_speech18": ("hello there", [0, 1], [0]),
+    "emo": ("Hi Hello How are you", [0, 1], [2]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LOCAL_FILES))
+def test_hub_tasks_load_from_local_copies_in_their_release_formats(tmp_path, name, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "datasets", None)  # the Hub is never asked when a local copy is there
+    (tmp_path / name).mkdir()
+    for file, text in LOCAL_FILES[name].items():
+        (tmp_path / name / file).write_text(text)
+    ds = data.load_task(name, tmp_path)
+    first, train_labels, test_labels = LOCAL_EXPECTED[name]
+    assert ds.pool[0].text == first
+    assert [e.label for e in ds.pool] == train_labels and [e.label for e in ds.test] == test_labels
+    assert ds.problems == []
+    line = 2 if name in ("hate_speech18", "emo") else 1  # after the header row
+    assert ds.pool[0].where == f"{tmp_path / name / next(iter(LOCAL_FILES[name]))}:{line}"
+
+
+def test_a_local_copy_reports_bad_rows_by_file_and_line_and_splits_without_a_test_file(tmp_path):
+    (tmp_path / "agnews").mkdir()
+    path = tmp_path / "agnews" / "train.csv"
+    path.write_text('"1","a","b"\n"9","bad","label"\n"2","only two"\n' + "".join(
+        f'"{1 + i % 4}","t{i}","d{i}"\n' for i in range(20)))
+    ds = data.load_task("agnews", tmp_path)
+    assert ds.problems == [f"{path}:2: unknown label", f"{path}:3: 2 fields, expected 3"]
+    assert len(ds.pool) + len(ds.test) == 21 and not {e.where for e in ds.pool} & {e.where for e in ds.test}
+
+
+def test_a_hub_task_without_a_local_copy_or_network_says_where_to_put_one(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(RuntimeError, match="pass --data-dir with a cb/ folder"):
+        data.load_task("cb")
+    with pytest.raises(RuntimeError, match=f"put a copy in {tmp_path / 'rte'}"):
+        data.load_task("rte", tmp_path)
+
+
+# ----------------------------------------------------------------------------- the user's own files
+
+
+def test_any_labelled_file_is_a_task(tmp_path):
+    train = tmp_path / "mine.csv"
+    train.write_text("sentence,tag\n" + "".join(f"row {i},{['spam', 'ham'][i % 2]}\n" for i in range(12)))
+    task = data.file_task("mine", "Message: {text}\nKind:", ["ham", "spam"])
+    ds = data.load_files(task, train, text_column="sentence", label_column="tag")
+    assert ds.task.prompt("x") == "Message: x\nKind:" and ds.task.labels == ("ham", "spam")
+    assert len(ds.pool) == 6 and len(ds.test) == 6  # no test file: a deterministic disjoint split
+    assert [e.where for e in ds.pool] == [e.where for e in data.load_files(task, train, text_column="sentence",
+                                                                            label_column="tag").pool]
+    assert not {e.where for e in ds.pool} & {e.where for e in ds.test}
+    test = tmp_path / "mine_test.jsonl"
+    test.write_text('{"sentence": "hello", "tag": "ham"}\n[1, 2]\n{"sentence": "x", "tag": "\u00b2"}\n')
+    ds = data.load_files(task, train, test, text_column="sentence", label_column="tag")
+    assert len(ds.pool) == 12 and [(e.text, e.label) for e in ds.test] == [("hello", 0)]
+    assert ds.problems == [f"{test}:2: a JSON list, expected an object", f"{test}:3: unknown label"]
+
+
+@pytest.mark.parametrize("template, labels, message", [
+    ("Text:", ["a", "b"], "must contain {text}"),
+    ("{text} {label}", ["a", "b"], "no field but {text}"),
+    ("{text}", ["a"], "two or more distinct"),
+    ("{text}", ["a", "a"], "two or more distinct"),
+])
+def test_file_task_refuses_bad_templates_and_labels(template, labels, message):
+    with pytest.raises(ValueError, match=message):
+        data.file_task("t", template, labels)
+
+
+def test_csv_quirks_bom_unclosed_quote_and_odd_digits_are_handled(tmp_path):
+    path = tmp_path / "rows.csv"
+    path.write_bytes(b'\xef\xbb\xbftext,label\ngood,1\n"broken,0\nbad,0\nodd,\xc2\xb2\nfine,1\n')
+    reader = data._Reader()
+    rows = data.load_table(path, ("negative", "positive"), reader=reader)
+    assert [(r.text, r.label) for r in rows] == [("good", 1), ("bad", 0), ("fine", 1)]
+    assert reader.problems == [f"{path}:3: a quote that never closes (line skipped)", f"{path}:5: unknown label"]
