@@ -55,7 +55,8 @@ def _adapt(args: argparse.Namespace) -> int:
     dataset = _dataset(args)
     adapt_and_report(lambda: load_model(args.model, _dtype(args.dtype), args.device), dataset,
                      model_name=args.model, seeds=args.seeds, arms=args.arm, options=_options(args),
-                     test_size=args.test_size, out=args.out, with_demos=not args.no_demos, progress=True)
+                     test_size=args.test_size, out=args.out, with_demos=not args.no_demos, progress=True,
+                     model_settings={"dtype": args.dtype, "device": args.device})
     return 0
 
 

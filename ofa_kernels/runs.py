@@ -2,14 +2,18 @@
 
 ``adapt_and_report`` evaluates zero-shot and in-context learning (ICL, the k-shot set as a prefix)
 once per seed, adapts a fresh copy of the model per seed and arm, evaluates the adapted model
-without (and optionally with) the demonstrations prefix, and writes ``results.json`` and
-``results.md`` (mean +- std over seeds) and one adapter per run under ``out``. Files are written
-atomically, and finished evaluations are kept in ``progress.json``, so a killed job resumes.
+without (and optionally with) the demonstrations prefix, and writes ``results-<task>-<hash>.json``
+and ``.md`` (mean +- population std over seeds) and one adapter per run under ``out``; ``<hash>``
+is a short hash of every setting that changes a number (``settings_key``), so tasks and settings
+live side by side. Files are written atomically, finished evaluations are kept in
+``progress-<task>-<hash>.json`` and the run in training checkpoints every few steps, so a killed
+job resumes where it stopped.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import statistics
 import time
@@ -43,21 +47,39 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: st
 def _mean_std(values: Sequence[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} +- {statistics.stdev(values):.3f}"
+    return f"{statistics.mean(values):.3f} +- {statistics.pstdev(values):.3f}"  # population std, as the authors
+
+
+def settings_key(task: str, model_name: str, options: AdaptOptions, test: Sequence[data_mod.Example],
+                 model_settings: dict | None = None, with_demos: bool = True) -> tuple[dict, str]:
+    """Every setting that changes a number of a run, and its short hash (names the run's files).
+
+    Test rows enter by content (text and label), not by path, so a checkout elsewhere still matches.
+    """
+    from . import __version__
+
+    rows = hashlib.sha256(json.dumps([[e.text, e.label] for e in test]).encode()).hexdigest()
+    key = {"task": task, "model": model_name, "options": dataclasses.asdict(options), "test_rows": rows,
+           "model_settings": model_settings or {}, "with_demos": with_demos, "library_version": __version__}
+    return key, hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
 
 
 class _Progress:
-    """Finished evaluations and runs of one protocol, kept in ``progress.json`` so a killed job resumes.
-
-    Entries are valid only for the same task, model, options, test rows and scoring (the ``key``).
-    """
+    """Finished evaluations and runs of one setting, kept in ``progress-<task>-<hash>.json`` so a
+    killed job resumes. A file whose key differs is never reused or overwritten: it is refused."""
 
     def __init__(self, path: Path | None, key: dict):
         self.path, self.key, self.entries = path, key, {}
         if path and path.exists():
-            saved = json.loads(path.read_text())
-            if saved.get("key") == key:
-                self.entries = saved["entries"]
+            try:
+                saved = json.loads(path.read_text())
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path} is not readable JSON ({exc}); move it away to start afresh") from None
+            if saved.get("key") != key:
+                differs = sorted(k for k in {**key, **saved.get("key", {})} if saved.get("key", {}).get(k) != key.get(k))
+                raise ValueError(f"{path} holds results of other settings (differing: {differs}); "
+                                 "use another --out or move it away")
+            self.entries = saved["entries"]
 
     def get(self, name: str) -> dict | None:
         return self.entries.get(name)
@@ -81,6 +103,7 @@ def adapt_and_report(
     test_size: int = 500,
     out: str | Path | None = None,
     with_demos: bool = True,
+    model_settings: dict | None = None,
     progress: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict:
@@ -107,9 +130,10 @@ def adapt_and_report(
     out_dir = Path(out) if out else None
     if out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)
-    key = {"task": task, "model": model_name, "options": dataclasses.asdict(options),
-           "test": [e.where for e in test]}
-    finished = _Progress(out_dir / "progress.json" if out_dir else None, key)
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be distinct, got {list(seeds)}")
+    key, tag = settings_key(task, model_name, options, test, model_settings, with_demos)
+    finished = _Progress(out_dir / f"progress-{task}-{tag}.json" if out_dir else None, key)
     started = time.time()
     loaded: list = []
 
@@ -150,17 +174,21 @@ def adapt_and_report(
         for arm in arms:
             def run_arm():
                 model, tokenizer = model_and_tokenizer()
-                result = adapt(model, tokenizer, dataset, dataclasses.replace(options, arm=arm, seed=seed),
-                               train=shots, progress=progress and main)
                 sharded = options.fsdp and distributed.launched_processes() > 1
+                ckpt = out_dir / f"checkpoint-{task}-{arm}-seed{seed}-{tag}.pt" if out_dir and not sharded else None
+                result = adapt(model, tokenizer, dataset, dataclasses.replace(options, arm=arm, seed=seed),
+                               train=shots, progress=progress and main, checkpoint=ckpt)
                 entry = evaluation(model, tokenizer, sharded=sharded)
                 if with_demos:
                     entry.update({f"demos_{k}": v for k, v in evaluation(model, tokenizer, shots, sharded).items()})
                 entry["losses"] = result.losses
                 entry["adapter"] = None
                 if out_dir and main:
-                    entry["adapter"] = str(save_adapter(result, out_dir / f"adapter-{task}-{arm}-seed{seed}.safetensors",
-                                                        base_model=model_name, task=task))
+                    entry["adapter"] = str(save_adapter(
+                        result, out_dir / f"adapter-{task}-{arm}-seed{seed}-{tag}.safetensors",
+                        base_model=model_name, task=task))
+                if ckpt is not None and main:
+                    ckpt.unlink(missing_ok=True)  # the adapter and the progress entry hold the run now
                 loaded.clear()  # the adapted model is not the base any more
                 return entry
 
@@ -179,7 +207,7 @@ def adapt_and_report(
              "| method | accuracy | macro-F1 |", "|---|---:|---:|"]
     table += [f"| {k} | {_mean_std(v)} | {_mean_std(f1s[k])} |" for k, v in rows.items()]
     if out_dir and main:
-        write_text(out_dir / "results.json", json.dumps(results, indent=1))
-        write_text(out_dir / "results.md", "\n".join(table) + "\n")
+        write_text(out_dir / f"results-{task}-{tag}.json", json.dumps(results, indent=1))
+        write_text(out_dir / f"results-{task}-{tag}.md", "\n".join(table) + "\n")
     log("\n".join(table))
     return results

@@ -16,19 +16,21 @@ def test_adapt_then_eval_through_the_cli(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["adapt", "--model", str(tiny_model_dir), "--task", "sst2", "--data-dir", str(DATA), "--shots", "2",
                  "--seeds", "42,43", "--arm", "ce,ofa", "--epochs", "3", "--test-size", "8", "--out", str(out)]) == 0
-    results = json.loads((out / "results.json").read_text())
+    [results_file] = out.glob("results-sst2-*.json")  # named by task and a hash of the settings
+    results = json.loads(results_file.read_text())
     assert set(results["accuracy"]) == {"zero-shot", "ICL", "ce", "ce + demos", "ofa", "ofa + demos"}
     assert all(len(v) == 2 for v in results["accuracy"].values())
     # the authors' protocol by default: |D| = 4 -> 2 pairs, one optimizer step each, per epoch
     assert len(results["runs"]) == 4 and all(len(r["losses"]) == 6 for r in results["runs"])
-    assert "| ofa |" in (out / "results.md").read_text()
+    assert "| ofa |" in results_file.with_suffix(".md").read_text()
     adapters = sorted(out.glob("adapter-sst2-*.safetensors"))
     assert len(adapters) == 4
     stamps = {a: a.stat().st_mtime_ns for a in adapters}
     assert main(["adapt", "--model", str(tiny_model_dir), "--task", "sst2", "--data-dir", str(DATA), "--shots", "2",
                  "--seeds", "42,43", "--arm", "ce,ofa", "--epochs", "3", "--test-size", "8", "--out", str(out)]) == 0
     assert {a: a.stat().st_mtime_ns for a in adapters} == stamps  # finished runs are not redone
-    assert json.loads((out / "results.json").read_text())["runs"] == results["runs"]
+    assert json.loads(results_file.read_text())["runs"] == results["runs"]
+    assert not list(out.glob("checkpoint-*"))  # finished runs leave no checkpoint behind
     capsys.readouterr()
     assert main(["eval", "--model", str(tiny_model_dir), "--task", "sst2", "--data-dir", str(DATA),
                  "--test-size", "8", "--adapter", str(adapters[0])]) == 0
@@ -47,3 +49,105 @@ def test_demo_prints_every_method(smollm2, capsys):
     for method in ("zero-shot", "ICL", "ce", "ofa"):
         assert f"| {method} | 0." in out or f"| {method} | 1.000" in out, method
     assert "done in" in out
+
+
+def _rows(path: Path, n: int = 16) -> Path:
+    path.write_text("text,label\n" + "".join(f"example number {i},{['no', 'yes'][i % 2]}\n" for i in range(n)))
+    return path
+
+
+def test_own_files_adapt_end_to_end_and_tasks_live_side_by_side(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    train = _rows(tmp_path / "mine.csv")
+    common = ["--model", str(tiny_model_dir), "--shots", "2", "--seeds", "42", "--epochs", "2", "--test-size", "4",
+              "--out", str(out), "--no-demos"]
+    assert main(["adapt", "--train", str(train), "--labels", "no,yes", "--template", "Q: {text}\\nA:", "--arm", "ce",
+                 *common]) == 0
+    [mine] = out.glob("results-mine-*.json")
+    assert json.loads(mine.read_text())["accuracy"]["ce"]
+    assert main(["adapt", "--task", "sst2", "--data-dir", str(DATA), "--arm", "ce", *common]) == 0
+    assert mine.exists() and len(list(out.glob("results-sst2-*.json"))) == 1  # the first task's results stay
+    assert main(["adapt", "--task", "sst2", "--data-dir", str(DATA), "--arm", "ce", "--dtype", "fp64", *common]) == 0
+    assert len(list(out.glob("results-sst2-*.json"))) == 2  # other settings: beside, never reused or overwritten
+
+
+def _refused(argv: list[str], capsys, monkeypatch) -> str:
+    """Runs the CLI on arguments it must refuse: exit 2, one line, no traceback, no model loaded, fast."""
+    import time
+
+    import ofa_kernels.runs
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(ofa_kernels.runs, "load_model", no_model)
+    started = time.perf_counter()
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert time.perf_counter() - started < 1.0
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--arm", "dora"], "unknown arm"),
+    (["--arm", "ce,ce"], "must be distinct"),
+    (["--seeds", "abc"], "seeds must be whole numbers"),
+    (["--seeds", "42,42"], "seeds must be distinct"),
+    (["--scoring", "ful"], "invalid choice: 'ful'"),
+    (["--lr", "-1"], "expected a finite number > 0"),
+    (["--lr", "nan"], "expected a finite number > 0"),
+    (["--shots", "0"], "expected a whole number >= 1"),
+    (["--test-size", "1"], "fewer than one row per class"),
+    (["--protocol", "authors"], "invalid choice: 'authors'"),
+    (["--batch-size", "2", "--protocol", "batched"], "--batch-size applies to --protocol paper"),
+    (["--dtype", "fp8"], "invalid choice: 'fp8'"),
+    (["--device", "tpu"], "expected cpu, cuda or cuda:N"),
+    (["--estimator", "exact"], "invalid choice: 'exact'"),
+    (["--task", "imdb"], "task must be one of"),
+    (["--data-dir", "/no/such/folder"], "is not a folder"),
+    (["--model", "/no/such/model"], "is not a folder"),
+    (["--test", "x.csv"], "--test and --labels go with --train"),
+])
+def test_adapt_refuses_bad_arguments_before_any_work(extra, message, capsys, monkeypatch, tmp_path):
+    argv = ["adapt", "--task", "sst2", "--data-dir", str(tmp_path), "--out", str(tmp_path / "out"), *extra]
+    assert message in _refused(argv, capsys, monkeypatch)
+    assert not (tmp_path / "out").exists()
+
+
+def test_adapt_and_eval_refuse_missing_data_and_bad_adapters(capsys, monkeypatch, tmp_path):
+    assert "pass --data-dir" in _refused(["adapt", "--task", "trec"], capsys, monkeypatch)
+    assert "name a task" in _refused(["adapt"], capsys, monkeypatch)
+    assert "--train needs --labels" in _refused(["adapt", "--train", str(_rows(tmp_path / "a.csv"))], capsys,
+                                                monkeypatch)
+    assert "must contain {text}" in _refused(["adapt", "--train", str(_rows(tmp_path / "a.csv")), "--labels", "a,b",
+                                              "--template", "no field"], capsys, monkeypatch)
+    base = ["eval", "--task", "sst2", "--data-dir", str(tmp_path)]
+    assert "does not exist" in _refused([*base, "--adapter", str(tmp_path / "none.safetensors")], capsys, monkeypatch)
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 64)
+    assert "not a readable safetensors file" in _refused([*base, "--adapter", str(tmp_path / "junk.safetensors")],
+                                                         capsys, monkeypatch)
+
+
+def test_eval_refuses_an_adapter_of_another_task(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    train = _rows(tmp_path / "mine.csv")
+    assert main(["adapt", "--model", str(tiny_model_dir), "--train", str(train), "--labels", "no,yes", "--arm", "ce",
+                 "--shots", "2", "--seeds", "42", "--epochs", "1", "--test-size", "4", "--out", str(out),
+                 "--no-demos"]) == 0
+    [adapter] = out.glob("adapter-mine-*.safetensors")
+    err = _refused(["eval", "--task", "sst2", "--data-dir", str(tmp_path), "--adapter", str(adapter)], capsys,
+                   monkeypatch)
+    assert "trained on task 'mine', not 'sst2'" in err
+
+
+def test_a_diverged_run_stops_without_writing_an_adapter(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    train = _rows(tmp_path / "mine.csv")
+    code = main(["adapt", "--model", str(tiny_model_dir), "--train", str(train), "--labels", "no,yes", "--arm", "ce",
+                 "--shots", "2", "--seeds", "42", "--epochs", "3", "--test-size", "4", "--out", str(out),
+                 "--lr", "1e12", "--no-demos"])
+    assert code == 2 and "diverged" in capsys.readouterr().err
+    assert not list(out.glob("adapter-*"))

@@ -225,11 +225,14 @@ def test_width_past_the_register_path(backend):
             torch.testing.assert_close(g.double(), t.double(), rtol=1e-4, atol=1e-4 * (1 + t.abs().max().item()))
 
 
-def test_zero_rows_give_empty_outputs_and_gradients(backend):
-    x = torch.randn(0, 3, 16, device=DEVICE, requires_grad=True)
+@pytest.mark.parametrize("shape", [(0, 3, 16), (0, 16)])  # (0, 16): the expanded gradient of .sum() has zero strides
+@pytest.mark.parametrize("kind", ["rms", "layer"])
+def test_zero_rows_give_empty_outputs_and_gradients(backend, shape, kind):
+    x = torch.randn(*shape, device=DEVICE, requires_grad=True)
     w = torch.ones(16, device=DEVICE, requires_grad=True)
-    y = ofa_kernels.rms_norm(x, w, backend=backend)
-    assert y.shape == (0, 3, 16)
+    y = ofa_kernels.rms_norm(x, w, backend=backend) if kind == "rms" else ofa_kernels.layer_norm(x, w, None,
+                                                                                                 backend=backend)
+    assert y.shape == shape
     gx, gw = torch.autograd.grad(y.sum(), [x, w])
     assert gx.shape == x.shape and torch.equal(gw, torch.zeros_like(w))
 

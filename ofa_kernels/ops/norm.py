@@ -46,7 +46,11 @@ def output_dtype(x_dtype: torch.dtype, w_dtype: torch.dtype | None, is_rms: bool
 
 
 def _row_major(t: Tensor) -> Tensor:
-    """The kernels need unit stride along the last dim; any row stride is fine."""
+    """The kernels need unit stride along the last dim; any row stride is fine. An empty tensor (its
+    strides can be anything, e.g. the zero strides of an expanded gradient, and ``contiguous()`` keeps
+    them) is cloned to standard strides, for free (and still differentiable)."""
+    if t.numel() == 0:
+        return t.clone(memory_format=torch.contiguous_format)
     return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
 
 
@@ -71,7 +75,7 @@ def _call_fwd(x, weight, bias, eps, offset, is_rms, cast_mode, backend):
 def _call_bwd(dy, x, weight, mean, rstd, offset, is_rms, cast_mode, need_dx, need_dw, need_db, backend):
     """(dx, dw, db); None where not needed."""
     impl = dispatch.resolve(backend, x.device, "norm", x.shape[-1])
-    return impl.norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, cast_mode, need_dx,
+    return impl.norm_bwd(_row_major(dy), x, weight, mean, rstd, offset, is_rms, cast_mode, need_dx,
                          need_dw and weight is not None, need_db)
 
 
