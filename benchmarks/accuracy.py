@@ -32,7 +32,7 @@ def _cell(values: list[float]) -> str:
         return "-"
     if len(values) == 1:
         return f"{100 * values[0]:.1f}"
-    return f"{100 * statistics.mean(values):.1f} +- {100 * statistics.stdev(values):.1f}"
+    return f"{100 * statistics.mean(values):.1f} +- {100 * statistics.pstdev(values):.1f}"  # population std
 
 
 def summarise(per_task: dict[str, dict], seeds: list[int]) -> tuple[str, dict]:
@@ -101,7 +101,7 @@ def _write_summary(out: Path, per_task: dict, seeds: list[int], args, started: f
     compute = sum(r["compute_seconds"] for r in per_task.values())
     header = (f"Accuracy (%) of {args.model} over {args.test_size} test rows per task, {args.shots} shots per class, "
               f"seeds {seeds}, {args.epochs} epochs, protocol {args.protocol!r}, scoring {args.scoring!r}; "
-              "mean +- std over seeds. "
+              "mean +- population std over seeds. "
               f"Compute: {compute / 60:.0f} min on {os.cpu_count()} CPU cores, torch {torch.__version__}.")
     summary = {"args": vars(args), "tasks": list(per_task), "compute_seconds": compute, "methods": data,
                "seconds_this_call": round(time.time() - started, 1)}

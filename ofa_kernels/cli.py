@@ -113,6 +113,9 @@ def _demo(args: argparse.Namespace) -> int:
           "recipe at lr 1e-3)")
     adapt_and_report(lambda: load_model(SMOLLM2), "tweets", model_name=SMOLLM2, seeds=args.seeds, arms=["ce", "ofa"],
                      options=options, test_size=args.test_size, out=args.out, with_demos=False, progress=True)
+    if len(args.seeds) == 1:
+        print("One seed is not a result: over seeds the gaps between methods move by as much as they are wide. "
+              "`ofa demo --seeds 42,43,44` shows the spread; benchmarks/RESULTS.md has the multi-seed tables.")
     print(f"done in {time.time() - started:.0f} s")
     return 0
 
@@ -275,12 +278,14 @@ def _common(p: argparse.ArgumentParser) -> None:
                    "rte, hate_speech18, emo; with --train: the name of your task (default: the file's name)")
     p.add_argument("--data-dir", default=None, help="folder with the task folders (e.g. ../shared/data)")
     p.add_argument("--train", default=None, help="your own labelled CSV/TSV/JSONL file (the k-shot pool)")
-    p.add_argument("--test", default=None, help="with --train: the test file (default: a deterministic split of --train)")
+    p.add_argument("--test", default=None,
+                   help="with --train: the test file (default: a deterministic split of --train)")
     p.add_argument("--labels", default=None, type=lambda t: _names(t, "labels"),
                    help="with --train: label words in class order, comma-separated (labels in the file are these "
                    "words or 0-based class indices)")
     p.add_argument("--template", default="Text: {text}\nLabel:", type=_template,
-                   help="with --train: the prompt, with {text} where the example goes (default 'Text: {text}\\nLabel:')")
+                   help="with --train: the prompt, with {text} where the example goes "
+                   "(default 'Text: {text}\\nLabel:')")
     p.add_argument("--text-column", default="text", help="with --train: the text column (default text)")
     p.add_argument("--label-column", default="label", help="with --train: the label column (default label)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp64"], help="model dtype (default fp32)")

@@ -76,7 +76,8 @@ class _Progress:
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{path} is not readable JSON ({exc}); move it away to start afresh") from None
             if saved.get("key") != key:
-                differs = sorted(k for k in {**key, **saved.get("key", {})} if saved.get("key", {}).get(k) != key.get(k))
+                stored = saved.get("key", {})
+                differs = sorted(k for k in {**key, **stored} if stored.get(k) != key.get(k))
                 raise ValueError(f"{path} holds results of other settings (differing: {differs}); "
                                  "use another --out or move it away")
             self.entries = saved["entries"]
@@ -113,7 +114,7 @@ def adapt_and_report(
 
     ``with_demos`` also evaluates every adapted model with the demonstrations prefix; ``progress``
     shows a tqdm bar per run. With ``out``,
-    finished evaluations are kept in ``out/progress.json``, and a rerun with the same settings
+    finished evaluations are kept in ``out/progress-<task>-<hash>.json``, and a rerun with the same settings
     continues where the last one stopped.
     """
     options = options or AdaptOptions()

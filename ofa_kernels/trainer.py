@@ -151,7 +151,8 @@ def lr_multiplier(step: int, total: int, options: AdaptOptions) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def epoch_pairs(train: Sequence[Example], seed: int, epoch: int, protocol: str = "paper") -> list[tuple[Example, Example]]:
+def epoch_pairs(train: Sequence[Example], seed: int, epoch: int,
+                protocol: str = "paper") -> list[tuple[Example, Example]]:
     """The (demonstration, query) pairs of one epoch, in training order.
 
     "paper": D shuffled, consecutive disjoint pairs (an odd example left over is dropped);
@@ -313,7 +314,9 @@ def adapt(
     device = next(model.parameters()).device
     par = distributed.current(device.type)
     per_epoch = steps_per_epoch(len(train), options)
-    smallest = len(train) if options.protocol == "batched" else min(options.batch_size, len(train) // 2)
+    pairs_per_epoch = len(train) // 2
+    smallest = len(train) if options.protocol == "batched" else (pairs_per_epoch % options.batch_size
+                                                                  or min(options.batch_size, pairs_per_epoch))
     if smallest < par.world:
         raise ValueError(f"a step of {smallest} sequences cannot be shared by {par.world} processes "
                          f"(protocol {options.protocol!r}: raise batch_size, or use fewer processes)")
