@@ -60,7 +60,7 @@ def rms_kind(module: nn.Module) -> tuple[float, float, str] | None:
 
 def is_norm(module: nn.Module) -> bool:
     """Any normalisation layer: LayerNorm, RMSNorm (ours, torch's, HF's) or a class named ``*Norm``-like."""
-    if isinstance(module, (nn.LayerNorm, nn.RMSNorm, FusedRMSNorm)) or rms_kind(module) is not None:
+    if isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or rms_kind(module) is not None:
         return True
     return type(module).__name__.endswith(("RMSNorm", "LayerNorm"))
 

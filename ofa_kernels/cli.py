@@ -38,12 +38,17 @@ def _dtype(name: str):
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}[name]
 
 
+def _task_name(args: argparse.Namespace) -> str | None:
+    """--task, or for the user's own files the train file's name."""
+    return args.task or (Path(args.train).stem if args.train else None)
+
+
 def _dataset(args: argparse.Namespace):
     """The task's rows: a registered task from --data-dir (or the Hub), or the user's own --train/--test files."""
     from . import data
 
     if args.train:
-        task = data.file_task(args.task or Path(args.train).stem, args.template, args.labels)
+        task = data.file_task(_task_name(args), args.template, args.labels)
         return data.load_files(task, args.train, args.test, text_column=args.text_column,
                                label_column=args.label_column)
     return data.load_task(args.task, args.data_dir)
@@ -218,7 +223,7 @@ def _check_task(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         if not args.labels:
             parser.error("--train needs --labels: the label words, comma-separated, in class order")
         try:
-            task = data.file_task(args.task or Path(args.train).stem, args.template, args.labels)
+            task = data.file_task(_task_name(args), args.template, args.labels)
         except ValueError as exc:
             parser.error(f"--labels/--template: {exc}")
     else:
@@ -246,7 +251,7 @@ def _check_adapter(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         meta = read_adapter_metadata(args.adapter)
     except (OSError, ValueError) as exc:
         parser.error(f"--adapter: {exc}")
-    task = args.task or (Path(args.train).stem if args.train else None)
+    task = _task_name(args)
     if meta.get("task") != task:
         parser.error(f"--adapter {args.adapter} was trained on task {meta.get('task')!r}, not {task!r}")
 

@@ -314,9 +314,11 @@ def adapt(
     device = next(model.parameters()).device
     par = distributed.current(device.type)
     per_epoch = steps_per_epoch(len(train), options)
-    pairs_per_epoch = len(train) // 2
-    smallest = len(train) if options.protocol == "batched" else (pairs_per_epoch % options.batch_size
-                                                                  or min(options.batch_size, pairs_per_epoch))
+    if options.protocol == "batched":
+        smallest = len(train)  # one step of every example
+    else:  # steps of batch_size pairs; the last one holds the remainder
+        pairs = len(train) // 2
+        smallest = min(options.batch_size, pairs) if pairs % options.batch_size == 0 else pairs % options.batch_size
     if smallest < par.world:
         raise ValueError(f"a step of {smallest} sequences cannot be shared by {par.world} processes "
                          f"(protocol {options.protocol!r}: raise batch_size, or use fewer processes)")

@@ -131,12 +131,16 @@ def test_adapt_and_eval_refuse_missing_data_and_bad_adapters(capsys, monkeypatch
                                                          capsys, monkeypatch)
 
 
+def _adapt_own_file(model_dir: Path, tmp_path: Path, *extra: str) -> int:
+    """``ofa adapt`` (arm ce, seed 42, 2 shots) on a small file of the user's own, into tmp_path/run."""
+    return main(["adapt", "--model", str(model_dir), "--train", str(_rows(tmp_path / "mine.csv")), "--labels",
+                 "no,yes", "--arm", "ce", "--shots", "2", "--seeds", "42", "--test-size", "4",
+                 "--out", str(tmp_path / "run"), "--no-demos", *extra])
+
+
 def test_eval_refuses_an_adapter_of_another_task(tiny_model_dir, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
-    train = _rows(tmp_path / "mine.csv")
-    assert main(["adapt", "--model", str(tiny_model_dir), "--train", str(train), "--labels", "no,yes", "--arm", "ce",
-                 "--shots", "2", "--seeds", "42", "--epochs", "1", "--test-size", "4", "--out", str(out),
-                 "--no-demos"]) == 0
+    assert _adapt_own_file(tiny_model_dir, tmp_path, "--epochs", "1") == 0
     [adapter] = out.glob("adapter-mine-*.safetensors")
     err = _refused(["eval", "--task", "sst2", "--data-dir", str(tmp_path), "--adapter", str(adapter)], capsys,
                    monkeypatch)
@@ -145,9 +149,6 @@ def test_eval_refuses_an_adapter_of_another_task(tiny_model_dir, tmp_path, capsy
 
 def test_a_diverged_run_stops_without_writing_an_adapter(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    train = _rows(tmp_path / "mine.csv")
-    code = main(["adapt", "--model", str(tiny_model_dir), "--train", str(train), "--labels", "no,yes", "--arm", "ce",
-                 "--shots", "2", "--seeds", "42", "--epochs", "3", "--test-size", "4", "--out", str(out),
-                 "--lr", "1e12", "--no-demos"])
+    code = _adapt_own_file(tiny_model_dir, tmp_path, "--epochs", "3", "--lr", "1e12")
     assert code == 2 and "diverged" in capsys.readouterr().err
     assert not list(out.glob("adapter-*"))
