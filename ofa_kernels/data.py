@@ -429,5 +429,11 @@ def k_shot(dataset: Dataset, shots: int = 5, seed: int = 42) -> list[Example]:
 def test_subset(dataset: Dataset, size: int = 500, seed: int = 0) -> list[Example]:
     """A fixed class-balanced test subset (``size`` rows, or all the smallest class allows)."""
     n = len(dataset.task.labels)
-    smallest = min(sum(r.label == c for r in dataset.test) for c in range(n))
+    if size < n:
+        raise ValueError(f"a test subset of {size} rows holds fewer than one row per class ({n} classes)")
+    counts = [sum(r.label == c for r in dataset.test) for c in range(n)]
+    if min(counts) == 0:
+        empty = [dataset.task.labels[c] for c in range(n) if counts[c] == 0]
+        raise ValueError(f"the test rows of task {dataset.task.name!r} hold no example of {empty}")
+    smallest = min(counts)
     return _balanced(dataset.test, min(size // n, smallest), n, seed)

@@ -39,11 +39,11 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from . import distributed, memory, objectives
+from . import distributed, memory, objectives, rng
 from .baselines import PEFT_ARMS, attach
 from .anatomy import last_token_states, norm_parameters, preconditioners, structure
 from .data import Dataset, Example, Task, k_shot
-from .evaluate import continuation_log_probs
+from .evaluate import SCORING, continuation_log_probs
 from .files import atomic_path
 from .memory import checkpointed_blocks
 from .nn import FusedLayerNorm, FusedRMSNorm
@@ -82,6 +82,7 @@ class AdaptOptions:
     fsdp: bool = False  # data-parallel runs: shard the frozen base weights with FSDP2 (else replicate)
 
     def check(self) -> "AdaptOptions":
+        """Every field in range (raises ValueError naming it); returns self."""
         if self.arm not in ARMS:
             raise ValueError(f"arm must be one of {ARMS}, got {self.arm!r}")
         if self.protocol not in PROTOCOLS:
@@ -97,6 +98,23 @@ class AdaptOptions:
             raise ValueError(f"max_memory_gb must be > 0, got {self.max_memory_gb}")
         if not 0 <= self.warmup < 1:
             raise ValueError(f"warmup must be a fraction in [0, 1), got {self.warmup}")
+        if self.scoring not in SCORING:
+            raise ValueError(f"scoring must be one of {SCORING}, got {self.scoring!r}")
+        rng.check_distribution(self.distribution)
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
+        for name in ("weight_decay", "lambda_j", "lambda_s"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if self.eps is not None and not (isinstance(self.eps, (int, float)) and math.isfinite(self.eps)
+                                         and self.eps > 0):
+            raise ValueError(f"eps must be None or a finite number > 0, got {self.eps!r}")
+        for name in ("memory_efficient", "fsdp"):
+            value = getattr(self, name)
+            if not isinstance(value, bool) and not (name == "memory_efficient" and value is None):
+                raise ValueError(f"{name} must be {'True, False or None' if name == 'memory_efficient' else 'a bool'}"
+                                 f", got {value!r}")
         return self
 
 

@@ -87,6 +87,16 @@ def test_tweets_corpus_loads_positive_and_negative():
     assert {e.label for e in ds.test} == {0, 1}
 
 
+def test_test_subset_refuses_fewer_rows_than_classes_and_classes_without_rows():
+    task = data.get_task("sst2")
+    rows = [data.Example(f"t{i}", i % 2, f"f:{i}") for i in range(10)]
+    assert len(data.test_subset(data.Dataset(task, [], rows), 2)) == 2
+    with pytest.raises(ValueError, match="fewer than one row per class"):
+        data.test_subset(data.Dataset(task, [], rows), 1)
+    with pytest.raises(ValueError, match=r"no example of \['positive'\]"):
+        data.test_subset(data.Dataset(task, [], [r for r in rows if r.label == 0]), 4)
+
+
 def test_unknown_task_is_named():
     with pytest.raises(ValueError, match="task must be one of"):
         data.get_task("imdb")

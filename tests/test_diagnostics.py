@@ -12,7 +12,7 @@ from ofa_kernels import data, diagnostics
 from ofa_kernels.cli import main
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-pytestmark = pytest.mark.skipif(not DATA.exists(), reason="shared data not found")
+needs_data = pytest.mark.skipif(not DATA.exists(), reason=f"shared data not found at {DATA}")
 
 
 def test_linear_probe_separates_separable_classes_and_not_noise():
@@ -29,6 +29,7 @@ def test_linear_probe_separates_separable_classes_and_not_noise():
     assert noise_acc < 0.45  # chance is 1/3
 
 
+@needs_data
 def test_layer_report_matches_the_hidden_states(tiny_model_dir):
     from ofa_kernels.runs import load_model
 
@@ -48,6 +49,7 @@ def test_layer_report_matches_the_hidden_states(tiny_model_dir):
     assert one["step"] == pytest.approx(want, rel=1e-5)
 
 
+@needs_data
 def test_diagnose_cli_writes_json_and_png_for_base_and_adapted(tiny_model_dir, tmp_path, capsys):
     from ofa_kernels.adapters import save_adapter
     from ofa_kernels.runs import load_model

@@ -16,7 +16,7 @@ from ofa_kernels.anatomy import norm_parameters
 from ofa_kernels.trainer import AdaptOptions, adapt, epoch_pairs, lr_multiplier, steps_per_epoch
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-pytestmark = pytest.mark.skipif(not DATA.exists(), reason="shared data not found")
+needs_data = pytest.mark.skipif(not DATA.exists(), reason=f"shared data not found at {DATA}")
 
 
 def _tiny(vocab: int, seed: int = 0):
@@ -35,6 +35,8 @@ def tokenizer(smollm2):
 
 @pytest.fixture(scope="module")
 def sst2():
+    if not DATA.exists():
+        pytest.skip(f"shared data not found at {DATA}")
     return data.load_task("sst2", DATA)
 
 
@@ -190,8 +192,14 @@ def test_bad_options_are_named():
         AdaptOptions(protocol="authors").check()
     with pytest.raises(ValueError, match="batch_size"):
         AdaptOptions(batch_size=0).check()
+    bad = {"scoring": "ful", "distribution": "uniform", "lr": float("nan"), "weight_decay": -1.0,
+           "lambda_j": float("inf"), "lambda_s": -1e-3, "eps": 0.0, "memory_efficient": "yes", "fsdp": 1}
+    for name, value in bad.items():
+        with pytest.raises(ValueError, match=name):
+            AdaptOptions(**{name: value}).check()
 
 
+@needs_data
 @pytest.mark.slow
 def test_smollm2_trec_training_loss_falls_and_accuracy_beats_zero_shot(smollm2):
     from ofa_kernels.models import load_smollm2
