@@ -8,6 +8,7 @@ from .adapters import load_adapter, save_adapter
 from .anatomy import last_token_states, norm_parameters, preconditioners
 from .data import k_shot, load_table, load_task, test_subset
 from .diagnostics import layer_report
+from .export import export_hf, export_peft
 from .nn import FusedLayerNorm, FusedRMSNorm
 from .objectives import hutchinson_trace, sharpness, sharpness_terms, step_ratio
 from .ops import backends, layer_norm, rms_norm
@@ -25,6 +26,8 @@ __all__ = [
     "__version__",
     "adapt",
     "backends",
+    "export_hf",
+    "export_peft",
     "hutchinson_trace",
     "k_shot",
     "last_token_states",

@@ -5,6 +5,11 @@ see ``trainer.weights_hash``), ``task``, ``options`` (JSON), ``library_version``
 ``load_adapter`` refuses a model whose norm names or shapes differ, or whose current norm weights
 are not the base the adapter was trained from. Adapters of the PEFT baselines (arms "lora", "ia3")
 hold the adapter layers' weights; loading one injects those layers first.
+
+``load_adapter`` also reads a PEFT ``LNTuningConfig`` adapter folder (``adapter_config.json`` +
+``adapter_model.safetensors``, as ``PeftModel.save_pretrained`` writes it, see ``export.export_peft``):
+its norm weights are loaded the same way. Such a folder names no task and no base-weights hash, so
+those two checks are skipped for it; names and shapes are still checked.
 """
 
 from __future__ import annotations
@@ -24,6 +29,9 @@ from .trainer import AdaptOptions, AdaptResult, weights_hash
 
 
 FORMAT = "ofa_kernels.adapter/1"
+PEFT_LN_TUNING_FORMAT = "peft/LN_TUNING"
+_PEFT_PREFIX = "base_model.model."
+_PEFT_LAYER = ".ln_tuning_layers."
 
 
 def save_adapter(result: AdaptResult, path: str | Path, *, base_model: str, task: str) -> Path:
@@ -40,10 +48,13 @@ def save_adapter(result: AdaptResult, path: str | Path, *, base_model: str, task
 
 
 def read_adapter_metadata(path: str | Path) -> dict[str, str]:
-    """The adapter's metadata (reads only the file's header); clear errors for a missing, corrupt or foreign file."""
+    """The adapter's metadata (reads only the file's header, or a PEFT folder's config); clear errors for a
+    missing, corrupt or foreign file."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
+    if path.is_dir():
+        return _peft_metadata(path)
     if not path.is_file():
         raise FileNotFoundError(f"adapter {path} does not exist")
     try:
@@ -56,16 +67,53 @@ def read_adapter_metadata(path: str | Path) -> dict[str, str]:
     return meta
 
 
+def _peft_metadata(folder: Path) -> dict[str, str]:
+    config_path = folder / "adapter_config.json"
+    if not config_path.is_file():
+        raise ValueError(f"adapter folder {folder} has no adapter_config.json (expected a PEFT adapter folder)")
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{config_path} is not JSON ({exc})") from None
+    kind = config.get("peft_type") if isinstance(config, dict) else None
+    if kind != "LN_TUNING":
+        raise ValueError(f"adapter folder {folder} holds a PEFT {kind!r} adapter; ofa_kernels loads PEFT LN_TUNING "
+                         "folders (norm weights) only")
+    if not (folder / "adapter_model.safetensors").is_file():
+        raise ValueError(f"adapter folder {folder} has no adapter_model.safetensors")
+    return {"format": PEFT_LN_TUNING_FORMAT, "base_model": str(config.get("base_model_name_or_path") or ""),
+            "task": "", "base_hash": "", "options": "{}", "library_version": str(config.get("peft_version", ""))}
+
+
+def _peft_name(key: str) -> str | None:
+    """``base_model.model.<module>.ln_tuning_layers[.<adapter>].<param>`` -> ``<module>.<param>``."""
+    if not key.startswith(_PEFT_PREFIX) or _PEFT_LAYER not in key:
+        return None
+    module, _, rest = key[len(_PEFT_PREFIX):].partition(_PEFT_LAYER)
+    return f"{module}.{rest.rsplit('.', 1)[-1]}"
+
+
 def read_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors by name, metadata) of an adapter file."""
+    """(tensors by parameter name, metadata) of an adapter file or a PEFT LN_TUNING folder."""
     from safetensors import SafetensorError, safe_open
 
     meta = read_adapter_metadata(path)
+    peft = meta["format"] == PEFT_LN_TUNING_FORMAT
+    file = Path(path) / "adapter_model.safetensors" if peft else Path(path)
     try:
-        with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, meta
+        with safe_open(str(file), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as exc:
         raise ValueError(f"{path}: its tensors cannot be read ({exc})") from None
+    if not peft:
+        return tensors, meta
+    weights = {}
+    for key, t in tensors.items():
+        name = _peft_name(key)
+        if name is None:
+            raise ValueError(f"adapter folder {path}: tensor {key!r} is not an LN tuning weight")
+        weights[name] = t
+    return weights, meta
 
 
 def adapter_options(meta: dict[str, str]) -> AdaptOptions:
@@ -107,25 +155,36 @@ def _check_peft_fit(model: nn.Module, weights: dict[str, torch.Tensor], arm: str
                              f"({target.in_features} -> {target.out_features})")
 
 
-def load_adapter(model: nn.Module, path: str | Path, *, task: str | None = None) -> dict[str, str]:
-    """Loads an adapter (norm weights, or a PEFT baseline's layers) into ``model``; returns its metadata.
+def checked_adapter(model: nn.Module, path: str | Path, *, task: str | None = None
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, str], AdaptOptions]:
+    """(weights, metadata, options) of an adapter that fits ``model``; the model is not changed.
 
-    Everything is checked before the model changes: the file, ``task`` (when given) against the
-    adapter's, the base model (norm weights hash), names and shapes. Then the norms are patched (and
-    a PEFT baseline's layers injected) and the weights copied in.
+    Checks the file, ``task`` (when given and the adapter names one) against the adapter's, the base
+    model (norm weights hash, when the adapter has one), and names and shapes.
     """
     weights, meta = read_adapter(path)
     options = adapter_options(meta)
-    if task is not None and meta.get("task") != task:
+    if task is not None and meta.get("task") and meta["task"] != task:
         raise ValueError(f"adapter {path} was trained on task {meta.get('task')!r}, not {task!r}")
     params = fusable_norm_parameters(model)
     if options.arm in PEFT_ARMS:
         _check_peft_fit(model, weights, options.arm, path)
     else:
         _check_fit(weights, params, path)
-    if weights_hash(params) != meta.get("base_hash"):
+    if meta.get("base_hash") and weights_hash(params) != meta["base_hash"]:
         raise ValueError(f"adapter {path} was trained from another base model ({meta.get('base_model')!r}): the "
                          "norm weights of this model differ from its base (load it into the original model)")
+    return weights, meta, options
+
+
+def load_adapter(model: nn.Module, path: str | Path, *, task: str | None = None) -> dict[str, str]:
+    """Loads an adapter (norm weights, or a PEFT baseline's layers) into ``model``; returns its metadata.
+
+    ``path`` is an adapter file written by ``save_adapter`` or a PEFT LN_TUNING folder. Everything is
+    checked first (``checked_adapter``); then the norms are patched (and a PEFT baseline's layers
+    injected) and the weights copied in.
+    """
+    weights, meta, options = checked_adapter(model, path, task=task)
     patch_model(model)
     params = norm_parameters(model)
     if options.arm in PEFT_ARMS:

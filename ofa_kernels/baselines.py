@@ -14,7 +14,8 @@ from torch import nn
 PEFT_ARMS = ("lora", "ia3")
 
 
-def _config(options):
+def peft_config(options):
+    """The PEFT config of the baseline arm ``options.arm`` (LoRA rank ``options.rank``, alpha 2 * rank; IA3)."""
     from peft import IA3Config, LoraConfig
 
     if options.arm == "lora":
@@ -30,7 +31,7 @@ def attach(model: nn.Module, options) -> dict[str, nn.Parameter]:
         from peft import inject_adapter_in_model
     except ImportError as exc:
         raise ImportError("the lora and ia3 baselines need peft: pip install peft") from exc
-    config = _config(options)
+    config = peft_config(options)
     if getattr(model, "config", None) is None:
         raise ValueError("PEFT baselines need a Hugging Face model (with .config) to pick target modules")
     inject_adapter_in_model(config, model)

@@ -76,7 +76,7 @@ def _eval(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args.model, _dtype(args.dtype), args.device)
     if args.adapter:
         meta = load_adapter(model, args.adapter, task=dataset.task.name)
-        print(f"adapter {args.adapter}: task {meta['task']}, base {meta['base_model']}")
+        print(f"adapter {args.adapter}: task {meta['task'] or '(not recorded)'}, base {meta['base_model'] or '(not recorded)'}")
     scores = ev.evaluate(model, tokenizer, dataset.task, test, scoring=args.scoring)
     print(f"{args.task}: accuracy {scores.accuracy:.3f}, macro-F1 {scores.macro_f1:.3f} over {len(test)} rows")
     return 0
@@ -98,6 +98,19 @@ def _diagnose(args: argparse.Namespace) -> int:
     acc = lambda r: max(r["probe_accuracy"])  # noqa: E731
     print(f"best linear-probe accuracy: base {acc(report['base']):.3f}, adapted {acc(report['adapted']):.3f}; "
           f"wrote {paths[0]} and {paths[1]}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .export import export_hf, export_peft
+
+    if args.format == "hf":
+        export_hf(args.model, args.adapter, args.out)
+        print(f"wrote {args.out}: the Hugging Face model {args.model} with {args.adapter} merged "
+              "(load it with AutoModelForCausalLM.from_pretrained)")
+    else:
+        export_peft(args.model, args.adapter, args.out)
+        print(f"wrote {args.out}: a PEFT adapter folder for {args.model} (load it with PeftModel.from_pretrained)")
     return 0
 
 
@@ -253,8 +266,10 @@ def _check_adapter(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         meta = read_adapter_metadata(args.adapter)
     except (OSError, ValueError) as exc:
         parser.error(f"--adapter: {exc}")
+    if args.command == "export":
+        return
     task = _task_name(args)
-    if meta.get("task") != task:
+    if meta.get("task") and meta["task"] != task:  # a PEFT folder names no task
         parser.error(f"--adapter {args.adapter} was trained on task {meta.get('task')!r}, not {task!r}")
 
 
@@ -265,6 +280,11 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
         _check_task(parser, args)
     if args.command == "check":
         _check_device(parser, args.device)
+    if args.command == "export":
+        _check_model(parser, args.model)
+        out = Path(args.out)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            parser.error(f"--out: {out} exists and is not an empty folder (export writes a new folder)")
     if getattr(args, "adapter", None):
         _check_adapter(parser, args)
     if args.command == "adapt":
@@ -338,7 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     ad.set_defaults(func=_adapt)
     ev = sub.add_parser("eval", help="evaluate a model, with a saved adapter or without")
     _common(ev)
-    ev.add_argument("--adapter", default=None, help="an adapter .safetensors written by ofa adapt")
+    ev.add_argument("--adapter", default=None, help="an adapter .safetensors written by ofa adapt, or a PEFT "
+                    "LN_TUNING adapter folder")
     ev.set_defaults(func=_eval)
     dg = sub.add_parser("diagnose", help="per-layer steps, ratios, sharpness and linear probes: base vs adapted")
     _common(dg)
@@ -348,6 +369,14 @@ def build_parser() -> argparse.ArgumentParser:
     dg.add_argument("--probes", type=_positive_int, default=4, help="sharpness probes")
     dg.add_argument("--out", default="ofa_diagnostics", help="folder for diagnostics.json and diagnostics.png")
     dg.set_defaults(func=_diagnose)
+    ex = sub.add_parser("export", help="write an adapted model as a Hugging Face folder or a PEFT adapter folder")
+    ex.add_argument("--adapter", required=True, help="an adapter .safetensors written by ofa adapt")
+    ex.add_argument("--model", default="smollm2", help='the base model: "smollm2" or a HF model folder')
+    ex.add_argument("--out", required=True, help="the folder to write (new, or empty)")
+    ex.add_argument("--format", default="hf", choices=["hf", "peft"],
+                    help="hf: a complete model folder with the adapted weights merged (default); peft: a PEFT "
+                    "adapter folder (LNTuningConfig for norm adapters, LoRA/IA3 for those baselines)")
+    ex.set_defaults(func=_export)
     demo = sub.add_parser("demo", help="the embedded default: SmolLM2 on tweets, zero-shot vs ICL vs CE vs OFA")
     demo.add_argument("--test-size", type=_positive_int, default=100)
     demo.add_argument("--seeds", type=_seeds, default="42", help="k-shot draws and training seeds, comma-separated")
@@ -365,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     _validate(parser, args)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FloatingPointError) as exc:
+    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as exc:
         if os.environ.get("OFA_DEBUG"):
             raise
         print(f"ofa {args.command}: error: {exc}", file=sys.stderr)

