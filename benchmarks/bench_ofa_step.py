@@ -39,7 +39,8 @@ from harness import stamp  # noqa: E402
 import ofa_kernels  # noqa: E402
 from ofa_kernels import anatomy  # noqa: E402
 from ofa_kernels.anatomy import norm_parameters  # noqa: E402
-from ofa_kernels.trainer import AdaptOptions, training_step, use_fp32_masters  # noqa: E402
+from ofa_kernels.patch import use_fp32_masters  # noqa: E402
+from ofa_kernels.trainer import AdaptOptions, training_step  # noqa: E402
 
 OURS = [("ce", "ce", "fd", 1), ("ofa-fd-K1", "ofa", "fd", 1), ("ofa-fd-K4", "ofa", "fd", 4),
         ("ofa-hvp-K1", "ofa", "hvp", 1)]

@@ -125,7 +125,10 @@ def preconditioners(model: nn.Module) -> list[Tensor]:
         norm = post_attention_norm(block)
         kind = rms_kind(norm)
         offset = kind[1] if kind else 0.0
-        gammas.append(norm.weight.detach().float().clone() + offset)
+        weight = norm.weight.detach()
+        if hasattr(weight, "full_tensor"):  # a sharded (FSDP2) parameter: every rank gathers the whole gain
+            weight = weight.full_tensor()
+        gammas.append(weight.float().clone() + offset)
     return gammas
 
 

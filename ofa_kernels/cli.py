@@ -58,7 +58,7 @@ def _adapt(args: argparse.Namespace) -> int:
     from .runs import adapt_and_report, load_model
 
     dataset = _dataset(args)
-    adapt_and_report(lambda: load_model(args.model, _dtype(args.dtype), args.device), dataset,
+    adapt_and_report(lambda: load_model(args.model, _dtype(args.dtype), args.device, sharded=args.fsdp), dataset,
                      model_name=args.model, seeds=args.seeds, arms=args.arm, options=_options(args),
                      test_size=args.test_size, out=args.out, with_demos=not args.no_demos, progress=True,
                      model_settings={"dtype": args.dtype, "device": args.device})

@@ -62,13 +62,19 @@ def _resave_fp32(target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load_smollm2(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """Returns ``(model, tokenizer)`` for SmolLM2-135M-Instruct (LlamaForCausalLM, 30 layers)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def smollm2_folder() -> Path:
+    """The Hugging Face folder (fp32 safetensors + tokenizer) of SmolLM2-135M-Instruct, made on first use."""
     target = cache_dir() / "smollm2-135m-instruct-fp32"
     if not (target / "config.json").exists():
         _resave_fp32(target)
+    return target
+
+
+def load_smollm2(dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu"):
+    """Returns ``(model, tokenizer)`` for SmolLM2-135M-Instruct (LlamaForCausalLM, 30 layers)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = smollm2_folder()
     model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype).to(device)
     tokenizer = AutoTokenizer.from_pretrained(target)
     return model.eval(), tokenizer

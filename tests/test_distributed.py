@@ -24,38 +24,96 @@ def test_shards_cover_the_batch_once():
             assert max(s.stop - s.start for s in parts) - min(s.stop - s.start for s in parts) <= 1
 
 
+@pytest.fixture(scope="module")
+def sharded_model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny Llama saved as sharded safetensors (model-0000x-of-0000y + index), with its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-sharded")
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir).save_pretrained(folder, max_shard_size="2MB")
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(folder)
+    assert len(list(folder.glob("model-*-of-*.safetensors"))) > 1 and (folder / "model.safetensors.index.json").exists()
+    return folder
+
+
+def _launch(processes: int, port: int) -> list[str]:
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+            str(port)]
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
 @pytest.mark.skipif(not DATA.exists(), reason="shared data not found")
-@pytest.mark.parametrize("mode", ["ddp", "fsdp", "fsdp-lean"])
-def test_two_processes_give_the_single_process_adapter(tiny_model_dir, tmp_path, mode):
+@pytest.mark.parametrize("mode,processes", [("ddp", 2), ("fsdp", 2), ("fsdp-lean", 2), ("fsdp", 4)])
+def test_several_processes_give_the_single_process_adapter(sharded_model_dir, tmp_path, mode, processes):
+    """--fsdp loads each rank's shards straight from the sharded safetensors (meta device), so this also
+    checks that sharded loading gives the model the single process loads."""
     arm = "ofa"
     pytest.importorskip("accelerate")
-    args = ["adapt", "--model", str(tiny_model_dir), "--task", "sst2", "--data-dir", str(DATA), "--shots", "3",
-            "--batch-size", "3", "--seeds", "42", "--arm", arm, "--epochs", "4", "--lr", "3e-2", "--test-size", "8",
+    args = ["adapt", "--model", str(sharded_model_dir), "--task", "sst2", "--data-dir", str(DATA), "--shots", "4",
+            "--batch-size", "4", "--seeds", "42", "--arm", arm, "--epochs", "3", "--lr", "3e-2", "--test-size", "8",
             "--no-demos"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, "-m", "ofa_kernels.cli", *args, "--out", str(tmp_path / "one")], env=env,
+    one = subprocess.run([sys.executable, "-m", "ofa_kernels.cli", *args, "--out", str(tmp_path / "one")], env=ENV,
                          capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
-              "-m", "ofa_kernels.cli"]
-    two = subprocess.run([*launch, *args, "--out", str(tmp_path / "two")] + {"ddp": [], "fsdp": ["--fsdp"],
-                                                                 "fsdp-lean": ["--fsdp", "--memory-efficient", "on"]}[mode],
-                         env=env, capture_output=True, text=True, timeout=600)
-    assert two.returncode == 0, two.stderr[-3000:]
-    assert "data-parallel: 2 processes" in two.stdout
-    [one_file], [two_file] = [list((tmp_path / d).glob(f"adapter-sst2-{arm}-seed42-*.safetensors"))
-                              for d in ("one", "two")]
+    flags = {"ddp": [], "fsdp": ["--fsdp"], "fsdp-lean": ["--fsdp", "--memory-efficient", "on"]}[mode]
+    many = subprocess.run([*_launch(processes, 29517), "-m", "ofa_kernels.cli", *args, "--out", str(tmp_path / "many"),
+                           *flags], env=ENV, capture_output=True, text=True, timeout=600)
+    assert many.returncode == 0, many.stderr[-3000:]
+    assert f"data-parallel: {processes} processes" in many.stdout
+    [one_file], [many_file] = [list((tmp_path / d).glob(f"adapter-sst2-{arm}-seed42-*.safetensors"))
+                               for d in ("one", "many")]
     w1, _ = read_adapter(one_file)
-    w2, _ = read_adapter(two_file)
+    w2, _ = read_adapter(many_file)
     assert set(w1) == set(w2)
     moved = max(float((w1[k] - 1).abs().max()) for k in w1)
     assert moved > 1e-3  # the adapter is not the base: the comparison below means something
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-5, atol=1e-6, msg=k)
-    assert not list((tmp_path / "two").glob("*.tmp"))
+    assert not list((tmp_path / "many").glob("*.tmp")) and not list((tmp_path / "many").glob("checkpoint-*"))
     import json
 
-    acc = [json.loads(next((tmp_path / d).glob("results-sst2-*.json")).read_text())["accuracy"][arm]
-           for d in ("one", "two")]
-    assert acc[0] == acc[1]  # rank 0 (with the sharded model: every rank) evaluated the same weights
+    results = [json.loads(next((tmp_path / d).glob("results-sst2-*.json")).read_text()) for d in ("one", "many")]
+    for row in ("zero-shot", "ICL", arm):  # rank 0 (with the sharded model: every rank) evaluated the same weights
+        assert results[0]["accuracy"][row] == results[1]["accuracy"][row], row
+
+
+@pytest.mark.skipif(not DATA.exists(), reason="shared data not found")
+def test_a_killed_fsdp_run_resumes_to_the_uninterrupted_weights(sharded_model_dir, tmp_path):
+    worker = Path(__file__).parent / "workers" / "fsdp_resume.py"
+
+    def run(*extra: str) -> None:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+               str(worker), str(sharded_model_dir), str(DATA), *extra]
+        done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    ckpt = tmp_path / "checkpoint.dcp"
+    run(str(tmp_path / "whole.pt"))
+    run(str(tmp_path / "killed.pt"), str(ckpt), "5")  # 8 steps in all; stops after step 5, the last checkpoint at 3
+    assert ckpt.is_dir() and (ckpt / ".metadata").exists()
+    assert torch.load(ckpt / "trainer_state.pt", weights_only=True)["step"] == 3
+    assert not list(tmp_path.glob("*.partial")) and not list(tmp_path.glob("*.old"))
+    run(str(tmp_path / "resumed.pt"), str(ckpt))
+    whole, killed, resumed = (torch.load(tmp_path / f"{n}.pt", weights_only=True) for n in ("whole", "killed", "resumed"))
+    assert len(killed["losses"]) == 5 and len(resumed["losses"]) == len(whole["losses"]) == 8
+    assert any(not torch.equal(killed["weights"][k], whole["weights"][k]) for k in whole["weights"])
+    for k, w in whole["weights"].items():
+        torch.testing.assert_close(resumed["weights"][k], w, rtol=1e-6, atol=1e-7, msg=k)
+    for a, b in zip(resumed["losses"], whole["losses"]):
+        assert a["step"] == b["step"] and a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+
+
+def test_sharded_loading_holds_each_ranks_share_not_the_whole_model(tmp_path):
+    """Each rank's peak resident memory while loading stays below its share plus 10% of the model."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import fsdp_loading
+
+    size = fsdp_loading.make_model(tmp_path / "model")
+    assert size > 400e6  # large enough that the share, not the process's own overhead, decides the check
+    for i, ranks in enumerate((2, 4)):
+        for rank in fsdp_loading.measure(tmp_path / "model", "meta", ranks, 29541 + i):
+            assert rank["peak_above_start"] < (1 / ranks + 0.1) * size, (ranks, rank)
+            assert rank["parameter_bytes"] < (1 / ranks + 0.02) * size, (ranks, rank)
