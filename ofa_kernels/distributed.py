@@ -161,6 +161,7 @@ def save_sharded_state(folder: Path, params: dict[str, torch.Tensor], model: nn.
     if par.is_main:
         torch.save(extra, partial / "trainer_state.pt")
         old = folder.with_name(folder.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)  # left by a run killed between the two renames below
         if folder.exists():
             os.replace(folder, old)
         os.replace(partial, folder)  # the complete checkpoint appears in one step

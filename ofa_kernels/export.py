@@ -87,7 +87,10 @@ def export_peft(model: nn.Module | str | Path, adapter: str | Path, out: str | P
     from peft import get_peft_model
 
     if base_model is None and not isinstance(model, nn.Module):
-        base_model = str(model)
+        from .models import smollm2_folder
+        from .runs import SMOLLM2
+
+        base_model = str(smollm2_folder()) if str(model) == SMOLLM2 else str(model)  # a folder PEFT can load
     model, _ = _base(model, None)
     unpatch_model(model)  # PEFT wraps the model's own norm classes, which every user has
     weights, meta, options = checked_adapter(model, adapter)
