@@ -209,9 +209,11 @@ def _batch_of_pairs(tokenizer, task: Task, pairs, options: AdaptOptions, label_i
 def training_step(model: nn.Module, batch: dict, options: AdaptOptions, gammas: Sequence[torch.Tensor], seed: int, *,
                   memory_efficient: bool = False, max_memory_gb: float | None = None,
                   probes_per_pass: int | None = None, row_offset: int = 0,
-                  loss_scale: float = 1.0) -> dict[str, float]:
+                  loss_scale: float = 1.0) -> dict[str, torch.Tensor]:
     """Forward and backward of ``CE + lambda_J * J + lambda_S * S`` on one batch (gradients accumulate
-    in the trainable parameters); returns the loss and its parts as floats.
+    in the trainable parameters); returns the loss and its parts as detached scalars (fp32, or fp64)
+    on the model's device. Nothing in the step reads a value back to the host (no ``.item()``, ``float()``
+    or ``.tolist()``), so a GPU step is not held up by a synchronisation: read the parts when needed.
 
     One pass over prompt (+ label word) gives the CE and, at the prompt's last token (causal: the
     label tokens after it do not change it), the states J and S use. ``memory_efficient``:
@@ -249,7 +251,7 @@ def training_step(model: nn.Module, batch: dict, options: AdaptOptions, gammas: 
         clean_loss = ce + options.lambda_j * parts.get("J", 0.0)
         if not use_s:
             (clean_loss * loss_scale).backward()
-            return {"loss": float(clean_loss.detach()), **{k: float(v.detach()) for k, v in parts.items()}}
+            return _detached({"loss": clean_loss, **parts})
         s_batch = {"input_ids": batch["prompt_input_ids"], "attention_mask": batch["prompt_attention_mask"]}
         if options.estimator == "hvp":
             s_batch["labels"] = torch.tensor([t[0] for t in targets], device=device)
@@ -260,29 +262,32 @@ def training_step(model: nn.Module, batch: dict, options: AdaptOptions, gammas: 
             parts["S"] = objectives.sharpness(model, s_batch, num_probes=K, clean_states=states, **probe_args)
             loss = clean_loss + options.lambda_s * parts["S"]
             (loss * loss_scale).backward()
-            return {"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in parts.items()}}
+            return _detached({"loss": loss, **parts})
         per_pass = probes_per_pass
         if per_pass is None:
             per_probe = torch.cuda.max_memory_allocated(device) - before if measure else 0.0
             per_pass = memory.probes_per_pass(K, per_probe, max_memory_gb, device)
         leaves = [h.detach().requires_grad_() for h in states] if options.estimator == "fd" else None
-        s_value = 0.0
+        s_value = None
         for first in range(0, K, per_pass):
             k = min(per_pass, K - first)
             s_part = objectives.sharpness(model, s_batch, num_probes=k, first_probe=first, clean_states=leaves,
                                           **probe_args)
             (loss_scale * options.lambda_s * k / K * s_part).backward()
-            s_value += float(s_part.detach()) * k / K
+            term = s_part.detach() * (k / K)
+            s_value = term if s_value is None else s_value + term
             del s_part
         surrogate = clean_loss
         if leaves is not None:
             surrogate = surrogate + sum((h * leaf.grad).sum() for h, leaf in zip(states, leaves)
                                         if leaf.grad is not None)
         (surrogate * loss_scale).backward()
-    out = {"loss": float(clean_loss.detach()) + options.lambda_s * s_value}
-    out.update({k: float(v.detach()) for k, v in parts.items()})
-    out["S"] = s_value
-    return out
+    return _detached({"loss": clean_loss.detach() + options.lambda_s * s_value, **parts, "S": s_value})
+
+
+def _detached(parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detached scalars in at least fp32 (fp64 stays fp64)."""
+    return {k: v.detach() if v.dtype == torch.float64 else v.detach().float() for k, v in parts.items()}
 
 
 def adapt(
@@ -296,11 +301,15 @@ def adapt(
     checkpoint_every: int = 10,
     stop_after: int | None = None,
     progress: bool = False,
+    log_every: int | None = None,
 ) -> AdaptResult:
     """Adapts ``model`` (in place) to ``dataset.task`` from its k-shot set; returns the norm weights.
 
     ``train`` overrides the k-shot draw; ``checkpoint_every`` counts optimizer steps; ``stop_after``
     ends after that many optimizer steps (as a killed run would; resume with the same ``checkpoint``).
+    The steps' losses stay on the device and are read every ``log_every`` steps (default: once per
+    epoch), at checkpoints and at the end, in one transfer each; a non-finite loss is reported then,
+    naming its step, and the run stops without an adapter.
     """
     options = (options or AdaptOptions()).check()
     task = dataset.task
@@ -368,6 +377,10 @@ def adapt(
 
         steps = tqdm(steps, desc=f"{task.name} {options.arm}", initial=start, total=total, unit="step")
     pairs: list = []
+    pending: list[tuple[dict, dict[str, torch.Tensor]]] = []  # (epoch, step, lr), parts still on the device
+    every = per_epoch if log_every is None else log_every
+    if every < 1:
+        raise ValueError(f"log_every must be a positive number of steps, got {log_every}")
     for step in steps:
         if stop_after is not None and step >= stop_after:
             break
@@ -392,17 +405,16 @@ def adapt(
                 grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params.values()]
                 for p, g in zip(params.values(), grads):
                     p.grad = g.mul_(share)
-            logged = torch.tensor([parts[k] * share for k in sorted(parts)], dtype=torch.float64, device=device)
+            logged = torch.stack([parts[k].double() * share for k in sorted(parts)])
             par.sum_(grads + [logged])
-            parts = dict(zip(sorted(parts), logged.tolist()))
-        if not math.isfinite(parts["loss"]):
-            raise FloatingPointError(f"training diverged at step {step + 1} of {total} (loss {parts['loss']}); "
-                                     f"lower the learning rate (lr {options.lr})")
+            parts = dict(zip(sorted(parts), logged.unbind()))
         lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
         scheduler.step()
-        losses.append({"epoch": epoch, "step": step + 1, "lr": lr, **parts})
+        pending.append(({"epoch": epoch, "step": step + 1, "lr": lr}, parts))
         done = step + 1
+        if done % every == 0 or done % checkpoint_every == 0 or done == total:
+            _read_losses(pending, losses, total, options)
         if ckpt and sharded and (done % checkpoint_every == 0 or done == total):
             distributed.save_sharded_state(ckpt, params, model, optimizer, {
                 "fingerprint": fingerprint, "step": done, "losses": losses, "scheduler": scheduler.state_dict()}, par)
@@ -411,8 +423,26 @@ def adapt(
                 torch.save({"fingerprint": fingerprint, "step": done, "losses": losses,
                             "weights": {k: v.detach().clone() for k, v in params.items()},
                             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp)
+    _read_losses(pending, losses, total, options)
     weights = {k: distributed.full(v).detach().clone() for k, v in params.items()}
     bad = [k for k, v in weights.items() if not torch.isfinite(v).all()]
     if bad:
         raise FloatingPointError(f"the trained weights are not finite ({bad[:3]}); lower the learning rate")
     return AdaptResult(weights, base_hash, losses, train, options)
+
+
+def _read_losses(pending: list[tuple[dict, dict[str, torch.Tensor]]], losses: list[dict], total: int,
+                 options: AdaptOptions) -> None:
+    """Moves the pending steps' parts to ``losses`` as floats (one device-to-host transfer); stops the run
+    at the first non-finite loss."""
+    if not pending:
+        return
+    names = sorted(pending[0][1])
+    values = torch.stack([torch.stack([parts[k].double() for k in names]) for _, parts in pending]).tolist()
+    for (info, _), row in zip(pending, values):
+        record = {**info, **dict(zip(names, row))}
+        if not math.isfinite(record["loss"]):
+            raise FloatingPointError(f"training diverged at step {record['step']} of {total} (loss {record['loss']}); "
+                                     f"lower the learning rate (lr {options.lr})")
+        losses.append(record)
+    pending.clear()

@@ -216,3 +216,15 @@ def test_smollm2_trec_training_loss_falls_and_accuracy_beats_zero_shot(smollm2):
     adapted = ev.evaluate(model, tokenizer, ds.task, test)
     assert result.losses[-1]["ce"] < 0.5 * result.losses[0]["ce"]
     assert adapted.accuracy > zero.accuracy, (zero.accuracy, adapted.accuracy)
+
+
+def test_losses_read_in_batches_equal_losses_read_every_step(tokenizer, sst2):
+    """Losses stay on the device between reads (once per epoch by default); how often they are read
+    changes nothing, and a bad log_every is named."""
+    options = AdaptOptions(arm="ofa", shots=2, epochs=3, lr=1e-2)
+    every = adapt(_tiny(len(tokenizer)), tokenizer, sst2, options, log_every=1)
+    batched = adapt(_tiny(len(tokenizer)), tokenizer, sst2, options)
+    assert every.losses == batched.losses and len(batched.losses) == 6
+    assert all(isinstance(v, float) for r in batched.losses for v in r.values() if not isinstance(v, int))
+    with pytest.raises(ValueError, match="log_every"):
+        adapt(_tiny(len(tokenizer)), tokenizer, sst2, options, log_every=0)
