@@ -152,7 +152,7 @@ def _needs_plain_attention(st: Structure, estimator: str) -> None:
 class _Probing:
     layers: list[int]
     gammas: list[Tensor]
-    seed: int
+    seed: int | Tensor  # a 0-dim int64 device tensor keeps the probe stream on the device (rng.key_table)
     distribution: str
     eps: float
     scale_by_rms: bool
@@ -306,7 +306,7 @@ def sharpness_terms(
     eps: float | None = None,
     eps_scale: str = "auto",
     layers: Sequence[int] | None = None,
-    seed: int | None = None,
+    seed: int | Tensor | None = None,
     first_probe: int = 0,
     paper_exact: bool = False,
     max_rows: int | None = None,
@@ -352,7 +352,9 @@ def sharpness_terms(
         seed = int(torch.randint(0, 2**31 - 1, ()).item())
     if row_offset < 0:
         raise ValueError(f"row_offset must be >= 0, got {row_offset}")
-    pr = _Probing(layers, gammas, int(seed), distribution, float(eps), scale_by_rms, paper_exact, backend,
+    if not isinstance(seed, Tensor):
+        seed = int(seed)
+    pr = _Probing(layers, gammas, seed, distribution, float(eps), scale_by_rms, paper_exact, backend,
                   int(row_offset))
     labels = None
     if estimator == "hvp":
@@ -386,7 +388,7 @@ def sharpness(
     distribution: str = "rademacher",
     eps: float | None = None,
     layers: Sequence[int] | None = None,
-    seed: int | None = None,
+    seed: int | Tensor | None = None,
     eps_scale: str = "auto",
     paper_exact: bool = False,
     max_rows: int | None = None,
@@ -404,9 +406,9 @@ def sharpness(
     ``distribution``: "rademacher" or "gaussian". ``eps``: the finite-difference step (default
     1e-3, or ``2**-5 * rms`` for bf16/fp16 models); ``eps_scale``: "none", "rms" (step relative to
     each row's RMS) or "auto" (rms for bf16/fp16). ``layers``: probed block indices (default
-    1..L-1). ``seed``: the probe stream (None draws one from torch's generator). ``gammas``: the
-    preconditioners (default: :func:`preconditioners` of the model now; pass the originals while
-    training). ``clean_states``: the clean pass's ``[H_0..H_L]`` at the last positions, if already
+    1..L-1). ``seed``: the probe stream (an int, a 0-dim int64 tensor on the model's device read only
+    there, or None: one drawn from torch's generator). ``gammas``: the preconditioners (default:
+    :func:`preconditioners` of the model now; pass the originals while training). ``clean_states``: the clean pass's ``[H_0..H_L]`` at the last positions, if already
     computed. ``paper_exact``: the authors' code's B x B product and injected noise. ``first_probe``:
     this call's probes are probes ``first_probe ..`` of the stream (S over K probes is the mean of S
     over disjoint probe ranges, which is how a training step splits the probe pass). ``row_offset``:

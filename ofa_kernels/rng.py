@@ -48,10 +48,28 @@ def probe_keys(seed: int, layer: int, probe: int) -> tuple[int, int]:
     return h, mix32(h ^ 0x5BD1E995)
 
 
-def key_table(seed: int, layer: int, first_probe: int, num_probes: int, device) -> torch.Tensor:
-    """[num_probes, 2] int64 keys for consecutive probes, as the kernels read them."""
+def key_table(seed: int | torch.Tensor, layer: int, first_probe: int, num_probes: int, device) -> torch.Tensor:
+    """[num_probes, 2] int64 keys for consecutive probes, as the kernels read them.
+
+    ``seed`` may be a 0-dim int64 tensor (on ``device``): the keys are then derived there by tensor
+    ops, with nothing read back to the host, so a captured CUDA graph that advances the seed tensor
+    in place draws new probes on every replay. Both give the same keys for the same seed.
+    """
+    if isinstance(seed, torch.Tensor):
+        return _key_table_on_device(seed.to(device=device, dtype=torch.int64), layer, first_probe, num_probes)
     keys = [probe_keys(seed, layer, first_probe + k) for k in range(num_probes)]
     return torch.tensor(keys, dtype=torch.int64, device=device).reshape(num_probes, 2)
+
+
+def _key_table_on_device(seed: torch.Tensor, layer: int, first_probe: int, num_probes: int) -> torch.Tensor:
+    """``probe_keys`` as int64 tensor ops (values kept in [0, 2**32) as ``mix32`` masks them)."""
+    if seed.dim() != 0:
+        raise ValueError(f"a seed tensor must be a 0-dim integer tensor, got shape {tuple(seed.shape)}")
+    h = _mix32_t((seed ^ _mix32_t((seed >> 32) & _MASK)) & _MASK)
+    h = _mix32_t((h + 0x9E3779B9 * (layer + 1)) & _MASK)
+    probe = torch.arange(first_probe + 1, first_probe + num_probes + 1, dtype=torch.int64, device=seed.device)
+    k0 = _mix32_t((h ^ _mix32_t((0x85EBCA6B * probe) & _MASK)) & _MASK)
+    return torch.stack([k0, _mix32_t((k0 ^ 0x5BD1E995) & _MASK)], 1)
 
 
 def check_distribution(distribution: str) -> str:

@@ -206,7 +206,8 @@ def _batch_of_pairs(tokenizer, task: Task, pairs, options: AdaptOptions, label_i
             "positions": torch.tensor([len(p) - 1 for p in prompt_ids[rows]], device=device)}
 
 
-def training_step(model: nn.Module, batch: dict, options: AdaptOptions, gammas: Sequence[torch.Tensor], seed: int, *,
+def training_step(model: nn.Module, batch: dict, options: AdaptOptions, gammas: Sequence[torch.Tensor],
+                  seed: int | torch.Tensor, *,
                   memory_efficient: bool = False, max_memory_gb: float | None = None,
                   probes_per_pass: int | None = None, row_offset: int = 0,
                   loss_scale: float = 1.0) -> dict[str, torch.Tensor]:
@@ -378,6 +379,7 @@ def adapt(
         steps = tqdm(steps, desc=f"{task.name} {options.arm}", initial=start, total=total, unit="step")
     pairs: list = []
     pending: list[tuple[dict, dict[str, torch.Tensor]]] = []  # (epoch, step, lr), parts still on the device
+    probe_seed = None  # seed * 7919 + step as a device scalar: the probes never need a host value
     every = per_epoch if log_every is None else log_every
     if every < 1:
         raise ValueError(f"log_every must be a positive number of steps, got {log_every}")
@@ -395,7 +397,9 @@ def adapt(
         memory_efficient = options.memory_efficient
         if memory_efficient is None:
             memory_efficient = memory.use_lean_step(device, batch["input_ids"].numel(), options.max_memory_gb)
-        parts = training_step(model, batch, options, gammas, options.seed * 7919 + step,
+        if probe_seed is None:
+            probe_seed = torch.tensor(options.seed * 7919 + step, dtype=torch.int64, device=device)
+        parts = training_step(model, batch, options, gammas, probe_seed,
                               memory_efficient=memory_efficient, max_memory_gb=options.max_memory_gb,
                               probes_per_pass=options.probes_per_pass, row_offset=rows.start or 0,
                               loss_scale=share * par.world if sharded else 1.0)
@@ -408,6 +412,7 @@ def adapt(
             logged = torch.stack([parts[k].double() * share for k in sorted(parts)])
             par.sum_(grads + [logged])
             parts = dict(zip(sorted(parts), logged.unbind()))
+        probe_seed.add_(1)  # the next step's probe stream, advanced on the device (seed * 7919 + step)
         lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
         scheduler.step()

@@ -116,3 +116,30 @@ def test_perturb_rejects_bad_arguments():
         perturb(x, torch.ones(7, device=DEVICE), 1e-3, seed=0, layer=0)
     with pytest.raises(ValueError, match="distribution"):
         rng.probes((3,), 0, "uniform")
+
+
+def test_a_seed_tensor_gives_the_host_keys_without_reading_back(monkeypatch):
+    """Keys derived on the device from a 0-dim seed tensor equal the host's, for seeds past 2**32 too;
+    nothing is read back to the host (a captured CUDA graph can advance the seed in place)."""
+    seeds = [0, 1, 42 * 7919 + 299, 2**31 - 1, 2**32 + 5, int(torch.randint(0, 2**62, ()))]
+    for name in ("item", "tolist", "__int__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, **k: pytest.fail(f"Tensor read back ({name})"))
+    got = [rng.key_table(torch.tensor(s, device=DEVICE), layer, first, 3, DEVICE)
+           for s in seeds for layer, first in ((0, 0), (7, 2), (29, 5))]
+    monkeypatch.undo()
+    want = [rng.key_table(s, layer, first, 3, DEVICE) for s in seeds for layer, first in ((0, 0), (7, 2), (29, 5))]
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+    with pytest.raises(ValueError, match="0-dim"):
+        rng.key_table(torch.tensor([1, 2]), 0, 0, 1, "cpu")
+
+
+@pytest.mark.parametrize("backend", available_backends())
+def test_perturb_with_a_seed_tensor_draws_the_same_probes(backend):
+    x, gamma = torch.randn(2 * 3, 37, device=DEVICE), torch.rand(37, device=DEVICE) + 0.5
+    kwargs = dict(layer=4, first_probe=1, num_probes=2, distribution="gaussian", backend=backend)
+    want, _ = perturb(x, gamma, 1e-2, seed=123457, **kwargs)
+    got, _ = perturb(x, gamma, 1e-2, seed=torch.tensor(123457, device=DEVICE), **kwargs)
+    assert torch.equal(got, want)
+    other, _ = perturb(x, gamma, 1e-2, seed=torch.tensor(123458, device=DEVICE), **kwargs)
+    assert not torch.equal(other, want)

@@ -66,7 +66,7 @@ def perturb(
     gamma: Tensor,
     eps: float,
     *,
-    seed: int,
+    seed: int | Tensor,
     layer: int,
     first_probe: int = 0,
     num_probes: int = 1,
@@ -80,7 +80,8 @@ def perturb(
 
     ``x``: ``[K * ..., N]``; its rows split evenly into ``num_probes`` consecutive groups, group k
     drawing probe ``first_probe + k``. ``s = eps * rms(row)`` with ``scale_by_rms``, else ``eps``.
-    The probe numbers equal ``rng.probes(x[k].shape, seed, distribution, layer=layer, probe=k)``;
+    The probe numbers equal ``rng.probes(x[k].shape, seed, distribution, layer=layer, probe=k)``
+    (``seed``: an int, or a 0-dim int64 tensor on ``x``'s device, read there: see ``rng.key_table``);
     with ``row_offset`` each group is rows ``row_offset ..`` of a larger slab (a shard of a batch).
     """
     rng.check_distribution(distribution)
