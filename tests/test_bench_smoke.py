@@ -99,3 +99,16 @@ def test_paired_differences_pair_seeds_and_pick_the_best_baseline_per_task():
     assert data["trec"]["best"]["against"] == "lora"
     assert data["trec"]["best"]["per_seed"] == pytest.approx([10, -10])
     assert "| trec | +20.0 +- 0.0 | lora | +0.0 +- 10.0 |" in table
+
+
+def test_host_time_smoke_writes_both_ops_and_every_mode(tmp_path):
+    import pytest
+
+    import host_time
+
+    if not ofa_kernels.backends()["cpu"]["available"]:
+        pytest.skip("the compiled CPU extension is not built")
+    assert host_time.main(["--smoke", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "host_time_cpu.json").read_text())["rows"]
+    assert {(r["op"], r["mode"]) for r in rows} == {(op, m) for op in ("rms", "layer") for m in host_time.MODES}
+    assert all(r["ofa_us"] > 0 and r["torch_us"] > 0 for r in rows)

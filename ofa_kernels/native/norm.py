@@ -14,15 +14,24 @@ from . import load
 _CAST_CODE = {"llama": 0, "gemma": 1, "none": 2}
 
 
+_LOADED: list = []
+
+
 def _C():
-    module, reason = load()
-    if module is None:
-        raise RuntimeError(reason)
-    return module
+    if not _LOADED:  # looked up once: the extension does not change within a process
+        module, reason = load()
+        if module is None:
+            raise RuntimeError(reason)
+        _LOADED.append(module)
+    return _LOADED[0]
 
 
 def _vec(t: torch.Tensor | None, acc: torch.dtype) -> torch.Tensor | None:
-    return None if t is None else t.to(acc).contiguous()
+    if t is None:
+        return None
+    if t.dtype != acc:
+        t = t.to(acc)
+    return t if t.is_contiguous() else t.contiguous()
 
 
 def _partner(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -40,7 +49,7 @@ def norm_fwd(x, weight, bias, eps, offset, is_rms, cast_mode, out_dtype):
     if M:
         _C().norm_fwd(x, _vec(weight, acc), _vec(bias, acc), y, mean if not is_rms else rstd, rstd, eps, offset,
                       is_rms, _CAST_CODE[cast_mode])
-    return y.to(out_dtype), mean, rstd
+    return (y if y.dtype == out_dtype else y.to(out_dtype)), mean, rstd
 
 
 def _parts(parts, x, needed, N, acc):
@@ -58,7 +67,14 @@ def norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, cast_mode, need_dx, need
     if M or need_dw or need_db:
         _C().norm_bwd(dy, x, _vec(weight, acc), mean if not is_rms else rstd, rstd, dx, dw_part, db_part,
                       parts, offset, is_rms, _CAST_CODE[cast_mode])
-    return dx, None if dw_part is None else dw_part.sum(0), None if db_part is None else db_part.sum(0)
+    return dx, _summed(dw_part), _summed(db_part)
+
+
+def _summed(part: torch.Tensor | None) -> torch.Tensor | None:
+    """The sum over the partial rows (one part is the result itself)."""
+    if part is None:
+        return None
+    return part[0] if part.shape[0] == 1 else part.sum(0)
 
 
 def norm_bwd_bwd(dy, x, weight, mean, rstd, grad_dx, grad_dw, grad_db, offset, is_rms, need_ddy, need_dx, need_dw):
@@ -74,4 +90,4 @@ def norm_bwd_bwd(dy, x, weight, mean, rstd, grad_dx, grad_dw, grad_db, offset, i
         a = None if grad_dx is None else grad_dx.to(x.dtype)
         _C().norm_bwd_bwd(dy_k, x, _vec(weight, acc), mean if not is_rms else rstd, rstd, a, _vec(grad_dw, acc),
                           _vec(grad_db, acc), d_dy, d_x, dw_part, parts, offset, is_rms)
-    return (None if d_dy is None else d_dy.to(dy.dtype)), d_x, (None if dw_part is None else dw_part.sum(0))
+    return (None if d_dy is None else d_dy.to(dy.dtype)), d_x, _summed(dw_part)

@@ -88,8 +88,17 @@ def _auto(device: torch.device, family: str, width: int | None) -> str:
 
 
 def resolve(backend: str, device: torch.device, family: str = "norm", width: int | None = None) -> ModuleType:
-    """Returns the backend module that runs ``family``'s ops for tensors on ``device`` (rows of ``width``)."""
-    name = backend if backend != "auto" else os.environ.get("OFA_BACKEND", "auto") or "auto"
+    """Returns the backend module that runs ``family``'s ops for tensors on ``device`` (rows of ``width``).
+
+    The decision is cached per (argument, ``OFA_BACKEND``, device, family, width): one dictionary
+    lookup per call once made (``OFA_BACKEND`` is read on every call, so changing it takes effect)."""
+    env = os.environ.get("OFA_BACKEND", "auto") if backend == "auto" else ""
+    return _resolve(backend, env, device, family, width)
+
+
+@functools.lru_cache(maxsize=4096)
+def _resolve(backend: str, env: str, device: torch.device, family: str, width: int | None) -> ModuleType:
+    name = backend if backend != "auto" else env or "auto"
     if name == "auto":
         name = _auto(device, family, width)
     module, reason = _load(name, family)

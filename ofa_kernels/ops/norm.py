@@ -14,7 +14,9 @@ reference, which autograd differentiates in both modes.
 
 Eager calls skip the op boundary: the same three stages as ``torch.autograd.Function``s that call
 the backend directly (measured on an H200: ~87 us of host time per op call against ~39 us for the
-Triton launch itself, which left the GPU idle between forward and backward). Under
+Triton launch itself, which left the GPU idle between forward and backward). Nothing to record
+(grad mode off, or no input requiring grad) calls the backend with no Function at all, and a
+backward that builds no graph (``create_graph=False``) calls it directly too. Under
 ``torch.compile`` the registered ops are used. Both entry points run the same backend functions.
 """
 
@@ -97,10 +99,13 @@ def _fwd_stage_backward(bwd, ctx, dy):
     x, weight, mean, rstd = ctx.saved_tensors
     offset, is_rms, cast_mode, backend, bias_dtype = ctx.meta
     need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
-    dx, dw, db = bwd(_row_major(dy), x, weight, mean, rstd, offset, is_rms, cast_mode,
-                     need_dx, need_dw, need_db, backend)
-    return (dx if need_dx else None, dw.to(weight.dtype) if need_dw else None,
-            db.to(bias_dtype) if need_db else None, None, None, None, None, None)
+    dx, dw, db = bwd(dy, x, weight, mean, rstd, offset, is_rms, cast_mode, need_dx, need_dw, need_db, backend)
+    return (dx if need_dx else None, _cast(dw, weight.dtype) if need_dw else None,
+            _cast(db, bias_dtype) if need_db else None, None, None, None, None, None)
+
+
+def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _bwd_stage_backward(bwd_bwd, ctx, grad_dx, grad_dw, grad_db):
@@ -265,7 +270,9 @@ class _NormFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        return _fwd_stage_backward(_NormBwdFn.apply, ctx, dy)
+        # Grad mode is on in a backward only when it builds a graph (create_graph=True): then the backward
+        # is itself differentiable (_NormBwdFn); else the backend is called directly, with no Function.
+        return _fwd_stage_backward(_NormBwdFn.apply if torch.is_grad_enabled() else _call_bwd, ctx, dy)
 
 
 class _NormBwdFn(torch.autograd.Function):
@@ -305,6 +312,9 @@ def _norm(x, weight, bias, eps, offset, is_rms, cast_mode, backend) -> Tensor:
         return layer_norm_ref(x, weight, bias, eps)
     if torch.compiler.is_compiling() or not EAGER_FAST_PATH:
         return _norm_fwd(x, weight, bias, eps, offset, is_rms, cast_mode, backend)[0]
+    if not (torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
+                                         or (bias is not None and bias.requires_grad))):
+        return _call_fwd(x, weight, bias, eps, offset, is_rms, cast_mode, backend)[0]  # nothing to record
     return _NormFn.apply(x, weight, bias, eps, offset, is_rms, cast_mode, backend)
 
 
@@ -343,7 +353,12 @@ def _check(x: Tensor, eps: float, **params: Tensor | None) -> int:
 
 def _as_rows(x: Tensor, width: int) -> Tensor:
     """[..., N] -> [M, N] as a view when the leading dims collapse (any row stride), else a copy."""
-    return _row_major(x).reshape(-1, width)
+    x = _row_major(x)
+    return x if x.dim() == 2 else x.reshape(-1, width)
+
+
+def _as_input_shape(y: Tensor, x: Tensor) -> Tensor:
+    return y if y.dim() == x.dim() else y.view(x.shape)  # rows of a 2-D x are its rows already
 
 
 def _param(p: Tensor | None) -> Tensor | None:
@@ -376,7 +391,7 @@ def rms_norm(
         raise ValueError(f"offset must be finite, got {offset!r}")
     y = _norm(_as_rows(x, width), _param(weight), None, float(eps), float(offset), True, cast_mode,
               backend or "auto")
-    return y.view(x.shape)
+    return _as_input_shape(y, x)
 
 
 def layer_norm(
@@ -395,4 +410,4 @@ def layer_norm(
     width = _check(x, eps, weight=weight, bias=bias)
     y = _norm(_as_rows(x, width), _param(weight), _param(bias), float(eps), 0.0, False, "none",
               backend or "auto")
-    return y.view(x.shape)
+    return _as_input_shape(y, x)
