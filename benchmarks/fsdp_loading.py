@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from harness import write_table
+
 MODES = ("meta", "full")
 
 
@@ -105,9 +107,6 @@ def main(argv: list[str] | None = None) -> int:
             for j, mode in enumerate(MODES):
                 per_rank = measure(folder, mode, ranks, 29600 + 10 * i + j)
                 rows.append({"ranks": ranks, "mode": mode, "model_bytes": size, "per_rank": per_rank})
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "fsdp_loading.json").write_text(json.dumps({"rows": rows}, indent=1))
     lines = [f"# FSDP2 loading, per-rank peak host memory above the start (model {size / 2**20:.0f} MiB fp32, "
              "CPU, gloo)", "", "| ranks | loading | worst rank MiB | / model | load s (slowest rank) |",
              "|---:|---|---:|---:|---:|"]
@@ -116,8 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         slowest = max(p["seconds"] for p in r["per_rank"])
         name = "meta device, shards read (load_sharded)" if r["mode"] == "meta" else "whole model, then sharded"
         lines.append(f"| {r['ranks']} | {name} | {worst / 2**20:.0f} | {worst / size:.2f} | {slowest:.2f} |")
-    (out / "fsdp_loading.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_table(Path(args.out), "fsdp_loading", {"rows": rows}, lines)
     return 0
 
 

@@ -13,10 +13,11 @@ the best block's microseconds per call. Modes: forward with no grad, forward wit
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
+
+from harness import write_table
 
 
 def _calls(op: str, provider: str, mode: str, rows: int, width: int):
@@ -86,16 +87,12 @@ def main(argv: list[str] | None = None) -> int:
             best = measure(op, mode, rows, width, block, rounds)
             rows_out.append({"op": op, "mode": mode, "shape": [rows, width], "ofa_us": best["ofa"],
                              "torch_us": best["torch"], "ratio": best["ofa"] / best["torch"]})
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "host_time_cpu.json").write_text(json.dumps({"rows": rows_out, "torch": torch.__version__}, indent=1))
     lines = [f"# Host time per call on the CPU, {rows} x {width} fp32, cpu backend, 1 thread (best of {rounds} "
              f"interleaved blocks of {block} calls)", "",
              "| op | mode | ofa_kernels us | F.rms_norm / F.layer_norm us | ratio |", "|---|---|---:|---:|---:|"]
     for r in rows_out:
         lines.append(f"| {r['op']} | {r['mode']} | {r['ofa_us']:.1f} | {r['torch_us']:.1f} | {r['ratio']:.2f} |")
-    (out / "host_time_cpu.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_table(Path(args.out), "host_time_cpu", {"rows": rows_out, "torch": torch.__version__}, lines)
     return 0
 
 
