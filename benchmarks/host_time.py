@@ -20,7 +20,7 @@ from pathlib import Path
 from harness import write_table
 
 
-def _calls(op: str, provider: str, mode: str, rows: int, width: int):
+def _calls(op: str, provider: str, mode: str, rows: int, width: int, backend: str = "auto"):
     import torch
     import torch.nn.functional as F
 
@@ -32,10 +32,10 @@ def _calls(op: str, provider: str, mode: str, rows: int, width: int):
     if grad:
         x, w, b = (t.requires_grad_() for t in (x, w, b))
     if op == "rms":
-        fn = (lambda: ofa_kernels.rms_norm(x, w, 1e-6, backend="cpu")) if provider == "ofa" else \
+        fn = (lambda: ofa_kernels.rms_norm(x, w, 1e-6, backend=backend)) if provider == "ofa" else \
              (lambda: F.rms_norm(x, (width,), w, 1e-6))
     else:
-        fn = (lambda: ofa_kernels.layer_norm(x, w, b, 1e-5, backend="cpu")) if provider == "ofa" else \
+        fn = (lambda: ofa_kernels.layer_norm(x, w, b, 1e-5, backend=backend)) if provider == "ofa" else \
              (lambda: F.layer_norm(x, (width,), w, b, 1e-5))
     if mode == "fwd":
         def call():
@@ -52,9 +52,10 @@ def _calls(op: str, provider: str, mode: str, rows: int, width: int):
 MODES = ("fwd", "fwd (grad recorded)", "fwd+bwd")
 
 
-def measure(op: str, mode: str, rows: int, width: int, block: int, rounds: int) -> dict[str, float]:
+def measure(op: str, mode: str, rows: int, width: int, block: int, rounds: int, backend: str = "auto"
+            ) -> dict[str, float]:
     """Best microseconds per call of each provider over ``rounds`` interleaved blocks of ``block`` calls."""
-    calls = {p: _calls(op, p, mode, rows, width) for p in ("ofa", "torch")}
+    calls = {p: _calls(op, p, mode, rows, width, backend) for p in ("ofa", "torch")}
     best = {p: float("inf") for p in calls}
     for call in calls.values():
         for _ in range(max(10, block // 10)):
@@ -74,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shape", default="1x576")
     parser.add_argument("--block", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--backend", default="auto", help="ofa_kernels backend (auto: the compiled cpu one when "
+                        "built, else torch)")
     parser.add_argument("--smoke", action="store_true", help="tiny blocks (CI)")
     args = parser.parse_args(argv)
     import torch
@@ -81,18 +84,24 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     rows, width = (int(v) for v in args.shape.split("x"))
     block, rounds = (20, 2) if args.smoke else (args.block, args.rounds)
+    import ofa_kernels
+
+    backend_name = args.backend  # auto on CPU tensors: the compiled extension when built, else plain PyTorch
+    if backend_name == "auto":
+        backend_name = "cpu" if ofa_kernels.backends()["cpu"]["available"] else "torch"
     rows_out = []
     for op in ("rms", "layer"):
         for mode in MODES:
-            best = measure(op, mode, rows, width, block, rounds)
+            best = measure(op, mode, rows, width, block, rounds, args.backend)
             rows_out.append({"op": op, "mode": mode, "shape": [rows, width], "ofa_us": best["ofa"],
                              "torch_us": best["torch"], "ratio": best["ofa"] / best["torch"]})
-    lines = [f"# Host time per call on the CPU, {rows} x {width} fp32, cpu backend, 1 thread (best of {rounds} "
+    lines = [f"# Host time per call on the CPU, {rows} x {width} fp32, {backend_name} backend, 1 thread (best of {rounds} "
              f"interleaved blocks of {block} calls)", "",
              "| op | mode | ofa_kernels us | F.rms_norm / F.layer_norm us | ratio |", "|---|---|---:|---:|---:|"]
     for r in rows_out:
         lines.append(f"| {r['op']} | {r['mode']} | {r['ofa_us']:.1f} | {r['torch_us']:.1f} | {r['ratio']:.2f} |")
-    write_table(Path(args.out), "host_time_cpu", {"rows": rows_out, "torch": torch.__version__}, lines)
+    data = {"rows": rows_out, "torch": torch.__version__, "backend": backend_name}
+    write_table(Path(args.out), "host_time_cpu", data, lines)
     return 0
 
 

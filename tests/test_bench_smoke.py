@@ -102,12 +102,8 @@ def test_paired_differences_pair_seeds_and_pick_the_best_baseline_per_task():
 
 
 def test_host_time_smoke_writes_both_ops_and_every_mode(tmp_path):
-    import pytest
-
     import host_time
 
-    if not ofa_kernels.backends()["cpu"]["available"]:
-        pytest.skip("the compiled CPU extension is not built")
     assert host_time.main(["--smoke", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "host_time_cpu.json").read_text())["rows"]
     assert {(r["op"], r["mode"]) for r in rows} == {(op, m) for op in ("rms", "layer") for m in host_time.MODES}
