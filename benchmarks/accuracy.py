@@ -146,18 +146,21 @@ def plot(per_task: dict[str, dict], path: Path) -> None:
     plt.close(fig)
 
 
-def lower_priority(niceness: int) -> None:
+def lower_priority(niceness: int) -> bool:
     """``nice`` this process, and its autogroup too where the kernel has them: with autogroups (Linux's
     default for desktop and container sessions) a process's nice value only ranks it within its own
-    session, so a job started in its own session would otherwise still take an equal share of the CPU."""
+    session, so a job started in its own session would otherwise still take an equal share of the CPU.
+    Returns whether the autogroup now runs at ``niceness`` or lower priority (False where there are no
+    autogroups, or they may not be changed)."""
     os.nice(niceness)
     group = Path("/proc/self/autogroup")
     try:
         current = int(group.read_text().split()[-1])  # "/autogroup-33 nice 0"
         if niceness > current:  # never raise the session's priority
             group.write_text(str(min(19, niceness)))
-    except (OSError, ValueError):
-        pass  # no autogroups here (or not allowed): the plain nice value is what counts
+        return int(group.read_text().split()[-1]) >= min(19, niceness)
+    except (OSError, ValueError, IndexError):
+        return False  # no autogroups here (or not allowed): the plain nice value is what counts
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -393,12 +393,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--test-size must hold at least one tweet per class (2)")
     _validate(parser, args)
     try:
-        return args.func(args)
+        code = args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as exc:
         if os.environ.get("OFA_DEBUG"):
             raise
         print(f"ofa {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    from .distributed import finish
+
+    finish()
+    return code
 
 
 if __name__ == "__main__":

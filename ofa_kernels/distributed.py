@@ -200,6 +200,21 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def finish() -> None:
+    """Ends a run of several processes that succeeded: waits for every rank, then destroys the process
+    groups while the interpreter is still whole. A rank that exits with its gloo group alive can abort
+    at exit ("terminate called without an active exception") after its work is done. Call it only on
+    success: a rank that failed would leave the others waiting in the barrier. No-op in one process."""
+    import gc
+
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        gc.collect()  # sharded modules and meshes that went out of scope release the groups they hold
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def current(device_type: str = "cpu") -> Parallel:
     """This process's place: one process unless launched by ``accelerate launch`` (or torchrun) with more."""
     if launched_processes() <= 1:

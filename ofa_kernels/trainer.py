@@ -48,7 +48,6 @@ from .data import Dataset, Example, Task, k_shot
 from .evaluate import SCORING, continuation_log_probs
 from .files import atomic_path
 from .memory import checkpointed_blocks
-from .nn import FusedLayerNorm, FusedRMSNorm
 from .patch import patch_model, use_fp32_masters
 from .prompts import encode, label_token_ids, pad, padding_id, pair_prompt
 

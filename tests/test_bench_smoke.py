@@ -113,11 +113,12 @@ def test_host_time_smoke_writes_both_ops_and_every_mode(tmp_path):
 def test_lower_priority_nices_the_process_and_its_autogroup():
     import subprocess
 
-    code = ("import sys; sys.path.insert(0, 'benchmarks'); import os, accuracy; accuracy.lower_priority(7); "
-            "from pathlib import Path; a = Path('/proc/self/autogroup'); "
-            "print(os.nice(0), a.read_text().split()[-1] if a.exists() else 'none')")
+    code = ("import sys; sys.path.insert(0, 'benchmarks'); import os, accuracy; "
+            "grouped = accuracy.lower_priority(7); from pathlib import Path; "
+            "print(os.nice(0), Path('/proc/self/autogroup').read_text().split()[-1] if grouped else 'none')")
     done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
-                          text=True, timeout=120, check=True)
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
     niceness, group = done.stdout.split()
     assert int(niceness) >= 7  # at least 7 (more if the test itself runs niced)
-    assert group in ("none", "7") or int(group) >= 7
+    assert group == "none" or int(group) >= 7  # where it reports the autogroup niced, it is
