@@ -410,3 +410,35 @@ def test_registered_ops_pass_opcheck():
                             True, True, True, "auto"),
         test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"),
     )
+
+
+@pytest.mark.parametrize("in_kernel", [True, False], ids=["last-program-sums", "separate-sum"])
+def test_weight_gradients_summed_in_the_kernel_or_apart_match_the_reference(in_kernel, monkeypatch):
+    """Triton's dW/dB (and the double backward's d_w): summed by the backward kernel's last program, or
+    by a separate sum where the partial rows are many. Both match fp64, and the ticket counter is back
+    at zero after every launch (else the next call's last program would never sum)."""
+    import ofa_kernels.triton.norm as tnorm
+
+    monkeypatch.setattr(tnorm, "IN_KERNEL_REDUCE_MAX", 1 << 30 if in_kernel else -1)
+    separate_sums = []
+    monkeypatch.setattr(tnorm, "_reduce", lambda p, f=tnorm._reduce: separate_sums.append(1) or f(p))
+    x = torch.randn(37, 130, device=DEVICE, dtype=torch.float64)  # 10 row tiles over 4 programs
+    v = torch.randn_like(x)
+    w = (torch.rand(130, device=DEVICE, dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(130, device=DEVICE, dtype=torch.float64).requires_grad_()
+    for norm, ref, params in ((lambda x: ofa_kernels.layer_norm(x, w, b, backend="triton"),
+                               lambda x: layer_norm_ref(x, w, b), [w, b]),
+                              (lambda x: ofa_kernels.rms_norm(x, w, backend="triton"), lambda x: rms_norm_ref(x, w), [w])):
+        for _ in range(2):  # the second call reuses the counter the first one reset
+            xs = x.clone().requires_grad_()
+            got = torch.autograd.grad(norm(xs), params, v)
+            (gx,) = torch.autograd.grad(norm(xs), [xs], v, create_graph=True)
+            got_hvp = torch.autograd.grad(gx, [w], v)  # d_w of the double backward
+            want = torch.autograd.grad(ref(x), params, v)
+            xr = x.clone().requires_grad_()
+            (rx,) = torch.autograd.grad(ref(xr), [xr], v, create_graph=True)
+            want_hvp = torch.autograd.grad(rx, [w], v)
+            for g, t in zip([*got, *got_hvp], [*want, *want_hvp]):
+                torch.testing.assert_close(g, t, rtol=1e-10, atol=1e-10)
+            assert all(int(c.item()) == 0 for c in tnorm._counters.values())
+    assert bool(separate_sums) != in_kernel

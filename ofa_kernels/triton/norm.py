@@ -11,9 +11,12 @@ Key choices:
   column chunks and read the inputs again (two or three passes): any width works, wide rows cost
   more traffic.
 - Backward and double backward run a persistent grid: each program owns a strided set of row
-  tiles, accumulates dW/dB in fp32 registers and writes one fp32 partial row; the partials are
-  summed in a fixed order afterwards. No atomics, so dW is bitwise identical run to run.
-  (Looped path: the partial row is updated in place in global memory, still owned by one program.)
+  tiles, accumulates dW/dB in fp32 registers and writes one fp32 partial row. The partials are summed
+  in a fixed order: by the program that finishes last (it takes the last ticket of a counter, sums
+  every partial row and resets the counter), so a small backward is one launch; or, where the partials
+  are many (one program reading them all would be slow), by a separate ``sum``. Either way dW is
+  bitwise identical run to run. (Looped path: the partial row is updated in place in global memory,
+  still owned by one program.)
 - Arithmetic in fp32 (fp64 for fp64 inputs, so gradcheck can test these kernels directly).
 """
 
@@ -174,13 +177,38 @@ def _bwd_dx(dy, xhat, rstd, sum_u, sum_uxhat, W, cols, N, offset,
 
 
 @triton.jit
+def _takes_last_ticket(Counter, n_progs):
+    """Called once by every program after writing its partial rows: True for the one that finishes last
+    (every other program's rows are then written and visible to it)."""
+    tl.debug_barrier()  # every thread's partial-row stores precede the ticket (released by the atomic)
+    return tl.atomic_add(Counter, 1, sem="acq_rel") == n_progs - 1
+
+
+@triton.jit
+def _sum_partials(Part, Out, n_progs, N, ACC: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``Out[:] = Part.sum(0)`` for ``Part`` [n_progs, N], in a fixed order (bitwise repeatable)."""
+    ROWS: tl.constexpr = max(1, 4096 // BLOCK_N)  # partial rows read per step
+    for c0 in range(0, N, BLOCK_N):
+        cols = c0 + tl.arange(0, BLOCK_N)
+        total = tl.zeros([BLOCK_N], ACC)
+        for r0 in range(0, n_progs, ROWS):
+            r = r0 + tl.arange(0, ROWS)
+            m = (r[:, None] < n_progs) & (cols[None, :] < N)
+            rows = tl.load(Part + r[:, None].to(tl.int64) * N + cols[None, :], mask=m, other=0.0,
+                           cache_modifier=".cg")  # written by other programs: read past this SM's L1
+            total += tl.sum(rows, axis=0)
+        tl.store(Out + cols, total, mask=cols < N)
+
+
+@triton.jit
 def _norm_bwd_kernel(
     DY, X, W, Mean, Rstd,  # inputs; dy, x: [M, N] row-strided
     DX, DW_part, DB_part,  # dx: [M, N] contiguous; partials: [num_programs, N] fp32/fp64
+    DW, DB, Counter,  # REDUCE: the summed dW, dB ([N], accumulation dtype) and the ticket counter
     stride_dy, stride_x, stride_dx, M, N, n_tiles, n_progs, offset,
     IS_RMS: tl.constexpr, HAS_W: tl.constexpr, NEED_DX: tl.constexpr, NEED_DW: tl.constexpr,
     NEED_DB: tl.constexpr, CAST_MODE: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_PASS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_PASS: tl.constexpr, REDUCE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     in_dtype = X.dtype.element_ty
@@ -239,6 +267,13 @@ def _norm_bwd_kernel(
                 if NEED_DB:
                     p = DB_part + part + cols
                     tl.store(p, tl.load(p, mask=cols < N) + tl.sum(dy, axis=0), mask=cols < N)
+    if REDUCE:
+        if _takes_last_ticket(Counter, n_progs):
+            if NEED_DW:
+                _sum_partials(DW_part, DW, n_progs, N, ACC, BLOCK_N)
+            if NEED_DB:
+                _sum_partials(DB_part, DB, n_progs, N, ACC, BLOCK_N)
+            tl.atomic_xchg(Counter, 0)  # ready for the next launch on this stream
 
 
 # --------------------------------------------------------------------------- double backward
@@ -302,10 +337,12 @@ def _bb_outputs(xhat, dy, g, u, a, w2, rstd, s_u, s_ux, s_a, s_ax, s_au, s_w2, s
 def _norm_bwd_bwd_kernel(
     DY, X, W, Mean, Rstd, A, BW, E,  # dy, x, a: [M, N] row-strided; w, bw, e: [N]
     D_DY, D_X, DW_part,  # d_dy, d_x: [M, N] contiguous; partials: [num_programs, N]
+    DW, Counter,  # REDUCE: the summed d_w ([N], accumulation dtype) and the ticket counter
     stride_dy, stride_x, stride_a, stride_ddy, stride_dx, M, N, n_tiles, n_progs, offset,
     IS_RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_A: tl.constexpr, HAS_BW: tl.constexpr,
     HAS_E: tl.constexpr, NEED_DDY: tl.constexpr, NEED_DX: tl.constexpr, NEED_DW: tl.constexpr,
     ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_PASS: tl.constexpr,
+    REDUCE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     part = pid.to(tl.int64) * N
@@ -357,6 +394,10 @@ def _norm_bwd_bwd_kernel(
     if NEED_DW and SINGLE_PASS:
         cols = tl.arange(0, BLOCK_N)
         tl.store(DW_part + part + cols, dw_acc, mask=cols < N)
+    if REDUCE and NEED_DW:
+        if _takes_last_ticket(Counter, n_progs):
+            _sum_partials(DW_part, DW, n_progs, N, ACC, BLOCK_N)
+            tl.atomic_xchg(Counter, 0)  # ready for the next launch on this stream
 
 
 # --------------------------------------------------------------------------------- launchers
@@ -396,6 +437,29 @@ def _config(x: torch.Tensor, kernel: str, max_block_n: int | None, rows_per_prog
     return block_m, block_n, single, num_warps, max(1, min(n_tiles, persistent))
 
 
+# Partial rows are summed inside the backward kernel (by its last program: no second launch) while they
+# hold at most this many elements; beyond, one program reading them all would take longer than a
+# separate ``sum`` launch. Set from the single-program read rate, not yet measured on a GPU:
+# benchmarks/tune_norm.py sweeps it (``reduce_in_kernel=``).
+IN_KERNEL_REDUCE_MAX = 1 << 19
+_counters: dict[tuple[str, int, int], torch.Tensor] = {}
+
+
+def _ticket_counter(device: torch.device) -> torch.Tensor:
+    """The int32 counter the kernels' last-program reduction counts on: one per (device, stream), zero
+    between launches (the last program resets it), so launches on one stream never share it at once."""
+    stream = torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else 0
+    key = (device.type, device.index or 0, stream)
+    counter = _counters.get(key)
+    if counter is None:
+        counter = _counters[key] = torch.zeros(1, dtype=torch.int32, device=device)
+    return counter
+
+
+def _in_kernel(reduce_in_kernel: bool | None, n_progs: int, N: int) -> bool:
+    return n_progs * N <= IN_KERNEL_REDUCE_MAX if reduce_in_kernel is None else reduce_in_kernel
+
+
 def acc_tl_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
@@ -425,32 +489,38 @@ def norm_fwd(x, weight, bias, eps, offset, is_rms, cast_mode, out_dtype, *, max_
 
 
 def norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, cast_mode, need_dx, need_dw, need_db, *,
-             max_block_n=None, rows_per_program=None, num_warps=None, programs_per_sm=None):
+             max_block_n=None, rows_per_program=None, num_warps=None, programs_per_sm=None, reduce_in_kernel=None):
     """Returns (dx in x.dtype, dw, db in the accumulation dtype); None where not needed."""
     M, N = x.shape
     acc = acc_torch_dtype(x.dtype)
     block_m, block_n, single, num_warps, n_progs = _config(x, "bwd", max_block_n, rows_per_program, num_warps,
                                                            programs_per_sm)
     dx = torch.empty((M, N), dtype=x.dtype, device=x.device) if need_dx else None
+    if M == 0:
+        zeros = (lambda: x.new_zeros(N, dtype=acc))
+        return dx, zeros() if need_dw else None, zeros() if need_db else None
+    reduce = (need_dw or need_db) and _in_kernel(reduce_in_kernel, n_progs, N)
     dw_part = _partials(need_dw, single, n_progs, N, acc, x.device)
     db_part = _partials(need_db, single, n_progs, N, acc, x.device)
-    if M > 0:
-        _norm_bwd_kernel[(n_progs,)](
-            dy, x, weight if weight is not None else x, mean if not is_rms else rstd, rstd,
-            dx if need_dx else x, dw_part if need_dw else rstd, db_part if need_db else rstd,
-            dy.stride(0), x.stride(0), N if need_dx else 0, M, N, triton.cdiv(M, block_m), n_progs, offset,
-            IS_RMS=is_rms, HAS_W=weight is not None, NEED_DX=need_dx, NEED_DW=need_dw, NEED_DB=need_db,
-            CAST_MODE=_CAST_CODE[cast_mode], ACC=acc_tl_dtype(x.dtype), BLOCK_M=block_m, BLOCK_N=block_n,
-            SINGLE_PASS=single, num_warps=num_warps,
-        )
-    dw = _reduce(dw_part, M)
-    db = _reduce(db_part, M)
+    dw = torch.empty(N, dtype=acc, device=x.device) if reduce and need_dw else None
+    db = torch.empty(N, dtype=acc, device=x.device) if reduce and need_db else None
+    _norm_bwd_kernel[(n_progs,)](
+        dy, x, weight if weight is not None else x, mean if not is_rms else rstd, rstd,
+        dx if need_dx else x, dw_part if need_dw else rstd, db_part if need_db else rstd,
+        dw if dw is not None else rstd, db if db is not None else rstd, _ticket_counter(x.device) if reduce else rstd,
+        dy.stride(0), x.stride(0), N if need_dx else 0, M, N, triton.cdiv(M, block_m), n_progs, offset,
+        IS_RMS=is_rms, HAS_W=weight is not None, NEED_DX=need_dx, NEED_DW=need_dw, NEED_DB=need_db,
+        CAST_MODE=_CAST_CODE[cast_mode], ACC=acc_tl_dtype(x.dtype), BLOCK_M=block_m, BLOCK_N=block_n,
+        SINGLE_PASS=single, REDUCE=reduce, num_warps=num_warps,
+    )
+    if not reduce:
+        dw, db = _reduce(dw_part), _reduce(db_part)
     return dx, dw, db
 
 
 def norm_bwd_bwd(dy, x, weight, mean, rstd, grad_dx, grad_dw, grad_db, offset, is_rms,
                  need_ddy, need_dx, need_dw, *, max_block_n=None, rows_per_program=None, num_warps=None,
-                 programs_per_sm=None):
+                 programs_per_sm=None, reduce_in_kernel=None):
     """Returns (d_dy in dy.dtype, d_x in x.dtype, d_w in the accumulation dtype)."""
     M, N = x.shape
     acc = acc_torch_dtype(x.dtype)
@@ -459,20 +529,26 @@ def norm_bwd_bwd(dy, x, weight, mean, rstd, grad_dx, grad_dw, grad_db, offset, i
     need_dw = need_dw and grad_dx is not None
     d_dy = torch.empty((M, N), dtype=dy.dtype, device=x.device) if need_ddy else None
     d_x = torch.empty((M, N), dtype=x.dtype, device=x.device) if need_dx else None
+    if M == 0 or not (need_ddy or need_dx or need_dw):
+        return d_dy, d_x, x.new_zeros(N, dtype=acc) if need_dw else None
+    reduce = need_dw and _in_kernel(reduce_in_kernel, n_progs, N)
     dw_part = _partials(need_dw, single, n_progs, N, acc, x.device)
-    if M > 0 and (need_ddy or need_dx or need_dw):
-        _norm_bwd_bwd_kernel[(n_progs,)](
-            dy, x, weight if weight is not None else x, mean if not is_rms else rstd, rstd,
-            grad_dx if grad_dx is not None else x, grad_dw if grad_dw is not None else x,
-            grad_db if grad_db is not None else x,
-            d_dy if need_ddy else x, d_x if need_dx else x, dw_part if need_dw else rstd,
-            dy.stride(0), x.stride(0), grad_dx.stride(0) if grad_dx is not None else 0, N, N, M, N,
-            triton.cdiv(M, block_m), n_progs, offset,
-            IS_RMS=is_rms, HAS_W=weight is not None, HAS_A=grad_dx is not None, HAS_BW=grad_dw is not None,
-            HAS_E=grad_db is not None, NEED_DDY=need_ddy, NEED_DX=need_dx, NEED_DW=need_dw,
-            ACC=acc_tl_dtype(x.dtype), BLOCK_M=block_m, BLOCK_N=block_n, SINGLE_PASS=single, num_warps=num_warps,
-        )
-    d_w = _reduce(dw_part, M) if need_dw else None
+    d_w = torch.empty(N, dtype=acc, device=x.device) if reduce else None
+    _norm_bwd_bwd_kernel[(n_progs,)](
+        dy, x, weight if weight is not None else x, mean if not is_rms else rstd, rstd,
+        grad_dx if grad_dx is not None else x, grad_dw if grad_dw is not None else x,
+        grad_db if grad_db is not None else x,
+        d_dy if need_ddy else x, d_x if need_dx else x, dw_part if need_dw else rstd,
+        d_w if reduce else rstd, _ticket_counter(x.device) if reduce else rstd,
+        dy.stride(0), x.stride(0), grad_dx.stride(0) if grad_dx is not None else 0, N, N, M, N,
+        triton.cdiv(M, block_m), n_progs, offset,
+        IS_RMS=is_rms, HAS_W=weight is not None, HAS_A=grad_dx is not None, HAS_BW=grad_dw is not None,
+        HAS_E=grad_db is not None, NEED_DDY=need_ddy, NEED_DX=need_dx, NEED_DW=need_dw,
+        ACC=acc_tl_dtype(x.dtype), BLOCK_M=block_m, BLOCK_N=block_n, SINGLE_PASS=single, REDUCE=reduce,
+        num_warps=num_warps,
+    )
+    if need_dw and not reduce:
+        d_w = _reduce(dw_part)
     return d_dy, d_x, d_w
 
 
@@ -483,10 +559,6 @@ def _partials(needed, single, n_progs, N, dtype, device):
     return (torch.empty if single else torch.zeros)((n_progs, N), dtype=dtype, device=device)
 
 
-def _reduce(partials: torch.Tensor | None, M: int) -> torch.Tensor | None:
-    """Sums the per-program partial rows in a fixed order (deterministic)."""
-    if partials is None:
-        return None
-    if M == 0:
-        return partials.new_zeros(partials.shape[1])
-    return partials.sum(0)
+def _reduce(partials: torch.Tensor | None) -> torch.Tensor | None:
+    """Sums the per-program partial rows in a fixed order (deterministic), in a launch of its own."""
+    return None if partials is None else partials.sum(0)
