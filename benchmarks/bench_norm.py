@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import Row, copy_bandwidth_gbps, plot, stamp, time_ms, write_results  # noqa: E402
+from harness import Row, copy_bandwidth_gbps, heatmap, plot, stamp, time_ms, write_results  # noqa: E402
 
 import ofa_kernels  # noqa: E402
 from ofa_kernels.reference import layer_norm_ref, rms_norm_ref  # noqa: E402
@@ -224,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     text = table(rows, meta, copy_gbps, boundary)
     write_results(rows, meta, args.out, name, text)
     plot(rows, args.out / f"{name}.png", f"Norms on {meta['device']}", copy_gbps)
+    heatmap(rows, args.out / f"{name}_vs_best.png",
+            f"best anchor (F.*, torch.compile(F.*), Liger) / ofa, time per call\n{meta['device']}")
     print(text)
     return 0
 

@@ -4,7 +4,7 @@
 #   objective (sharpness) benchmark, the OFA training-step benchmark, and writes everything under $OUT.
 # Knobs: STEPS (default "tests tune bench objective step"), TEST_PATHS (default tests), TEST_K (pytest -k),
 #        BENCH_SHAPES (e.g. 32768x4096,150x4096; default all), OBJ_ARMS (e.g. ce,fd1,fd4; default all),
-#        TEST_TIMEOUT, TUNE_TIMEOUT, BENCH_TIMEOUT, OBJ_TIMEOUT (seconds), REP_MS (timing window).
+#        TUNE_WIDTHS, TUNE_DTYPES (launcher sweep cells), TEST_TIMEOUT, TUNE_TIMEOUT, BENCH_TIMEOUT, OBJ_TIMEOUT (seconds), REP_MS (timing window).
 # Liger travels as a wheel in .whl/ (benchmarks/RESULTS.md says how it was fetched).
 set -uo pipefail
 OUT=${OUT:-/tmp/ofa_gpu_check}
@@ -35,7 +35,9 @@ if [[ " $STEPS " == *" tests "* ]]; then
 fi
 if [[ " $STEPS " == *" tune "* ]]; then
   echo "== launcher sweep"
-  timeout "${TUNE_TIMEOUT:-150}" python3 benchmarks/tune_norm.py --out "$OUT" 2>&1 | tee "$OUT/tune.log" | tail -8
+  # Resumable cell by cell (tune_<arch>.json in $OUT): carry that file back into $OUT to continue a sweep.
+  timeout "${TUNE_TIMEOUT:-150}" python3 benchmarks/tune_norm.py --out "$OUT" --widths "${TUNE_WIDTHS:-2048,4096,8192}" \
+    --dtypes "${TUNE_DTYPES:-bfloat16,float32}" 2>&1 | tee "$OUT/tune.log" | tail -20
 fi
 if [[ " $STEPS " == *" bench "* ]]; then
   echo "== norm benchmark"

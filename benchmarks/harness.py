@@ -96,6 +96,20 @@ def write_table(out_dir: Path, name: str, data: dict, lines: list[str]) -> None:
     print("\n".join(lines))
 
 
+def provider_colours(providers) -> dict[str, str]:
+    """One colour per provider for every plot of a run: ours in the same colour everywhere."""
+    fixed = {"ofa": "tab:red", "liger": "tab:green", "hf_eager": "tab:gray"}
+    palette = ["tab:blue", "tab:orange", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan",
+               "gold", "navy", "teal", "salmon", "black"]
+    others = [p for p in sorted(set(providers)) if p not in fixed]
+    return {**fixed, **{p: palette[i % len(palette)] for i, p in enumerate(others)}}
+
+
+def is_anchor(provider: str) -> bool:
+    """The providers ours is judged against: PyTorch's own ops, their torch.compile, Liger."""
+    return provider.startswith(("F.", "compile(F.", "liger"))
+
+
 def plot(rows: list[Row], path: Path, title: str, ceiling_gbps: float | None) -> None:
     """GB/s per provider for each (op, mode, shape, dtype), one panel per op and mode."""
     import matplotlib
@@ -104,6 +118,7 @@ def plot(rows: list[Row], path: Path, title: str, ceiling_gbps: float | None) ->
     import matplotlib.pyplot as plt
 
     panels = sorted({(r.op, r.mode) for r in rows})
+    colours = provider_colours(r.provider for r in rows)
     fig, axes = plt.subplots(len(panels), 1, figsize=(12, 3.2 * len(panels)), squeeze=False)
     for ax, (op, mode) in zip(axes[:, 0], panels):
         sub = [r for r in rows if r.op == op and r.mode == mode and r.gbps]
@@ -112,7 +127,7 @@ def plot(rows: list[Row], path: Path, title: str, ceiling_gbps: float | None) ->
         width = 0.8 / max(1, len(providers))
         for i, prov in enumerate(providers):
             vals = [next((r.gbps for r in sub if (r.shape, r.dtype) == c and r.provider == prov), 0) for c in cases]
-            ax.bar([j + i * width for j in range(len(cases))], vals, width, label=prov)
+            ax.bar([j + i * width for j in range(len(cases))], vals, width, label=prov, color=colours[prov])
         if ceiling_gbps:
             ax.axhline(ceiling_gbps, color="k", linestyle="--", linewidth=1, label="copy")
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cases))])
@@ -121,6 +136,50 @@ def plot(rows: list[Row], path: Path, title: str, ceiling_gbps: float | None) ->
         ax.set_title(f"{op} {mode}", fontsize=9)
         ax.legend(fontsize=6, ncol=4)
     fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def speed_ratios(rows: list[Row], ours: str = "ofa") -> dict[tuple[str, str], dict[tuple[str, str], float]]:
+    """(op, mode) -> (shape, dtype) -> best anchor's ms / ours' ms (above 1: ours is faster)."""
+    out: dict = {}
+    for r in rows:
+        if r.provider != ours or not r.ms:
+            continue
+        anchors = [a.ms for a in rows if is_anchor(a.provider) and a.ms and
+                   (a.op, a.mode, a.shape, a.dtype) == (r.op, r.mode, r.shape, r.dtype)]
+        if anchors:
+            out.setdefault((r.op, r.mode), {})[(r.shape, r.dtype)] = min(anchors) / r.ms
+    return out
+
+
+def heatmap(rows: list[Row], path: Path, title: str) -> None:
+    """Ours against the best anchor in every cell of the grid: one row per (op, mode), one column per
+    (shape, dtype); red below 1 (slower), green above."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ratios = speed_ratios(rows)
+    if not ratios:
+        return
+    lines = sorted(ratios)
+    cells = sorted({c for per in ratios.values() for c in per})
+    grid = [[ratios[line].get(c, float("nan")) for c in cells] for line in lines]
+    fig, ax = plt.subplots(figsize=(1.1 * len(cells) + 2.5, 0.45 * len(lines) + 1.8))
+    image = ax.imshow(grid, cmap="RdYlGn", vmin=0.5, vmax=1.5, aspect="auto")
+    for i, row in enumerate(grid):
+        for j, v in enumerate(row):
+            if v == v:  # not NaN
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7)
+    ax.set_xticks(range(len(cells)))
+    ax.set_xticklabels([f"{s}\n{d}" for s, d in cells], fontsize=7)
+    ax.set_yticks(range(len(lines)))
+    ax.set_yticklabels([f"{op} {mode}" for op, mode in lines], fontsize=7)
+    fig.colorbar(image, ax=ax, label="best anchor ms / ours ms")
+    ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

@@ -1,9 +1,16 @@
-"""Sweeps the Triton launchers' knobs (rows per program, warps, programs per SM) on a GPU.
+"""Sweeps the Triton norm launchers' knobs over widths and dtypes on a GPU; writes the launch table.
 
-Prints, per (kernel, op, width), each configuration's time and the best one; the defaults in
-``ofa_kernels/triton/norm.py::_config`` are set from this sweep. GPU only.
+For every (kernel fwd/bwd/bwd_bwd, dtype, width) cell it times, RMSNorm and LayerNorm together:
+rows per program x warps (programs per SM at 2), then programs per SM for the best, then the looped
+path (chunk caps below the width) for the best; the winner is the cell's entry. Then, for the
+backward kernels at the best knobs, where dW is summed (in the kernel by its last program, or by a
+separate sum) at several row counts: the crossover that ``IN_KERNEL_REDUCE_MAX`` is set from.
 
-    python benchmarks/tune_norm.py --out DIR
+Each finished cell is written to ``--out`` at once (``tune_<arch>.json``) and skipped when the sweep is
+run again, so a sweep cut short by the device budget resumes. ``--write-table`` merges the cells
+into the packaged ``ofa_kernels/triton/tuned.json`` that the launchers read. GPU only.
+
+    python benchmarks/tune_norm.py --out DIR [--widths 2048,4096] [--dtypes bfloat16] [--write-table]
 """
 
 from __future__ import annotations
@@ -11,57 +18,145 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import sys
+import time
 from pathlib import Path
 
 import torch
-from triton.testing import do_bench
 
 from ofa_kernels.triton import norm as tnorm
+from ofa_kernels.triton import tuning
 
-WIDTHS = [4096]  # the target width; add more when the device budget allows
+WIDTHS = [1024, 2048, 3072, 4096, 5120, 8192, 16384, 65536]
+DTYPES = ["bfloat16", "float16", "float32"]
+KERNELS = ["fwd", "bwd", "bwd_bwd"]
+ROWS_PER_PROGRAM = [1, 2, 4, 8]
+WARPS = [2, 4, 8, 16]
+PROGRAMS_PER_SM = [1, 2, 4]
+REDUCE_ROWS = [150, 1024, 4096, 32768]
 
 
-def sweep(rows: int, width: int, dtype: torch.dtype, is_rms: bool) -> list[dict]:
-    x = torch.randn(rows, width, device="cuda", dtype=dtype)
-    w = torch.rand(width, device="cuda", dtype=dtype) + 0.5
-    y, mean, rstd = tnorm.norm_fwd(x, w, None, 1e-6, 0.0, is_rms, "llama", dtype)
-    dy, a = torch.randn_like(x), torch.randn_like(x)
+def rows_for(width: int) -> int:
+    """The benchmark grid's row counts: 32768 rows, 4096 for the wide rows."""
+    return 32768 if width <= 8192 else 4096
+
+
+def bench_ms(fn, rep_ms: float) -> float:
+    from triton.testing import do_bench
+
+    return float(do_bench(fn, warmup=max(5, rep_ms / 4), rep=rep_ms))
+
+
+class Cell:
+    """Inputs of one (dtype, width) cell and a timer for one kernel's knobs, both norms summed."""
+
+    def __init__(self, rows: int, width: int, dtype: torch.dtype):
+        self.x = torch.randn(rows, width, device="cuda", dtype=dtype)
+        self.w = torch.rand(width, device="cuda", dtype=dtype) + 0.5
+        self.dy, self.a = torch.randn_like(self.x), torch.randn_like(self.x)
+        self.stats = {rms: tnorm.norm_fwd(self.x, self.w, None, 1e-6, 0.0, rms, "llama", dtype)[1:]
+                      for rms in (True, False)}
+
+    def run(self, kernel: str, is_rms: bool, knobs: dict) -> None:
+        mean, rstd = self.stats[is_rms]
+        if kernel == "fwd":
+            fwd = {k: v for k, v in knobs.items() if k in ("rows_per_program", "num_warps", "max_block_n")}
+            tnorm.norm_fwd(self.x, self.w, None, 1e-6, 0.0, is_rms, "llama", self.x.dtype, **fwd)
+        elif kernel == "bwd":
+            tnorm.norm_bwd(self.dy, self.x, self.w, mean, rstd, 0.0, is_rms, "llama", True, True, False, **knobs)
+        else:
+            tnorm.norm_bwd_bwd(self.dy, self.x, self.w, mean, rstd, self.a, None, None, 0.0, is_rms,
+                               True, True, True, **knobs)
+
+    def time(self, kernel: str, knobs: dict, rep_ms: float) -> float | None:
+        """ms of RMSNorm + LayerNorm; None where the knobs do not compile or run (registers, smem)."""
+        try:
+            return sum(bench_ms(lambda r=rms: self.run(kernel, r, knobs), rep_ms) for rms in (True, False))
+        except Exception:  # noqa: BLE001 - an infeasible configuration is a result of the sweep
+            return None
+
+
+def best_knobs(cell: Cell, kernel: str, width: int, rep_ms: float) -> tuple[dict, float, list[dict]]:
+    """Coordinate search: rows x warps, then programs per SM, then the looped path."""
+    tried: list[dict] = []
+
+    def best(candidates: list[dict]) -> tuple[dict, float]:
+        for knobs in candidates:
+            tried.append({**knobs, "ms": cell.time(kernel, knobs, rep_ms)})
+        ok = [t for t in tried if t["ms"] is not None]
+        top = min(ok, key=lambda t: t["ms"])
+        return {k: v for k, v in top.items() if k != "ms"}, top["ms"]
+
+    persistent = kernel != "fwd"
+    base = {"programs_per_sm": 2} if persistent else {}
+    choice, ms = best([{**base, "rows_per_program": r, "num_warps": w}
+                       for r, w in itertools.product(ROWS_PER_PROGRAM, WARPS)])
+    if persistent:
+        choice, ms = best([{**choice, "programs_per_sm": p} for p in PROGRAMS_PER_SM
+                           if p != choice["programs_per_sm"]])
+    caps = [c for c in (4096, 8192) if c < width]
+    if caps:
+        choice, ms = best([{**choice, "rows_per_program": 1, "max_block_n": c} for c in caps])
+    return choice, ms, tried
+
+
+def reduce_crossover(width: int, dtype: torch.dtype, kernel: str, knobs: dict, rep_ms: float) -> list[dict]:
+    """ms with dW summed in the kernel against a separate sum, at several row counts."""
     out = []
-    for rpp, warps in itertools.product([1, 2, 4], [4, 8, 16]):
-        cfg = dict(rows_per_program=rpp, num_warps=warps)
-        ms = do_bench(lambda: tnorm.norm_fwd(x, w, None, 1e-6, 0.0, is_rms, "llama", dtype, **cfg), rep=25)
-        out.append(dict(kernel="fwd", **cfg, programs_per_sm=None, ms=ms))
-        for pps in [1, 2, 4, 8]:
-            cfgb = dict(cfg, programs_per_sm=pps)
-            try:
-                ms = do_bench(lambda: tnorm.norm_bwd(dy, x, w, mean, rstd, 0.0, is_rms, "llama", True, True, False,
-                                                     **cfgb), rep=25)
-                out.append(dict(kernel="bwd", **cfgb, ms=ms))
-                ms = do_bench(lambda: tnorm.norm_bwd_bwd(dy, x, w, mean, rstd, a, None, None, 0.0, is_rms,
-                                                         True, True, True, **cfgb), rep=25)
-                out.append(dict(kernel="bwd_bwd", **cfgb, ms=ms))
-            except Exception as exc:  # out of registers / shared memory for this combination
-                out.append(dict(kernel="bwd", **cfgb, ms=None, error=str(exc)[:80]))
+    for rows in REDUCE_ROWS:
+        cell = Cell(rows, width, dtype)
+        times = {flag: cell.time(kernel, {**knobs, "reduce_in_kernel": flag}, rep_ms) for flag in (True, False)}
+        out.append({"rows": rows, "in_kernel_ms": times[True], "separate_ms": times[False]})
     return out
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser()
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("."))
-    args = parser.parse_args()
-    results = {}
-    for width in WIDTHS:
-        for op in ("rms", "layer"):
-            rows = sweep(32768, width, torch.bfloat16, op == "rms")
-            results[f"{op}-{width}"] = rows
-            for kernel in ("fwd", "bwd", "bwd_bwd"):
-                ok = [r for r in rows if r["kernel"] == kernel and r["ms"]]
-                best = min(ok, key=lambda r: r["ms"])
-                print(f"{op:5s} {width:5d} {kernel:7s} best {best['ms']:.4f} ms rpp={best['rows_per_program']} "
-                      f"warps={best['num_warps']} pps={best['programs_per_sm']} "
-                      f"(worst {max(r['ms'] for r in ok):.4f})", flush=True)
-    (args.out / "tune_norm.json").write_text(json.dumps(results, indent=1))
+    parser.add_argument("--widths", default=",".join(map(str, WIDTHS)))
+    parser.add_argument("--dtypes", default=",".join(DTYPES))
+    parser.add_argument("--kernels", default=",".join(KERNELS))
+    parser.add_argument("--rep-ms", type=float, default=10.0, help="timing window per configuration")
+    parser.add_argument("--write-table", action="store_true", help="merge the winners into ofa_kernels/triton/tuned.json")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("tune_norm.py times GPU kernels: no CUDA device here", file=sys.stderr)
+        return 2
+    device_arch = tuning.arch(torch.device("cuda"))
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"tune_{device_arch}.json"
+    done = json.loads(path.read_text()) if path.exists() else {"device": torch.cuda.get_device_name(), "cells": {}}
+    for width, dtype_name, kernel in itertools.product(map(int, args.widths.split(",")), args.dtypes.split(","),
+                                                       args.kernels.split(",")):
+        key = f"{kernel}/{dtype_name}/{width}"
+        if key in done["cells"]:
+            continue
+        start = time.perf_counter()
+        dtype = getattr(torch, dtype_name)
+        cell = Cell(rows_for(width), width, dtype)
+        default = cell.time(kernel, {}, args.rep_ms)
+        knobs, ms, tried = best_knobs(cell, kernel, width, args.rep_ms)
+        del cell
+        entry = {"knobs": knobs, "ms": ms, "default_ms": default, "rows": rows_for(width), "tried": tried}
+        if kernel != "fwd":
+            entry["reduce"] = reduce_crossover(width, dtype, kernel, knobs, args.rep_ms)
+        done["cells"][key] = entry
+        tmp = path.with_suffix(".json.partial")
+        tmp.write_text(json.dumps(done, indent=1))
+        os.replace(tmp, path)  # one finished cell at a time: a cut-short sweep resumes
+        print(f"{key}: {knobs} {ms:.4f} ms (default rule {default or float('nan'):.4f} ms), "
+              f"{time.perf_counter() - start:.0f} s", flush=True)
+        torch.cuda.empty_cache()
+    found: dict = {}
+    for key, entry in done["cells"].items():
+        kernel, dtype_name, width = key.split("/")
+        found.setdefault(device_arch, {}).setdefault(kernel, {}).setdefault(dtype_name, {})[width] = entry["knobs"]
+    (args.out / "tuned_found.json").write_text(json.dumps(found, indent=1, sort_keys=True))
+    if args.write_table:
+        merged = tuning.merge(found, tuning.table())
+        tuning.TABLE_PATH.write_text(json.dumps(merged, indent=1, sort_keys=True) + "\n")
+        print(f"wrote {tuning.TABLE_PATH}")
     return 0
 
 

@@ -19,7 +19,18 @@ def test_bench_norm_cpu_smoke_writes_a_complete_table(tmp_path):
     assert {(r["op"], r["mode"]) for r in ours} == {(op, m) for op in ("rms", "layer") for m in bench_norm.MODES}
     assert all(r["ms"] and r["ms"] > 0 and not r["note"] for r in ours)  # every mode validated and timed
     assert (tmp_path / "norm_cpu.png").stat().st_size > 0
+    assert (tmp_path / "norm_cpu_vs_best.png").stat().st_size > 0  # on CPU the anchors are F.rms_norm/F.layer_norm
     assert "copy" in (tmp_path / "norm_cpu.md").read_text()
+
+
+def test_speed_ratios_compare_ours_with_the_best_anchor_only():
+    from harness import Row, provider_colours, speed_ratios
+
+    rows = [Row("rms", "fwd", "8x8", "bf16", p, ms) for p, ms in
+            (("ofa", 2.0), ("F.rms_norm", 3.0), ("compile(F.rms_norm)", 2.5), ("liger", 4.0), ("hf_eager", 1.0))]
+    assert speed_ratios(rows) == {("rms", "fwd"): {("8x8", "bf16"): 1.25}}  # hf_eager is no anchor
+    first = provider_colours(["F.rms_norm", "ofa"])
+    assert first["ofa"] == provider_colours(["liger", "ofa", "x"])["ofa"] and first["ofa"] != first["F.rms_norm"]
 
 
 def test_rms_norm_forward_backward_cpu(benchmark):
@@ -122,3 +133,29 @@ def test_lower_priority_nices_the_process_and_its_autogroup():
     niceness, group = done.stdout.split()
     assert int(niceness) >= 7  # at least 7 (more if the test itself runs niced)
     assert group == "none" or int(group) >= 7  # where it reports the autogroup niced, it is
+
+
+def test_tune_norm_search_keeps_the_fastest_knobs_and_merges_into_the_table():
+    """The sweep's coordinate search on a fake timer (no GPU): rows x warps, then programs per SM, then
+    the looped path; infeasible knobs (None) are skipped; a merge replaces only the cells found."""
+    import tune_norm
+
+    from ofa_kernels.triton import tuning
+
+    class FakeCell:
+        def time(self, kernel, knobs, rep_ms):
+            if knobs.get("num_warps") == 16:
+                return None  # does not compile
+            return (abs(knobs["rows_per_program"] - 2) + abs(knobs["num_warps"] - 8)
+                    + abs(knobs.get("programs_per_sm", 2) - 4) + (-1.0 if "max_block_n" in knobs else 1.0))
+
+    knobs, ms, tried = tune_norm.best_knobs(FakeCell(), "bwd", 8192, 1.0)
+    assert knobs == {"programs_per_sm": 4, "rows_per_program": 1, "num_warps": 8, "max_block_n": 4096}
+    assert ms == 0.0 and len(tried) == 16 + 2 + 1  # chunk caps below 8192: 4096 only
+    knobs, _, _ = tune_norm.best_knobs(FakeCell(), "fwd", 4096, 1.0)
+    assert knobs == {"rows_per_program": 2, "num_warps": 8}  # no grid knob, no chunk below the width
+    old = {"sm90": {"bwd": {"bfloat16": {"4096": {"num_warps": 4}, "2048": {"num_warps": 2}}}}}
+    new = {"sm90": {"bwd": {"bfloat16": {"4096": {"num_warps": 8}}}}, "sm80": {"fwd": {"float32": {"1024": {}}}}}
+    merged = tuning.merge(new, old)
+    assert merged["sm90"]["bwd"]["bfloat16"] == {"4096": {"num_warps": 8}, "2048": {"num_warps": 2}}
+    assert "sm80" in merged and old["sm90"]["bwd"]["bfloat16"]["4096"] == {"num_warps": 4}

@@ -442,3 +442,53 @@ def test_weight_gradients_summed_in_the_kernel_or_apart_match_the_reference(in_k
                 torch.testing.assert_close(g, t, rtol=1e-10, atol=1e-10)
             assert all(int(c.item()) == 0 for c in tnorm._counters.values())
     assert bool(separate_sums) != in_kernel
+
+
+def test_the_measured_launch_table_picks_each_entrys_path_and_stays_correct(monkeypatch):
+    """Entries of the tuned table (here a synthetic one for the interpreter) select their paths (rows
+    per program, looped chunks, where dW is summed); a width between two measured ones takes the
+    lower one's knobs with as many elements per tile; every entry's path matches fp64."""
+    import ofa_kernels.triton.norm as tnorm
+    from ofa_kernels.triton import tuning
+
+    f64 = {"32": {"rows_per_program": 4, "num_warps": 1},
+           "64": {"rows_per_program": 2, "max_block_n": 16, "reduce_in_kernel": False}}
+    synthetic = {"interpreter": {"fwd": {"float64": f64}, "bwd": {"float64": f64}, "bwd_bwd": {"float64": f64}}}
+    monkeypatch.setattr(tuning, "table", lambda: synthetic)
+    tuning.knobs.cache_clear()
+    try:
+        x32 = torch.randn(9, 32, dtype=torch.float64, device=DEVICE)
+        assert tnorm._config(x32, "bwd", None, None)[:4] == (4, 32, True, 1)  # the entry at 32
+        x48 = torch.randn(9, 48, dtype=torch.float64, device=DEVICE)
+        assert tnorm._config(x48, "bwd", None, None)[:3] == (2, 64, True)  # 32's knobs, 4 * 32 // 48 -> 2 rows
+        x80 = torch.randn(9, 80, dtype=torch.float64, device=DEVICE)
+        assert tnorm._config(x80, "bwd", None, None)[:3] == (1, 16, False)  # 64's: looped in 16-column chunks
+        assert tnorm._config(x80, "bwd", None, 8)[0] == 8  # a launcher argument still wins
+        for n in (32, 48, 80):
+            x = torch.randn(7, n, dtype=torch.float64, device=DEVICE, requires_grad=True)
+            w = (torch.rand(n, dtype=torch.float64, device=DEVICE) + 0.5).requires_grad_()
+            b = torch.randn(n, dtype=torch.float64, device=DEVICE).requires_grad_()
+            v = torch.randn(7, n, dtype=torch.float64, device=DEVICE)
+            for ours, ref in ((lambda x: ofa_kernels.layer_norm(x, w, b, backend="triton"),
+                               lambda x: layer_norm_ref(x, w, b)),
+                              (lambda x: ofa_kernels.rms_norm(x, w, backend="triton"), lambda x: rms_norm_ref(x, w))):
+                got, want = [], []
+                for f, out in ((ours, got), (ref, want)):
+                    y = f(x)
+                    gx, gw = torch.autograd.grad(y, [x, w], v, create_graph=True)  # fwd, bwd
+                    out += [y, gx, gw, *torch.autograd.grad((gx * v).sum(), [x, w])]  # bwd_bwd
+                for g, t in zip(got, want):
+                    torch.testing.assert_close(g, t, rtol=1e-10, atol=1e-10)
+    finally:
+        tuning.knobs.cache_clear()
+
+
+def test_the_packaged_launch_table_is_well_formed():
+    from ofa_kernels.triton import tuning
+
+    for arch, kernels in tuning.table().items():
+        assert arch.startswith("sm") and set(kernels) <= {"fwd", "bwd", "bwd_bwd"}, arch
+        for dtypes in kernels.values():
+            assert set(dtypes) <= {"bfloat16", "float16", "float32"}
+            for width, knobs in (e for widths in dtypes.values() for e in widths.items()):
+                assert int(width) > 0 and set(knobs) <= set(tuning.KNOBS), (arch, width, knobs)

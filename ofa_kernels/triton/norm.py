@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import tuning
+
 MAX_BLOCK_N = 16384
 _CAST_CODE = {"llama": 0, "gemma": 1, "none": 2}
 # Triton's CPU interpreter truncates fp32 -> bf16 (GPUs round to nearest even); round in software there.
@@ -408,9 +410,9 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-# Elements of a [BLOCK_M, BLOCK_N] tile per warp, by kernel. From benchmarks/tune_norm.py on an H200
-# at width 4096, bf16 (winners: fwd 2 rows x 8 warps, bwd 2 x 4, bwd_bwd 2 x 16, 2 programs per SM);
-# other widths follow the same elements-per-warp rule untested.
+# Elements of a [BLOCK_M, BLOCK_N] tile per warp, by kernel: the default rule where the measured table
+# (``tuning.py``) has no entry. From benchmarks/tune_norm.py on an H200 at width 4096, bf16 (winners:
+# fwd 2 rows x 8 warps, bwd 2 x 4, bwd_bwd 2 x 16, 2 programs per SM).
 _ELEMS_PER_WARP = {"fwd": 1024, "bwd": 2048, "bwd_bwd": 512}
 
 
@@ -418,10 +420,17 @@ def _config(x: torch.Tensor, kernel: str, max_block_n: int | None, rows_per_prog
             num_warps: int | None = None, programs_per_sm: int | None = None):
     """Block sizes, single/looped path, warps and the persistent grid size for an [M, N] input.
 
-    Every default can be overridden by the launcher's keyword arguments (benchmarks/tune_norm.py).
+    Each knob comes from the launcher's keyword argument (benchmarks/tune_norm.py), else from the
+    measured table for this GPU, kernel, dtype and width, else from the default rule.
     """
     M, N = x.shape
-    cap = max_block_n or MAX_BLOCK_N
+    tuned = tuning.knobs(tuning.arch(x.device), kernel, x.dtype, N)
+    if tuned:
+        max_block_n = max_block_n or tuned.get("max_block_n")
+        rows_per_program = rows_per_program or tuned.get("rows_per_program")
+        num_warps = num_warps or tuned.get("num_warps")
+        programs_per_sm = programs_per_sm or tuned.get("programs_per_sm")
+    cap = min(max_block_n or MAX_BLOCK_N, MAX_BLOCK_N)
     block_n = min(triton.next_power_of_2(N), triton.next_power_of_2(cap))
     single = N <= block_n
     on_gpu = x.is_cuda
@@ -456,8 +465,11 @@ def _ticket_counter(device: torch.device) -> torch.Tensor:
     return counter
 
 
-def _in_kernel(reduce_in_kernel: bool | None, n_progs: int, N: int) -> bool:
-    return n_progs * N <= IN_KERNEL_REDUCE_MAX if reduce_in_kernel is None else reduce_in_kernel
+def _in_kernel(reduce_in_kernel: bool | None, x: torch.Tensor, kernel: str, n_progs: int) -> bool:
+    """Launcher argument, else the measured table, else the size rule."""
+    if reduce_in_kernel is None:
+        reduce_in_kernel = tuning.knobs(tuning.arch(x.device), kernel, x.dtype, x.shape[1]).get("reduce_in_kernel")
+    return n_progs * x.shape[1] <= IN_KERNEL_REDUCE_MAX if reduce_in_kernel is None else reduce_in_kernel
 
 
 def acc_tl_dtype(dtype: torch.dtype):
@@ -499,7 +511,7 @@ def norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, cast_mode, need_dx, need
     if M == 0:
         zeros = (lambda: x.new_zeros(N, dtype=acc))
         return dx, zeros() if need_dw else None, zeros() if need_db else None
-    reduce = (need_dw or need_db) and _in_kernel(reduce_in_kernel, n_progs, N)
+    reduce = (need_dw or need_db) and _in_kernel(reduce_in_kernel, x, "bwd", n_progs)
     dw_part = _partials(need_dw, single, n_progs, N, acc, x.device)
     db_part = _partials(need_db, single, n_progs, N, acc, x.device)
     dw = torch.empty(N, dtype=acc, device=x.device) if reduce and need_dw else None
@@ -531,7 +543,7 @@ def norm_bwd_bwd(dy, x, weight, mean, rstd, grad_dx, grad_dw, grad_db, offset, i
     d_x = torch.empty((M, N), dtype=x.dtype, device=x.device) if need_dx else None
     if M == 0 or not (need_ddy or need_dx or need_dw):
         return d_dy, d_x, x.new_zeros(N, dtype=acc) if need_dw else None
-    reduce = need_dw and _in_kernel(reduce_in_kernel, n_progs, N)
+    reduce = need_dw and _in_kernel(reduce_in_kernel, x, "bwd_bwd", n_progs)
     dw_part = _partials(need_dw, single, n_progs, N, acc, x.device)
     d_w = torch.empty(N, dtype=acc, device=x.device) if reduce else None
     _norm_bwd_bwd_kernel[(n_progs,)](
