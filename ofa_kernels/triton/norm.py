@@ -509,8 +509,7 @@ def norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, cast_mode, need_dx, need
                                                            programs_per_sm)
     dx = torch.empty((M, N), dtype=x.dtype, device=x.device) if need_dx else None
     if M == 0:
-        zeros = (lambda: x.new_zeros(N, dtype=acc))
-        return dx, zeros() if need_dw else None, zeros() if need_db else None
+        return dx, x.new_zeros(N, dtype=acc) if need_dw else None, x.new_zeros(N, dtype=acc) if need_db else None
     reduce = (need_dw or need_db) and _in_kernel(reduce_in_kernel, x, "bwd", n_progs)
     dw_part = _partials(need_dw, single, n_progs, N, acc, x.device)
     db_part = _partials(need_db, single, n_progs, N, acc, x.device)
