@@ -29,7 +29,8 @@ def _options(args: argparse.Namespace):
     return AdaptOptions(shots=args.shots, epochs=args.epochs, lr=args.lr, estimator=args.estimator,
                         num_probes=args.probes, scoring=args.scoring, rank=args.rank, max_memory_gb=args.max_memory,
                         memory_efficient={"auto": None, "on": True, "off": False}[args.memory_efficient],
-                        fsdp=args.fsdp, protocol=args.protocol, batch_size=args.batch_size).check()
+                        fsdp=args.fsdp, protocol=args.protocol, batch_size=args.batch_size,
+                        cuda_graphs=getattr(args, "cuda_graphs", "auto")).check()
 
 
 def _dtype(name: str):
@@ -351,6 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "(splits the probe pass; turns on the memory-efficient step)")
     ad.add_argument("--memory-efficient", default="auto", choices=["auto", "on", "off"],
                     help="checkpointed blocks + split probe pass (auto: on CUDA for >= 1024 tokens per step)")
+    ad.add_argument("--cuda-graphs", default="auto", choices=["auto", "on", "off"],
+                    help="replay each training step from a CUDA graph captured per sequence-length bucket (auto: on "
+                    "CUDA in one process, falling back to eager steps with one line if capture fails)")
     ad.add_argument("--epochs", type=_positive_int, default=60)
     ad.add_argument("--estimator", default="fd", choices=["fd", "jvp", "hvp"], help="sharpness estimator")
     ad.add_argument("--probes", type=_positive_int, default=1, help="sharpness probes per step")

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from .anatomy import structure
 from .data import Example, Task
-from .prompts import demonstrations_prefix, encode, label_token_ids, pad, padding_id
+from .prompts import demonstrations_prefix, encode, label_token_ids, pad, padding_id, step_batch
 
 SCORING = ("full", "first")
 
@@ -95,24 +95,24 @@ def label_log_probs(model, prompt_ids: list[list[int]], label_ids: list[list[int
 def continuation_log_probs(model, prompt_ids: list[list[int]], continuations: list[list[int]], *, pad_id: int = 0,
                            _hidden=None) -> torch.Tensor:
     """[N] log-probability of each continuation after its prompt (teacher forced), LM head at those positions only."""
-    device = next(model.parameters()).device
+    batch = step_batch(prompt_ids, continuations, pad_id, next(model.parameters()).device)
     if _hidden is None:  # (hidden [N, T, d], structure) of prompt + continuation when the caller has them
         st = structure(model)
-        ids, mask = pad([p + c for p, c in zip(prompt_ids, continuations)], pad_id, device)
-        hidden = st.base(input_ids=ids, attention_mask=mask, use_cache=False)[0]
+        hidden = st.base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)[0]
     else:
         hidden, st = _hidden
-    rows, cols, targets = [], [], []
-    for i, (p, cont) in enumerate(zip(prompt_ids, continuations)):
-        for k, token in enumerate(cont):  # the logit at position t predicts token t + 1
-            rows.append(i)
-            cols.append(len(p) - 1 + k)
-            targets.append(token)
-    rows_t = torch.tensor(rows, device=device)
-    picked = hidden[rows_t, torch.tensor(cols, device=device)]
-    logp = F.log_softmax(_at_least_fp32(st.head(picked)), -1)
-    token_logp = logp[torch.arange(len(targets), device=device), torch.tensor(targets, device=device)]
-    return torch.zeros(len(prompt_ids), dtype=token_logp.dtype, device=device).index_add(0, rows_t, token_logp)
+    return indexed_log_probs(hidden, st.head, batch)
+
+
+def indexed_log_probs(hidden: torch.Tensor, head, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[N] summed log-probability of each row's label tokens, from the final hidden states ``[N, T, d]``
+    of prompt + label and the label index of ``prompts.step_batch`` (no host data: capturable)."""
+    picked = hidden[batch["label_rows"], batch["label_cols"]]
+    logp = F.log_softmax(_at_least_fp32(head(picked)), -1)
+    token_logp = logp.gather(1, batch["label_tokens"][:, None])[:, 0]
+    token_logp = torch.where(batch["label_weight"] > 0, token_logp, torch.zeros_like(token_logp))
+    return torch.zeros(hidden.shape[0], dtype=token_logp.dtype, device=hidden.device).index_add(
+        0, batch["label_rows"], token_logp)
 
 
 @dataclass

@@ -51,9 +51,11 @@ def checkpointed_blocks(model: nn.Module) -> Iterator[None]:
             factory = getattr(_local, "factory", False)
             if not torch.is_grad_enabled() or factory is None:
                 return _forward(*args, **kwargs)
+            # No RNG state to keep (eval mode: no dropout; probes come from counters), and stashing
+            # it is not allowed while a CUDA graph is captured.
             if factory is False:
-                return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
-            return checkpoint(_forward, *args, use_reentrant=False,
+                return checkpoint(_forward, *args, use_reentrant=False, preserve_rng_state=False, **kwargs)
+            return checkpoint(_forward, *args, use_reentrant=False, preserve_rng_state=False,
                               context_fn=lambda: (contextlib.nullcontext(), factory()), **kwargs)
 
         block.forward = run

@@ -17,7 +17,8 @@ from .data import Example, Task
 
 DEMO_SEPARATOR = "\n"
 
-__all__ = ["DEMO_SEPARATOR", "demonstrations_prefix", "encode", "label_token_ids", "pad", "padding_id", "pair_prompt"]
+__all__ = ["DEMO_SEPARATOR", "demonstrations_prefix", "encode", "label_token_ids", "pad", "padded_width", "padding_id",
+           "pair_prompt", "step_batch"]
 
 
 def demonstrations_prefix(task: Task, demos: Sequence[Example]) -> str:
@@ -62,3 +63,62 @@ def pad(seqs: Sequence[Sequence[int]], pad_token: int, device) -> tuple[torch.Te
         ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
         mask[i, : len(s)] = 1
     return ids.to(device), mask.to(device)
+
+
+def padded_width(longest: int, bucket: int | None) -> int:
+    """``longest`` rounded up to a multiple of ``bucket`` (None or 0: not rounded)."""
+    if bucket is not None and bucket < 0:
+        raise ValueError(f"bucket must be None or >= 0, got {bucket}")
+    return -(-longest // bucket) * bucket if bucket else longest
+
+
+def step_batch(prompt_ids: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]], pad_token: int, device,
+               *, with_continuations: bool = True, bucket: int | None = None,
+               rows: slice = slice(None), label_width: int | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor a training (or scoring) step needs, built on the host and copied to ``device`` in
+    one go (pinned, asynchronous on CUDA), so the step itself builds nothing from host data:
+
+    - ``input_ids``/``attention_mask``: prompt + continuation (prompt only without ``with_continuations``),
+      right-padded; ``prompt_input_ids``/``prompt_attention_mask``: the prompts alone; ``positions``: each
+      prompt's last token.
+    - ``label_rows``/``label_cols``/``label_tokens``/``label_weight`` (``[N * longest continuation]``): where
+      each continuation token is predicted (the logit at position t predicts token t + 1) and which
+      token; padding entries have weight 0. ``first_tokens``: each continuation's first token.
+
+    ``bucket`` pads the sequence widths to a multiple of it, so that steps of similar lengths share
+    shapes (what a captured CUDA graph needs); padding is masked and changes no value. ``rows`` keeps a
+    block of the batch (a data-parallel shard), padded to the whole batch's widths. ``label_width``
+    sizes the label index for continuations up to that long (default: the longest one here).
+    """
+    if not prompt_ids or len(continuations) != len(prompt_ids) or any(not c for c in continuations) \
+            or any(not q for q in prompt_ids):
+        raise ValueError("step_batch needs as many non-empty continuations as non-empty prompts (at least one)")
+    seqs = [list(q) + list(c) for q, c in zip(prompt_ids, continuations)] if with_continuations else prompt_ids
+    longest = max(max(len(c) for c in continuations), label_width or 0)
+    widths = {"input": padded_width(max(len(r) for r in seqs), bucket),
+              "prompt_input": padded_width(max(len(q) for q in prompt_ids), bucket)}
+    prompt_ids, continuations, seqs = prompt_ids[rows], continuations[rows], seqs[rows]
+    n = len(prompt_ids)
+    host = {}
+    for name, kept in (("input", seqs), ("prompt_input", prompt_ids)):
+        ids = torch.full((n, widths[name]), pad_token, dtype=torch.long)
+        mask = torch.zeros((n, widths[name]), dtype=torch.long)
+        for i, r in enumerate(kept):
+            ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+            mask[i, : len(r)] = 1
+        host[f"{name}_ids"], host[f"{name.replace('input', 'attention')}_mask"] = ids, mask
+    host["positions"] = torch.tensor([len(q) - 1 for q in prompt_ids], dtype=torch.long)
+    cols = torch.zeros(n, longest, dtype=torch.long)
+    tokens = torch.zeros(n, longest, dtype=torch.long)
+    weight = torch.zeros(n, longest)
+    for i, (q, c) in enumerate(zip(prompt_ids, continuations)):
+        cols[i, : len(c)] = torch.arange(len(q) - 1, len(q) - 1 + len(c))
+        tokens[i, : len(c)] = torch.tensor(c, dtype=torch.long)
+        weight[i, : len(c)] = 1.0
+    host.update(label_rows=torch.arange(n).repeat_interleave(longest), label_cols=cols.flatten(),
+                label_tokens=tokens.flatten(), label_weight=weight.flatten(),
+                first_tokens=torch.tensor([c[0] for c in continuations], dtype=torch.long))
+    device = torch.device(device)
+    if device.type == "cuda":
+        return {k: v.pin_memory().to(device, non_blocking=True) for k, v in host.items()}
+    return {k: v.to(device) for k, v in host.items()}

@@ -74,7 +74,7 @@ def settings_key(task: str, model_name: str, options: AdaptOptions, test: Sequen
     from . import __version__
 
     rows = hashlib.sha256(json.dumps([[e.text, e.label] for e in test]).encode()).hexdigest()
-    key = {"task": task, "model": model_name, "options": dataclasses.asdict(options), "test_rows": rows,
+    key = {"task": task, "model": model_name, "options": options.settings(), "test_rows": rows,
            "model_settings": model_settings or {}, "with_demos": with_demos, "library_version": __version__}
     return key, hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
 

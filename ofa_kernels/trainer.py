@@ -41,19 +41,22 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from . import distributed, memory, objectives, rng
+from . import distributed, graphs, memory, objectives, rng
 from .baselines import PEFT_ARMS, attach
 from .anatomy import last_token_states, norm_parameters, preconditioners, structure
 from .data import Dataset, Example, Task, k_shot
-from .evaluate import SCORING, continuation_log_probs
+from .evaluate import SCORING, indexed_log_probs
 from .files import atomic_path
 from .memory import checkpointed_blocks
 from .patch import patch_model, use_fp32_masters
-from .prompts import encode, label_token_ids, pad, padding_id, pair_prompt
+from .prompts import encode, label_token_ids, padding_id, pair_prompt, step_batch
 
 NORM_ARMS = ("ce", "ce+J", "ce+S", "ofa")
 ARMS = NORM_ARMS + PEFT_ARMS
 PROTOCOLS = ("paper", "batched")
+
+
+EXECUTION_ONLY = ("cuda_graphs",)
 
 
 @dataclass
@@ -81,6 +84,13 @@ class AdaptOptions:
     max_memory_gb: float | None = None  # budget that sizes the probe passes (CUDA)
     probes_per_pass: int | None = None  # fixes the split instead of the budget
     fsdp: bool = False  # data-parallel runs: shard the frozen base weights with FSDP2 (else replicate)
+    cuda_graphs: str = "auto"  # "auto" | "on" | "off": replay each step from a captured CUDA graph (graphs.py)
+
+    def settings(self) -> dict:
+        """The fields that decide the numbers of a run (fingerprints and result keys): all but how the
+        steps are executed (``cuda_graphs``: the same step, replayed; it pads sequences to a bucket,
+        which with several sequences per step draws other, equally distributed, probes)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in EXECUTION_ONLY}
 
     def check(self) -> "AdaptOptions":
         """Every field in range (raises ValueError naming it); returns self."""
@@ -111,6 +121,7 @@ class AdaptOptions:
         if self.eps is not None and not (isinstance(self.eps, (int, float)) and math.isfinite(self.eps)
                                          and self.eps > 0):
             raise ValueError(f"eps must be None or a finite number > 0, got {self.eps!r}")
+        graphs.check_mode(self.cuda_graphs)
         for name in ("memory_efficient", "fsdp"):
             value = getattr(self, name)
             if not isinstance(value, bool) and not (name == "memory_efficient" and value is None):
@@ -188,28 +199,23 @@ def _step_pairs(pairs: list, step_in_epoch: int, options: AdaptOptions) -> list:
 
 
 def _batch_of_pairs(tokenizer, task: Task, pairs, options: AdaptOptions, label_ids, device,
-                    rows: slice = slice(None)) -> dict:
-    """The token batch of one step: prompt (+ label word for whole-word scoring), positions, targets.
-
-    ``rows`` keeps a block of the batch (a data-parallel shard), padded to the whole batch's widths.
-    """
+                    rows: slice = slice(None), bucket: int | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of one step (``prompts.step_batch``): prompt (+ label word for whole-word scoring),
+    the prompts alone, positions and the label index. ``rows`` keeps a block of the batch (a
+    data-parallel shard), padded to the whole batch's widths; ``bucket`` rounds the widths up and
+    sizes the label index for the task's longest label word (shapes shared by captured steps)."""
     prompt_ids = encode(tokenizer, [pair_prompt(task, demo, query) for demo, query in pairs])
-    pad_token = padding_id(tokenizer)
     targets = [label_ids[q.label] for _, q in pairs]
-    full = options.scoring == "full"
-    seqs = [p + t for p, t in zip(prompt_ids, targets)] if full else prompt_ids
-    ids, mask = pad(seqs, pad_token, device)
-    p_ids, p_mask = pad(prompt_ids, pad_token, device)
-    return {"input_ids": ids[rows], "attention_mask": mask[rows], "prompt_ids": prompt_ids[rows],
-            "targets": targets[rows], "prompt_input_ids": p_ids[rows], "prompt_attention_mask": p_mask[rows],
-            "positions": torch.tensor([len(p) - 1 for p in prompt_ids[rows]], device=device)}
+    return step_batch(prompt_ids, targets, padding_id(tokenizer), device,
+                      with_continuations=options.scoring == "full", rows=rows, bucket=bucket,
+                      label_width=max(len(t) for t in label_ids) if bucket else None)
 
 
 def training_step(model: nn.Module, batch: dict, options: AdaptOptions, gammas: Sequence[torch.Tensor],
                   seed: int | torch.Tensor, *,
                   memory_efficient: bool = False, max_memory_gb: float | None = None,
                   probes_per_pass: int | None = None, row_offset: int = 0,
-                  loss_scale: float = 1.0) -> dict[str, torch.Tensor]:
+                  loss_scale: float = 1.0, info: dict | None = None) -> dict[str, torch.Tensor]:
     """Forward and backward of ``CE + lambda_J * J + lambda_S * S`` on one batch (gradients accumulate
     in the trainable parameters); returns the loss and its parts as detached scalars (fp32, or fp64)
     on the model's device. Nothing in the step reads a value back to the host (no ``.item()``, ``float()``
@@ -222,11 +228,11 @@ def training_step(model: nn.Module, batch: dict, options: AdaptOptions, gammas: 
     into the clean states is collected on detached copies and sent through the clean pass in one
     final backward. Same loss and gradients as the plain step, up to summation order.
     ``row_offset``: the batch is a shard starting at that row of a larger batch (probe numbering);
-    ``loss_scale`` multiplies what is back-propagated (not the returned values).
+    ``loss_scale`` multiplies what is back-propagated (not the returned values); ``info`` receives the
+    probes per pass the lean step used (``"probes_per_pass"``), to fix the split of later steps.
     """
     st = structure(model)
     device = batch["input_ids"].device
-    n = batch["input_ids"].shape[0]
     full = options.scoring == "full"
     use_j, use_s = options.arm in ("ce+J", "ofa"), options.arm in ("ce+S", "ofa")
     measure = memory_efficient and max_memory_gb is not None and device.type == "cuda"
@@ -238,12 +244,11 @@ def training_step(model: nn.Module, batch: dict, options: AdaptOptions, gammas: 
         states, hidden = last_token_states(
             model, {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}, batch["positions"],
             return_final=True)
-        targets = batch["targets"]
         if full:  # token-level CE of the whole label word
-            ce = -continuation_log_probs(model, batch["prompt_ids"], targets, _hidden=(hidden, st)).mean()
+            ce = -indexed_log_probs(hidden, st.head, batch).mean()
         else:
             logp = torch.log_softmax(st.head(states[-1]).float(), -1)
-            ce = -logp[torch.arange(n, device=device), torch.tensor([t[0] for t in targets], device=device)].mean()
+            ce = -logp.gather(1, batch["first_tokens"][:, None]).mean()
         del hidden
         parts = {"ce": ce}
         if use_j:
@@ -254,7 +259,7 @@ def training_step(model: nn.Module, batch: dict, options: AdaptOptions, gammas: 
             return _detached({"loss": clean_loss, **parts})
         s_batch = {"input_ids": batch["prompt_input_ids"], "attention_mask": batch["prompt_attention_mask"]}
         if options.estimator == "hvp":
-            s_batch["labels"] = torch.tensor([t[0] for t in targets], device=device)
+            s_batch["labels"] = batch["first_tokens"]
         probe_args = dict(estimator=options.estimator, distribution=options.distribution, eps=options.eps, seed=seed,
                           gammas=gammas, row_offset=row_offset)
         K = options.num_probes
@@ -267,6 +272,8 @@ def training_step(model: nn.Module, batch: dict, options: AdaptOptions, gammas: 
         if per_pass is None:
             per_probe = torch.cuda.max_memory_allocated(device) - before if measure else 0.0
             per_pass = memory.probes_per_pass(K, per_probe, max_memory_gb, device)
+        if info is not None:
+            info["probes_per_pass"] = per_pass
         leaves = [h.detach().requires_grad_() for h in states] if options.estimator == "fd" else None
         s_value = None
         for first in range(0, K, per_pass):
@@ -351,10 +358,14 @@ def adapt(
     total = options.epochs * per_epoch
     optimizer = torch.optim.AdamW(params.values(), lr=options.lr, weight_decay=options.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: lr_multiplier(i + 1, total, options))
+    not_capturable = graphs.unsupported_reason(device, par.world, options.arm in PEFT_ARMS)
+    if options.cuda_graphs == "on" and not_capturable:
+        raise ValueError(f"cuda_graphs='on' cannot be used here: {not_capturable}")
+    use_graphs = options.cuda_graphs != "off" and not_capturable is None
     losses: list[dict[str, float]] = []
     start = 0
     ckpt = Path(checkpoint) if checkpoint else None
-    fingerprint = json.dumps({"options": dataclasses.asdict(options), "task": task.name, "base": base_hash,
+    fingerprint = json.dumps({"options": options.settings(), "task": task.name, "base": base_hash,
                               "train": [e.where for e in train]}, sort_keys=True)
     if ckpt and ckpt.exists():
         # tensors and plain values only: nothing in it runs
@@ -371,6 +382,27 @@ def adapt(
             optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start, losses = state["step"], state["losses"]
+    captured = None
+    if use_graphs:
+        graphs.make_capturable(optimizer, device)
+        split: dict[tuple, int | None] = {}  # probes per pass, measured in each shape's warm-up
+
+        def graph_step(batch: dict, update: bool) -> dict:
+            key = graphs.shape_key(batch)
+            lean = options.memory_efficient
+            if lean is None:
+                lean = memory.use_lean_step(device, batch["input_ids"].numel(), options.max_memory_gb)
+            per_pass = options.probes_per_pass or split.get(key)
+            info: dict = {}
+            parts = training_step(model, batch, options, gammas, probe_seed, memory_efficient=lean,
+                                  max_memory_gb=options.max_memory_gb if per_pass is None else None,
+                                  probes_per_pass=per_pass, info=info)
+            split.setdefault(key, info.get("probes_per_pass"))
+            if update:
+                optimizer.step()
+            return parts
+
+        captured = graphs.CapturedSteps(graph_step, list(params.values()), device)
     steps = range(start, total)
     if progress:
         from tqdm.auto import tqdm
@@ -378,7 +410,7 @@ def adapt(
         steps = tqdm(steps, desc=f"{task.name} {options.arm}", initial=start, total=total, unit="step")
     pairs: list = []
     pending: list[tuple[dict, dict[str, torch.Tensor]]] = []  # (epoch, step, lr), parts still on the device
-    probe_seed = None  # seed * 7919 + step as a device scalar: the probes never need a host value
+    probe_seed = torch.tensor(options.seed * 7919 + start, dtype=torch.int64, device=device)  # advanced on the device
     every = per_epoch if log_every is None else log_every
     if every < 1:
         raise ValueError(f"log_every must be a positive number of steps, got {log_every}")
@@ -388,32 +420,41 @@ def adapt(
         epoch, in_epoch = divmod(step, per_epoch)
         if in_epoch == 0 or not pairs:
             pairs = epoch_pairs(train, options.seed, epoch, options.protocol)
-        optimizer.zero_grad(set_to_none=True)
         batch_pairs = _step_pairs(pairs, in_epoch, options)
-        rows = par.shard(len(batch_pairs))
-        share = (rows.stop - rows.start) / len(batch_pairs)  # this rank's part of the batch mean
-        batch = _batch_of_pairs(tokenizer, task, batch_pairs, options, label_ids, device, rows)
-        memory_efficient = options.memory_efficient
-        if memory_efficient is None:
-            memory_efficient = memory.use_lean_step(device, batch["input_ids"].numel(), options.max_memory_gb)
-        if probe_seed is None:
-            probe_seed = torch.tensor(options.seed * 7919 + step, dtype=torch.int64, device=device)
-        parts = training_step(model, batch, options, gammas, probe_seed,
-                              memory_efficient=memory_efficient, max_memory_gb=options.max_memory_gb,
-                              probes_per_pass=options.probes_per_pass, row_offset=rows.start or 0,
-                              loss_scale=share * par.world if sharded else 1.0)
-        if par.world > 1:  # the whole batch's mean: shard means weighted by their share of the rows
-            grads = []
-            if not sharded:  # FSDP reduce-scattered the (share * world)-scaled gradients already
-                grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params.values()]
-                for p, g in zip(params.values(), grads):
-                    p.grad = g.mul_(share)
-            logged = torch.stack([parts[k].double() * share for k in sorted(parts)])
-            par.sum_(grads + [logged])
-            parts = dict(zip(sorted(parts), logged.unbind()))
+        lr = scheduler.get_last_lr()[0]  # the rate of this step (a float: no device read)
+        if captured is not None:
+            batch = _batch_of_pairs(tokenizer, task, batch_pairs, options, label_ids, device, bucket=graphs.BUCKET)
+            try:
+                parts = captured.step(batch)
+            except Exception as exc:  # noqa: BLE001 - "auto" falls back to eager steps, saying why
+                if options.cuda_graphs == "on" or len(captured):
+                    raise
+                print(f"cuda graphs off: capture failed ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); "
+                      "running eager steps", flush=True)
+                captured = None
+        if captured is None:
+            optimizer.zero_grad(set_to_none=True)
+            rows = par.shard(len(batch_pairs))
+            share = (rows.stop - rows.start) / len(batch_pairs)  # this rank's part of the batch mean
+            batch = _batch_of_pairs(tokenizer, task, batch_pairs, options, label_ids, device, rows)
+            memory_efficient = options.memory_efficient
+            if memory_efficient is None:
+                memory_efficient = memory.use_lean_step(device, batch["input_ids"].numel(), options.max_memory_gb)
+            parts = training_step(model, batch, options, gammas, probe_seed,
+                                  memory_efficient=memory_efficient, max_memory_gb=options.max_memory_gb,
+                                  probes_per_pass=options.probes_per_pass, row_offset=rows.start or 0,
+                                  loss_scale=share * par.world if sharded else 1.0)
+            if par.world > 1:  # the whole batch's mean: shard means weighted by their share of the rows
+                grads = []
+                if not sharded:  # FSDP reduce-scattered the (share * world)-scaled gradients already
+                    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params.values()]
+                    for p, g in zip(params.values(), grads):
+                        p.grad = g.mul_(share)
+                logged = torch.stack([parts[k].double() * share for k in sorted(parts)])
+                par.sum_(grads + [logged])
+                parts = dict(zip(sorted(parts), logged.unbind()))
+            optimizer.step()
         probe_seed.add_(1)  # the next step's probe stream, advanced on the device (seed * 7919 + step)
-        lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
         scheduler.step()
         pending.append(({"epoch": epoch, "step": step + 1, "lr": lr}, parts))
         done = step + 1
@@ -426,7 +467,8 @@ def adapt(
             with atomic_path(ckpt) as tmp:
                 torch.save({"fingerprint": fingerprint, "step": done, "losses": losses,
                             "weights": {k: v.detach().clone() for k, v in params.items()},
-                            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp)
+                            "optimizer": graphs.portable_state(optimizer) if use_graphs else optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict()}, tmp)
     _read_losses(pending, losses, total, options)
     weights = {k: distributed.full(v).detach().clone() for k, v in params.items()}
     bad = [k for k, v in weights.items() if not torch.isfinite(v).all()]

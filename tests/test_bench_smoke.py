@@ -90,6 +90,7 @@ def test_bench_ofa_step_smoke_times_ours_plain_and_the_authors_style_step(tmp_pa
     rows = json.loads((tmp_path / "ofa_step_cpu.json").read_text())["rows"]
     impls = {(r["impl"], r["arm"]) for r in rows}
     assert {("ofa_kernels", a) for a, *_ in bench_ofa_step.OURS} <= impls
+    assert {("ofa_kernels captured", a) for a, *_ in bench_ofa_step.OURS} <= impls  # replayed (emulated on CPU)
     assert {("authors-style", a) for a, _ in bench_ofa_step.REFERENCE} <= impls
     assert all(r["ms"] and r["ms"] > 0 for r in rows)
     assert "ofa-fd-K4 / authors-style ce" in (tmp_path / "ofa_step_cpu.md").read_text()

@@ -64,3 +64,38 @@ def test_a_cached_prefix_scores_like_the_prefix_in_every_prompt():
         cached = ev.label_log_probs(model, prompts, labels, scoring=scoring, prefix=ev.Prefix(model, prefix))
         inline = ev.label_log_probs(model, [prefix + p for p in prompts], labels, scoring=scoring)
         torch.testing.assert_close(cached, inline)
+
+
+def test_step_batch_holds_every_tensor_of_a_step_with_its_label_index():
+    from ofa_kernels.prompts import step_batch
+
+    prompts, conts = [[3, 4, 5], [6, 7], [8, 9, 10, 11]], [[12], [13, 14], [15, 16, 17]]
+    b = step_batch(prompts, conts, 0, DEVICE, bucket=4)
+    assert b["input_ids"].shape == (3, 8) and b["prompt_input_ids"].shape == (3, 4)  # 7 -> 8, 4 -> 4
+    assert b["input_ids"][1].tolist() == [6, 7, 13, 14, 0, 0, 0, 0] and b["attention_mask"][1].sum() == 4
+    assert b["positions"].tolist() == [2, 1, 3] and b["first_tokens"].tolist() == [12, 13, 15]
+    # entry (row, column, token) per continuation token, 3 per row; padding entries weigh 0
+    assert b["label_rows"].tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert b["label_cols"].tolist()[:5] == [2, 0, 0, 1, 2] and b["label_tokens"].tolist()[6:] == [15, 16, 17]
+    assert b["label_weight"].tolist() == [1, 0, 0, 1, 1, 0, 1, 1, 1]
+    shard = step_batch(prompts, conts, 0, DEVICE, bucket=4, rows=slice(1, 3))
+    assert shard["input_ids"].shape == (2, 8) and torch.equal(shard["input_ids"], b["input_ids"][1:])
+    assert shard["label_rows"].tolist() == [0, 0, 0, 1, 1, 1]  # numbered within the shard
+    with pytest.raises(ValueError, match="non-empty continuations"):
+        step_batch(prompts, conts[:2], 0, DEVICE)
+    with pytest.raises(ValueError, match="bucket"):
+        step_batch(prompts, conts, 0, DEVICE, bucket=-1)
+
+
+def test_indexed_log_probs_equal_continuation_scores():
+    from ofa_kernels.anatomy import structure
+    from ofa_kernels.prompts import step_batch
+
+    model = _tiny()
+    prompts, conts = [[3, 4, 5], [6, 7], [8, 9, 10, 11]], [[12], [13, 14], [15, 16, 17]]
+    st = structure(model)
+    b = step_batch(prompts, conts, 0, DEVICE, bucket=16)
+    hidden = st.base(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False)[0]
+    logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.log_softmax(-1)
+    want = [sum(logits[i, len(p) - 1 + k, t] for k, t in enumerate(c)) for i, (p, c) in enumerate(zip(prompts, conts))]
+    torch.testing.assert_close(ev.indexed_log_probs(hidden, st.head, b), torch.stack(want))

@@ -8,6 +8,7 @@ from conftest import DEVICE
 
 from ofa_kernels import memory, objectives
 from ofa_kernels.patch import patch_model
+from ofa_kernels.prompts import step_batch
 from ofa_kernels.trainer import AdaptOptions, norm_parameters, training_step
 
 
@@ -27,33 +28,38 @@ def _model(dtype, seed=0):
     return model
 
 
-def _batch(seed=1):
+def _batch(seed=1, bucket=None, rows=slice(None)):
     gen = torch.Generator().manual_seed(seed)
-    prompt_len = [7, 5, 9]
-    targets = [[5, 6], [7], [8, 9]]
-    width = max(p + len(t) for p, t in zip(prompt_len, targets))
-    ids = torch.zeros(3, width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    prompts = []
-    for i, (p, t) in enumerate(zip(prompt_len, targets)):
-        prompt = torch.randint(10, 101, (p,), generator=gen).tolist()
-        prompts.append(prompt)
-        ids[i, : p + len(t)] = torch.tensor(prompt + t)
-        mask[i, : p + len(t)] = 1
-    p_ids = torch.zeros(3, max(prompt_len), dtype=torch.long)
-    p_mask = torch.zeros_like(p_ids)
-    for i, prompt in enumerate(prompts):
-        p_ids[i, : len(prompt)] = torch.tensor(prompt)
-        p_mask[i, : len(prompt)] = 1
-    return {"input_ids": ids.to(DEVICE), "attention_mask": mask.to(DEVICE), "prompt_ids": prompts, "targets": targets,
-            "prompt_input_ids": p_ids.to(DEVICE), "prompt_attention_mask": p_mask.to(DEVICE),
-            "positions": torch.tensor([p - 1 for p in prompt_len], device=DEVICE)}
+    prompts = [torch.randint(10, 101, (p,), generator=gen).tolist() for p in (7, 5, 9)]
+    return step_batch(prompts, [[5, 6], [7], [8, 9]], 0, DEVICE, bucket=bucket, rows=rows)
 
 
-def _step(dtype, options, **kwargs):
+def _step(dtype, options, bucket=None, rows=slice(None), **kwargs):
     model = _model(dtype)
-    out = training_step(model, _batch(), options, objectives.preconditioners(model), 11, **kwargs)
+    batch = _batch(bucket=bucket, rows=rows)
+    out = training_step(model, batch, options, objectives.preconditioners(model), 11, **kwargs)
     return out, {n: p.grad.clone() for n, p in norm_parameters(model).items()}
+
+
+@pytest.mark.parametrize("estimator", ["fd", "hvp"])
+@pytest.mark.parametrize("scoring", ["full", "first"])
+def test_a_step_padded_to_a_bucket_equals_the_unpadded_step(estimator, scoring):
+    """Widths rounded up to a multiple of 8 (11 -> 16): for one sequence per step (the paper's protocol)
+    the masked padding changes neither the loss, its parts nor any gradient, so steps can share a
+    captured shape. With several sequences CE and J are unchanged too, but S draws other probes: a
+    probe element's counter is its row of the flattened [B * T] states, which padding renumbers."""
+    options = AdaptOptions(arm="ofa", estimator=estimator, num_probes=2, distribution="rademacher", scoring=scoring)
+    one = slice(2, 3)
+    plain, want = _step(torch.float64, options, rows=one)
+    padded, got = _step(torch.float64, options, bucket=8, rows=one)
+    assert _batch(bucket=8, rows=one)["input_ids"].shape == (1, 16) and _batch(rows=one)["input_ids"].shape == (1, 11)
+    for key in plain:
+        assert float(padded[key]) == pytest.approx(float(plain[key]), rel=1e-12), key
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-10, atol=1e-12, msg=name)
+    several, padded_several = _step(torch.float64, options)[0], _step(torch.float64, options, bucket=8)[0]
+    for key in ("ce", "J"):
+        assert float(padded_several[key]) == pytest.approx(float(several[key]), rel=1e-12), key
 
 
 @pytest.mark.parametrize("estimator", ["fd", "jvp", "hvp"])
@@ -125,6 +131,7 @@ def test_a_training_step_reads_nothing_back_to_the_host(monkeypatch, estimator, 
 
     for name in ("item", "tolist", "__float__", "__int__"):
         monkeypatch.setattr(torch.Tensor, name, refuse(name))
+    monkeypatch.setattr(torch, "tensor", refuse("torch.tensor"))  # nor a tensor built from host values
     seed = torch.tensor(3)  # as adapt passes it: a device scalar it advances in place
     out = training_step(model, batch, options, gammas, seed, memory_efficient=lean, probes_per_pass=1)
     monkeypatch.undo()

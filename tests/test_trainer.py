@@ -193,7 +193,8 @@ def test_bad_options_are_named():
     with pytest.raises(ValueError, match="batch_size"):
         AdaptOptions(batch_size=0).check()
     bad = {"scoring": "ful", "distribution": "uniform", "lr": float("nan"), "weight_decay": -1.0,
-           "lambda_j": float("inf"), "lambda_s": -1e-3, "eps": 0.0, "memory_efficient": "yes", "fsdp": 1}
+           "lambda_j": float("inf"), "lambda_s": -1e-3, "eps": 0.0, "memory_efficient": "yes", "fsdp": 1,
+           "cuda_graphs": "always"}
     for name, value in bad.items():
         with pytest.raises(ValueError, match=name):
             AdaptOptions(**{name: value}).check()
@@ -228,3 +229,50 @@ def test_losses_read_in_batches_equal_losses_read_every_step(tokenizer, sst2):
     assert all(isinstance(v, float) for r in batched.losses for v in r.values() if not isinstance(v, int))
     with pytest.raises(ValueError, match="log_every"):
         adapt(_tiny(len(tokenizer)), tokenizer, sst2, options, log_every=0)
+
+
+@pytest.mark.parametrize("arm,estimator", [("ce", "fd"), ("ofa", "fd"), ("ofa", "hvp")])
+def test_captured_steps_train_the_eager_weights(tokenizer, sst2, monkeypatch, arm, estimator):
+    """adapt with every step replayed from a graph per batch shape (sequences padded to 64 tokens)
+    ends with the eager run's weights and losses. On CUDA these are real CUDA graphs; elsewhere the
+    same bookkeeping replays the recorded step on its static buffers (graphs.CapturedSteps(emulate=
+    True)), which catches a step that kept a host value of the batch it was captured on."""
+    import functools
+
+    from ofa_kernels import graphs
+
+    if DEVICE.type != "cuda":
+        monkeypatch.setattr(graphs, "unsupported_reason", lambda *args: None)
+        monkeypatch.setattr(graphs, "CapturedSteps", functools.partial(graphs.CapturedSteps, emulate=True))
+        monkeypatch.setattr(graphs, "make_capturable", lambda optimizer, device: graphs.init_capturable_state(optimizer))
+    options = AdaptOptions(arm=arm, estimator=estimator, shots=2, epochs=3, lr=1e-2, num_probes=2)
+    dtype = torch.float64 if DEVICE.type != "cuda" else torch.float32
+    eager = adapt(_tiny(len(tokenizer)).to(dtype), tokenizer, sst2, AdaptOptions(**{**vars(options), "cuda_graphs": "off"}))
+    replays = []
+    original = graphs.CapturedSteps.step if DEVICE.type == "cuda" else graphs.CapturedSteps.func.step
+    monkeypatch.setattr((graphs.CapturedSteps if DEVICE.type == "cuda" else graphs.CapturedSteps.func), "step",
+                        lambda self, batch: replays.append(len(self)) or original(self, batch))
+    captured = adapt(_tiny(len(tokenizer)).to(dtype), tokenizer, sst2, AdaptOptions(**{**vars(options), "cuda_graphs": "on"}))
+    assert len(replays) == len(eager.losses) == 6 and 1 <= replays[-1] <= 6  # every step replayed a graph
+    tol = {"rtol": 1e-9, "atol": 1e-11} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-5}
+    for name, w in eager.weights.items():
+        torch.testing.assert_close(captured.weights[name], w, **tol, msg=name)
+    for a, b in zip(captured.losses, eager.losses):
+        assert a["step"] == b["step"] and a["lr"] == b["lr"]
+        assert a["loss"] == pytest.approx(b["loss"], rel=tol["rtol"] * 10)
+    if "S" in eager.losses[0]:
+        assert len({r["S"] for r in captured.losses}) == len(captured.losses)  # new probes every replay
+
+
+def test_cuda_graphs_on_where_they_cannot_run_is_refused(tokenizer, sst2):
+    from ofa_kernels import graphs
+
+    assert "on cpu" in graphs.unsupported_reason(torch.device("cpu"), 1, False)
+    assert "data-parallel" in graphs.unsupported_reason(torch.device("cuda"), 2, False)
+    assert "PEFT" in graphs.unsupported_reason(torch.device("cuda"), 1, True)
+    assert graphs.unsupported_reason(torch.device("cuda"), 1, False) is None
+    if DEVICE.type == "cpu":
+        with pytest.raises(ValueError, match="cuda_graphs='on' cannot be used here: the model is on cpu"):
+            adapt(_tiny(len(tokenizer)), tokenizer, sst2, AdaptOptions(shots=2, epochs=1, cuda_graphs="on"))
+    options = AdaptOptions(cuda_graphs="off")
+    assert "cuda_graphs" not in options.settings() and len(options.settings()) == len(vars(options)) - 1

@@ -454,13 +454,17 @@ IN_KERNEL_REDUCE_MAX = 1 << 19
 _counters: dict[tuple[str, int, int], torch.Tensor] = {}
 
 
-def _ticket_counter(device: torch.device) -> torch.Tensor:
+def _ticket_counter(device: torch.device) -> torch.Tensor | None:
     """The int32 counter the kernels' last-program reduction counts on: one per (device, stream), zero
-    between launches (the last program resets it), so launches on one stream never share it at once."""
+    between launches (the last program resets it), so launches on one stream never share it at once.
+    None while a CUDA graph is being captured on a stream that has none yet (it cannot be allocated
+    outside the graph's pool then): that launch sums apart, which costs no host time in a graph."""
     stream = torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else 0
     key = (device.type, device.index or 0, stream)
     counter = _counters.get(key)
     if counter is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
         counter = _counters[key] = torch.zeros(1, dtype=torch.int32, device=device)
     return counter
 
@@ -511,6 +515,8 @@ def norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, cast_mode, need_dx, need
     if M == 0:
         return dx, x.new_zeros(N, dtype=acc) if need_dw else None, x.new_zeros(N, dtype=acc) if need_db else None
     reduce = (need_dw or need_db) and _in_kernel(reduce_in_kernel, x, "bwd", n_progs)
+    counter = _ticket_counter(x.device) if reduce else None
+    reduce = counter is not None
     dw_part = _partials(need_dw, single, n_progs, N, acc, x.device)
     db_part = _partials(need_db, single, n_progs, N, acc, x.device)
     dw = torch.empty(N, dtype=acc, device=x.device) if reduce and need_dw else None
@@ -518,7 +524,7 @@ def norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, cast_mode, need_dx, need
     _norm_bwd_kernel[(n_progs,)](
         dy, x, weight if weight is not None else x, mean if not is_rms else rstd, rstd,
         dx if need_dx else x, dw_part if need_dw else rstd, db_part if need_db else rstd,
-        dw if dw is not None else rstd, db if db is not None else rstd, _ticket_counter(x.device) if reduce else rstd,
+        dw if dw is not None else rstd, db if db is not None else rstd, counter if reduce else rstd,
         dy.stride(0), x.stride(0), N if need_dx else 0, M, N, triton.cdiv(M, block_m), n_progs, offset,
         IS_RMS=is_rms, HAS_W=weight is not None, NEED_DX=need_dx, NEED_DW=need_dw, NEED_DB=need_db,
         CAST_MODE=_CAST_CODE[cast_mode], ACC=acc_tl_dtype(x.dtype), BLOCK_M=block_m, BLOCK_N=block_n,
@@ -543,6 +549,8 @@ def norm_bwd_bwd(dy, x, weight, mean, rstd, grad_dx, grad_dw, grad_db, offset, i
     if M == 0 or not (need_ddy or need_dx or need_dw):
         return d_dy, d_x, x.new_zeros(N, dtype=acc) if need_dw else None
     reduce = need_dw and _in_kernel(reduce_in_kernel, x, "bwd_bwd", n_progs)
+    counter = _ticket_counter(x.device) if reduce else None
+    reduce = counter is not None
     dw_part = _partials(need_dw, single, n_progs, N, acc, x.device)
     d_w = torch.empty(N, dtype=acc, device=x.device) if reduce else None
     _norm_bwd_bwd_kernel[(n_progs,)](
@@ -550,7 +558,7 @@ def norm_bwd_bwd(dy, x, weight, mean, rstd, grad_dx, grad_dw, grad_db, offset, i
         grad_dx if grad_dx is not None else x, grad_dw if grad_dw is not None else x,
         grad_db if grad_db is not None else x,
         d_dy if need_ddy else x, d_x if need_dx else x, dw_part if need_dw else rstd,
-        d_w if reduce else rstd, _ticket_counter(x.device) if reduce else rstd,
+        d_w if reduce else rstd, counter if reduce else rstd,
         dy.stride(0), x.stride(0), grad_dx.stride(0) if grad_dx is not None else 0, N, N, M, N,
         triton.cdiv(M, block_m), n_progs, offset,
         IS_RMS=is_rms, HAS_W=weight is not None, HAS_A=grad_dx is not None, HAS_BW=grad_dw is not None,
