@@ -338,7 +338,7 @@ def sharpness_terms(
     if not layers or any(not 0 <= t < L for t in layers) or len(set(layers)) != len(layers):
         raise ValueError(f"layers must be distinct block indices in [0, {L - 1}], got {layers}")
     ids, mask = input_batch(batch)
-    pos = last_positions(mask)
+    pos = batch["positions"] if "positions" in batch else last_positions(mask)  # given: no check read back
     low_precision = _model_dtype(st) in (torch.bfloat16, torch.float16)
     scale_by_rms = eps_scale == "rms" or (eps_scale == "auto" and low_precision)
     if eps is None:

@@ -257,7 +257,8 @@ def training_step(model: nn.Module, batch: dict, options: AdaptOptions, gammas: 
         if not use_s:
             (clean_loss * loss_scale).backward()
             return _detached({"loss": clean_loss, **parts})
-        s_batch = {"input_ids": batch["prompt_input_ids"], "attention_mask": batch["prompt_attention_mask"]}
+        s_batch = {"input_ids": batch["prompt_input_ids"], "attention_mask": batch["prompt_attention_mask"],
+                   "positions": batch["positions"]}
         if options.estimator == "hvp":
             s_batch["labels"] = batch["first_tokens"]
         probe_args = dict(estimator=options.estimator, distribution=options.distribution, eps=options.eps, seed=seed,

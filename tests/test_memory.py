@@ -129,10 +129,11 @@ def test_a_training_step_reads_nothing_back_to_the_host(monkeypatch, estimator, 
             raise AssertionError(f"Tensor.{name} called inside the training step")
         return read
 
+    seed = torch.tensor(3, device=DEVICE)  # as adapt passes it: a device scalar it advances in place
     for name in ("item", "tolist", "__float__", "__int__"):
         monkeypatch.setattr(torch.Tensor, name, refuse(name))
     monkeypatch.setattr(torch, "tensor", refuse("torch.tensor"))  # nor a tensor built from host values
-    seed = torch.tensor(3)  # as adapt passes it: a device scalar it advances in place
+    monkeypatch.setattr(objectives, "last_positions", refuse("last_positions"))  # its check reads the mask back
     out = training_step(model, batch, options, gammas, seed, memory_efficient=lean, probes_per_pass=1)
     monkeypatch.undo()
     assert not reads
