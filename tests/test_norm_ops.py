@@ -492,3 +492,14 @@ def test_the_packaged_launch_table_is_well_formed():
             assert set(dtypes) <= {"bfloat16", "float16", "float32"}
             for width, knobs in (e for widths in dtypes.values() for e in widths.items()):
                 assert int(width) > 0 and set(knobs) <= set(tuning.KNOBS), (arch, width, knobs)
+
+
+def test_launch_size_helpers_equal_tritons():
+    import triton
+
+    from ofa_kernels.triton.grid import cdiv, next_power_of_2
+
+    for n in [*range(1, 300), 4095, 4096, 4097, 65535, 65536, 70000, 2**31 - 1]:
+        assert next_power_of_2(n) == triton.next_power_of_2(n), n
+        for b in (1, 2, 3, 16, 128):
+            assert cdiv(n, b) == triton.cdiv(n, b), (n, b)

@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from . import tuning
+from .grid import cdiv, next_power_of_2
 
 MAX_BLOCK_N = 16384
 _CAST_CODE = {"llama": 0, "gemma": 1, "none": 2}
@@ -431,17 +432,17 @@ def _config(x: torch.Tensor, kernel: str, max_block_n: int | None, rows_per_prog
         num_warps = num_warps or tuned.get("num_warps")
         programs_per_sm = programs_per_sm or tuned.get("programs_per_sm")
     cap = min(max_block_n or MAX_BLOCK_N, MAX_BLOCK_N)
-    block_n = min(triton.next_power_of_2(N), triton.next_power_of_2(cap))
+    block_n = min(next_power_of_2(N), next_power_of_2(cap))
     single = N <= block_n
     on_gpu = x.is_cuda
     if rows_per_program is None:
         # Interpreter: each program costs milliseconds, so give it many rows.
         budget = 8192 if on_gpu else 16384
         rows_per_program = max(1, min(16 if on_gpu else 64, budget // block_n)) if single else 1
-    block_m = triton.next_power_of_2(rows_per_program)
+    block_m = next_power_of_2(rows_per_program)
     if num_warps is None:
         num_warps = max(1, min(16, block_m * block_n // _ELEMS_PER_WARP[kernel]))
-    n_tiles = triton.cdiv(M, block_m)
+    n_tiles = cdiv(M, block_m)
     persistent = _sm_count(x.device.index or 0) * (programs_per_sm or 2) if on_gpu else 4
     return block_m, block_n, single, num_warps, max(1, min(n_tiles, persistent))
 
@@ -495,7 +496,7 @@ def norm_fwd(x, weight, bias, eps, offset, is_rms, cast_mode, out_dtype, *, max_
     if M == 0:
         return y, mean, rstd
     block_m, block_n, single, num_warps, _ = _config(x, "fwd", max_block_n, rows_per_program, num_warps)
-    _norm_fwd_kernel[(triton.cdiv(M, block_m),)](
+    _norm_fwd_kernel[(cdiv(M, block_m),)](
         x, y, weight if weight is not None else x, bias if bias is not None else x,
         mean if not is_rms else rstd, rstd, x.stride(0), y.stride(0), M, N, eps, offset,
         IS_RMS=is_rms, HAS_W=weight is not None, HAS_B=bias is not None, CAST_MODE=_CAST_CODE[cast_mode],
@@ -525,7 +526,7 @@ def norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, cast_mode, need_dx, need
         dy, x, weight if weight is not None else x, mean if not is_rms else rstd, rstd,
         dx if need_dx else x, dw_part if need_dw else rstd, db_part if need_db else rstd,
         dw if dw is not None else rstd, db if db is not None else rstd, counter if reduce else rstd,
-        dy.stride(0), x.stride(0), N if need_dx else 0, M, N, triton.cdiv(M, block_m), n_progs, offset,
+        dy.stride(0), x.stride(0), N if need_dx else 0, M, N, cdiv(M, block_m), n_progs, offset,
         IS_RMS=is_rms, HAS_W=weight is not None, NEED_DX=need_dx, NEED_DW=need_dw, NEED_DB=need_db,
         CAST_MODE=_CAST_CODE[cast_mode], ACC=acc_tl_dtype(x.dtype), BLOCK_M=block_m, BLOCK_N=block_n,
         SINGLE_PASS=single, REDUCE=reduce, num_warps=num_warps,
@@ -560,7 +561,7 @@ def norm_bwd_bwd(dy, x, weight, mean, rstd, grad_dx, grad_dw, grad_db, offset, i
         d_dy if need_ddy else x, d_x if need_dx else x, dw_part if need_dw else rstd,
         d_w if reduce else rstd, counter if reduce else rstd,
         dy.stride(0), x.stride(0), grad_dx.stride(0) if grad_dx is not None else 0, N, N, M, N,
-        triton.cdiv(M, block_m), n_progs, offset,
+        cdiv(M, block_m), n_progs, offset,
         IS_RMS=is_rms, HAS_W=weight is not None, HAS_A=grad_dx is not None, HAS_BW=grad_dw is not None,
         HAS_E=grad_db is not None, NEED_DDY=need_ddy, NEED_DX=need_dx, NEED_DW=need_dw,
         ACC=acc_tl_dtype(x.dtype), BLOCK_M=block_m, BLOCK_N=block_n, SINGLE_PASS=single, REDUCE=reduce,

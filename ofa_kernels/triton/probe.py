@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .grid import cdiv, next_power_of_2
+
 from .norm import acc_tl_dtype, acc_torch_dtype, cast_to
 
 MAX_WIDTH = 32768
@@ -124,7 +126,7 @@ def _probe_dot_kernel(A, B, C, D, Scale, Keys, Probe, Base, Q, N, clean_rows,
 def _block_n(N: int) -> int:
     if N > MAX_WIDTH:
         raise ValueError(f"probe kernels support rows up to {MAX_WIDTH} wide, got {N}")
-    return triton.next_power_of_2(N)
+    return next_power_of_2(N)
 
 
 def _warps(elements: int) -> int:
@@ -142,8 +144,8 @@ def probe_perturb(x, gamma, eps, keys, rows_per_probe, distribution, scale_by_rm
         return y, scale
     if rows_per_program is None:
         rows_per_program = max(1, (4096 if x.is_cuda else 16384) // block_n)
-    block_m = triton.next_power_of_2(rows_per_program)
-    _perturb_kernel[(triton.cdiv(M, block_m),)](
+    block_m = next_power_of_2(rows_per_program)
+    _perturb_kernel[(cdiv(M, block_m),)](
         x, y, gamma, scale, keys, M, N, x.stride(0), y.stride(0), rows_per_probe, row_offset, eps,
         SCALE_BY_RMS=scale_by_rms, ADD_X=add_x, GAUSSIAN=distribution == "gaussian", ACC=acc_tl_dtype(x.dtype),
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=_warps(block_m * block_n),
