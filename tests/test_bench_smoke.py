@@ -4,6 +4,7 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import ofa_kernels
@@ -94,6 +95,9 @@ def test_bench_ofa_step_smoke_times_ours_plain_and_the_authors_style_step(tmp_pa
     assert {("authors-style", a) for a, _ in bench_ofa_step.REFERENCE} <= impls
     assert all(r["ms"] and r["ms"] > 0 for r in rows)
     assert "ofa-fd-K4 / authors-style ce" in (tmp_path / "ofa_step_cpu.md").read_text()
+    eager, captured = json.loads((tmp_path / "ofa_step_cpu.json").read_text())["protocol"]
+    assert eager["steps"] == captured["steps"] == 4 and eager["seconds"] > 0 and captured["graphs"] >= 1
+    assert captured["mean_loss_last_10"] == pytest.approx(eager["mean_loss_last_10"], rel=1e-4)  # same steps
 
 
 def test_paired_differences_pair_seeds_and_pick_the_best_baseline_per_task():
