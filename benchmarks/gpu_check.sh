@@ -56,7 +56,7 @@ if [[ " $STEPS " == *" objective "* ]]; then
 fi
 if [[ " $STEPS " == *" step "* ]]; then
   echo "== OFA training step (Llama-2-7B shape, bf16) against the authors-style eager step"
-  timeout "${STEP_TIMEOUT:-300}" python3 benchmarks/bench_ofa_step.py --out "$OUT" > "$OUT/ofa_step.log" 2>&1
+  timeout "${STEP_TIMEOUT:-420}" python3 benchmarks/bench_ofa_step.py --out "$OUT" > "$OUT/ofa_step.log" 2>&1
   echo "step exit $?"
   grep -E "OOM|Error|error" "$OUT/ofa_step.log" | tail -5
   cat "$OUT/ofa_step_gpu.md" 2>/dev/null
