@@ -8,6 +8,9 @@
 // row; the caller sums the partials in a fixed order. Row statistics are fp32 (fp64 for fp64) with block
 // reductions in a fixed order. The maths and notation: ofa_kernels/eager/norm.py.
 #include <initializer_list>
+#include <map>
+#include <mutex>
+#include <tuple>
 #include <type_traits>
 #include <utility>
 
@@ -345,11 +348,26 @@ void with_items(int items, F&& f) {
 
 // Resident CTAs of `kernel` on the whole GPU: the persistent grids never exceed it, so every CTA
 // starts at once (a CTA waiting for a slot would run its whole strided share of rows at the end).
+// Asked of the driver once per (kernel, block size, shared memory, device): an occupancy query per
+// launch cost host time on every call.
 template <typename K>
 int64_t resident(K kernel, int threads, size_t smem) {
+  int dev = 0;
+  check(cudaGetDevice(&dev), "cudaGetDevice");
+  const auto key = std::make_tuple(reinterpret_cast<const void*>(kernel), threads, smem, dev);
+  static std::mutex mu;
+  static std::map<std::tuple<const void*, int, size_t, int>, int64_t> known;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    const auto it = known.find(key);
+    if (it != known.end()) return it->second;
+  }
   int per_sm = 0;
   check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem), "occupancy");
-  return static_cast<int64_t>(sm_count()) * (per_sm > 0 ? per_sm : 1);
+  const int64_t total = static_cast<int64_t>(sm_count()) * (per_sm > 0 ? per_sm : 1);
+  std::lock_guard<std::mutex> lock(mu);
+  known.emplace(key, total);
+  return total;
 }
 
 int64_t clamp_rows(int64_t M, int64_t grid) { return M < grid ? (M > 0 ? M : 1) : grid; }
