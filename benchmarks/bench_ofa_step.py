@@ -112,6 +112,21 @@ def _ours(model, batch, arm: str, estimator: str, K: int, max_memory: float | No
     return step
 
 
+def _graphed(model, options, gammas, params, optimizer, seed, device: torch.device) -> graphs.CapturedSteps:
+    """Our plain step + ``optimizer`` as ``graphs.CapturedSteps`` (the replay emulated off CUDA)."""
+    if device.type == "cuda":
+        graphs.make_capturable(optimizer, device)
+    else:
+        graphs.init_capturable_state(optimizer)
+
+    def one_step(b, update):
+        parts = training_step(model, b, options, gammas, seed, memory_efficient=False)
+        if update:
+            optimizer.step()
+        return parts
+    return graphs.CapturedSteps(one_step, params, device, emulate=device.type != "cuda")
+
+
 def _captured(model, batch, arm: str, estimator: str, K: int, device: torch.device):
     """Our plain step + AdamW replayed from one CUDA graph (``graphs.CapturedSteps``); the probe seed
     advances on the device between replays. Off CUDA the replay is emulated (the smoke test)."""
@@ -119,19 +134,8 @@ def _captured(model, batch, arm: str, estimator: str, K: int, device: torch.devi
     gammas = anatomy.preconditioners(model)
     params = list(norm_parameters(model).values())
     optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-3)
-    if device.type == "cuda":
-        graphs.make_capturable(optimizer, device)
-    else:
-        graphs.init_capturable_state(optimizer)
     seed = torch.tensor(0, dtype=torch.int64, device=device)
-
-    def one_step(b, update):
-        parts = training_step(model, b, options, gammas, seed, memory_efficient=False)
-        if update:
-            optimizer.step()
-        return parts
-
-    steps = graphs.CapturedSteps(one_step, params, device, emulate=device.type != "cuda")
+    steps = _graphed(model, options, gammas, params, optimizer, seed, device)
 
     def step():
         steps.step(batch)
@@ -166,17 +170,7 @@ def protocol_run(model, vocab: int, device: torch.device, captured: bool, limit:
     label_width = max(n for _, n in lengths)
     steps = None
     if captured:
-        if device.type == "cuda":
-            graphs.make_capturable(optimizer, device)
-        else:
-            graphs.init_capturable_state(optimizer)
-
-        def one_step(b, update):
-            parts = training_step(model, b, options, gammas, seed, memory_efficient=False)
-            if update:
-                optimizer.step()
-            return parts
-        steps = graphs.CapturedSteps(one_step, params, device, emulate=device.type != "cuda")
+        steps = _graphed(model, options, gammas, params, optimizer, seed, device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     losses = []
     sync()
