@@ -62,6 +62,11 @@ def init_capturable_state(optimizer: torch.optim.Optimizer) -> None:
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
+class CaptureError(RuntimeError):
+    """A step's graph could not be captured (its cause is ``__cause__``); replays of graphs already
+    captured are unaffected, and the same step can run eagerly."""
+
+
 def shape_key(batch: dict[str, torch.Tensor]) -> tuple:
     return tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(batch.items()))
 
@@ -101,10 +106,17 @@ class CapturedSteps:
         return len(self.graphs)
 
     def step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """One step: copies ``batch`` into its shape's buffers (capturing on a shape's first step), replays."""
+        """One step: copies ``batch`` into its shape's buffers (capturing on a shape's first step), replays.
+        Raises ``CaptureError`` when that capture fails; the weights are then untouched (a warm-up never
+        updates them and a failed graph never replays)."""
         key = shape_key(batch)
         if key not in self.graphs:
-            self.graphs[key] = self._capture(batch)
+            try:
+                self.graphs[key] = self._capture(batch)
+            except Exception as exc:
+                self._drop_grads()
+                raise CaptureError(f"capturing the step for batch shape {dict((k, s) for k, s, _ in key)} failed: "
+                                   f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}") from exc
         graph, inputs, outputs = self.graphs[key]
         for name, value in batch.items():
             inputs[name].copy_(value, non_blocking=True)

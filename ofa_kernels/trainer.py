@@ -427,12 +427,11 @@ def adapt(
             batch = _batch_of_pairs(tokenizer, task, batch_pairs, options, label_ids, device, bucket=graphs.BUCKET)
             try:
                 parts = captured.step(batch)
-            except Exception as exc:  # noqa: BLE001 - "auto" falls back to eager steps, saying why
-                if options.cuda_graphs == "on" or len(captured):
+            except graphs.CaptureError as exc:  # "auto": this and every later step run eagerly, saying why
+                if options.cuda_graphs == "on":
                     raise
-                print(f"cuda graphs off: capture failed ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); "
-                      "running eager steps", flush=True)
-                captured = None
+                print(f"cuda graphs off from step {step + 1}: {exc}; running eager steps", flush=True)
+                captured = None  # frees the graphs' pool
         if captured is None:
             optimizer.zero_grad(set_to_none=True)
             rows = par.shard(len(batch_pairs))

@@ -276,3 +276,40 @@ def test_cuda_graphs_on_where_they_cannot_run_is_refused(tokenizer, sst2):
             adapt(_tiny(len(tokenizer)), tokenizer, sst2, AdaptOptions(shots=2, epochs=1, cuda_graphs="on"))
     options = AdaptOptions(cuda_graphs="off")
     assert "cuda_graphs" not in options.settings() and len(options.settings()) == len(vars(options)) - 1
+
+
+@pytest.mark.parametrize("fail_at", [1, 2])
+def test_auto_falls_back_to_eager_steps_when_a_capture_fails(tokenizer, sst2, monkeypatch, capsys, fail_at):
+    """cuda_graphs="auto": a capture that fails (the first shape's or a later one's) switches this and
+    every later step to eager, saying so in one line, and the run ends with the eager run's weights;
+    "on" raises instead."""
+    import functools
+
+    from ofa_kernels import graphs
+
+    cls = graphs.CapturedSteps
+    if DEVICE.type != "cuda":
+        monkeypatch.setattr(graphs, "unsupported_reason", lambda *args: None)
+        monkeypatch.setattr(graphs, "CapturedSteps", functools.partial(cls, emulate=True))
+        monkeypatch.setattr(graphs, "make_capturable", lambda optimizer, device: graphs.init_capturable_state(optimizer))
+    original = cls._capture
+
+    def capture(self, batch):
+        if len(self) + 1 == fail_at:
+            raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
+        return original(self, batch)
+
+    monkeypatch.setattr(cls, "_capture", capture)
+    options = AdaptOptions(arm="ofa", shots=2, epochs=3, lr=1e-2, num_probes=1)
+    dtype = torch.float64 if DEVICE.type != "cuda" else torch.float32
+    eager = adapt(_tiny(len(tokenizer)).to(dtype), tokenizer, sst2, AdaptOptions(**{**vars(options), "cuda_graphs": "off"}))
+    capsys.readouterr()
+    auto = adapt(_tiny(len(tokenizer)).to(dtype), tokenizer, sst2, AdaptOptions(**{**vars(options), "cuda_graphs": "auto"}))
+    said = [line for line in capsys.readouterr().out.splitlines() if "cuda graphs off" in line]
+    assert len(said) == 1 and "RuntimeError: operation not permitted when stream is capturing;" in said[0], said
+    assert (said[0].split()[5] == "1:") == (fail_at == 1), said  # "... from step N": a later shape's capture
+    tol = {"rtol": 1e-9, "atol": 1e-11} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-5}
+    for name, w in eager.weights.items():
+        torch.testing.assert_close(auto.weights[name], w, **tol, msg=name)
+    with pytest.raises(graphs.CaptureError, match="stream is capturing"):
+        adapt(_tiny(len(tokenizer)).to(dtype), tokenizer, sst2, AdaptOptions(**{**vars(options), "cuda_graphs": "on"}))
