@@ -31,6 +31,7 @@ import triton.language as tl
 
 from . import tuning
 from .grid import cdiv, next_power_of_2
+from .launch import Launcher
 
 MAX_BLOCK_N = 16384
 _CAST_CODE = {"llama": 0, "gemma": 1, "none": 2}
@@ -406,6 +407,11 @@ def _norm_bwd_bwd_kernel(
 # --------------------------------------------------------------------------------- launchers
 
 
+_launch_fwd = Launcher(_norm_fwd_kernel)
+_launch_bwd = Launcher(_norm_bwd_kernel)
+_launch_bwd_bwd = Launcher(_norm_bwd_bwd_kernel)
+
+
 @functools.lru_cache(maxsize=None)
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -496,12 +502,14 @@ def norm_fwd(x, weight, bias, eps, offset, is_rms, cast_mode, out_dtype, *, max_
     if M == 0:
         return y, mean, rstd
     block_m, block_n, single, num_warps, _ = _config(x, "fwd", max_block_n, rows_per_program, num_warps)
-    _norm_fwd_kernel[(cdiv(M, block_m),)](
-        x, y, weight if weight is not None else x, bias if bias is not None else x,
-        mean if not is_rms else rstd, rstd, x.stride(0), y.stride(0), M, N, eps, offset,
-        IS_RMS=is_rms, HAS_W=weight is not None, HAS_B=bias is not None, CAST_MODE=_CAST_CODE[cast_mode],
-        ACC=acc_tl_dtype(x.dtype), BLOCK_M=block_m, BLOCK_N=block_n, SINGLE_PASS=single, num_warps=num_warps,
-    )
+    _launch_fwd(
+        cdiv(M, block_m),
+        (x, y, weight if weight is not None else x, bias if bias is not None else x,
+         mean if not is_rms else rstd, rstd, x.stride(0), y.stride(0), M, N, eps, offset),
+        # IS_RMS, HAS_W, HAS_B, CAST_MODE, ACC, BLOCK_M, BLOCK_N, SINGLE_PASS
+        (is_rms, weight is not None, bias is not None, _CAST_CODE[cast_mode], acc_tl_dtype(x.dtype), block_m,
+         block_n, single),
+        num_warps)
     return y, mean, rstd
 
 
@@ -522,15 +530,16 @@ def norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, cast_mode, need_dx, need
     db_part = _partials(need_db, single, n_progs, N, acc, x.device)
     dw = torch.empty(N, dtype=acc, device=x.device) if reduce and need_dw else None
     db = torch.empty(N, dtype=acc, device=x.device) if reduce and need_db else None
-    _norm_bwd_kernel[(n_progs,)](
-        dy, x, weight if weight is not None else x, mean if not is_rms else rstd, rstd,
-        dx if need_dx else x, dw_part if need_dw else rstd, db_part if need_db else rstd,
-        dw if dw is not None else rstd, db if db is not None else rstd, counter if reduce else rstd,
-        dy.stride(0), x.stride(0), N if need_dx else 0, M, N, cdiv(M, block_m), n_progs, offset,
-        IS_RMS=is_rms, HAS_W=weight is not None, NEED_DX=need_dx, NEED_DW=need_dw, NEED_DB=need_db,
-        CAST_MODE=_CAST_CODE[cast_mode], ACC=acc_tl_dtype(x.dtype), BLOCK_M=block_m, BLOCK_N=block_n,
-        SINGLE_PASS=single, REDUCE=reduce, num_warps=num_warps,
-    )
+    _launch_bwd(
+        n_progs,
+        (dy, x, weight if weight is not None else x, mean if not is_rms else rstd, rstd,
+         dx if need_dx else x, dw_part if need_dw else rstd, db_part if need_db else rstd,
+         dw if dw is not None else rstd, db if db is not None else rstd, counter if reduce else rstd,
+         dy.stride(0), x.stride(0), N if need_dx else 0, M, N, cdiv(M, block_m), n_progs, offset),
+        # IS_RMS, HAS_W, NEED_DX, NEED_DW, NEED_DB, CAST_MODE, ACC, BLOCK_M, BLOCK_N, SINGLE_PASS, REDUCE
+        (is_rms, weight is not None, need_dx, need_dw, need_db, _CAST_CODE[cast_mode], acc_tl_dtype(x.dtype),
+         block_m, block_n, single, reduce),
+        num_warps)
     if not reduce:
         dw, db = _reduce(dw_part), _reduce(db_part)
     return dx, dw, db
@@ -554,19 +563,19 @@ def norm_bwd_bwd(dy, x, weight, mean, rstd, grad_dx, grad_dw, grad_db, offset, i
     reduce = counter is not None
     dw_part = _partials(need_dw, single, n_progs, N, acc, x.device)
     d_w = torch.empty(N, dtype=acc, device=x.device) if reduce else None
-    _norm_bwd_bwd_kernel[(n_progs,)](
-        dy, x, weight if weight is not None else x, mean if not is_rms else rstd, rstd,
-        grad_dx if grad_dx is not None else x, grad_dw if grad_dw is not None else x,
-        grad_db if grad_db is not None else x,
-        d_dy if need_ddy else x, d_x if need_dx else x, dw_part if need_dw else rstd,
-        d_w if reduce else rstd, counter if reduce else rstd,
-        dy.stride(0), x.stride(0), grad_dx.stride(0) if grad_dx is not None else 0, N, N, M, N,
-        cdiv(M, block_m), n_progs, offset,
-        IS_RMS=is_rms, HAS_W=weight is not None, HAS_A=grad_dx is not None, HAS_BW=grad_dw is not None,
-        HAS_E=grad_db is not None, NEED_DDY=need_ddy, NEED_DX=need_dx, NEED_DW=need_dw,
-        ACC=acc_tl_dtype(x.dtype), BLOCK_M=block_m, BLOCK_N=block_n, SINGLE_PASS=single, REDUCE=reduce,
-        num_warps=num_warps,
-    )
+    _launch_bwd_bwd(
+        n_progs,
+        (dy, x, weight if weight is not None else x, mean if not is_rms else rstd, rstd,
+         grad_dx if grad_dx is not None else x, grad_dw if grad_dw is not None else x,
+         grad_db if grad_db is not None else x,
+         d_dy if need_ddy else x, d_x if need_dx else x, dw_part if need_dw else rstd,
+         d_w if reduce else rstd, counter if reduce else rstd,
+         dy.stride(0), x.stride(0), grad_dx.stride(0) if grad_dx is not None else 0, N, N, M, N,
+         cdiv(M, block_m), n_progs, offset),
+        # IS_RMS, HAS_W, HAS_A, HAS_BW, HAS_E, NEED_DDY, NEED_DX, NEED_DW, ACC, BLOCK_M, BLOCK_N, SINGLE_PASS, REDUCE
+        (is_rms, weight is not None, grad_dx is not None, grad_dw is not None, grad_db is not None, need_ddy,
+         need_dx, need_dw, acc_tl_dtype(x.dtype), block_m, block_n, single, reduce),
+        num_warps)
     if need_dw and not reduce:
         d_w = _reduce(dw_part)
     return d_dy, d_x, d_w
