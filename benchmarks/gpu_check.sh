@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # The one prepared GPU check, run on the lent machine (device tool) from the repo root:
-#   installs the package, runs the GPU tests, the launcher sweep, the norm benchmark and the
-#   objective (sharpness) benchmark, the OFA training-step benchmark, and writes everything under $OUT.
-# Knobs: STEPS (default "tests tune bench objective step"), TEST_PATHS (default tests), TEST_K (pytest -k),
+#   installs the package, runs the GPU tests (again with OFA_TRITON_LAUNCH=direct for the Triton ops),
+#   the host-time profile, the launcher sweep, the norm benchmark and the objective (sharpness)
+#   benchmark, the OFA training-step benchmark, and writes everything under $OUT.
+# Knobs: STEPS (default "tests direct profile tune bench objective step"), TEST_PATHS (default tests), TEST_K (pytest -k),
 #        BENCH_SHAPES (e.g. 32768x4096,150x4096; default all), OBJ_ARMS (e.g. ce,fd1,fd4; default all),
 #        TUNE_WIDTHS, TUNE_DTYPES (launcher sweep cells), TEST_TIMEOUT, TUNE_TIMEOUT, BENCH_TIMEOUT, OBJ_TIMEOUT (seconds), REP_MS (timing window).
 # Liger travels as a wheel in .whl/ (benchmarks/RESULTS.md says how it was fetched).
 set -uo pipefail
 OUT=${OUT:-/tmp/ofa_gpu_check}
-STEPS=${STEPS:-tests tune bench objective step}
+STEPS=${STEPS:-tests direct profile tune bench objective step}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 if compgen -G ".whl/*.whl" > /dev/null; then
@@ -32,6 +33,18 @@ if [[ " $STEPS " == *" tests "* ]]; then
     ${TEST_K:+-k "$TEST_K"} \
     -p no:cacheprovider \
     $XDIST 2>&1 | tee "$OUT/tests.log" | grep -E "^(FAILED|ERROR)|passed|failed" | tail -25
+fi
+if [[ " $STEPS " == *" direct "* ]]; then
+  echo "== Triton ops and captured steps through the compiled launcher (OFA_TRITON_LAUNCH=direct)"
+  OFA_TEST_DEVICE=cuda OFA_TRITON_LAUNCH=direct timeout "${DIRECT_TIMEOUT:-180}" python3 -m pytest -q -m "not slow" \
+    -p no:cacheprovider tests/test_norm_ops.py tests/test_probe_ops.py tests/test_trainer.py tests/test_patch.py \
+    2>&1 | tee "$OUT/tests_direct.log" | grep -E "^(FAILED|ERROR)|passed|failed" | tail -25
+fi
+if [[ " $STEPS " == *" profile "* ]]; then
+  echo "== host time per call, stage by stage (launch modes jit and direct)"
+  timeout "${PROFILE_TIMEOUT:-120}" python3 benchmarks/launch_profile.py --out "$OUT" > "$OUT/profile.log" 2>&1
+  echo "profile exit $?"
+  cat "$OUT/launch_profile_cuda.md" 2>/dev/null || tail -5 "$OUT/profile.log"
 fi
 if [[ " $STEPS " == *" tune "* ]]; then
   echo "== launcher sweep"

@@ -164,3 +164,20 @@ def test_tune_norm_search_keeps_the_fastest_knobs_and_merges_into_the_table():
     merged = tuning.merge(new, old)
     assert merged["sm90"]["bwd"]["bfloat16"] == {"4096": {"num_warps": 8}, "2048": {"num_warps": 2}}
     assert "sm80" in merged and old["sm90"]["bwd"]["bfloat16"]["4096"] == {"num_warps": 4}
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_launch_profile_times_every_stage_of_the_backend(tmp_path, backend):
+    """The host-time profile runs end to end on a CPU: the compiled cpu backend, and Triton under the
+    interpreter (which exercises the bare-launch rows' argument tuples)."""
+    import launch_profile
+
+    if backend == "cpu" and not ofa_kernels.backends()["cpu"]["available"]:
+        pytest.fail("the compiled cpu backend is not built")
+    assert launch_profile.main(["--device", "cpu", "--backend", backend, "--shapes", "3x40", "--dtype", "float32",
+                                "--calls", "1", "--rounds", "1", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "launch_profile_cpu.json").read_text())["rows"]
+    cases = {r["case"] for r in rows}
+    assert {"ofa rms_norm hvp", "F.rms_norm hvp", "backend bwd_bwd (d dy, d x, d w)"} <= cases
+    assert ("triton bwd launch only" in cases) == (backend == "triton")
+    assert all(r["host_us"] > 0 for r in rows)
