@@ -15,6 +15,7 @@ reference before it is timed; a provider that fails validation is reported, not 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import Row, copy_bandwidth_gbps, heatmap, plot, stamp, time_ms, write_results  # noqa: E402
 
 import ofa_kernels  # noqa: E402
+from ofa_kernels.files import atomic_path  # noqa: E402
 from ofa_kernels.reference import layer_norm_ref, rms_norm_ref  # noqa: E402
 
 GPU_SHAPES = [(32768, 4096), (150, 4096), (32768, 2048), (32768, 8192), (4096, 16384), (4096, 65536)]
@@ -198,12 +200,56 @@ def table(rows: list[Row], meta: dict, copy_gbps: float, boundary: dict[str, flo
     return "\n".join(lines) + "\n"
 
 
+# Which backend "auto" runs for each stage, from the modes that time it (hvp: the whole HVP, whose
+# extra over fwd+bwd is the double backward). Where the two kernels are within TIE of each other the
+# compiled extension wins: its launch costs less host time.
+STAGE_OF_MODE = {"fwd": "fwd", "bwd": "bwd", "hvp": "bwd_bwd"}
+TIE = 0.03
+
+
+def auto_table_from(rows: list[Row], arch: str, tie: float = TIE) -> dict:
+    """{arch: {op: {stage: {dtype: {width: backend}}}}} from the timed ``ofa[triton]`` and ``ofa[cuda]``
+    rows; per width, the shape with the most rows decides (kernel time, not launch time)."""
+    timed = {(r.op, r.mode, r.shape, r.dtype, r.provider): r.ms for r in rows if r.ms}
+    found: dict = {}
+    best_rows: dict = {}
+    for (op, mode, shape, dtype, provider), ms in timed.items():
+        if provider != "ofa[triton]" or mode not in STAGE_OF_MODE:
+            continue
+        cuda = timed.get((op, mode, shape, dtype, "ofa[cuda]"))
+        if cuda is None:
+            continue
+        m, n = (int(v) for v in shape.split("x"))
+        key = (op, STAGE_OF_MODE[mode], dtype, n)
+        if m < best_rows.get(key, 0):
+            continue
+        best_rows[key] = m
+        choice = "cuda" if cuda <= ms * (1 + tie) else "triton"
+        found.setdefault(arch, {}).setdefault(op, {}).setdefault(key[1], {}).setdefault(dtype, {})[str(n)] = choice
+    return found
+
+
+def write_auto_table(found: dict, path: Path) -> dict:
+    """Merges ``found`` into the packaged table at ``path`` (entries measured now replace older ones)."""
+    table = json.loads(path.read_text()) if path.exists() else {}
+    for arch, ops in found.items():
+        for op, stages in ops.items():
+            for stage, dtypes in stages.items():
+                for dtype, widths in dtypes.items():
+                    table.setdefault(arch, {}).setdefault(op, {}).setdefault(stage, {}).setdefault(dtype, {}).update(widths)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+    return table
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpu-smoke", action="store_true", help="small CPU shapes, fp32, a few repeats")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--rep-ms", type=float, default=40.0, help="GPU timing window per measurement")
     parser.add_argument("--shapes", default=None, help="e.g. 32768x4096,150x4096 (default: all)")
+    parser.add_argument("--write-auto-table", action="store_true", help="merge which backend won each (op, stage, "
+                        "dtype, width) into ofa_kernels/ops/auto_backends.json (what backend='auto' reads)")
     args = parser.parse_args(argv)
     device = torch.device("cpu" if args.cpu_smoke or not torch.cuda.is_available() else "cuda")
     shapes = CPU_SHAPES if device.type == "cpu" else GPU_SHAPES
@@ -227,6 +273,13 @@ def main(argv: list[str] | None = None) -> int:
     heatmap(rows, args.out / f"{name}_vs_best.png",
             f"best anchor (F.*, torch.compile(F.*), Liger) / ofa, time per call\n{meta['device']}")
     print(text)
+    if args.write_auto_table and device.type == "cuda":
+        from ofa_kernels.ops import dispatch
+
+        major, minor = torch.cuda.get_device_capability(device)
+        found = auto_table_from(rows, f"sm{major}{minor}")
+        write_auto_table(found, dispatch.AUTO_TABLE_PATH)
+        print(f"auto backend table: {json.dumps(found)} -> {dispatch.AUTO_TABLE_PATH}")
     return 0
 
 

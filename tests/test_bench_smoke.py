@@ -181,3 +181,29 @@ def test_launch_profile_times_every_stage_of_the_backend(tmp_path, backend):
     assert {"ofa rms_norm hvp", "F.rms_norm hvp", "backend bwd_bwd (d dy, d x, d w)"} <= cases
     assert ("triton bwd launch only" in cases) == (backend == "triton")
     assert all(r["host_us"] > 0 for r in rows)
+
+
+def test_the_auto_backend_table_takes_each_stages_winner_ties_to_the_cheaper_launch(tmp_path):
+    from harness import Row
+
+    def row(op, mode, shape, provider, ms):
+        return Row(op, mode, shape, "bfloat16", provider, ms)
+
+    rows = [row("rms", "fwd", "32768x4096", "ofa[triton]", 1.00), row("rms", "fwd", "32768x4096", "ofa[cuda]", 1.02),
+            row("rms", "bwd", "32768x4096", "ofa[triton]", 1.00), row("rms", "bwd", "32768x4096", "ofa[cuda]", 1.20),
+            row("rms", "bwd", "150x4096", "ofa[triton]", 0.05), row("rms", "bwd", "150x4096", "ofa[cuda]", 0.01),
+            row("rms", "hvp", "32768x4096", "ofa[triton]", 3.0), row("rms", "hvp", "32768x4096", "ofa[cuda]", 2.0),
+            row("rms", "fwd+bwd", "32768x4096", "ofa[triton]", 3.0), row("rms", "fwd+bwd", "32768x4096", "ofa[cuda]", 1.0),
+            row("layer", "fwd", "32768x8192", "ofa[triton]", 1.0), row("layer", "fwd", "32768x8192", "ofa[cuda]", None),
+            row("layer", "fwd", "32768x8192", "F.layer_norm", 0.5)]
+    found = bench_norm.auto_table_from(rows, "sm90")
+    assert found == {"sm90": {"rms": {"fwd": {"bfloat16": {"4096": "cuda"}},  # within 3%: the C++ launch
+                                      "bwd": {"bfloat16": {"4096": "triton"}},  # the 32768-row shape decides
+                                      "bwd_bwd": {"bfloat16": {"4096": "cuda"}}}}}  # from the hvp mode
+    path = tmp_path / "auto_backends.json"
+    path.write_text(json.dumps({"sm80": {"rms": {"fwd": {"bfloat16": {"4096": "triton"}}}},
+                                "sm90": {"rms": {"fwd": {"bfloat16": {"2048": "triton", "4096": "triton"}}}}}))
+    merged = bench_norm.write_auto_table(found, path)
+    assert json.loads(path.read_text()) == merged
+    assert merged["sm80"] == {"rms": {"fwd": {"bfloat16": {"4096": "triton"}}}}
+    assert merged["sm90"]["rms"]["fwd"]["bfloat16"] == {"2048": "triton", "4096": "cuda"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 
 import pytest
@@ -421,7 +422,7 @@ def test_weight_gradients_summed_in_the_kernel_or_apart_match_the_reference(in_k
 
     monkeypatch.setattr(tnorm, "IN_KERNEL_REDUCE_MAX", 1 << 30 if in_kernel else -1)
     separate_sums = []
-    monkeypatch.setattr(tnorm, "_reduce", lambda p, f=tnorm._reduce: separate_sums.append(1) or f(p))
+    monkeypatch.setattr(tnorm, "_reduce", lambda p, dtype=None, f=tnorm._reduce: separate_sums.append(1) or f(p, dtype))
     x = torch.randn(37, 130, device=DEVICE, dtype=torch.float64)  # 10 row tiles over 4 programs
     v = torch.randn_like(x)
     w = (torch.rand(130, device=DEVICE, dtype=torch.float64) + 0.5).requires_grad_()
@@ -442,6 +443,42 @@ def test_weight_gradients_summed_in_the_kernel_or_apart_match_the_reference(in_k
                 torch.testing.assert_close(g, t, rtol=1e-10, atol=1e-10)
             assert all(int(c.item()) == 0 for c in tnorm._counters.values())
     assert bool(separate_sums) != in_kernel
+
+
+@pytest.mark.parametrize("w_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_weight_gradients_arrive_in_the_parameters_dtype_rounded_once(backend, w_dtype, monkeypatch):
+    """A backward that builds no graph returns dW/dB in the parameters' dtype: the backend's fp32 sum
+    rounded once (Triton writes it so from the kernel that sums the partials, or casts a separate sum),
+    bit for bit."""
+    import ofa_kernels.triton.norm as tnorm
+
+    for in_kernel in (True, False) if backend == "triton" else (None,):
+        if in_kernel is not None:
+            monkeypatch.setattr(tnorm, "IN_KERNEL_REDUCE_MAX", 1 << 30 if in_kernel else -1)
+        _check_param_dtype_grads(backend, w_dtype)
+
+
+def _check_param_dtype_grads(backend, w_dtype):
+    from ofa_kernels.ops.dispatch import resolve
+
+    x = torch.randn(9, 40, device=DEVICE) * 3  # 9 rows over 4 programs; 3 chunks on the looped path
+    dy = torch.randn_like(x)
+    w = (torch.rand(40, device=DEVICE) + 0.5).to(w_dtype).requires_grad_()
+    b = (torch.randn(40, device=DEVICE) * 0.1).to(w_dtype).requires_grad_()
+    impl = resolve(backend, x.device, "norm", 40)
+    for is_rms in (True, False):
+        params = [w] if is_rms else [w, b]
+        y = (ofa_kernels.rms_norm(x, w, 1e-6, backend=backend) if is_rms
+             else ofa_kernels.layer_norm(x, w, b, 1e-5, backend=backend))
+        got = torch.autograd.grad(y, params, dy)
+        _, mean, rstd = impl.norm_fwd(x, w, None if is_rms else b, 1e-6 if is_rms else 1e-5, 0.0, is_rms,
+                                      "llama" if is_rms else "none", y.dtype)
+        _, dw32, db32 = impl.norm_bwd(dy, x, w, mean, rstd, 0.0, is_rms, "llama" if is_rms else "none",
+                                      False, True, not is_rms)
+        assert dw32.dtype == torch.float32
+        for g, want in zip(got, [dw32, db32]):
+            assert g.dtype == w_dtype
+            assert torch.equal(g, want.to(w_dtype)), (g - want.to(w_dtype)).abs().max()
 
 
 def test_the_measured_launch_table_picks_each_entrys_path_and_stays_correct(monkeypatch):
@@ -503,3 +540,51 @@ def test_launch_size_helpers_equal_tritons():
         assert next_power_of_2(n) == triton.next_power_of_2(n), n
         for b in (1, 2, 3, 16, 128):
             assert cdiv(n, b) == triton.cdiv(n, b), (n, b)
+
+
+def test_the_backend_table_picks_the_nearest_measured_width_at_or_below():
+    from ofa_kernels.ops.dispatch import pick
+
+    table = {"sm90": {"rms": {"fwd": {"bfloat16": {"2048": "cuda", "8192": "triton"}}}}}
+    assert [pick(table, "sm90", "rms", "fwd", "bfloat16", n) for n in (1024, 2048, 4096, 8192, 65536)] == \
+        ["cuda", "cuda", "cuda", "triton", "triton"]
+    assert pick(table, "sm90", "rms", "bwd", "bfloat16", 4096) is None
+    assert pick(table, "sm80", "rms", "fwd", "bfloat16", 4096) is None
+    assert pick(table, "sm90", "layer", "fwd", "bfloat16", 4096) is None
+
+
+def test_auto_runs_each_stage_on_the_backend_measured_for_it(monkeypatch):
+    """CUDA tensors under "auto": each (op, stage, dtype, width) takes the table's backend, Triton where
+    nothing was measured or the measured one is missing; the op layer asks per stage."""
+    from ofa_kernels.ops import dispatch
+
+    table = {"sm90": {"rms": {"fwd": {"bfloat16": {"4096": "cuda"}}, "bwd": {"bfloat16": {"4096": "triton"}}}}}
+    monkeypatch.setattr(dispatch, "auto_table", lambda: table)
+    monkeypatch.setattr(dispatch, "_arch", lambda index: "sm90")
+    built = {"cuda", "triton", "torch"}
+    monkeypatch.setattr(dispatch, "_load", lambda name, family="norm": (name, "") if name in built else (None, "no"))
+    gpu = torch.device("cuda", 0)
+    auto = functools.partial(dispatch._auto, gpu, "norm")
+    assert auto(4096, torch.bfloat16, "rms.fwd") == "cuda"
+    assert auto(5120, torch.bfloat16, "rms.fwd") == "cuda"  # nearest measured width below
+    assert auto(4096, torch.bfloat16, "rms.bwd") == "triton"
+    assert auto(4096, torch.bfloat16, "rms.bwd_bwd") == "triton"  # not measured
+    assert auto(4096, torch.float32, "rms.fwd") == "triton"
+    assert auto(4096, torch.bfloat16, "layer.fwd") == "triton"
+    built.discard("cuda")
+    assert auto(4096, torch.bfloat16, "rms.fwd") == "triton"  # measured winner not built here
+
+
+def test_the_op_layer_resolves_each_stage_with_its_table_key(monkeypatch):
+    from ofa_kernels.ops import dispatch
+
+    seen, resolve = [], dispatch.resolve
+    monkeypatch.setattr(dispatch, "resolve", lambda *a: seen.append(a[3:]) or resolve(*a))
+    for norm, kind in ((lambda x, w: ofa_kernels.rms_norm(x, w), "rms"),
+                       (lambda x, w: ofa_kernels.layer_norm(x, w, None), "layer")):
+        seen.clear()
+        x = torch.randn(3, 10, device=DEVICE, dtype=torch.float64, requires_grad=True)
+        w = torch.rand(10, device=DEVICE, dtype=torch.float64, requires_grad=True)
+        (gx,) = torch.autograd.grad(norm(x, w).square().sum(), [x], create_graph=True)
+        gx.sum().backward()
+        assert set(seen) == {(10, torch.float64, f"{kind}.{stage}") for stage in ("fwd", "bwd", "bwd_bwd")}

@@ -4,8 +4,9 @@ Backends: "torch" (plain PyTorch closed forms, any device), "triton" (CUDA tenso
 through ``TRITON_INTERPRET=1``), and the compiled extension (csrc/) as "cpu" (CPU tensors) and
 "cuda" (CUDA tensors). Order: the ``backend`` argument, then ``OFA_BACKEND``, then auto:
 - CPU tensors: "cpu" when the extension is built, else "torch";
-- CUDA tensors: "triton" or "cuda" by ``AUTO_TABLE`` (measured per GPU architecture, op family and
-  row width; benchmarks/RESULTS.md), falling back to whichever is available.
+- CUDA tensors: "triton" or "cuda" by the measured table ``auto_backends.json`` (per GPU
+  architecture, op, stage, dtype and row width; written by ``benchmarks/bench_norm.py
+  --write-auto-table``), falling back to whichever is available; Triton where nothing was measured.
 An explicitly requested backend that cannot run raises; auto falls back quietly. ``backends()``
 reports what is available and why not.
 """
@@ -14,7 +15,9 @@ from __future__ import annotations
 
 import functools
 import importlib
+import json
 import os
+from pathlib import Path
 from types import ModuleType
 
 import torch
@@ -23,9 +26,26 @@ BACKEND_NAMES = ("auto", "torch", "triton", "cpu", "cuda")
 FAMILIES = ("norm", "probe")
 _PACKAGE = {"torch": "eager", "triton": "triton", "cpu": "native", "cuda": "native"}
 
-# (compute capability major, family) -> [(max row width, backend)], first match wins; measured on
-# an H200 (sm_90) with benchmarks/bench_norm.py. Architectures not listed use Triton.
-AUTO_TABLE: dict[tuple[int, str], list[tuple[int, str]]] = {}
+AUTO_TABLE_PATH = Path(__file__).with_name("auto_backends.json")
+STAGES = ("fwd", "bwd", "bwd_bwd")
+
+
+@functools.lru_cache(maxsize=None)
+def auto_table() -> dict:
+    """The packaged table: arch ("sm90") -> op ("rms", "layer") -> stage -> dtype -> width -> backend;
+    {} when none has been measured."""
+    return json.loads(AUTO_TABLE_PATH.read_text()) if AUTO_TABLE_PATH.exists() else {}
+
+
+def pick(table: dict, arch: str, op: str, stage: str, dtype: str, width: int) -> str | None:
+    """The measured backend for one launch: the entry at the nearest measured width at or below
+    ``width`` (the smallest one above it when none is below); None where nothing was measured."""
+    by_width = table.get(arch, {}).get(op, {}).get(stage, {}).get(dtype, {})
+    if not by_width:
+        return None
+    widths = sorted(int(w) for w in by_width)
+    below = [w for w in widths if w <= width]
+    return by_width[str(below[-1] if below else widths[0])]
 
 
 def _interpreting() -> bool:
@@ -68,39 +88,42 @@ def _runs_on(name: str, device: torch.device) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _major(index: int) -> int:
-    return torch.cuda.get_device_capability(index)[0]
+def _arch(index: int) -> str:
+    major, minor = torch.cuda.get_device_capability(index)
+    return f"sm{major}{minor}"
 
 
-def _auto(device: torch.device, family: str, width: int | None) -> str:
+def _auto(device: torch.device, family: str, width: int | None, dtype: torch.dtype | None, op: str | None) -> str:
     if device.type != "cuda":
         return "cpu" if _load("cpu", family)[0] is not None else "torch"
-    choice = "triton"
-    rows = AUTO_TABLE.get((_major(device.index or 0), family), []) if AUTO_TABLE else []
-    for max_width, name in rows:
-        if width is None or width <= max_width:
-            choice = name
-            break
-    for name in (choice, "triton", "cuda", "torch"):
+    choice = None
+    if family == "norm" and op is not None and width is not None and dtype is not None:
+        kind, stage = op.split(".")
+        choice = pick(auto_table(), _arch(device.index or 0), kind, stage, str(dtype).removeprefix("torch."), width)
+    for name in (choice or "triton", "triton", "cuda", "torch"):
         if _load(name, family)[0] is not None:
             return name
     return "torch"
 
 
-def resolve(backend: str, device: torch.device, family: str = "norm", width: int | None = None) -> ModuleType:
-    """Returns the backend module that runs ``family``'s ops for tensors on ``device`` (rows of ``width``).
+def resolve(backend: str, device: torch.device, family: str = "norm", width: int | None = None,
+            dtype: torch.dtype | None = None, op: str | None = None) -> ModuleType:
+    """Returns the backend module that runs ``family``'s ops for tensors on ``device``: rows of ``width``
+    in ``dtype``, for ``op`` ("rms.fwd", "layer.bwd_bwd", ...; the measured table's key).
 
-    The decision is cached per (argument, ``OFA_BACKEND``, device, family, width): one dictionary
-    lookup per call once made (``OFA_BACKEND`` is read on every call, so changing it takes effect)."""
+    The decision is cached per (argument, ``OFA_BACKEND``, device, family, width, dtype, op): one
+    dictionary lookup per call once made (``OFA_BACKEND`` is read on every call, so changing it takes
+    effect). Stages may run on different backends: they share one contract (ops/norm.py)."""
     env = os.environ.get("OFA_BACKEND", "auto") if backend == "auto" else ""
-    return _resolve(backend, env, device, family, width)
+    return _resolve(backend, env, device, family, width, dtype, op)
 
 
 @functools.lru_cache(maxsize=4096)
-def _resolve(backend: str, env: str, device: torch.device, family: str, width: int | None) -> ModuleType:
+def _resolve(backend: str, env: str, device: torch.device, family: str, width: int | None,
+             dtype: torch.dtype | None, op: str | None) -> ModuleType:
     name = backend if backend != "auto" else env or "auto"
     if name == "auto":
-        name = _auto(device, family, width)
+        name = _auto(device, family, width, dtype, op)
     module, reason = _load(name, family)
     if module is None:
         raise RuntimeError(f"backend {name!r} was requested but is not available: {reason}")
@@ -121,6 +144,6 @@ def backends() -> dict[str, dict[str, object]]:
     report["auto"] = {
         "available": True,
         "detail": "CPU tensors: cpu if built, else torch; CUDA tensors: triton or cuda by a measured table "
-                  "(ofa_kernels.ops.dispatch.AUTO_TABLE); OFA_BACKEND overrides",
+                  f"per GPU, op, stage, dtype and width ({'measured for ' + ', '.join(sorted(auto_table())) if auto_table() else 'none measured yet: triton'}); OFA_BACKEND overrides",
     }
     return report

@@ -33,6 +33,7 @@ from ..reference import layer_norm_ref, rms_norm_ref
 from . import dispatch
 
 CAST_MODES = ("llama", "gemma", "none")
+_OPS = {True: ("rms.fwd", "rms.bwd", "rms.bwd_bwd"), False: ("layer.fwd", "layer.bwd", "layer.bwd_bwd")}  # table keys
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -70,21 +71,22 @@ def _nothing(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
 
 def _call_fwd(x, weight, bias, eps, offset, is_rms, cast_mode, backend):
     out_dtype = output_dtype(x.dtype, None if weight is None else weight.dtype, is_rms, cast_mode)
-    impl = dispatch.resolve(backend, x.device, "norm", x.shape[-1])
+    impl = dispatch.resolve(backend, x.device, "norm", x.shape[-1], x.dtype, _OPS[is_rms][0])
     return impl.norm_fwd(x, weight, bias, eps, offset, is_rms, cast_mode, out_dtype)
 
 
-def _call_bwd(dy, x, weight, mean, rstd, offset, is_rms, cast_mode, need_dx, need_dw, need_db, backend):
-    """(dx, dw, db); None where not needed."""
-    impl = dispatch.resolve(backend, x.device, "norm", x.shape[-1])
+def _call_bwd(dy, x, weight, mean, rstd, offset, is_rms, cast_mode, need_dx, need_dw, need_db, backend,
+              dw_dtype=None, db_dtype=None):
+    """(dx, dw, db); None where not needed. dw/db in the accumulation dtype unless dtypes are given."""
+    impl = dispatch.resolve(backend, x.device, "norm", x.shape[-1], x.dtype, _OPS[is_rms][1])
     return impl.norm_bwd(_row_major(dy), x, weight, mean, rstd, offset, is_rms, cast_mode, need_dx,
-                         need_dw and weight is not None, need_db)
+                         need_dw and weight is not None, need_db, dw_dtype=dw_dtype, db_dtype=db_dtype)
 
 
 def _call_bwd_bwd(dy, x, weight, mean, rstd, grad_dx, grad_dw, grad_db, offset, is_rms,
                   need_ddy, need_dx, need_dw, backend):
     """(d_dy, d_x, d_w); d_dy/d_x are zeros when needed but no cotangent reached them, d_w may be None."""
-    d_dy, d_x, d_w = dispatch.resolve(backend, x.device, "norm", x.shape[-1]).norm_bwd_bwd(
+    d_dy, d_x, d_w = dispatch.resolve(backend, x.device, "norm", x.shape[-1], x.dtype, _OPS[is_rms][2]).norm_bwd_bwd(
         dy, x, weight, mean, rstd, grad_dx, grad_dw, grad_db, offset, is_rms, need_ddy, need_dx,
         need_dw and weight is not None)
     if need_ddy and d_dy is None:
@@ -94,12 +96,18 @@ def _call_bwd_bwd(dy, x, weight, mean, rstd, grad_dx, grad_dw, grad_db, offset, 
     return d_dy, d_x, d_w
 
 
-def _fwd_stage_backward(bwd, ctx, dy):
-    """Gradients of the forward stage: runs ``bwd`` (the op or the eager Function) and casts dw/db."""
+def _fwd_stage_backward(bwd, ctx, dy, in_param_dtypes: bool = False):
+    """Gradients of the forward stage: runs ``bwd`` (the op, the eager Function, or with
+    ``in_param_dtypes`` the backend itself, which then writes dw/db in the parameters' dtypes) and casts
+    dw/db where still needed."""
     x, weight, mean, rstd = ctx.saved_tensors
     offset, is_rms, cast_mode, backend, bias_dtype = ctx.meta
     need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
-    dx, dw, db = bwd(dy, x, weight, mean, rstd, offset, is_rms, cast_mode, need_dx, need_dw, need_db, backend)
+    args = (dy, x, weight, mean, rstd, offset, is_rms, cast_mode, need_dx, need_dw, need_db, backend)
+    if in_param_dtypes:
+        dx, dw, db = bwd(*args, dw_dtype=None if weight is None else weight.dtype, db_dtype=bias_dtype)
+    else:
+        dx, dw, db = bwd(*args)
     return (dx if need_dx else None, _cast(dw, weight.dtype) if need_dw else None,
             _cast(db, bias_dtype) if need_db else None, None, None, None, None, None)
 
@@ -272,7 +280,9 @@ class _NormFn(torch.autograd.Function):
     def backward(ctx, dy):
         # Grad mode is on in a backward only when it builds a graph (create_graph=True): then the backward
         # is itself differentiable (_NormBwdFn); else the backend is called directly, with no Function.
-        return _fwd_stage_backward(_NormBwdFn.apply if torch.is_grad_enabled() else _call_bwd, ctx, dy)
+        if torch.is_grad_enabled():
+            return _fwd_stage_backward(_NormBwdFn.apply, ctx, dy)
+        return _fwd_stage_backward(_call_bwd, ctx, dy, in_param_dtypes=True)
 
 
 class _NormBwdFn(torch.autograd.Function):

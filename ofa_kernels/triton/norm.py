@@ -190,7 +190,8 @@ def _takes_last_ticket(Counter, n_progs):
 
 @triton.jit
 def _sum_partials(Part, Out, n_progs, N, ACC: tl.constexpr, BLOCK_N: tl.constexpr):
-    """``Out[:] = Part.sum(0)`` for ``Part`` [n_progs, N], in a fixed order (bitwise repeatable)."""
+    """``Out[:] = Part.sum(0)`` for ``Part`` [n_progs, N], in a fixed order (bitwise repeatable), rounded
+    once to Out's dtype (the parameter's: no cast launch after the backward)."""
     ROWS: tl.constexpr = max(1, 4096 // BLOCK_N)  # partial rows read per step
     for c0 in range(0, N, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N)
@@ -201,7 +202,7 @@ def _sum_partials(Part, Out, n_progs, N, ACC: tl.constexpr, BLOCK_N: tl.constexp
             rows = tl.load(Part + r[:, None].to(tl.int64) * N + cols[None, :], mask=m, other=0.0,
                            cache_modifier=".cg")  # written by other programs: read past this SM's L1
             total += tl.sum(rows, axis=0)
-        tl.store(Out + cols, total, mask=cols < N)
+        tl.store(Out + cols, cast_to(total, Out.dtype.element_ty), mask=cols < N)
 
 
 @triton.jit
@@ -514,22 +515,25 @@ def norm_fwd(x, weight, bias, eps, offset, is_rms, cast_mode, out_dtype, *, max_
 
 
 def norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, cast_mode, need_dx, need_dw, need_db, *,
-             max_block_n=None, rows_per_program=None, num_warps=None, programs_per_sm=None, reduce_in_kernel=None):
-    """Returns (dx in x.dtype, dw, db in the accumulation dtype); None where not needed."""
+             dw_dtype=None, db_dtype=None, max_block_n=None, rows_per_program=None, num_warps=None,
+             programs_per_sm=None, reduce_in_kernel=None):
+    """Returns (dx in x.dtype, dw, db); None where not needed. dw/db in ``dw_dtype``/``db_dtype`` (default:
+    the accumulation dtype), written in that dtype by the kernel where it sums the partials itself."""
     M, N = x.shape
     acc = acc_torch_dtype(x.dtype)
+    dw_dtype, db_dtype = dw_dtype or acc, db_dtype or acc
     block_m, block_n, single, num_warps, n_progs = _config(x, "bwd", max_block_n, rows_per_program, num_warps,
                                                            programs_per_sm)
     dx = torch.empty((M, N), dtype=x.dtype, device=x.device) if need_dx else None
     if M == 0:
-        return dx, x.new_zeros(N, dtype=acc) if need_dw else None, x.new_zeros(N, dtype=acc) if need_db else None
+        return dx, x.new_zeros(N, dtype=dw_dtype) if need_dw else None, x.new_zeros(N, dtype=db_dtype) if need_db else None
     reduce = (need_dw or need_db) and _in_kernel(reduce_in_kernel, x, "bwd", n_progs)
     counter = _ticket_counter(x.device) if reduce else None
     reduce = counter is not None
     dw_part = _partials(need_dw, single, n_progs, N, acc, x.device)
     db_part = _partials(need_db, single, n_progs, N, acc, x.device)
-    dw = torch.empty(N, dtype=acc, device=x.device) if reduce and need_dw else None
-    db = torch.empty(N, dtype=acc, device=x.device) if reduce and need_db else None
+    dw = torch.empty(N, dtype=dw_dtype, device=x.device) if reduce and need_dw else None
+    db = torch.empty(N, dtype=db_dtype, device=x.device) if reduce and need_db else None
     _launch_bwd(
         n_progs,
         (dy, x, weight if weight is not None else x, mean if not is_rms else rstd, rstd,
@@ -541,7 +545,7 @@ def norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, cast_mode, need_dx, need
          block_m, block_n, single, reduce),
         num_warps)
     if not reduce:
-        dw, db = _reduce(dw_part), _reduce(db_part)
+        dw, db = _reduce(dw_part, dw_dtype), _reduce(db_part, db_dtype)
     return dx, dw, db
 
 
@@ -588,6 +592,10 @@ def _partials(needed, single, n_progs, N, dtype, device):
     return (torch.empty if single else torch.zeros)((n_progs, N), dtype=dtype, device=device)
 
 
-def _reduce(partials: torch.Tensor | None) -> torch.Tensor | None:
-    """Sums the per-program partial rows in a fixed order (deterministic), in a launch of its own."""
-    return None if partials is None else partials.sum(0)
+def _reduce(partials: torch.Tensor | None, dtype: torch.dtype | None = None) -> torch.Tensor | None:
+    """Sums the per-program partial rows in a fixed order (deterministic), in a launch of its own (and
+    casts to ``dtype`` in another, when given and different)."""
+    if partials is None:
+        return None
+    total = partials.sum(0)
+    return total if dtype is None or total.dtype == dtype else total.to(dtype)
