@@ -55,8 +55,9 @@ fi
 if [[ " $STEPS " == *" bench "* ]]; then
   echo "== norm benchmark"
   timeout "${BENCH_TIMEOUT:-300}" python3 benchmarks/bench_norm.py --out "$OUT" --rep-ms "${REP_MS:-30}" \
-    ${BENCH_SHAPES:+--shapes "$BENCH_SHAPES"} > "$OUT/bench.log" 2>&1
+    ${BENCH_SHAPES:+--shapes "$BENCH_SHAPES"} --write-auto-table > "$OUT/bench.log" 2>&1
   echo "bench exit $?"
+  cp ofa_kernels/ops/auto_backends.json "$OUT/" 2>/dev/null && grep "auto backend table" "$OUT/bench.log"
   grep -E "32768x4096 \| bfloat16|150x4096 \| bfloat16| us$|copy" "$OUT/norm_gpu.md" | head -80
 fi
 if [[ " $STEPS " == *" objective "* ]]; then
