@@ -75,10 +75,17 @@ def summarise(per_task: dict[str, dict], seeds: list[int]) -> tuple[str, dict]:
 
 def paired_differences(per_task: dict[str, dict], seeds: list[int], arm: str = "ofa") -> tuple[str, dict]:
     """Per task: ``arm`` - CE and ``arm`` - the best baseline (highest mean accuracy of BASELINES on that
-    task), paired by seed, in points: mean +- population std over seeds."""
+    task), paired by seed, in points: mean +- population std over seeds. With every task finished, a
+    last row does the same for each seed's mean over tasks (the best baseline: best mean over tasks)."""
     lines = [f"| task | {arm} - ce | best baseline | {arm} - best baseline |", "|---|---:|---|---:|"]
     data = {}
-    for task, res in per_task.items():
+    tasks = dict(per_task)
+    complete = [m for m in (arm, *BASELINES) if all(len(r["accuracy"].get(m, [])) == len(seeds)
+                                                    for r in per_task.values())]
+    if len(per_task) > 1 and arm in complete:
+        tasks["mean over tasks"] = {"accuracy": {m: [statistics.mean(r["accuracy"][m][i] for r in per_task.values())
+                                                     for i in range(len(seeds))] for m in complete}}
+    for task, res in tasks.items():
         acc = res["accuracy"]
         if len(acc.get(arm, [])) != len(seeds):
             continue
@@ -210,7 +217,9 @@ def _write_summary(out: Path, per_task: dict, seeds: list[int], args, started: f
     paired, paired_data = paired_differences(per_task, seeds)
     timing, timing_data = cell_seconds(per_task)
     compute = sum(r["compute_seconds"] for r in per_task.values())
-    header = (f"{args.model} over {args.test_size} test rows per task, {args.shots} shots per class, "
+    rows = {t: r.get("test_rows") for t, r in per_task.items() if r.get("test_rows") not in (None, args.test_size)}
+    fewer = f" ({', '.join(f'{t}: {n}, all it has class-balanced' for t, n in rows.items())})" if rows else ""
+    header = (f"{args.model} over {args.test_size} test rows per task{fewer}, {args.shots} shots per class, "
               f"seeds {seeds}, {args.epochs} epochs, protocol {args.protocol!r}, scoring {args.scoring!r}; "
               "mean +- population std over seeds (\"+ demos\": the adapted model evaluated with the "
               "demonstrations prefix). "

@@ -115,6 +115,11 @@ def test_paired_differences_pair_seeds_and_pick_the_best_baseline_per_task():
     assert data["trec"]["best"]["against"] == "lora"
     assert data["trec"]["best"]["per_seed"] == pytest.approx([10, -10])
     assert "| trec | +20.0 +- 0.0 | lora | +0.0 +- 10.0 |" in table
+    mean = data["mean over tasks"]  # per seed: ofa 0.7, 0.55; ce 0.55, 0.5; lora 0.7, 0.5 (best over tasks)
+    assert mean["ce"]["per_seed"] == pytest.approx([15, 5]) and mean["best"]["against"] == "lora"
+    assert mean["best"]["per_seed"] == pytest.approx([0, 5])
+    per_task["trec"]["accuracy"]["ofa"] = [0.6]  # an unfinished task: no mean row
+    assert "mean over tasks" not in accuracy.paired_differences(per_task, [42, 43])[1]
 
 
 def test_host_time_smoke_writes_both_ops_and_every_mode(tmp_path):
