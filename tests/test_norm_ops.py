@@ -588,3 +588,16 @@ def test_the_op_layer_resolves_each_stage_with_its_table_key(monkeypatch):
         (gx,) = torch.autograd.grad(norm(x, w).square().sum(), [x], create_graph=True)
         gx.sum().backward()
         assert set(seen) == {(10, torch.float64, f"{kind}.{stage}") for stage in ("fwd", "bwd", "bwd_bwd")}
+
+
+def test_the_default_warp_rule_keeps_the_measured_winners_and_caps_the_accumulators():
+    """Unmeasured cells: the 4096-wide bf16 winners stand (fwd 2 rows x 8 warps, bwd 2 x 4, bwd_bwd 2 x 16);
+    wider backward rows get warps enough for <= 32 accumulator columns per thread (the 4-warp rule gave
+    64 at 8192, where LayerNorm's backward was measured far below its anchors)."""
+    from ofa_kernels.triton.norm import default_warps
+
+    assert [default_warps(k, 2, 4096) for k in ("fwd", "bwd", "bwd_bwd")] == [8, 4, 16]
+    assert [default_warps("bwd", 1, n) for n in (8192, 16384)] == [8, 16]
+    assert default_warps("bwd", 4, 2048) == 4 and default_warps("fwd", 1, 64) == 1
+    assert all(w & (w - 1) == 0 for k in ("fwd", "bwd", "bwd_bwd") for m in (1, 2, 3, 16) for n in (16, 1000, 16384)
+               for w in [default_warps(k, m, n)])  # Triton wants a power of two

@@ -422,6 +422,21 @@ def _sm_count(index: int) -> int:
 # (``tuning.py``) has no entry. From benchmarks/tune_norm.py on an H200 at width 4096, bf16 (winners:
 # fwd 2 rows x 8 warps, bwd 2 x 4, bwd_bwd 2 x 16, 2 programs per SM).
 _ELEMS_PER_WARP = {"fwd": 1024, "bwd": 2048, "bwd_bwd": 512}
+# A register cap the 4096-wide rule does not see: the backward kernels keep fp32 dW (and dB)
+# accumulators of BLOCK_N columns across their whole row loop, spread over the program's threads; at
+# most _ACC_PER_THREAD each (32 at the 4096 winner). The 4-warp rule gave 64 at 8192, where LayerNorm's
+# backward (two accumulators) ran at 11% of copy in fp32 and at 1.8x Liger's time in bf16 (Liger uses
+# 16 warps there). Reasoned from those measurements; not yet swept at 8192.
+_ACC_PER_THREAD = 32
+
+
+def default_warps(kernel: str, block_m: int, block_n: int) -> int:
+    """Warps for a ``block_m`` x ``block_n`` tile when nothing was measured: the elements-per-warp rule,
+    and for the backward kernels at least enough warps to hold the weight-gradient accumulators."""
+    warps = block_m * block_n // _ELEMS_PER_WARP[kernel]
+    if kernel == "bwd":
+        warps = max(warps, block_n // (32 * _ACC_PER_THREAD))
+    return max(1, min(16, next_power_of_2(warps)))
 
 
 def _config(x: torch.Tensor, kernel: str, max_block_n: int | None, rows_per_program: int | None,
@@ -448,7 +463,7 @@ def _config(x: torch.Tensor, kernel: str, max_block_n: int | None, rows_per_prog
         rows_per_program = max(1, min(16 if on_gpu else 64, budget // block_n)) if single else 1
     block_m = next_power_of_2(rows_per_program)
     if num_warps is None:
-        num_warps = max(1, min(16, block_m * block_n // _ELEMS_PER_WARP[kernel]))
+        num_warps = default_warps(kernel, block_m, block_n)
     n_tiles = cdiv(M, block_m)
     persistent = _sm_count(x.device.index or 0) * (programs_per_sm or 2) if on_gpu else 4
     return block_m, block_n, single, num_warps, max(1, min(n_tiles, persistent))
