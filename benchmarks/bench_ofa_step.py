@@ -260,7 +260,17 @@ def main(argv: list[str] | None = None) -> int:
     shapes = [tuple(int(v) for v in s.split("x")) for s in (("2x16",) if args.smoke else args.shapes.split(","))]
     reps = 1 if args.smoke else args.reps
     vocab = SHAPES[shape]["vocab_size"]
-    rows = []
+    rows, protocol = [], []
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = "cpu" if device.type == "cpu" else "gpu"
+
+    def save(latest: dict) -> None:
+        """Prints the latest result and rewrites the tables, so a run cut short keeps what it measured."""
+        print(latest, flush=True)
+        (out / f"ofa_step_{tag}.json").write_text(json.dumps({"stamp": stamp(device), "rows": rows,
+                                                              "protocol": protocol}, indent=1))
+        (out / f"ofa_step_{tag}.md").write_text(table(rows) + "\n\n" + protocol_table(protocol) + "\n")
 
     model = _model(shape, dtype, device)
     ofa_kernels.patch_model(model)
@@ -272,12 +282,12 @@ def main(argv: list[str] | None = None) -> int:
         for name, arm, estimator, K in OURS:
             r = _measure(_ours(model, batch, arm, estimator, K, args.max_memory), device, reps)
             rows.append({"impl": "ofa_kernels", "arm": name, "B": B, "T": T, **r})
-            print(rows[-1], flush=True)
+            save(rows[-1])
         for name, arm, estimator, K in OURS:
             if name in PLAIN:
                 r = _measure(_ours(model, batch, arm, estimator, K, None, lean=False), device, reps)
                 rows.append({"impl": "ofa_kernels plain", "arm": name, "B": B, "T": T, **r})
-                print(rows[-1], flush=True)
+                save(rows[-1])
         for name, arm, estimator, K in OURS:
             try:
                 step = _captured(model, batch, arm, estimator, K, device)
@@ -286,8 +296,7 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as exc:  # noqa: BLE001 - a step that does not capture is a result
                 r = {"ms": None, "peak_gib": None, "note": f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"}
             rows.append({"impl": "ofa_kernels captured", "arm": name, "B": B, "T": T, **r})
-            print(rows[-1], flush=True)
-    protocol = []
+            save(rows[-1])
     limit = 4 if args.smoke else args.protocol_steps
     for captured in (False, True):
         try:
@@ -295,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:  # noqa: BLE001 - a run that fails is a result
             protocol.append({"impl": "captured" if captured else "eager",
                              "error": f"{type(exc).__name__}: {exc}"[:200]})
-        print(protocol[-1], flush=True)
+        save(protocol[-1])
     if not args.skip_reference:
         from peft import LNTuningConfig, get_peft_model
 
@@ -309,15 +318,8 @@ def main(argv: list[str] | None = None) -> int:
             for name, K in REFERENCE:
                 r = _measure(_reference(ref, batch, K, gammas), device, reps)
                 rows.append({"impl": "authors-style", "arm": name, "B": B, "T": T, **r})
-                print(rows[-1], flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tag = "cpu" if device.type == "cpu" else "gpu"
-    (out / f"ofa_step_{tag}.json").write_text(json.dumps({"stamp": stamp(device), "rows": rows,
-                                                          "protocol": protocol}, indent=1))
-    text = table(rows) + "\n\n" + protocol_table(protocol) + "\n"
-    (out / f"ofa_step_{tag}.md").write_text(text)
-    print(text)
+                save(rows[-1])
+    print(table(rows) + "\n\n" + protocol_table(protocol))
     return 0
 
 
