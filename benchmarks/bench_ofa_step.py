@@ -180,8 +180,8 @@ def protocol_run(model, vocab: int, device: torch.device, captured: bool, limit:
             parts = steps.step(step_batch([prompt], [label], 0, device, bucket=graphs.BUCKET, label_width=label_width))
         else:
             optimizer.zero_grad(set_to_none=True)
-            parts = training_step(model, step_batch([prompt], [label], 0, device), options, gammas, seed,
-                                  memory_efficient=False)
+            batch = step_batch([prompt], [label], 0, device, masks_when_unpadded=False)  # as the trainer's eager step
+            parts = training_step(model, batch, options, gammas, seed, memory_efficient=False)
             optimizer.step()
         seed.add_(1)
         scheduler.step()

@@ -135,17 +135,23 @@ def preconditioners(model: nn.Module) -> list[Tensor]:
 # ----------------------------------------------------------------------------------- recording
 
 
-def input_batch(batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
-    """(input_ids, attention_mask) of a batch dictionary; a missing mask means every token is real."""
+def input_batch(batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor | None]:
+    """(input_ids, attention_mask) of a batch dictionary. A missing mask (None) means every token is real;
+    it is passed to the model as None, which needs no look at the mask's values."""
     if "input_ids" not in batch:
         raise ValueError("batch must hold 'input_ids' (and 'attention_mask')")
     ids = batch["input_ids"]
     mask = batch.get("attention_mask")
-    if mask is None:
-        mask = torch.ones_like(ids)
-    if mask.shape != ids.shape:
+    if mask is not None and mask.shape != ids.shape:
         raise ValueError(f"batch['attention_mask'] has shape {tuple(mask.shape)}, expected {tuple(ids.shape)}")
     return ids, mask
+
+
+def positions_of(input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
+    """Each sequence's last real token: from the mask, or the last column when there is none."""
+    if attention_mask is None:
+        return torch.full((input_ids.shape[0],), input_ids.shape[1] - 1, dtype=torch.long, device=input_ids.device)
+    return last_positions(attention_mask)
 
 
 def last_positions(attention_mask: Tensor) -> Tensor:
@@ -195,7 +201,7 @@ class StateTap:
         self.final_full = h  # [B, T, d]: callers that score other positions (label tokens) read it
         self.final = self._take(h)
 
-    def run(self, input_ids: Tensor, attention_mask: Tensor) -> list[Tensor]:
+    def run(self, input_ids: Tensor, attention_mask: Tensor | None) -> list[Tensor]:
         """Runs the base model; returns ``[H_0, .., H_L]`` at the positions (H_t as block t received it)."""
         handles = [b.register_forward_pre_hook(self._pre(t), with_kwargs=True) for t, b in enumerate(self.st.blocks)]
         handles.append(self.st.base.register_forward_hook(self._post, with_kwargs=True))
@@ -218,6 +224,6 @@ def last_token_states(model: nn.Module, batch: Mapping[str, Tensor], positions: 
     ``return_final`` also returns the full final hidden states ``[B, T, d]`` (for label scoring).
     """
     ids, mask = input_batch(batch)
-    tap = StateTap(structure(model), last_positions(mask) if positions is None else positions, None)
+    tap = StateTap(structure(model), positions_of(ids, mask) if positions is None else positions, None)
     states = tap.run(ids, mask)
     return (states, tap.final_full) if return_final else states

@@ -51,7 +51,7 @@ from torch.autograd import forward_ad
 from torch.overrides import TorchFunctionMode
 
 from . import rng
-from .anatomy import Structure, StateTap, input_batch, last_positions, preconditioners, structure
+from .anatomy import Structure, StateTap, input_batch, positions_of, preconditioners, structure
 from .memory import recompute_under
 from .ops.probe import perturb, probe_dot, probe_rows
 
@@ -172,7 +172,7 @@ def _counters(positions: Tensor, T: int, d: int, K: int, row_offset: int = 0) ->
 
 def _repeat(batch: tuple[Tensor, Tensor, Tensor], K: int) -> tuple[Tensor, Tensor, Tensor]:
     ids, mask, pos = batch
-    return ids.repeat(K, 1), mask.repeat(K, 1), pos.repeat(K)
+    return ids.repeat(K, 1), None if mask is None else mask.repeat(K, 1), pos.repeat(K)
 
 
 def _fd(st, batch, pr: _Probing, first: int, K: int, clean: list[Tensor]) -> Tensor:
@@ -338,7 +338,7 @@ def sharpness_terms(
     if not layers or any(not 0 <= t < L for t in layers) or len(set(layers)) != len(layers):
         raise ValueError(f"layers must be distinct block indices in [0, {L - 1}], got {layers}")
     ids, mask = input_batch(batch)
-    pos = batch["positions"] if "positions" in batch else last_positions(mask)  # given: no check read back
+    pos = batch["positions"] if "positions" in batch else positions_of(ids, mask)  # given: no check read back
     low_precision = _model_dtype(st) in (torch.bfloat16, torch.float16)
     scale_by_rms = eps_scale == "rms" or (eps_scale == "auto" and low_precision)
     if eps is None:

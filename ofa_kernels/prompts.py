@@ -74,7 +74,8 @@ def padded_width(longest: int, bucket: int | None) -> int:
 
 def step_batch(prompt_ids: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]], pad_token: int, device,
                *, with_continuations: bool = True, bucket: int | None = None,
-               rows: slice = slice(None), label_width: int | None = None) -> dict[str, torch.Tensor]:
+               rows: slice = slice(None), label_width: int | None = None,
+               masks_when_unpadded: bool = True) -> dict[str, torch.Tensor]:
     """Every tensor a training (or scoring) step needs, built on the host and copied to ``device`` in
     one go (pinned, asynchronous on CUDA), so the step itself builds nothing from host data:
 
@@ -89,6 +90,9 @@ def step_batch(prompt_ids: Sequence[Sequence[int]], continuations: Sequence[Sequ
     shapes (what a captured CUDA graph needs); padding is masked and changes no value. ``rows`` keeps a
     block of the batch (a data-parallel shard), padded to the whole batch's widths. ``label_width``
     sizes the label index for continuations up to that long (default: the longest one here).
+    ``masks_when_unpadded=False`` leaves out the mask of a group with no padding (one sequence per step,
+    say): the model then gets ``attention_mask=None``, which means the same and spares transformers'
+    check that the mask is all ones (a read of device memory on every forward).
     """
     if not prompt_ids or len(continuations) != len(prompt_ids) or any(not c for c in continuations) \
             or any(not q for q in prompt_ids):
@@ -106,7 +110,9 @@ def step_batch(prompt_ids: Sequence[Sequence[int]], continuations: Sequence[Sequ
         for i, r in enumerate(kept):
             ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
             mask[i, : len(r)] = 1
-        host[f"{name}_ids"], host[f"{name.replace('input', 'attention')}_mask"] = ids, mask
+        host[f"{name}_ids"] = ids
+        if masks_when_unpadded or any(len(r) < widths[name] for r in kept):
+            host[f"{name.replace('input', 'attention')}_mask"] = mask
     host["positions"] = torch.tensor([len(q) - 1 for q in prompt_ids], dtype=torch.long)
     cols = torch.zeros(n, longest, dtype=torch.long)
     tokens = torch.zeros(n, longest, dtype=torch.long)

@@ -208,7 +208,8 @@ def _batch_of_pairs(tokenizer, task: Task, pairs, options: AdaptOptions, label_i
     targets = [label_ids[q.label] for _, q in pairs]
     return step_batch(prompt_ids, targets, padding_id(tokenizer), device,
                       with_continuations=options.scoring == "full", rows=rows, bucket=bucket,
-                      label_width=max(len(t) for t in label_ids) if bucket else None)
+                      label_width=max(len(t) for t in label_ids) if bucket else None,
+                      masks_when_unpadded=bucket is not None)  # eager steps: no mask to check when unpadded
 
 
 def training_step(model: nn.Module, batch: dict, options: AdaptOptions, gammas: Sequence[torch.Tensor],
@@ -242,8 +243,7 @@ def training_step(model: nn.Module, batch: dict, options: AdaptOptions, gammas: 
             torch.cuda.reset_peak_memory_stats(device)
             before = torch.cuda.memory_allocated(device)
         states, hidden = last_token_states(
-            model, {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}, batch["positions"],
-            return_final=True)
+            model, _model_inputs(batch, "input_ids", "attention_mask"), batch["positions"], return_final=True)
         if full:  # token-level CE of the whole label word
             ce = -indexed_log_probs(hidden, st.head, batch).mean()
         else:
@@ -257,8 +257,7 @@ def training_step(model: nn.Module, batch: dict, options: AdaptOptions, gammas: 
         if not use_s:
             (clean_loss * loss_scale).backward()
             return _detached({"loss": clean_loss, **parts})
-        s_batch = {"input_ids": batch["prompt_input_ids"], "attention_mask": batch["prompt_attention_mask"],
-                   "positions": batch["positions"]}
+        s_batch = {**_model_inputs(batch, "prompt_input_ids", "prompt_attention_mask"), "positions": batch["positions"]}
         if options.estimator == "hvp":
             s_batch["labels"] = batch["first_tokens"]
         probe_args = dict(estimator=options.estimator, distribution=options.distribution, eps=options.eps, seed=seed,
@@ -291,6 +290,11 @@ def training_step(model: nn.Module, batch: dict, options: AdaptOptions, gammas: 
                                         if leaf.grad is not None)
         (surrogate * loss_scale).backward()
     return _detached({"loss": clean_loss.detach() + options.lambda_s * s_value, **parts, "S": s_value})
+
+
+def _model_inputs(batch: dict, ids: str, mask: str) -> dict[str, torch.Tensor]:
+    """``input_ids`` (and ``attention_mask`` where the batch has one: none means no padding)."""
+    return {"input_ids": batch[ids], **({"attention_mask": batch[mask]} if mask in batch else {})}
 
 
 def _detached(parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import DEVICE
 
-from ofa_kernels import memory, objectives
+from ofa_kernels import anatomy, memory, objectives
 from ofa_kernels.patch import patch_model
 from ofa_kernels.prompts import step_batch
 from ofa_kernels.trainer import AdaptOptions, norm_parameters, training_step
@@ -133,7 +133,7 @@ def test_a_training_step_reads_nothing_back_to_the_host(monkeypatch, estimator, 
     for name in ("item", "tolist", "__float__", "__int__"):
         monkeypatch.setattr(torch.Tensor, name, refuse(name))
     monkeypatch.setattr(torch, "tensor", refuse("torch.tensor"))  # nor a tensor built from host values
-    monkeypatch.setattr(objectives, "last_positions", refuse("last_positions"))  # its check reads the mask back
+    monkeypatch.setattr(anatomy, "last_positions", refuse("last_positions"))  # its check reads the mask back
     out = training_step(model, batch, options, gammas, seed, memory_efficient=lean, probes_per_pass=1)
     monkeypatch.undo()
     assert not reads

@@ -313,3 +313,42 @@ def test_auto_falls_back_to_eager_steps_when_a_capture_fails(tokenizer, sst2, mo
         torch.testing.assert_close(auto.weights[name], w, **tol, msg=name)
     with pytest.raises(graphs.CaptureError, match="stream is capturing"):
         adapt(_tiny(len(tokenizer)).to(dtype), tokenizer, sst2, AdaptOptions(**{**vars(options), "cuda_graphs": "on"}))
+
+
+@pytest.mark.parametrize("estimator", ["fd", "hvp"])
+def test_an_unpadded_eager_step_gives_the_model_no_mask_and_the_same_loss(estimator):
+    """One sequence per step (the paper's protocol) has no padding: the eager step leaves the masks out,
+    so the model gets attention_mask=None (transformers then reads nothing back to check the mask) in
+    every pass, with the loss and norm gradients of the masked step. A padded batch keeps its masks."""
+    from ofa_kernels.anatomy import preconditioners
+    from ofa_kernels.prompts import step_batch
+    from ofa_kernels.trainer import training_step
+
+    model = _tiny(50).double()
+    norms = [p for n, p in model.named_parameters() if "norm" in n]
+    for p in model.parameters():
+        p.requires_grad_(p in set(norms))
+    gammas = preconditioners(model)
+    options = AdaptOptions(arm="ofa", estimator=estimator, num_probes=2)
+    masks = []
+    model.model.register_forward_pre_hook(lambda m, a, kw: masks.append(kw.get("attention_mask")), with_kwargs=True)
+
+    def step(batch):
+        for p in norms:
+            p.grad = None
+        parts = training_step(model, batch, options, gammas, torch.tensor(7, device=DEVICE))
+        return parts, [p.grad.clone() for p in norms]
+
+    prompt, label = [[3, 9, 4, 11, 7]], [[5, 6]]
+    bare = step_batch(prompt, label, 0, DEVICE, masks_when_unpadded=False)
+    assert "attention_mask" not in bare and "prompt_attention_mask" not in bare
+    masks.clear()
+    got, got_grads = step(bare)
+    assert masks and all(m is None for m in masks)  # clean pass and probe passes alike
+    want, want_grads = step(step_batch(prompt, label, 0, DEVICE))
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-10, atol=1e-12)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
+    padded = step_batch([[3, 9, 4], [3, 9, 4, 11, 7]], [[5], [6, 2]], 0, DEVICE, masks_when_unpadded=False)
+    assert {"attention_mask", "prompt_attention_mask"} <= padded.keys()
