@@ -106,8 +106,9 @@ def norm_bwd(
     dw_dtype: torch.dtype | None = None,
     db_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """Returns ``(dx, dw, db)``: dx in x's dtype, dw and db in ``dw_dtype``/``db_dtype`` (default: the
-    accumulation dtype); None where not needed."""
+    """Returns ``(dx, dw, db)``: dx in x's dtype, dw and db in the accumulation dtype; None where not needed.
+    ``dw_dtype``/``db_dtype`` (the parameters' dtypes) are for backends that write them directly; here the
+    caller's cast does it."""
     acc = acc_dtype(x.dtype)
     dy32 = dy.to(acc)
     xhat = _xhat(x, mean, rstd, is_rms)
@@ -125,11 +126,7 @@ def norm_bwd(
         dw = (dy32 * xw).sum(0)
     if need_db:
         db = dy32.sum(0)
-    return dx, _in(dw, dw_dtype), _in(db, db_dtype)
-
-
-def _in(t: Tensor | None, dtype: torch.dtype | None) -> Tensor | None:
-    return t if t is None or dtype is None or t.dtype == dtype else t.to(dtype)
+    return dx, dw, db
 
 
 def norm_bwd_bwd(

@@ -58,7 +58,8 @@ def _parts(parts, x, needed, N, acc):
 
 def norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, cast_mode, need_dx, need_dw, need_db, *, dw_dtype=None,
              db_dtype=None):
-    """(dx, dw, db): dw/db in ``dw_dtype``/``db_dtype`` (default: the accumulation dtype)."""
+    """(dx, dw, db): dw/db in the accumulation dtype (``dw_dtype``/``db_dtype`` are for backends that write
+    the parameters' dtypes directly; the caller casts these)."""
     M, N = x.shape
     acc = _acc(x.dtype)
     dy = _partner(dy, x)
@@ -69,15 +70,14 @@ def norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, cast_mode, need_dx, need
     if M or need_dw or need_db:
         _C().norm_bwd(dy, x, _vec(weight, acc), mean if not is_rms else rstd, rstd, dx, dw_part, db_part,
                       parts, offset, is_rms, _CAST_CODE[cast_mode])
-    return dx, _summed(dw_part, dw_dtype), _summed(db_part, db_dtype)
+    return dx, _summed(dw_part), _summed(db_part)
 
 
-def _summed(part: torch.Tensor | None, dtype: torch.dtype | None = None) -> torch.Tensor | None:
-    """The sum over the partial rows (one part is the result itself), in ``dtype`` when given."""
+def _summed(part: torch.Tensor | None) -> torch.Tensor | None:
+    """The sum over the partial rows (one part is the result itself)."""
     if part is None:
         return None
-    total = part[0] if part.shape[0] == 1 else part.sum(0)
-    return total if dtype is None or total.dtype == dtype else total.to(dtype)
+    return part[0] if part.shape[0] == 1 else part.sum(0)
 
 
 def norm_bwd_bwd(dy, x, weight, mean, rstd, grad_dx, grad_dw, grad_db, offset, is_rms, need_ddy, need_dx, need_dw):

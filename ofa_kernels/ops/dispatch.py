@@ -27,7 +27,6 @@ FAMILIES = ("norm", "probe")
 _PACKAGE = {"torch": "eager", "triton": "triton", "cpu": "native", "cuda": "native"}
 
 AUTO_TABLE_PATH = Path(__file__).with_name("auto_backends.json")
-STAGES = ("fwd", "bwd", "bwd_bwd")
 
 
 @functools.lru_cache(maxsize=None)
@@ -141,9 +140,10 @@ def backends() -> dict[str, dict[str, object]]:
     for name in BACKEND_NAMES[1:]:
         module, reason = _load(name)
         report[name] = {"available": module is not None, "detail": reason}
+    measured = f"measured for {', '.join(sorted(auto_table()))}" if auto_table() else "nothing measured yet: triton"
     report["auto"] = {
         "available": True,
         "detail": "CPU tensors: cpu if built, else torch; CUDA tensors: triton or cuda by a measured table "
-                  f"per GPU, op, stage, dtype and width ({'measured for ' + ', '.join(sorted(auto_table())) if auto_table() else 'none measured yet: triton'}); OFA_BACKEND overrides",
+                  f"per GPU, op, stage, dtype and width ({measured}); OFA_BACKEND overrides",
     }
     return report

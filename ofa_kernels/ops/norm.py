@@ -77,7 +77,8 @@ def _call_fwd(x, weight, bias, eps, offset, is_rms, cast_mode, backend):
 
 def _call_bwd(dy, x, weight, mean, rstd, offset, is_rms, cast_mode, need_dx, need_dw, need_db, backend,
               dw_dtype=None, db_dtype=None):
-    """(dx, dw, db); None where not needed. dw/db in the accumulation dtype unless dtypes are given."""
+    """(dx, dw, db); None where not needed. dw/db in the accumulation dtype, or in the dtypes given where
+    the backend writes those directly (``_fwd_stage_backward`` casts the rest)."""
     impl = dispatch.resolve(backend, x.device, "norm", x.shape[-1], x.dtype, _OPS[is_rms][1])
     return impl.norm_bwd(_row_major(dy), x, weight, mean, rstd, offset, is_rms, cast_mode, need_dx,
                          need_dw and weight is not None, need_db, dw_dtype=dw_dtype, db_dtype=db_dtype)

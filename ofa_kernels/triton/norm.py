@@ -532,8 +532,9 @@ def norm_fwd(x, weight, bias, eps, offset, is_rms, cast_mode, out_dtype, *, max_
 def norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, cast_mode, need_dx, need_dw, need_db, *,
              dw_dtype=None, db_dtype=None, max_block_n=None, rows_per_program=None, num_warps=None,
              programs_per_sm=None, reduce_in_kernel=None):
-    """Returns (dx in x.dtype, dw, db); None where not needed. dw/db in ``dw_dtype``/``db_dtype`` (default:
-    the accumulation dtype), written in that dtype by the kernel where it sums the partials itself."""
+    """Returns (dx in x.dtype, dw, db); None where not needed. Where the kernel sums the partials itself it
+    writes dw/db in ``dw_dtype``/``db_dtype`` (the parameters'); a separate sum leaves them in the
+    accumulation dtype, for the caller to cast."""
     M, N = x.shape
     acc = acc_torch_dtype(x.dtype)
     dw_dtype, db_dtype = dw_dtype or acc, db_dtype or acc
@@ -541,7 +542,7 @@ def norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, cast_mode, need_dx, need
                                                            programs_per_sm)
     dx = torch.empty((M, N), dtype=x.dtype, device=x.device) if need_dx else None
     if M == 0:
-        return dx, x.new_zeros(N, dtype=dw_dtype) if need_dw else None, x.new_zeros(N, dtype=db_dtype) if need_db else None
+        return dx, x.new_zeros(N, dtype=acc) if need_dw else None, x.new_zeros(N, dtype=acc) if need_db else None
     reduce = (need_dw or need_db) and _in_kernel(reduce_in_kernel, x, "bwd", n_progs)
     counter = _ticket_counter(x.device) if reduce else None
     reduce = counter is not None
@@ -560,7 +561,7 @@ def norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, cast_mode, need_dx, need
          block_m, block_n, single, reduce),
         num_warps)
     if not reduce:
-        dw, db = _reduce(dw_part, dw_dtype), _reduce(db_part, db_dtype)
+        dw, db = _reduce(dw_part), _reduce(db_part)
     return dx, dw, db
 
 
@@ -607,10 +608,6 @@ def _partials(needed, single, n_progs, N, dtype, device):
     return (torch.empty if single else torch.zeros)((n_progs, N), dtype=dtype, device=device)
 
 
-def _reduce(partials: torch.Tensor | None, dtype: torch.dtype | None = None) -> torch.Tensor | None:
-    """Sums the per-program partial rows in a fixed order (deterministic), in a launch of its own (and
-    casts to ``dtype`` in another, when given and different)."""
-    if partials is None:
-        return None
-    total = partials.sum(0)
-    return total if dtype is None or total.dtype == dtype else total.to(dtype)
+def _reduce(partials: torch.Tensor | None) -> torch.Tensor | None:
+    """Sums the per-program partial rows in a fixed order (deterministic), in a launch of its own."""
+    return None if partials is None else partials.sum(0)
