@@ -275,9 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if args.write_auto_table and device.type == "cuda":
         from ofa_kernels.ops import dispatch
+        from ofa_kernels.triton import tuning
 
-        major, minor = torch.cuda.get_device_capability(device)
-        found = auto_table_from(rows, f"sm{major}{minor}")
+        found = auto_table_from(rows, tuning.arch(device))  # "sm90": the key both tables use
         write_auto_table(found, dispatch.AUTO_TABLE_PATH)
         print(f"auto backend table: {json.dumps(found)} -> {dispatch.AUTO_TABLE_PATH}")
     return 0
