@@ -1,8 +1,13 @@
 // Shared device helpers: type conversion, 16-byte vector access, block reductions, launch sizing.
+// With OFA_CUDA_EMU the same code compiles as C++ against a CPU emulation (csrc/emu/cuda_emu.h).
 #pragma once
+#ifdef OFA_CUDA_EMU
+#include "../emu/cuda_emu.h"
+#else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#endif
 
 #include <cstdint>
 #include <stdexcept>
@@ -72,6 +77,30 @@ __device__ __forceinline__ void block_sum(A (&v)[K], A* scratch) {
 #pragma unroll
   for (int k = 0; k < K; ++k) v[k] = scratch[k];
   __syncthreads();
+}
+
+// The block's dynamic shared memory (sized by the launch).
+__device__ __forceinline__ unsigned char* dynamic_smem() {
+#ifdef OFA_CUDA_EMU
+  return ofa_emu_dynamic_smem();
+#else
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  return smem_raw;
+#endif
+}
+
+// Launches kernel<<<grid, threads, smem, stream>>>(args...) (run on the CPU emulation with OFA_CUDA_EMU).
+template <typename... P, typename... Args>
+void launch_kernel(void (*kernel)(P...), int64_t grid, int threads, size_t smem, CUstream_st* stream,
+                   Args&&... args) {
+#ifdef OFA_CUDA_EMU
+  (void)stream;
+  ofa_emu::run(static_cast<unsigned>(grid), static_cast<unsigned>(threads), smem,
+               [&] { kernel(static_cast<P>(args)...); });
+#else
+  kernel<<<static_cast<unsigned>(grid), threads, smem, reinterpret_cast<cudaStream_t>(stream)>>>(
+      static_cast<P>(args)...);
+#endif
 }
 
 inline void check(cudaError_t err, const char* what) {

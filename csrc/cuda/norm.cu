@@ -156,7 +156,7 @@ __global__ void norm_bwd_kernel(const TY* __restrict__ dy, int64_t dys, const TX
                                 typename AccOf<TX>::type* dw_part, typename AccOf<TX>::type* db_part, int64_t M,
                                 int64_t N, typename AccOf<TX>::type offset, bool is_rms, int cast_mode, bool in_smem) {
   using A = typename AccOf<TX>::type;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  unsigned char* smem_raw = dynamic_smem();
   __shared__ A scratch[64];
   A* smem = reinterpret_cast<A*>(smem_raw);
   const bool need_dw = dw_part != nullptr, need_db = db_part != nullptr;
@@ -215,7 +215,7 @@ __global__ void norm_bwd_bwd_kernel(const TY* __restrict__ dy, int64_t dys, cons
                                     typename AccOf<TX>::type* dw_part, int64_t M, int64_t N,
                                     typename AccOf<TX>::type offset, bool is_rms, bool in_smem) {
   using A = typename AccOf<TX>::type;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  unsigned char* smem_raw = dynamic_smem();
   __shared__ A scratch[32 * 7];
   const bool need_dw = dw_part != nullptr;
   Accum<A, V, ITEMS> dw_acc;
@@ -415,10 +415,9 @@ void cuda_norm_fwd(const NormShape& s, const NormPtrs& p, void* y, int64_t y_str
       constexpr int IT = decltype(it)::value;
       auto go = [&](auto kernel) {
         const int64_t grid = clamp_rows(s.M, resident(kernel, pl.threads, 0));
-        kernel<<<static_cast<unsigned>(grid), pl.threads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
-            static_cast<const TX*>(p.x), p.x_stride, static_cast<TY*>(y), y_stride, static_cast<const A*>(p.w),
-            static_cast<const A*>(p.b), static_cast<A*>(p.mean), static_cast<A*>(p.rstd), s.M, s.N, A(eps),
-            A(s.offset), s.is_rms, cast_mode);
+        launch_kernel(kernel, grid, pl.threads, 0, stream, static_cast<const TX*>(p.x), p.x_stride,
+            static_cast<TY*>(y), y_stride, static_cast<const A*>(p.w), static_cast<const A*>(p.b),
+            static_cast<A*>(p.mean), static_cast<A*>(p.rstd), s.M, s.N, A(eps), A(s.offset), s.is_rms, cast_mode);
       };
       if (vec) go(norm_fwd_kernel<TX, TY, VV, IT>); else go(norm_fwd_kernel<TX, TY, 1, IT>);
     });
@@ -443,7 +442,7 @@ void cuda_norm_bwd(const NormShape& s, const NormPtrs& p, const void* dy, int64_
     with_items(pl.items, [&](auto it) {
       constexpr int IT = decltype(it)::value;
       auto go = [&](auto kernel) {
-        kernel<<<num_parts, pl.threads, in_smem ? smem : 0, reinterpret_cast<cudaStream_t>(stream)>>>(
+        launch_kernel(kernel, num_parts, pl.threads, in_smem ? smem : 0, stream,
             static_cast<const TY*>(dy), dy_stride, static_cast<const TX*>(p.x), p.x_stride,
             static_cast<const A*>(p.w), static_cast<const A*>(p.mean), static_cast<const A*>(p.rstd),
             static_cast<TX*>(dx), dx_stride, static_cast<A*>(dw_part), static_cast<A*>(db_part), s.M, s.N,
@@ -473,7 +472,7 @@ void cuda_norm_bwd_bwd(const NormShape& s, const NormPtrs& p, const void* dy, in
     with_items(pl.items, [&](auto it) {
       constexpr int IT = decltype(it)::value;
       auto go = [&](auto kernel) {
-        kernel<<<num_parts, pl.threads, in_smem ? smem : 0, reinterpret_cast<cudaStream_t>(stream)>>>(
+        launch_kernel(kernel, num_parts, pl.threads, in_smem ? smem : 0, stream,
             static_cast<const TY*>(dy), dy_stride, static_cast<const TX*>(p.x), p.x_stride,
             static_cast<const A*>(p.w), static_cast<const A*>(p.mean), static_cast<const A*>(p.rstd),
             static_cast<const TX*>(a), a_stride, static_cast<const A*>(bw), static_cast<const A*>(e),

@@ -63,9 +63,9 @@ void launch(const void* x, int64_t xs, void* y, int64_t ys, const void* gamma, v
   using A = typename AccOf<T>::type;
   const int threads = threads_for(N, 1) > 256 ? 256 : threads_for(N, 1);
   const int64_t cap = int64_t(sm_count()) * 8, grid = M < cap ? M : cap;
-  perturb_kernel<T><<<static_cast<unsigned>(grid), threads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
-      static_cast<const T*>(x), xs, static_cast<T*>(y), ys, static_cast<const A*>(gamma), static_cast<A*>(scale), keys,
-      M, N, rpp, off, eps, by_rms, add_x, gaussian);
+  launch_kernel(perturb_kernel<T>, grid, threads, 0, stream, static_cast<const T*>(x), xs, static_cast<T*>(y), ys,
+                static_cast<const A*>(gamma), static_cast<A*>(scale), keys, M, N, rpp, off, eps, by_rms, add_x,
+                gaussian);
   check(cudaGetLastError(), "probe_perturb launch");
 }
 

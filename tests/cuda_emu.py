@@ -1,0 +1,106 @@
+"""The CUDA kernels of csrc/cuda compiled as C++ against a CPU emulation (csrc/emu), for tests.
+
+``build(dir)`` compiles them with g++ into a shared library; ``EmulatedCuda`` wraps it with the same
+methods as the compiled extension ``ofa_kernels._C`` (the tensors are CPU tensors standing in for device
+memory), so ``ofa_kernels.native``'s wrappers run the CUDA kernels unchanged.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import subprocess
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+_FLAGS = ["-std=c++20", "-O1", "-fPIC", "-pthread", "-DOFA_WITH_CUDA", "-DOFA_CUDA_EMU"]
+_DTYPE = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
+
+
+def build(out_dir: Path) -> Path:
+    """Compiles csrc/cuda/*.cu and csrc/emu/entry.cpp (in parallel) and links them; returns the library."""
+    sources = sorted((ROOT / "csrc" / "cuda").glob("*.cu")) + [ROOT / "csrc" / "emu" / "entry.cpp"]
+    objects, jobs = [], []
+    for src in sources:
+        obj = out_dir / (src.name + ".o")
+        lang = ["-x", "c++"] if src.suffix == ".cu" else []
+        jobs.append(subprocess.Popen(["g++", *_FLAGS, "-c", *lang, str(src), "-o", str(obj)],
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        objects.append(obj)
+    for job, src in zip(jobs, sources):
+        out, _ = job.communicate()
+        if job.returncode:
+            raise RuntimeError(f"g++ failed on {src.name}:\n{out}")
+    lib = out_dir / "libofa_cuda_emu.so"
+    subprocess.run(["g++", "-shared", "-pthread", *map(str, objects), "-o", str(lib)], check=True)
+    return lib
+
+
+def _p(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _s(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.stride(0)
+
+
+class EmulatedCuda:
+    """The ``ofa_kernels._C`` interface on the emulated CUDA kernels."""
+
+    def __init__(self, lib: Path, sm_count: int = 3, blocks_per_sm: int = 2):
+        self.lib = ctypes.CDLL(str(lib))
+        i64, i32, dbl, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_double, ctypes.c_void_p
+        sig = {
+            "emu_num_parts": (i64, i64, i32, i32, i32),
+            "emu_norm_fwd": (i64, i64, i32, dbl, i32, i32, ptr, i64, ptr, ptr, ptr, ptr, ptr, i64, dbl, i32),
+            "emu_norm_bwd": (i64, i64, i32, dbl, i32, i32, ptr, i64, ptr, ptr, ptr, ptr, i64, ptr, i64, ptr, ptr,
+                             i32, i32),
+            "emu_norm_bwd_bwd": (i64, i64, i32, dbl, i32, i32, ptr, i64, ptr, ptr, ptr, ptr, i64, ptr, i64, ptr,
+                                 ptr, ptr, i64, ptr, i64, ptr, i32),
+            "emu_probe_perturb": (i32, ptr, i64, ptr, i64, ptr, ptr, ptr, i64, i64, i64, i64, dbl, i32, i32, i32),
+        }
+        for name, args in sig.items():
+            fn = getattr(self.lib, name)
+            fn.argtypes, fn.restype = list(args), ctypes.c_int
+        self.lib.emu_error.restype = ctypes.c_char_p
+        self.lib.emu_configure(sm_count, blocks_per_sm)
+
+    def _ok(self, rc: int) -> None:
+        if rc:
+            raise RuntimeError(self.lib.emu_error().decode())
+
+    @staticmethod
+    def with_cuda() -> bool:
+        return True
+
+    def num_parts(self, x, y_like, double_backward):
+        parts = self.lib.emu_num_parts(x.shape[0], x.shape[1], _DTYPE[x.dtype], _DTYPE[y_like.dtype],
+                                       int(double_backward))
+        if parts < 0:
+            raise RuntimeError(self.lib.emu_error().decode())
+        return parts
+
+    def norm_fwd(self, x, w, b, y, mean, rstd, eps, offset, is_rms, cast_mode):
+        M, N = x.shape
+        self._ok(self.lib.emu_norm_fwd(M, N, is_rms, offset, _DTYPE[x.dtype], _DTYPE[y.dtype], _p(x), _s(x), _p(w),
+                                       _p(b), _p(mean), _p(rstd), _p(y), _s(y), eps, cast_mode))
+
+    def norm_bwd(self, dy, x, w, mean, rstd, dx, dw_part, db_part, parts, offset, is_rms, cast_mode):
+        M, N = x.shape
+        self._ok(self.lib.emu_norm_bwd(M, N, is_rms, offset, _DTYPE[x.dtype], _DTYPE[dy.dtype], _p(x), _s(x), _p(w),
+                                       _p(mean), _p(rstd), _p(dy), _s(dy), _p(dx), _s(dx), _p(dw_part), _p(db_part),
+                                       parts, cast_mode))
+
+    def norm_bwd_bwd(self, dy, x, w, mean, rstd, a, bw, e, d_dy, d_x, dw_part, parts, offset, is_rms):
+        M, N = x.shape
+        self._ok(self.lib.emu_norm_bwd_bwd(M, N, is_rms, offset, _DTYPE[x.dtype], _DTYPE[dy.dtype], _p(x), _s(x),
+                                           _p(w), _p(mean), _p(rstd), _p(dy), _s(dy), _p(a), _s(a), _p(bw), _p(e),
+                                           _p(d_dy), _s(d_dy), _p(d_x), _s(d_x), _p(dw_part), parts))
+
+    def probe_perturb(self, x, y, gamma, scale, keys, rows_per_probe, row_offset, eps, scale_by_rms, add_x,
+                      gaussian):
+        M, N = x.shape
+        self._ok(self.lib.emu_probe_perturb(_DTYPE[x.dtype], _p(x), _s(x), _p(y), _s(y), _p(gamma), _p(scale),
+                                            _p(keys), M, N, rows_per_probe, row_offset, eps, int(scale_by_rms),
+                                            int(add_x), int(gaussian)))
