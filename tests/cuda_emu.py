@@ -14,12 +14,13 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-_FLAGS = ["-std=c++20", "-O1", "-fPIC", "-pthread", "-DOFA_WITH_CUDA", "-DOFA_CUDA_EMU"]
+_FLAGS = ["-std=c++20", "-O1", "-fPIC", "-fno-gnu-unique", "-pthread", "-DOFA_WITH_CUDA", "-DOFA_CUDA_EMU"]
 _DTYPE = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
 
 
 def build(out_dir: Path) -> Path:
-    """Compiles csrc/cuda/*.cu and csrc/emu/entry.cpp (in parallel) and links them; returns the library."""
+    """Compiles csrc/cuda/*.cu and csrc/emu/entry.cpp (in parallel) and links them; returns the library.
+    ``-fno-gnu-unique``: a copy of the file loaded beside it keeps its own statics (GCC would share them)."""
     sources = sorted((ROOT / "csrc" / "cuda").glob("*.cu")) + [ROOT / "csrc" / "emu" / "entry.cpp"]
     objects, jobs = [], []
     for src in sources:
@@ -48,7 +49,10 @@ def _s(t: torch.Tensor | None) -> int:
 class EmulatedCuda:
     """The ``ofa_kernels._C`` interface on the emulated CUDA kernels."""
 
-    def __init__(self, lib: Path, sm_count: int = 3, blocks_per_sm: int = 2):
+    def __init__(self, lib: Path, sm_count: int = 3, blocks_per_sm: int = 2, max_threads_per_block: int = 1024):
+        """``lib``: from ``build`` (its launch caches live as long as the process: configure a copy of the
+        file for a differently sized emulated GPU). ``max_threads_per_block``: the limit the kernels'
+        registers allow, as ``cudaFuncGetAttributes`` reports it."""
         self.lib = ctypes.CDLL(str(lib))
         i64, i32, dbl, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_double, ctypes.c_void_p
         sig = {
@@ -64,7 +68,7 @@ class EmulatedCuda:
             fn = getattr(self.lib, name)
             fn.argtypes, fn.restype = list(args), ctypes.c_int
         self.lib.emu_error.restype = ctypes.c_char_p
-        self.lib.emu_configure(sm_count, blocks_per_sm)
+        self.lib.emu_configure(sm_count, blocks_per_sm, max_threads_per_block)
 
     def _ok(self, rc: int) -> None:
         if rc:

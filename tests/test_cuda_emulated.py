@@ -7,6 +7,8 @@ more rows than CTAs. Speed is a GPU question (benchmarks/); these check the inde
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -37,6 +39,10 @@ def emulated(tmp_path_factory):
 @pytest.fixture
 def cuda_kernels(emulated, monkeypatch):
     """ofa_kernels.native's wrappers calling the emulated CUDA kernels."""
+    return _use(emulated, monkeypatch)
+
+
+def _use(emulated, monkeypatch):
     monkeypatch.setattr(native, "_LOADED", [emulated])
     monkeypatch.setattr(native_probe, "load", lambda: (emulated, "emulated CUDA kernels"))
     return emulated
@@ -86,6 +92,33 @@ def _ids(case):
 
 @pytest.mark.parametrize("case", CASES, ids=_ids)
 def test_forward_backward_and_double_backward_match_plain_pytorch(cuda_kernels, case):
+    _check_all_stages(case)
+
+
+@pytest.mark.parametrize("rows", ["1", "2", "3", "8"])
+@pytest.mark.parametrize("case", [("vec, 1 item", torch.bfloat16, True, "llama", False),
+                                  ("scalar, 2-4 items", torch.float32, False, "none", True)], ids=_ids)
+def test_any_number_of_rows_per_cta(cuda_kernels, monkeypatch, case, rows):
+    """Short rows run several per CTA (one group of threads each); the count is forced here: 1 (a CTA per
+    row), 2 (13 rows over 6 CTAs: grid-stride), 3 (groups that are not a power of two), 8 (groups with
+    no row in the last CTA)."""
+    monkeypatch.setenv("OFA_CUDA_ROWS_PER_CTA", rows)
+    _check_all_stages(case)
+
+
+@pytest.mark.parametrize("case", [("vec, 4 items", torch.bfloat16, True, "llama", False),
+                                  ("scalar, 8 items", torch.float32, False, "none", False)], ids=_ids)
+def test_rows_whose_threads_the_registers_cannot_launch_take_the_looped_path(emulated, monkeypatch,
+                                                                              tmp_path, case):
+    """A kernel using over 64 registers per thread cannot launch 1024 threads (nor, here, over 64): the plan
+    asks cudaFuncGetAttributes and falls back to fewer rows per CTA, or to the looped path."""
+    lib = tmp_path / "small_register_file.so"
+    lib.write_bytes(Path(emulated.lib._name).read_bytes())  # a second copy: its own launch caches
+    _use(cuda_emu.EmulatedCuda(lib, max_threads_per_block=64), monkeypatch)
+    _check_all_stages(case)
+
+
+def _check_all_stages(case):
     path, dtype, is_rms, cast_mode, strided = case
     N = WIDTHS[path]
     x, w, b = _inputs(N, dtype, strided)

@@ -56,13 +56,15 @@ inline dim3 block_idx, block_dim, grid_dim;
 inline Block* block = nullptr;
 inline int sm_count = 3;        // a small "GPU", so persistent grids stride over rows in the tests
 inline int blocks_per_sm = 2;
+inline int max_threads_per_block = 1024;  // what cudaFuncGetAttributes reports (registers allowing)
 inline int last_error = 0;
 inline std::string last_error_text;
 
 // Runs body() as a grid of `grid` blocks of `threads` threads, block after block.
 template <typename F>
 void run(unsigned grid, unsigned threads, std::size_t smem_bytes, F&& body) {
-  if (grid == 0 || threads == 0 || threads > 1024 || threads % 32 != 0 || smem_bytes > 48 * 1024) {
+  if (grid == 0 || threads == 0 || threads > static_cast<unsigned>(max_threads_per_block) || threads % 32 != 0 ||
+      smem_bytes > 48 * 1024) {
     last_error = 1;
     last_error_text = "invalid launch: grid " + std::to_string(grid) + ", threads " + std::to_string(threads) +
                       ", shared bytes " + std::to_string(smem_bytes);
@@ -164,6 +166,14 @@ inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr, int) {
 template <typename K>
 cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* n, K, int, std::size_t) {
   *n = ofa_emu::blocks_per_sm;
+  return cudaSuccess;
+}
+struct cudaFuncAttributes {
+  int maxThreadsPerBlock;
+};
+template <typename K>
+cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attr, K) {
+  attr->maxThreadsPerBlock = ofa_emu::max_threads_per_block;
   return cudaSuccess;
 }
 inline cudaError_t cudaGetLastError() {
