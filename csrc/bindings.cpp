@@ -149,6 +149,68 @@ void norm_bwd_bwd(const Tensor& dy, const Tensor& x, const OptT& w, const Tensor
                                        stride0(d_dy), dxp, stride0(d_x), dwp, static_cast<int>(parts), stream));
 }
 
+// ----------------------------------------------------------- the entry points: outputs allocated here
+// One call from Python per stage: allocations, dtype conversion of the weight vectors and the sum of the
+// weight-gradient partials happen here (each costs about 1 us of host time as a Python call, as much
+// as the whole CPU kernel at a decoding shape). Weights arrive in any float dtype.
+
+at::TensorOptions acc_options(const Tensor& x) { return x.options().dtype(acc_of(x)); }
+
+OptT as_acc_vec(const OptT& t, const Tensor& x) {
+  if (!t.has_value()) return std::nullopt;
+  return t->to(acc_of(x)).contiguous();
+}
+
+// The sum over the partial rows (one part is the result itself).
+Tensor summed(const Tensor& part) { return part.size(0) == 1 ? part.select(0, 0) : part.sum(0); }
+
+// (y, mean, rstd): y in y_dtype (x's or the accumulation dtype), mean empty for RMSNorm.
+std::tuple<Tensor, Tensor, Tensor> forward(const Tensor& x, const OptT& w, const OptT& b, double eps, double offset,
+                                           bool is_rms, int64_t cast_mode, at::ScalarType y_dtype) {
+  shape_of(x, is_rms, offset);
+  const int64_t M = x.size(0), N = x.size(1);
+  Tensor y = at::empty({M, N}, x.options().dtype(y_dtype));
+  Tensor rstd = at::empty({M}, acc_options(x));
+  Tensor mean = at::empty({is_rms ? 0 : M}, acc_options(x));
+  if (M) norm_fwd(x, as_acc_vec(w, x), as_acc_vec(b, x), y, is_rms ? rstd : mean, rstd, eps, offset, is_rms, cast_mode);
+  return {y, mean, rstd};
+}
+
+// (dx, dw, db): dx in x's dtype, dw/db in the accumulation dtype; None where not asked.
+std::tuple<OptT, OptT, OptT> backward(const Tensor& dy, const Tensor& x, const OptT& w, const Tensor& mean,
+                                      const Tensor& rstd, double offset, bool is_rms, int64_t cast_mode, bool need_dx,
+                                      bool need_dw, bool need_db) {
+  shape_of(x, is_rms, offset);
+  const int64_t M = x.size(0), N = x.size(1), parts = num_parts(x, dy, false);  // the CUDA grid too
+  OptT dx, dw_part, db_part;
+  if (need_dx) dx = at::empty({M, N}, x.options());
+  if (need_dw) dw_part = at::empty({parts, N}, acc_options(x));
+  if (need_db) db_part = at::empty({parts, N}, acc_options(x));
+  if (M || need_dw || need_db)
+    norm_bwd(dy, x, as_acc_vec(w, x), is_rms ? rstd : mean, rstd, dx, dw_part, db_part, parts, offset, is_rms,
+             cast_mode);
+  return {dx, dw_part ? OptT(summed(*dw_part)) : std::nullopt, db_part ? OptT(summed(*db_part)) : std::nullopt};
+}
+
+// (d_dy, d_x, d_w): d_dy in dy's dtype, d_x in x's, d_w in the accumulation dtype; None where not asked
+// (d_w also when no grad_dx reached it).
+std::tuple<OptT, OptT, OptT> double_backward(const Tensor& dy, const Tensor& x, const OptT& w, const Tensor& mean,
+                                             const Tensor& rstd, const OptT& a, const OptT& bw, const OptT& e,
+                                             double offset, bool is_rms, bool need_ddy, bool need_dx, bool need_dw) {
+  shape_of(x, is_rms, offset);
+  const int64_t M = x.size(0), N = x.size(1);
+  need_dw = need_dw && a.has_value();
+  const int64_t parts = num_parts(x, dy, true);  // the CUDA grid too
+  OptT d_dy, d_x, dw_part;
+  if (need_ddy) d_dy = at::empty({M, N}, dy.options());
+  if (need_dx) d_x = at::empty({M, N}, x.options());
+  if (need_dw) dw_part = at::empty({parts, N}, acc_options(x));
+  if (need_ddy || need_dx || need_dw)
+    norm_bwd_bwd(dy, x, as_acc_vec(w, x), is_rms ? rstd : mean, rstd, a, as_acc_vec(bw, x), as_acc_vec(e, x), d_dy,
+                 d_x, dw_part, parts, offset, is_rms);
+  return {d_dy, d_x, dw_part ? OptT(summed(*dw_part)) : std::nullopt};
+}
+
 void probe_perturb(const Tensor& x, const Tensor& y, const Tensor& gamma, const Tensor& scale, const Tensor& keys,
                    int64_t rows_per_probe, int64_t row_offset, double eps, bool scale_by_rms, bool add_x,
                    bool gaussian) {
@@ -188,9 +250,8 @@ bool with_cuda() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "ofa_kernels native kernels (CPU; CUDA when built with it)";
   m.def("with_cuda", &with_cuda, "whether the CUDA kernels were compiled in");
-  m.def("num_parts", &num_parts, "weight-gradient partial rows the backward kernels write");
-  m.def("norm_fwd", &norm_fwd);
-  m.def("norm_bwd", &norm_bwd);
-  m.def("norm_bwd_bwd", &norm_bwd_bwd);
+  m.def("forward", &forward, "norm forward: (y, mean, rstd)");
+  m.def("backward", &backward, "norm backward: (dx, dw, db), None where not asked");
+  m.def("double_backward", &double_backward, "norm double backward: (d_dy, d_x, d_w), None where not asked");
   m.def("probe_perturb", &probe_perturb);
 }

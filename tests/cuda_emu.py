@@ -38,6 +38,18 @@ def build(out_dir: Path) -> Path:
     return lib
 
 
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _vec(t: torch.Tensor | None, acc: torch.dtype) -> torch.Tensor | None:
+    return None if t is None else t.to(acc).contiguous()
+
+
+def _summed(part: torch.Tensor | None) -> torch.Tensor | None:
+    return None if part is None else part[0] if part.shape[0] == 1 else part.sum(0)
+
+
 def _p(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
@@ -47,7 +59,7 @@ def _s(t: torch.Tensor | None) -> int:
 
 
 class EmulatedCuda:
-    """The ``ofa_kernels._C`` interface on the emulated CUDA kernels."""
+    """The ``ofa_kernels._C`` interface on the emulated CUDA kernels (the tensors are CPU tensors)."""
 
     def __init__(self, lib: Path, sm_count: int = 3, blocks_per_sm: int = 2, max_threads_per_block: int = 1024):
         """``lib``: from ``build`` (its launch caches live as long as the process: configure a copy of the
@@ -78,29 +90,56 @@ class EmulatedCuda:
     def with_cuda() -> bool:
         return True
 
-    def num_parts(self, x, y_like, double_backward):
+    def _num_parts(self, x, y_like, double_backward):
         parts = self.lib.emu_num_parts(x.shape[0], x.shape[1], _DTYPE[x.dtype], _DTYPE[y_like.dtype],
                                        int(double_backward))
         if parts < 0:
             raise RuntimeError(self.lib.emu_error().decode())
         return parts
 
-    def norm_fwd(self, x, w, b, y, mean, rstd, eps, offset, is_rms, cast_mode):
-        M, N = x.shape
-        self._ok(self.lib.emu_norm_fwd(M, N, is_rms, offset, _DTYPE[x.dtype], _DTYPE[y.dtype], _p(x), _s(x), _p(w),
-                                       _p(b), _p(mean), _p(rstd), _p(y), _s(y), eps, cast_mode))
+    # The allocating entry points of csrc/bindings.cpp, mirrored here over the emulated kernels.
 
-    def norm_bwd(self, dy, x, w, mean, rstd, dx, dw_part, db_part, parts, offset, is_rms, cast_mode):
+    def forward(self, x, w, b, eps, offset, is_rms, cast_mode, y_dtype):
         M, N = x.shape
-        self._ok(self.lib.emu_norm_bwd(M, N, is_rms, offset, _DTYPE[x.dtype], _DTYPE[dy.dtype], _p(x), _s(x), _p(w),
-                                       _p(mean), _p(rstd), _p(dy), _s(dy), _p(dx), _s(dx), _p(dw_part), _p(db_part),
-                                       parts, cast_mode))
+        acc = _acc(x.dtype)
+        y = torch.empty(M, N, dtype=y_dtype)
+        rstd, mean = torch.empty(M, dtype=acc), torch.empty(0 if is_rms else M, dtype=acc)
+        w, b = _vec(w, acc), _vec(b, acc)
+        if M:
+            self._ok(self.lib.emu_norm_fwd(M, N, is_rms, offset, _DTYPE[x.dtype], _DTYPE[y.dtype], _p(x), _s(x),
+                                           _p(w), _p(b), _p(rstd if is_rms else mean), _p(rstd), _p(y), _s(y), eps,
+                                           cast_mode))
+        return y, mean, rstd
 
-    def norm_bwd_bwd(self, dy, x, w, mean, rstd, a, bw, e, d_dy, d_x, dw_part, parts, offset, is_rms):
+    def backward(self, dy, x, w, mean, rstd, offset, is_rms, cast_mode, need_dx, need_dw, need_db):
         M, N = x.shape
-        self._ok(self.lib.emu_norm_bwd_bwd(M, N, is_rms, offset, _DTYPE[x.dtype], _DTYPE[dy.dtype], _p(x), _s(x),
-                                           _p(w), _p(mean), _p(rstd), _p(dy), _s(dy), _p(a), _s(a), _p(bw), _p(e),
-                                           _p(d_dy), _s(d_dy), _p(d_x), _s(d_x), _p(dw_part), parts))
+        acc = _acc(x.dtype)
+        parts = self._num_parts(x, dy, False)
+        dx = torch.empty(M, N, dtype=x.dtype) if need_dx else None
+        dw_part = torch.empty(parts, N, dtype=acc) if need_dw else None
+        db_part = torch.empty(parts, N, dtype=acc) if need_db else None
+        w = _vec(w, acc)
+        if M or need_dw or need_db:
+            self._ok(self.lib.emu_norm_bwd(M, N, is_rms, offset, _DTYPE[x.dtype], _DTYPE[dy.dtype], _p(x), _s(x),
+                                           _p(w), _p(rstd if is_rms else mean), _p(rstd), _p(dy), _s(dy), _p(dx),
+                                           _s(dx), _p(dw_part), _p(db_part), parts, cast_mode))
+        return dx, _summed(dw_part), _summed(db_part)
+
+    def double_backward(self, dy, x, w, mean, rstd, a, bw, e, offset, is_rms, need_ddy, need_dx, need_dw):
+        M, N = x.shape
+        acc = _acc(x.dtype)
+        need_dw = need_dw and a is not None
+        parts = self._num_parts(x, dy, True)
+        d_dy = torch.empty(M, N, dtype=dy.dtype) if need_ddy else None
+        d_x = torch.empty(M, N, dtype=x.dtype) if need_dx else None
+        dw_part = torch.empty(parts, N, dtype=acc) if need_dw else None
+        w, bw, e = _vec(w, acc), _vec(bw, acc), _vec(e, acc)
+        if need_ddy or need_dx or need_dw:
+            self._ok(self.lib.emu_norm_bwd_bwd(M, N, is_rms, offset, _DTYPE[x.dtype], _DTYPE[dy.dtype], _p(x),
+                                               _s(x), _p(w), _p(rstd if is_rms else mean), _p(rstd), _p(dy), _s(dy),
+                                               _p(a), _s(a), _p(bw), _p(e), _p(d_dy), _s(d_dy), _p(d_x), _s(d_x),
+                                               _p(dw_part), parts))
+        return d_dy, d_x, _summed(dw_part)
 
     def probe_perturb(self, x, y, gamma, scale, keys, rows_per_probe, row_offset, eps, scale_by_rms, add_x,
                       gaussian):

@@ -183,7 +183,8 @@ def test_probe_perturbation_matches_the_host_generator(cuda_kernels, distributio
 
 def test_a_launch_the_gpu_would_refuse_is_reported(emulated):
     """The emulation refuses launches the driver would (here a grid of 0 CTAs), and the error reaches Python."""
-    x = torch.randn(2, 8)
-    with pytest.raises(RuntimeError, match="invalid launch"):
-        emulated.norm_bwd(torch.randn(2, 8), x, None, torch.empty(0), torch.ones(2), torch.empty(2, 8), None, None,
-                          0, 0.0, True, 2)
+    x, dy, dx, rstd = torch.randn(2, 8), torch.randn(2, 8), torch.empty(2, 8), torch.ones(2)
+    rc = emulated.lib.emu_norm_bwd(2, 8, 1, 0.0, 2, 2, x.data_ptr(), 8, None, rstd.data_ptr(), rstd.data_ptr(),
+                                   dy.data_ptr(), 8, dx.data_ptr(), 8, None, None, 0, 2)
+    with pytest.raises(RuntimeError, match="norm_bwd launch: invalid launch: grid 0"):
+        emulated._ok(rc)
