@@ -480,6 +480,35 @@ int max_threads(K kernel) {
   return attr.maxThreadsPerBlock;
 }
 
+// The kernel's thread limit and the rows per CTA (up to kMaxRows, `t` threads each) that keep the most
+// threads resident per SM (the fewest rows on a tie); worked out once per (kernel, t, device).
+struct RowsFit {
+  int max_threads, rows;
+};
+
+template <typename K>
+RowsFit rows_fit(K kernel, int t) {
+  int dev = 0;
+  check(cudaGetDevice(&dev), "cudaGetDevice");
+  const auto key = std::make_tuple(reinterpret_cast<const void*>(kernel), t, dev);
+  static std::mutex mu;
+  static std::map<std::tuple<const void*, int, int>, RowsFit> known;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    const auto it = known.find(key);
+    if (it != known.end()) return it->second;
+  }
+  RowsFit fit{max_threads(kernel), 1};
+  int64_t best = -1;
+  for (int r = 1; r <= kMaxRows && r * t <= fit.max_threads; r <<= 1) {
+    const int64_t in_flight = resident(kernel, r * t, 0) * r;
+    if (in_flight > best) best = in_flight, fit.rows = r;
+  }
+  std::lock_guard<std::mutex> lock(mu);
+  known.emplace(key, fit);
+  return fit;
+}
+
 // How a kernel family runs M rows of `vecs` vectors (16-byte or scalar):
 // - threads per row: enough for about `target` vectors per thread (32..1024), the row cached in
 //   registers at a power of two up to kMaxItems vectors per thread; wider rows take the looped path
@@ -505,16 +534,10 @@ Plan plan(int64_t M, int64_t vecs, int target, KernelFor&& kernel_for) {
   if (need > kMaxItems) return looped();
   int items = 1;
   while (items < need) items <<= 1;
-  int limit = 0, rows = 1;
-  int64_t best = -1;
-  with_items(items, [&](auto it) {
-    const auto kernel = kernel_for(it);
-    limit = max_threads(kernel);
-    for (int r = 1; r <= kMaxRows && r * t <= limit; r <<= 1) {
-      const int64_t in_flight = resident(kernel, static_cast<int>(r * t), 0) * r;
-      if (in_flight > best) best = in_flight, rows = r;
-    }
-  });
+  RowsFit fit{0, 1};
+  with_items(items, [&](auto it) { fit = rows_fit(kernel_for(it), static_cast<int>(t)); });
+  const int limit = fit.max_threads;
+  int rows = fit.rows;
   if (t > limit) return looped();
   if (const char* env = std::getenv("OFA_CUDA_ROWS_PER_CTA")) {
     rows = std::atoi(env) > 1 ? std::atoi(env) : 1;
