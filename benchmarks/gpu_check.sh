@@ -12,7 +12,7 @@
 # Knobs: STEPS, TEST_PATHS (default tests), TEST_K (pytest -k),
 #        BENCH_SHAPES (default 150x4096,32768x4096,32768x8192; "all" for the whole grid), OBJ_ARMS (e.g. ce,fd1,fd4;
 #        default all), TUNE_WIDTHS, TUNE_DTYPES (launcher sweep cells), TEST_TIMEOUT, DIRECT_TIMEOUT,
-#        PROFILE_TIMEOUT, TUNE_TIMEOUT, BENCH_TIMEOUT, OBJ_TIMEOUT, STEP_TIMEOUT (seconds), REP_MS (timing window).
+#        PROFILE_TIMEOUT, TUNE_TIMEOUT, CUDA_ROWS_TIMEOUT, BENCH_TIMEOUT, OBJ_TIMEOUT, STEP_TIMEOUT (seconds), REP_MS (timing window).
 # Liger travels as a wheel in .whl/ (benchmarks/RESULTS.md says how it was fetched).
 set -uo pipefail
 OUT=${OUT:-/tmp/ofa_gpu_check}
@@ -61,6 +61,9 @@ if [[ " $STEPS " == *" tune "* ]]; then
   # Resumable cell by cell (tune_<arch>.json in $OUT): carry that file back into $OUT to continue a sweep.
   timeout "${TUNE_TIMEOUT:-150}" python3 benchmarks/tune_norm.py --out "$OUT" --widths "${TUNE_WIDTHS:-2048,4096,8192}" \
     --dtypes "${TUNE_DTYPES:-bfloat16,float32}" 2>&1 | tee "$OUT/tune.log" | tail -20
+  echo "== CUDA backend: rows per CTA against its occupancy rule"
+  timeout "${CUDA_ROWS_TIMEOUT:-45}" python3 benchmarks/tune_norm.py --out "$OUT" --cuda-rows --rep-ms 5 \
+    --widths 1024,2048,4096,8192 --dtypes bfloat16,float32 --kernels fwd,bwd 2>&1 | tee "$OUT/tune_cuda_rows.log" | tail -20
 fi
 if [[ " $STEPS " == *" bench "* ]]; then
   echo "== norm benchmark"

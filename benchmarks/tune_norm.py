@@ -8,9 +8,11 @@ separate sum) at several row counts: the crossover that ``IN_KERNEL_REDUCE_MAX``
 
 Each finished cell is written to ``--out`` at once (``tune_<arch>.json``) and skipped when the sweep is
 run again, so a sweep cut short by the device budget resumes. ``--write-table`` merges the cells
-into the packaged ``ofa_kernels/triton/tuned.json`` that the launchers read. GPU only.
+into the packaged ``ofa_kernels/triton/tuned.json`` that the launchers read. ``--cuda-rows`` instead times
+the compiled CUDA backend at 1/2/4/8 rows per CTA against its occupancy rule. GPU only.
 
     python benchmarks/tune_norm.py --out DIR [--widths 2048,4096] [--dtypes bfloat16] [--write-table]
+    python benchmarks/tune_norm.py --out DIR --cuda-rows [--widths 1024,2048,4096] [--kernels fwd,bwd]
 """
 
 from __future__ import annotations
@@ -111,6 +113,64 @@ def reduce_crossover(width: int, dtype: torch.dtype, kernel: str, knobs: dict, r
     return out
 
 
+CUDA_ROWS = ["rule", "1", "2", "4", "8"]
+
+
+def sweep_cuda_rows(widths: list[int], dtypes: list[str], kernels: list[str], rep_ms: float, out: Path,
+                    arch: str, device: str = "cuda") -> dict:
+    """The compiled CUDA backend at each rows-per-CTA setting (``OFA_CUDA_ROWS_PER_CTA``; "rule": unset,
+    the occupancy rule), RMSNorm + LayerNorm ms per (kernel, dtype, width); written to
+    ``tune_cuda_rows_<arch>.json`` as each cell finishes. It checks the rule; nothing reads it back."""
+    path = out / f"tune_cuda_rows_{arch}.json"
+    name = torch.cuda.get_device_name() if device == "cuda" else device
+    done = json.loads(path.read_text()) if path.exists() else {"device": name, "arch": arch, "cells": {}}
+    for width, dtype_name, kernel in itertools.product(widths, dtypes, kernels):
+        key = f"{kernel}/{dtype_name}/{width}"
+        if key in done["cells"]:
+            continue
+        cell = _cuda_rows_cell(kernel, getattr(torch, dtype_name), width, rep_ms, device)
+        done["cells"][key] = cell
+        tmp = path.with_suffix(".json.partial")
+        tmp.write_text(json.dumps(done, indent=1))
+        os.replace(tmp, path)
+        shown = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in cell.items())
+        print(f"cuda rows per CTA, {key} (ms): {shown}", flush=True)
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return done
+
+
+def _cuda_rows_cell(kernel: str, dtype: torch.dtype, width: int, rep_ms: float, device: str) -> dict:
+    from ofa_kernels.native import norm as cnorm
+
+    x = torch.randn(rows_for(width), width, device=device, dtype=dtype)
+    w = torch.rand(width, device=device) + 0.5
+    dy, a = torch.randn_like(x), torch.randn_like(x)
+    stats = {rms: cnorm.norm_fwd(x, w, None, 1e-6, 0.0, rms, "llama", dtype)[1:] for rms in (True, False)}
+
+    def run(is_rms: bool) -> None:
+        mean, rstd = stats[is_rms]
+        if kernel == "fwd":
+            cnorm.norm_fwd(x, w, None, 1e-6, 0.0, is_rms, "llama", dtype)
+        elif kernel == "bwd":
+            cnorm.norm_bwd(dy, x, w, mean, rstd, 0.0, is_rms, "llama", True, True, False)
+        else:
+            cnorm.norm_bwd_bwd(dy, x, w, mean, rstd, a, None, None, 0.0, is_rms, True, True, True)
+
+    cell: dict = {}
+    for setting in CUDA_ROWS:
+        if setting == "rule":
+            os.environ.pop("OFA_CUDA_ROWS_PER_CTA", None)
+        else:
+            os.environ["OFA_CUDA_ROWS_PER_CTA"] = setting
+        try:
+            cell[setting] = sum(bench_ms(lambda r=rms: run(r), rep_ms) for rms in (True, False))
+        except Exception as exc:  # noqa: BLE001 - a setting that does not launch is a result
+            cell[setting] = f"failed: {exc}"
+    os.environ.pop("OFA_CUDA_ROWS_PER_CTA", None)
+    return cell
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("."))
@@ -119,12 +179,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kernels", default=",".join(KERNELS))
     parser.add_argument("--rep-ms", type=float, default=10.0, help="timing window per configuration")
     parser.add_argument("--write-table", action="store_true", help="merge the winners into ofa_kernels/triton/tuned.json")
+    parser.add_argument("--cuda-rows", action="store_true",
+                        help="instead: time the compiled CUDA backend at each rows-per-CTA setting (checks its rule)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("tune_norm.py times GPU kernels: no CUDA device here", file=sys.stderr)
         return 2
     device_arch = tuning.arch(torch.device("cuda"))
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.cuda_rows:
+        sweep_cuda_rows([int(w) for w in args.widths.split(",")], args.dtypes.split(","), args.kernels.split(","),
+                        args.rep_ms, args.out, device_arch)
+        return 0
     path = args.out / f"tune_{device_arch}.json"
     done = json.loads(path.read_text()) if path.exists() else {"device": torch.cuda.get_device_name(), "cells": {}}
     for width, dtype_name, kernel in itertools.product(map(int, args.widths.split(",")), args.dtypes.split(","),

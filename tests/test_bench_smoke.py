@@ -1,6 +1,7 @@
 """The benchmark scripts run at CPU size and write their table, JSON and plot (CI smoke)."""
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -169,6 +170,33 @@ def test_tune_norm_search_keeps_the_fastest_knobs_and_merges_into_the_table():
     merged = tuning.merge(new, old)
     assert merged["sm90"]["bwd"]["bfloat16"] == {"4096": {"num_warps": 8}, "2048": {"num_warps": 2}}
     assert "sm80" in merged and old["sm90"]["bwd"]["bfloat16"]["4096"] == {"num_warps": 4}
+
+
+def test_tune_norm_cuda_rows_sweep_times_every_setting_and_resumes(tmp_path, monkeypatch):
+    """The CUDA rows-per-CTA sweep on the CPU (the compiled cpu backend stands in; a fake timer that runs the
+    call once): every setting of every cell is timed with OFA_CUDA_ROWS_PER_CTA set to it ("rule": unset),
+    the env is restored, finished cells are written and skipped on a rerun."""
+    import tune_norm
+
+    seen = []
+
+    def fake_bench(fn, rep_ms):
+        fn()
+        seen.append(os.environ.get("OFA_CUDA_ROWS_PER_CTA", "rule"))
+        return 0.5
+
+    monkeypatch.setattr(tune_norm, "bench_ms", fake_bench)
+    monkeypatch.setattr(tune_norm, "rows_for", lambda width: 5)
+    monkeypatch.delenv("OFA_CUDA_ROWS_PER_CTA", raising=False)
+    done = tune_norm.sweep_cuda_rows([48, 40], ["float32"], ["fwd", "bwd_bwd"], 1.0, tmp_path, "cpu-test", "cpu")
+    assert set(done["cells"]) == {"fwd/float32/48", "fwd/float32/40", "bwd_bwd/float32/48", "bwd_bwd/float32/40"}
+    assert all(cell == {s: 1.0 for s in tune_norm.CUDA_ROWS} for cell in done["cells"].values())  # rms + layer
+    assert seen == [s for s in tune_norm.CUDA_ROWS for _ in (0, 1)] * 4
+    assert "OFA_CUDA_ROWS_PER_CTA" not in os.environ
+    assert json.loads((tmp_path / "tune_cuda_rows_cpu-test.json").read_text())["cells"] == done["cells"]
+    seen.clear()
+    tune_norm.sweep_cuda_rows([48, 40, 24], ["float32"], ["fwd"], 1.0, tmp_path, "cpu-test", "cpu")
+    assert len(seen) == 2 * len(tune_norm.CUDA_ROWS)  # only the new cell
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
