@@ -248,6 +248,33 @@ def test_width_past_the_register_path(backend):
             torch.testing.assert_close(g.double(), t.double(), rtol=1e-4, atol=1e-4 * (1 + t.abs().max().item()))
 
 
+@pytest.mark.parametrize("width", [16384, 32768])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
+def test_wide_rows_run_every_stage(backend, dtype, width):
+    """Widths whose register-path plans are widest (the CUDA kernels' 1024-thread CTAs, which their registers
+    do not always allow: the plan falls back): forward, backward and double backward (an HVP) of both norms
+    against the plain-PyTorch backend on the same inputs."""
+    x = torch.randn(2, width, device=DEVICE).to(dtype)
+    w, b = torch.rand(width, device=DEVICE) + 0.5, torch.randn(width, device=DEVICE)
+    v = torch.randn(2, width, device=DEVICE).to(dtype)
+
+    def stages(name, kind):
+        xs, ws, bs = x.clone().requires_grad_(), w.clone().requires_grad_(), b.clone().requires_grad_()
+        y = (ofa_kernels.rms_norm(xs, ws, backend=name) if kind == "rms"
+             else ofa_kernels.layer_norm(xs, ws, bs, backend=name))
+        params = (xs, ws) if kind == "rms" else (xs, ws, bs)
+        grads = torch.autograd.grad((y.float() * v.float()).sum(), params, create_graph=True)
+        hvp = torch.autograd.grad((grads[0].float() * v.float()).sum(), (xs, ws))
+        return [y, *grads, *hvp]
+
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    for kind in ("rms", "layer"):
+        for got, want in zip(stages(backend, kind), stages("torch", kind)):
+            assert got.dtype == want.dtype
+            torch.testing.assert_close(got.double(), want.double(), rtol=tol, atol=tol * (1 + want.abs().max().item()))
+
+
 @pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 1e-2), (torch.float16, 2e-3)])  # measured: 3e-3, 3e-4
 @pytest.mark.parametrize("kind", ["rms", "layer"])
 def test_low_precision_double_backward_matches_fp32(backend, kind, dtype, tol):
