@@ -216,6 +216,24 @@ def test_launch_profile_times_every_stage_of_the_backend(tmp_path, backend):
     assert all(r["host_us"] > 0 for r in rows)
 
 
+def test_kernel_resources_compiles_each_kernel_for_a_gpu_without_one(tmp_path):
+    """The static report: every Triton kernel compiled ahead of time for sm_90 as its launcher would call it
+    (a signature drift fails the argument-count check), ptxas's registers read back. A subprocess: the
+    script compiles for the GPU, so it unsets TRITON_INTERPRET, which this test process needs."""
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "kernel_resources.py", "--out", str(tmp_path), "--widths", "96",
+                           "--dtypes", "bfloat16"], cwd=Path(__file__).resolve().parents[1] / "benchmarks", env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    cells = json.loads((tmp_path / "kernel_resources_sm90.json").read_text())["triton"]
+    assert set(cells) == {f"{k}/{n}/bfloat16/96" for k in ("fwd", "bwd", "bwd_bwd") for n in ("rms", "layer")}
+    for cell in cells.values():
+        assert 16 <= cell["regs"] <= 255 and cell["spill_bytes"] >= 0 and 0 < cell["resident_warps"] <= 64
+    assert "| bwd_bwd | layer | bfloat16 | 96 |" in (tmp_path / "kernel_resources_sm90.md").read_text()
+
+
 def test_the_auto_backend_table_takes_each_stages_winner_ties_to_the_cheaper_launch(tmp_path):
     from harness import Row
 

@@ -628,3 +628,15 @@ def test_the_default_warp_rule_keeps_the_measured_winners_and_caps_the_accumulat
     assert default_warps("bwd", 4, 2048) == 4 and default_warps("fwd", 1, 64) == 1
     assert all(w & (w - 1) == 0 for k in ("fwd", "bwd", "bwd_bwd") for m in (1, 2, 3, 16) for n in (16, 1000, 16384)
                for w in [default_warps(k, m, n)])  # Triton wants a power of two
+
+
+def test_the_backward_kernels_take_rows_past_8192_columns_in_chunks():
+    """A 16384-column pass spilled 120 B-3 KB per thread in the backward kernels (ptxas, sm_90); they loop
+    over 8192-column chunks past that, the forward keeps one pass to MAX_BLOCK_N; a knob still overrides."""
+    from ofa_kernels.triton.norm import tile
+
+    assert tile("fwd", 16384)[1:3] == (16384, True)
+    assert [tile(k, 16384)[1:3] for k in ("bwd", "bwd_bwd")] == [(8192, False)] * 2
+    assert [tile(k, 8192)[1:3] for k in ("bwd", "bwd_bwd")] == [(8192, True)] * 2
+    assert tile("bwd", 16384, max_block_n=16384)[1:3] == (16384, True)
+    assert tile("bwd", 65536)[1:4] == (8192, False, 8)  # the default warps of an 8192-column chunk

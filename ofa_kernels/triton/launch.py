@@ -117,6 +117,24 @@ class Launcher:
         compiled.run(grid, 1, 1, _current_stream(device), compiled.function, compiled.packed_metadata,
                      None, None, None, *args, *constexprs)
 
+    def compile_for(self, target, args: tuple, constexprs: tuple, num_warps: int):
+        """Compiles the kernel ahead of time for ``target`` (a ``triton.backends.compiler.GPUTarget``: no GPU
+        needed) as a launch with these arguments would: Triton's own binder specialises them (pointer dtype
+        and 16-byte alignment, integers equal to 1 or divisible by 16). Returns the ``CompiledKernel``;
+        its ``asm["cubin"]`` holds what ptxas made (registers, spills: ``benchmarks/kernel_resources.py``).
+        Written against Triton 3.6's JIT internals."""
+        from triton.compiler import ASTSource, make_backend
+        from triton.runtime.jit import create_function_from_signature
+
+        self._check(args, constexprs)
+        backend = make_backend(target)
+        binder = create_function_from_signature(self.kernel.signature, self.kernel.params, backend)
+        kwargs = {"num_warps": num_warps}
+        bound, specialization, options = binder(*args, *constexprs, **kwargs)
+        options, signature, constants, attrs = self.kernel._pack_args(backend, kwargs, bound, specialization, options)
+        return triton.compile(ASTSource(self.kernel, signature, constants, attrs), target=target,
+                              options=options.__dict__)
+
     def _check(self, args: tuple, constexprs: tuple) -> None:
         if len(args) != self.n_args or len(constexprs) != self.n_constexprs:
             raise TypeError(f"{self.name}: expected {self.n_args} runtime arguments and {self.n_constexprs} "

@@ -34,6 +34,11 @@ from .grid import cdiv, next_power_of_2
 from .launch import Launcher
 
 MAX_BLOCK_N = 16384
+# The backward kernels take rows wider than this in chunks of it (the looped path) unless a knob says
+# otherwise. Read off ptxas (benchmarks/kernel_resources.py, sm_90; not yet timed): in one 16384-column
+# pass they spill 120 B to 3 KB per thread at the default warps (16: at most 128 registers each), in
+# 8192-column chunks none, at 90-150 registers (bwd, 8 warps) and 91-118 (bwd_bwd, 16 warps).
+BACKWARD_MAX_BLOCK_N = 8192
 _CAST_CODE = {"llama": 0, "gemma": 1, "none": 2}
 # Triton's CPU interpreter truncates fp32 -> bf16 (GPUs round to nearest even); round in software there.
 _SOFT_BF16_RNE = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
@@ -411,6 +416,7 @@ def _norm_bwd_bwd_kernel(
 _launch_fwd = Launcher(_norm_fwd_kernel)
 _launch_bwd = Launcher(_norm_bwd_kernel)
 _launch_bwd_bwd = Launcher(_norm_bwd_bwd_kernel)
+LAUNCHERS = {"fwd": _launch_fwd, "bwd": _launch_bwd, "bwd_bwd": _launch_bwd_bwd}  # for static reports
 
 
 @functools.lru_cache(maxsize=None)
@@ -453,10 +459,19 @@ def _config(x: torch.Tensor, kernel: str, max_block_n: int | None, rows_per_prog
         rows_per_program = rows_per_program or tuned.get("rows_per_program")
         num_warps = num_warps or tuned.get("num_warps")
         programs_per_sm = programs_per_sm or tuned.get("programs_per_sm")
-    cap = min(max_block_n or MAX_BLOCK_N, MAX_BLOCK_N)
+    block_m, block_n, single, num_warps = tile(kernel, N, x.is_cuda, max_block_n, rows_per_program, num_warps)
+    n_tiles = cdiv(M, block_m)
+    persistent = _sm_count(x.device.index or 0) * (programs_per_sm or 2) if x.is_cuda else 4
+    return block_m, block_n, single, num_warps, max(1, min(n_tiles, persistent))
+
+
+def tile(kernel: str, N: int, on_gpu: bool = True, max_block_n: int | None = None,
+         rows_per_program: int | None = None, num_warps: int | None = None) -> tuple[int, int, bool, int]:
+    """(BLOCK_M, BLOCK_N, single pass, warps) of ``kernel`` ("fwd", "bwd", "bwd_bwd") for rows of ``N``:
+    the knobs given, else the default rule (on a GPU, or for the interpreter)."""
+    cap = min(max_block_n or (MAX_BLOCK_N if kernel == "fwd" else BACKWARD_MAX_BLOCK_N), MAX_BLOCK_N)
     block_n = min(next_power_of_2(N), next_power_of_2(cap))
     single = N <= block_n
-    on_gpu = x.is_cuda
     if rows_per_program is None:
         # Interpreter: each program costs milliseconds, so give it many rows.
         budget = 8192 if on_gpu else 16384
@@ -464,9 +479,7 @@ def _config(x: torch.Tensor, kernel: str, max_block_n: int | None, rows_per_prog
     block_m = next_power_of_2(rows_per_program)
     if num_warps is None:
         num_warps = default_warps(kernel, block_m, block_n)
-    n_tiles = cdiv(M, block_m)
-    persistent = _sm_count(x.device.index or 0) * (programs_per_sm or 2) if on_gpu else 4
-    return block_m, block_n, single, num_warps, max(1, min(n_tiles, persistent))
+    return block_m, block_n, single, num_warps
 
 
 # Partial rows are summed inside the backward kernel (by its last program: no second launch) while they
