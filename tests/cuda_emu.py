@@ -61,10 +61,13 @@ def _s(t: torch.Tensor | None) -> int:
 class EmulatedCuda:
     """The ``ofa_kernels._C`` interface on the emulated CUDA kernels (the tensors are CPU tensors)."""
 
-    def __init__(self, lib: Path, sm_count: int = 3, blocks_per_sm: int = 2, max_threads_per_block: int = 1024):
+    def __init__(self, lib: Path, sm_count: int = 3, blocks_per_sm: int = 2, max_threads_per_block: int = 1024,
+                 threads_per_sm: int = 0):
         """``lib``: from ``build`` (its launch caches live as long as the process: configure a copy of the
         file for a differently sized emulated GPU). ``max_threads_per_block``: the limit the kernels'
-        registers allow, as ``cudaFuncGetAttributes`` reports it."""
+        registers allow, as ``cudaFuncGetAttributes`` reports it. ``threads_per_sm``: when set, the occupancy
+        query answers min(32, threads_per_sm / CTA threads), a real SM's thread and CTA limits, instead of
+        ``blocks_per_sm``."""
         self.lib = ctypes.CDLL(str(lib))
         i64, i32, dbl, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_double, ctypes.c_void_p
         sig = {
@@ -80,7 +83,7 @@ class EmulatedCuda:
             fn = getattr(self.lib, name)
             fn.argtypes, fn.restype = list(args), ctypes.c_int
         self.lib.emu_error.restype = ctypes.c_char_p
-        self.lib.emu_configure(sm_count, blocks_per_sm, max_threads_per_block)
+        self.lib.emu_configure(sm_count, blocks_per_sm, max_threads_per_block, threads_per_sm)
 
     def _ok(self, rc: int) -> None:
         if rc:

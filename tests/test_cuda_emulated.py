@@ -118,6 +118,22 @@ def test_rows_whose_threads_the_registers_cannot_launch_take_the_looped_path(emu
     _check_all_stages(case)
 
 
+def test_rows_per_cta_keep_the_most_threads_resident_with_the_fewest_rows(emulated, monkeypatch, tmp_path):
+    """The plan's rule on an SM that holds 2048 threads in at most 32 CTAs: a 32-thread row fits 32 CTAs of
+    one row (32 warps), or 2, 4 or 8 rows per CTA (64 warps each): 2 rows, the fewest of the best; halved
+    while that would leave some of the 3 SMs without a CTA; the override wins. Seen through the grid the
+    backward launches (num_parts: CTAs = partial rows)."""
+    lib = tmp_path / "real_occupancy.so"
+    lib.write_bytes(Path(emulated.lib._name).read_bytes())
+    gpu = cuda_emu.EmulatedCuda(lib, sm_count=3, threads_per_sm=2048)
+    x = torch.randn(13, 40, dtype=torch.bfloat16)  # 5 vectors a row: 32 threads, 1 item (backward)
+    monkeypatch.delenv("OFA_CUDA_ROWS_PER_CTA", raising=False)
+    assert gpu._num_parts(x, x, False) == 7  # 13 rows at 2 per CTA
+    assert gpu._num_parts(x[:4], x[:4], False) == 4  # 2 per CTA would leave an SM idle: 1
+    monkeypatch.setenv("OFA_CUDA_ROWS_PER_CTA", "8")
+    assert gpu._num_parts(x, x, False) == 2
+
+
 def _check_all_stages(case):
     path, dtype, is_rms, cast_mode, strided = case
     N = WIDTHS[path]

@@ -8,6 +8,7 @@
 // filled with NaN bytes at every block start so reads of unwritten shared memory poison the result.
 #pragma once
 
+#include <algorithm>
 #include <barrier>
 #include <cmath>
 #include <cstddef>
@@ -55,7 +56,8 @@ inline thread_local Warp* warp = nullptr;
 inline dim3 block_idx, block_dim, grid_dim;
 inline Block* block = nullptr;
 inline int sm_count = 3;        // a small "GPU", so persistent grids stride over rows in the tests
-inline int blocks_per_sm = 2;
+inline int blocks_per_sm = 2;            // what the occupancy query reports, unless threads_per_sm is set:
+inline int threads_per_sm = 0;           // then min(32, threads_per_sm / block threads), as a real SM's limits
 inline int max_threads_per_block = 1024;  // what cudaFuncGetAttributes reports (registers allowing)
 inline int last_error = 0;
 inline std::string last_error_text;
@@ -164,8 +166,8 @@ inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr, int) {
   return cudaSuccess;
 }
 template <typename K>
-cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* n, K, int, std::size_t) {
-  *n = ofa_emu::blocks_per_sm;
+cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* n, K, int threads, std::size_t) {
+  *n = ofa_emu::threads_per_sm > 0 ? std::min(32, ofa_emu::threads_per_sm / threads) : ofa_emu::blocks_per_sm;
   return cudaSuccess;
 }
 struct cudaFuncAttributes {

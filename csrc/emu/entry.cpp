@@ -31,9 +31,10 @@ extern "C" {
 
 const char* emu_error() { return error_text.c_str(); }
 
-void emu_configure(int sm_count, int blocks_per_sm, int max_threads_per_block) {
+void emu_configure(int sm_count, int blocks_per_sm, int max_threads_per_block, int threads_per_sm) {
   ofa_emu::sm_count = sm_count;
   ofa_emu::blocks_per_sm = blocks_per_sm;
+  ofa_emu::threads_per_sm = threads_per_sm;
   ofa_emu::max_threads_per_block = max_threads_per_block;
 }
 
