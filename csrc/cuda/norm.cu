@@ -9,7 +9,6 @@
 // the CTA's own partial row) without atomics; its R groups add theirs into the CTA's fp32 partial row
 // in group order; the caller sums the partials in a fixed order. Row statistics are fp32 (fp64 for
 // fp64) with group reductions in a fixed order. The maths and notation: ofa_kernels/eager/norm.py.
-#include <atomic>
 #include <cstdlib>
 #include <initializer_list>
 #include <map>
@@ -408,15 +407,31 @@ bool vectorizable(int64_t N, std::initializer_list<std::pair<const void*, int64_
   return true;
 }
 
-// SMs of the current device, asked of the driver once per device.
-int sm_count_cached() {
-  static std::atomic<int> known[64];
+int current_device() {
   int dev = 0;
   check(cudaGetDevice(&dev), "cudaGetDevice");
-  if (dev < 0 || dev >= 64) return sm_count();
-  if (known[dev].load() == 0) known[dev].store(sm_count());
-  return known[dev].load();
+  return dev;
 }
+
+// compute() for `key`, worked out once per process: driver queries cost host time on every launch.
+// Each call site (its lambda's type) has its own table.
+template <typename Value, typename Key, typename Compute>
+Value once(const Key& key, Compute&& compute) {
+  static std::mutex mu;
+  static std::map<Key, Value> known;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    const auto it = known.find(key);
+    if (it != known.end()) return it->second;
+  }
+  const Value value = compute();
+  std::lock_guard<std::mutex> lock(mu);
+  known.emplace(key, value);
+  return value;
+}
+
+// SMs of the current device.
+int sm_count_cached() { return once<int>(current_device(), [] { return sm_count(); }); }
 
 template <typename F>
 void with_items(int items, F&& f) {
@@ -435,22 +450,12 @@ void with_items(int items, F&& f) {
 // launch cost host time on every call.
 template <typename K>
 int64_t resident(K kernel, int threads, size_t smem) {
-  int dev = 0;
-  check(cudaGetDevice(&dev), "cudaGetDevice");
-  const auto key = std::make_tuple(reinterpret_cast<const void*>(kernel), threads, smem, dev);
-  static std::mutex mu;
-  static std::map<std::tuple<const void*, int, size_t, int>, int64_t> known;
-  {
-    std::lock_guard<std::mutex> lock(mu);
-    const auto it = known.find(key);
-    if (it != known.end()) return it->second;
-  }
-  int per_sm = 0;
-  check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem), "occupancy");
-  const int64_t total = static_cast<int64_t>(sm_count_cached()) * (per_sm > 0 ? per_sm : 1);
-  std::lock_guard<std::mutex> lock(mu);
-  known.emplace(key, total);
-  return total;
+  const auto key = std::make_tuple(reinterpret_cast<const void*>(kernel), threads, smem, current_device());
+  return once<int64_t>(key, [&] {
+    int per_sm = 0;
+    check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem), "occupancy");
+    return static_cast<int64_t>(sm_count_cached()) * (per_sm > 0 ? per_sm : 1);
+  });
 }
 
 // CTAs for M rows at `rows` per CTA, at most `grid` (at least 1).
@@ -463,21 +468,11 @@ int64_t clamp_rows(int64_t M, int rows, int64_t grid) {
 // A 1024-thread CTA of a kernel using over 64 registers per thread does not launch.
 template <typename K>
 int max_threads(K kernel) {
-  int dev = 0;
-  check(cudaGetDevice(&dev), "cudaGetDevice");
-  const auto key = std::make_pair(reinterpret_cast<const void*>(kernel), dev);
-  static std::mutex mu;
-  static std::map<std::pair<const void*, int>, int> known;
-  {
-    std::lock_guard<std::mutex> lock(mu);
-    const auto it = known.find(key);
-    if (it != known.end()) return it->second;
-  }
-  cudaFuncAttributes attr{};
-  check(cudaFuncGetAttributes(&attr, kernel), "cudaFuncGetAttributes");
-  std::lock_guard<std::mutex> lock(mu);
-  known.emplace(key, attr.maxThreadsPerBlock);
-  return attr.maxThreadsPerBlock;
+  return once<int>(std::make_pair(reinterpret_cast<const void*>(kernel), current_device()), [&] {
+    cudaFuncAttributes attr{};
+    check(cudaFuncGetAttributes(&attr, kernel), "cudaFuncGetAttributes");
+    return attr.maxThreadsPerBlock;
+  });
 }
 
 // The kernel's thread limit and the rows per CTA (up to kMaxRows, `t` threads each) that keep the most
@@ -488,25 +483,15 @@ struct RowsFit {
 
 template <typename K>
 RowsFit rows_fit(K kernel, int t) {
-  int dev = 0;
-  check(cudaGetDevice(&dev), "cudaGetDevice");
-  const auto key = std::make_tuple(reinterpret_cast<const void*>(kernel), t, dev);
-  static std::mutex mu;
-  static std::map<std::tuple<const void*, int, int>, RowsFit> known;
-  {
-    std::lock_guard<std::mutex> lock(mu);
-    const auto it = known.find(key);
-    if (it != known.end()) return it->second;
-  }
-  RowsFit fit{max_threads(kernel), 1};
-  int64_t best = -1;
-  for (int r = 1; r <= kMaxRows && r * t <= fit.max_threads; r <<= 1) {
-    const int64_t in_flight = resident(kernel, r * t, 0) * r;
-    if (in_flight > best) best = in_flight, fit.rows = r;
-  }
-  std::lock_guard<std::mutex> lock(mu);
-  known.emplace(key, fit);
-  return fit;
+  return once<RowsFit>(std::make_tuple(reinterpret_cast<const void*>(kernel), t, current_device()), [&] {
+    RowsFit fit{max_threads(kernel), 1};
+    int64_t best = -1;
+    for (int r = 1; r <= kMaxRows && r * t <= fit.max_threads; r <<= 1) {
+      const int64_t in_flight = resident(kernel, r * t, 0) * r;
+      if (in_flight > best) best = in_flight, fit.rows = r;
+    }
+    return fit;
+  });
 }
 
 // How a kernel family runs M rows of `vecs` vectors (16-byte or scalar):
