@@ -51,25 +51,27 @@ def bench_ms(fn, rep_ms: float) -> float:
 
 
 class Cell:
-    """Inputs of one (dtype, width) cell and a timer for one kernel's knobs, both norms summed."""
+    """Inputs of one (dtype, width) cell and a timer for one kernel's knobs, both norms summed. ``ops``: the
+    backend module timed (Triton's launchers, which take the knobs; or ``ofa_kernels.native.norm``)."""
 
-    def __init__(self, rows: int, width: int, dtype: torch.dtype):
-        self.x = torch.randn(rows, width, device="cuda", dtype=dtype)
-        self.w = torch.rand(width, device="cuda", dtype=dtype) + 0.5
+    def __init__(self, rows: int, width: int, dtype: torch.dtype, ops=tnorm, device: str = "cuda"):
+        self.ops = ops
+        self.x = torch.randn(rows, width, device=device, dtype=dtype)
+        self.w = torch.rand(width, device=device, dtype=dtype) + 0.5
         self.dy, self.a = torch.randn_like(self.x), torch.randn_like(self.x)
-        self.stats = {rms: tnorm.norm_fwd(self.x, self.w, None, 1e-6, 0.0, rms, "llama", dtype)[1:]
+        self.stats = {rms: ops.norm_fwd(self.x, self.w, None, 1e-6, 0.0, rms, "llama", dtype)[1:]
                       for rms in (True, False)}
 
     def run(self, kernel: str, is_rms: bool, knobs: dict) -> None:
         mean, rstd = self.stats[is_rms]
         if kernel == "fwd":
             fwd = {k: v for k, v in knobs.items() if k in ("rows_per_program", "num_warps", "max_block_n")}
-            tnorm.norm_fwd(self.x, self.w, None, 1e-6, 0.0, is_rms, "llama", self.x.dtype, **fwd)
+            self.ops.norm_fwd(self.x, self.w, None, 1e-6, 0.0, is_rms, "llama", self.x.dtype, **fwd)
         elif kernel == "bwd":
-            tnorm.norm_bwd(self.dy, self.x, self.w, mean, rstd, 0.0, is_rms, "llama", True, True, False, **knobs)
+            self.ops.norm_bwd(self.dy, self.x, self.w, mean, rstd, 0.0, is_rms, "llama", True, True, False, **knobs)
         else:
-            tnorm.norm_bwd_bwd(self.dy, self.x, self.w, mean, rstd, self.a, None, None, 0.0, is_rms,
-                               True, True, True, **knobs)
+            self.ops.norm_bwd_bwd(self.dy, self.x, self.w, mean, rstd, self.a, None, None, 0.0, is_rms,
+                                  True, True, True, **knobs)
 
     def time(self, kernel: str, knobs: dict, rep_ms: float) -> float | None:
         """ms of RMSNorm + LayerNorm; None where the knobs do not compile or run (registers, smem)."""
@@ -133,7 +135,7 @@ def sweep_cuda_rows(widths: list[int], dtypes: list[str], kernels: list[str], re
         tmp = path.with_suffix(".json.partial")
         tmp.write_text(json.dumps(done, indent=1))
         os.replace(tmp, path)
-        shown = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in cell.items())
+        shown = ", ".join(f"{k} {v:.4f}" if v is not None else f"{k} failed" for k, v in cell.items())
         print(f"cuda rows per CTA, {key} (ms): {shown}", flush=True)
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -143,32 +145,15 @@ def sweep_cuda_rows(widths: list[int], dtypes: list[str], kernels: list[str], re
 def _cuda_rows_cell(kernel: str, dtype: torch.dtype, width: int, rep_ms: float, device: str) -> dict:
     from ofa_kernels.native import norm as cnorm
 
-    x = torch.randn(rows_for(width), width, device=device, dtype=dtype)
-    w = torch.rand(width, device=device) + 0.5
-    dy, a = torch.randn_like(x), torch.randn_like(x)
-    stats = {rms: cnorm.norm_fwd(x, w, None, 1e-6, 0.0, rms, "llama", dtype)[1:] for rms in (True, False)}
-
-    def run(is_rms: bool) -> None:
-        mean, rstd = stats[is_rms]
-        if kernel == "fwd":
-            cnorm.norm_fwd(x, w, None, 1e-6, 0.0, is_rms, "llama", dtype)
-        elif kernel == "bwd":
-            cnorm.norm_bwd(dy, x, w, mean, rstd, 0.0, is_rms, "llama", True, True, False)
-        else:
-            cnorm.norm_bwd_bwd(dy, x, w, mean, rstd, a, None, None, 0.0, is_rms, True, True, True)
-
-    cell: dict = {}
+    cell, timings = Cell(rows_for(width), width, dtype, ops=cnorm, device=device), {}
     for setting in CUDA_ROWS:
         if setting == "rule":
             os.environ.pop("OFA_CUDA_ROWS_PER_CTA", None)
         else:
             os.environ["OFA_CUDA_ROWS_PER_CTA"] = setting
-        try:
-            cell[setting] = sum(bench_ms(lambda r=rms: run(r), rep_ms) for rms in (True, False))
-        except Exception as exc:  # noqa: BLE001 - a setting that does not launch is a result
-            cell[setting] = f"failed: {exc}"
+        timings[setting] = cell.time(kernel, {}, rep_ms)  # None: the setting did not launch
     os.environ.pop("OFA_CUDA_ROWS_PER_CTA", None)
-    return cell
+    return timings
 
 
 def main(argv: list[str] | None = None) -> int:
