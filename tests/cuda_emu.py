@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from ofa_kernels.eager.norm import acc_dtype as _acc
+
 ROOT = Path(__file__).resolve().parents[1]
 _FLAGS = ["-std=c++20", "-O1", "-fPIC", "-fno-gnu-unique", "-pthread", "-DOFA_WITH_CUDA", "-DOFA_CUDA_EMU"]
 _DTYPE = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
@@ -36,10 +38,6 @@ def build(out_dir: Path) -> Path:
     lib = out_dir / "libofa_cuda_emu.so"
     subprocess.run(["g++", "-shared", "-pthread", *map(str, objects), "-o", str(lib)], check=True)
     return lib
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _vec(t: torch.Tensor | None, acc: torch.dtype) -> torch.Tensor | None:

@@ -10,6 +10,8 @@
 #endif
 
 #include <cstdint>
+#include <map>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 
@@ -107,11 +109,37 @@ inline void check(cudaError_t err, const char* what) {
   if (err != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(err));
 }
 
-inline int sm_count() {
-  int dev = 0, sms = 0;
+inline int current_device() {
+  int dev = 0;
   check(cudaGetDevice(&dev), "cudaGetDevice");
-  check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "cudaDeviceGetAttribute");
-  return sms;
+  return dev;
+}
+
+// compute() for `key`, worked out once per process: driver queries cost host time on every launch.
+// Each call site (its lambda's type) has its own table.
+template <typename Value, typename Key, typename Compute>
+Value once(const Key& key, Compute&& compute) {
+  static std::mutex mu;
+  static std::map<Key, Value> known;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    const auto it = known.find(key);
+    if (it != known.end()) return it->second;
+  }
+  const Value value = compute();
+  std::lock_guard<std::mutex> lock(mu);
+  known.emplace(key, value);
+  return value;
+}
+
+// SMs of the current device (a driver query the first time only).
+inline int sm_count() {
+  const int dev = current_device();
+  return once<int>(dev, [dev] {
+    int sms = 0;
+    check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "cudaDeviceGetAttribute");
+    return sms;
+  });
 }
 
 // Threads per row: enough vectors of V for one sweep of the row, 32..512.

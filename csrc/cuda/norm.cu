@@ -11,8 +11,6 @@
 // fp64) with group reductions in a fixed order. The maths and notation: ofa_kernels/eager/norm.py.
 #include <cstdlib>
 #include <initializer_list>
-#include <map>
-#include <mutex>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -407,32 +405,6 @@ bool vectorizable(int64_t N, std::initializer_list<std::pair<const void*, int64_
   return true;
 }
 
-int current_device() {
-  int dev = 0;
-  check(cudaGetDevice(&dev), "cudaGetDevice");
-  return dev;
-}
-
-// compute() for `key`, worked out once per process: driver queries cost host time on every launch.
-// Each call site (its lambda's type) has its own table.
-template <typename Value, typename Key, typename Compute>
-Value once(const Key& key, Compute&& compute) {
-  static std::mutex mu;
-  static std::map<Key, Value> known;
-  {
-    std::lock_guard<std::mutex> lock(mu);
-    const auto it = known.find(key);
-    if (it != known.end()) return it->second;
-  }
-  const Value value = compute();
-  std::lock_guard<std::mutex> lock(mu);
-  known.emplace(key, value);
-  return value;
-}
-
-// SMs of the current device.
-int sm_count_cached() { return once<int>(current_device(), [] { return sm_count(); }); }
-
 template <typename F>
 void with_items(int items, F&& f) {
   switch (items) {
@@ -454,7 +426,7 @@ int64_t resident(K kernel, int threads, size_t smem) {
   return once<int64_t>(key, [&] {
     int per_sm = 0;
     check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem), "occupancy");
-    return static_cast<int64_t>(sm_count_cached()) * (per_sm > 0 ? per_sm : 1);
+    return static_cast<int64_t>(sm_count()) * (per_sm > 0 ? per_sm : 1);
   });
 }
 
@@ -527,7 +499,7 @@ Plan plan(int64_t M, int64_t vecs, int target, KernelFor&& kernel_for) {
   if (const char* env = std::getenv("OFA_CUDA_ROWS_PER_CTA")) {
     rows = std::atoi(env) > 1 ? std::atoi(env) : 1;
   } else {
-    const int64_t sms = sm_count_cached();
+    const int64_t sms = sm_count();
     while (rows > 1 && (M + rows - 1) / rows < sms) rows >>= 1;  // keep every SM busy first
   }
   if (rows * t > limit) rows = static_cast<int>(limit / t);
