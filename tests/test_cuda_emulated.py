@@ -132,6 +132,10 @@ def test_rows_per_cta_keep_the_most_threads_resident_with_the_fewest_rows(emulat
     assert gpu._num_parts(x[:4], x[:4], False) == 4  # 2 per CTA would leave an SM idle: 1
     monkeypatch.setenv("OFA_CUDA_ROWS_PER_CTA", "8")
     assert gpu._num_parts(x, x, False) == 2
+    for bad in ("0", "two", "4x"):
+        monkeypatch.setenv("OFA_CUDA_ROWS_PER_CTA", bad)
+        with pytest.raises(RuntimeError, match=f"OFA_CUDA_ROWS_PER_CTA must be a whole number .* got '{bad}'"):
+            gpu._num_parts(x, x, False)
 
 
 def _check_all_stages(case):

@@ -161,8 +161,9 @@ struct Accum {
   }
 };
 
-// The row groups of a persistent grid (rows per CTA: 1 on the looped path, set by the host): every thread runs the same iterations (group_sum's barriers),
-// `row` is its group's row and `live` whether it exists.
+// The row groups of a persistent grid (rows per CTA: 1 on the looped path, set by the host): every
+// thread runs the same iterations (group_sum's barriers); `row` is its group's row and `live` whether
+// it exists.
 #define OFA_FOR_ROW_GROUPS(g, M)                                                                       \
   for (int64_t base_ = static_cast<int64_t>(blockIdx.x) * (g).rows; base_ < (M);                      \
        base_ += static_cast<int64_t>(gridDim.x) * (g).rows)
@@ -497,7 +498,12 @@ Plan plan(int64_t M, int64_t vecs, int target, KernelFor&& kernel_for) {
   int rows = fit.rows;
   if (t > limit) return looped();
   if (const char* env = std::getenv("OFA_CUDA_ROWS_PER_CTA")) {
-    rows = std::atoi(env) > 1 ? std::atoi(env) : 1;
+    char* end = nullptr;
+    const long asked = std::strtol(env, &end, 10);
+    if (end == env || *end != '\0' || asked < 1 || asked > 1024)
+      throw std::invalid_argument(
+          std::string("OFA_CUDA_ROWS_PER_CTA must be a whole number of rows from 1 to 1024, got '") + env + "'");
+    rows = static_cast<int>(asked);
   } else {
     const int64_t sms = sm_count();
     while (rows > 1 && (M + rows - 1) / rows < sms) rows >>= 1;  // keep every SM busy first
