@@ -404,14 +404,15 @@ def test_third_derivatives_match_reference_and_gradcheck(backend, entry, kind, o
         (lambda x, w: ofa_kernels.rms_norm(x, w.to("meta")), ValueError, "weight is on meta"),
         (lambda x, w: ofa_kernels.rms_norm(x.long(), w), TypeError, "x must be float16"),
         (lambda x, w: ofa_kernels.rms_norm(x, w.int()), TypeError, "weight must be a floating"),
-        (lambda x, w: ofa_kernels.rms_norm(x[:, :0], None), ValueError, "zero-width rows"),
+        (lambda x, w: ofa_kernels.rms_norm(x, w, normalized_shape=(8,)), ValueError, r"normalized_shape \(8,\) must equal x.s trailing dims"),
+        (lambda x, w: ofa_kernels.layer_norm(x, w, None, normalized_shape=[1.5]), ValueError, "normalized_shape"),
         (lambda x, w: ofa_kernels.rms_norm(x, w, float("nan")), ValueError, "eps must be a finite"),
         (lambda x, w: ofa_kernels.layer_norm(x, w, float("inf")), TypeError, "bias must be a torch.Tensor"),
         (lambda x, w: ofa_kernels.layer_norm(x, w, None, eps=float("inf")), ValueError, "eps must be"),
         (lambda x, w: ofa_kernels.rms_norm(x, w, cast_mode="fp8"), ValueError, "cast_mode must be one of"),
         (lambda x, w: ofa_kernels.rms_norm(x, w, backend="cuda-graphs"), ValueError, "backend must be one of"),
     ],
-    ids=["shape", "device", "int-x", "int-w", "zero-width", "nan-eps", "bias-type", "inf-eps", "cast", "backend"],
+    ids=["shape", "device", "int-x", "int-w", "normalized-shape", "normalized-shape-type", "nan-eps", "bias-type", "inf-eps", "cast", "backend"],
 )
 def test_bad_input_is_named_in_the_error(call, error, match):
     x = torch.randn(4, 16, device=DEVICE)

@@ -164,25 +164,26 @@ def norm_bwd_bwd(
         ca = mean_(a * xhat)
         ja = r * (a - ma - ca * xhat)
 
+    # Out of place throughout: under torch.vmap a term may be batched where the accumulator is not.
     d_dy = d_x = d_w = None
     if need_ddy:
-        d_dy = zeros.clone()
-        if ja is not None:
-            d_dy += ja * g if g is not None else ja
+        terms = [] if ja is None else [ja * g if g is not None else ja]
         if grad_dw is not None:
-            d_dy += grad_dw.to(acc) * xhat
+            terms.append(grad_dw.to(acc) * xhat)
         if grad_db is not None:
-            d_dy += grad_db.to(acc)
+            terms.append(grad_db.to(acc) + zeros)
+        d_dy = sum(terms[1:], terms[0]) if terms else zeros
     if need_dx:
-        d_x = zeros.clone()
+        terms = []
         if a is not None:
             c2 = mean_(u * xhat)
             mu = zeros[:, :1] if is_rms else mean_(u)
             coef = 3 * ca * c2 - mean_(a * u) + ma * mu
-            d_x += r * r * (coef * xhat - c2 * (a - ma) - ca * (u - mu))
+            terms.append(r * r * (coef * xhat - c2 * (a - ma) - ca * (u - mu)))
         if w2 is not None:
             mw2 = zeros[:, :1] if is_rms else mean_(w2)
-            d_x += r * (w2 - mw2 - mean_(w2 * xhat) * xhat)
+            terms.append(r * (w2 - mw2 - mean_(w2 * xhat) * xhat))
+        d_x = sum(terms[1:], terms[0]) if terms else zeros
     if need_dw and ja is not None:
         d_w = (dy32 * ja).sum(0)
     return (None if d_dy is None else d_dy.to(dy.dtype)), (None if d_x is None else d_x.to(x.dtype)), d_w

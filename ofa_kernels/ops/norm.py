@@ -23,14 +23,14 @@ backward that builds no graph (``create_graph=False``) calls it directly too. Un
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 from torch.autograd import forward_ad
 
 from ..reference import layer_norm_ref, rms_norm_ref
-from . import dispatch
+from . import dispatch, norm_vmap
 
 CAST_MODES = ("llama", "gemma", "none")
 _OPS = {True: ("rms.fwd", "rms.bwd", "rms.bwd_bwd"), False: ("layer.fwd", "layer.bwd", "layer.bwd_bwd")}  # table keys
@@ -100,11 +100,12 @@ def _call_bwd_bwd(dy, x, weight, mean, rstd, grad_dx, grad_dw, grad_db, offset, 
 def _fwd_stage_backward(bwd, ctx, dy, in_param_dtypes: bool = False):
     """Gradients of the forward stage: runs ``bwd`` (the op, the eager Function, or with
     ``in_param_dtypes`` the backend itself, which then writes dw/db in the parameters' dtypes) and casts
-    dw/db where still needed."""
+    dw/db where still needed. ``dy`` is made row-major here, once: autograd hands ``y.sum()``'s gradient
+    over expanded (zero strides), and the backward stage saves its dy for the double backward."""
     x, weight, mean, rstd = ctx.saved_tensors
     offset, is_rms, cast_mode, backend, bias_dtype = ctx.meta
     need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
-    args = (dy, x, weight, mean, rstd, offset, is_rms, cast_mode, need_dx, need_dw, need_db, backend)
+    args = (_row_major(dy), x, weight, mean, rstd, offset, is_rms, cast_mode, need_dx, need_dw, need_db, backend)
     if in_param_dtypes:
         dx, dw, db = bwd(*args, dw_dtype=None if weight is None else weight.dtype, db_dtype=bias_dtype)
     else:
@@ -140,50 +141,110 @@ def _save_bwd(ctx, dy, x, weight, mean, rstd, offset, is_rms, backend):
     ctx.meta = (offset, is_rms, backend)
 
 
-def _stats_of(x: Tensor, mean: Tensor, rstd: Tensor, is_rms: bool) -> tuple[Tensor, Tensor]:
-    """mean and rstd as differentiable functions of x with the saved values (eps recovered from rstd)."""
-    xs = x.to(_acc(x.dtype))
-    if is_rms:
-        var, mean_f = xs.pow(2).mean(-1), mean
-    else:
-        m = xs.mean(-1)
-        var = (xs - m[:, None]).pow(2).mean(-1)
-        mean_f = m + (mean - m).detach()
-    eps_hat = (rstd.pow(-2) - var).detach()
-    return mean_f, (var + eps_hat).rsqrt()
-
-
 def _save_bwd_bwd(ctx, inputs) -> None:
     dy, x, weight, mean, rstd, grad_dx, grad_dw, grad_db, offset, is_rms, *_rest = inputs
     ctx.save_for_backward(dy, x, weight, mean, rstd, grad_dx, grad_dw, grad_db)
     ctx.meta = (offset, is_rms)
 
 
-def _bwd_bwd_stage_backward(ctx, *grads) -> tuple:
-    """Third derivative: autograd through the plain-PyTorch double backward (any order, unfused)."""
-    from ..eager import norm as eager
+_BWD_BWD_DIFFERENTIABLE = (0, 1, 2, 5, 6, 7)  # dy, x, weight, grad_dx, grad_dw, grad_db
 
+
+def _bwd_bwd_stage_backward(ctx, *grads) -> tuple:
+    """Third derivative: the VJP of the plain double backward, statistics rebuilt from x (any order,
+    unfused). ``torch.func.vjp`` works under plain autograd and under torch.func transforms alike."""
     saved = ctx.saved_tensors
     offset, is_rms = ctx.meta
-    needs = [ctx.needs_input_grad[i] and saved[i] is not None for i in (0, 1, 2, 5, 6, 7)]
-    with torch.enable_grad():
-        dy, x, weight, mean, rstd, a, bw, e = [None if t is None else t.detach() for t in saved]
-        leaves = [t.requires_grad_(need) if t is not None else None
-                  for t, need in zip((dy, x, weight, a, bw, e), needs)]
-        dy, x, weight, a, bw, e = leaves
-        mean_f, rstd_f = _stats_of(x, mean, rstd, is_rms)
-        outs = eager.norm_bwd_bwd(dy, x, weight, mean_f, rstd_f, a, bw, e, offset, is_rms,
-                                  True, True, weight is not None)
-        pairs = [(o, g) for o, g in zip(outs, grads) if o is not None and g is not None and g.numel()]
-        wrt = [t for t, need in zip(leaves, needs) if need]
-        found = iter(torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True,
-                                         create_graph=torch.is_grad_enabled()) if pairs and wrt else ())
-    result = [next(found, None) if need else None for need in needs]
-    for i, t in enumerate((dy, x, weight, a, bw, e)):
+    dy, x, weight, mean, rstd, a, bw, e = saved
+    needs = [ctx.needs_input_grad[i] and saved[i] is not None for i in _BWD_BWD_DIFFERENTIABLE]
+    fixed = [dy, x, weight, a, bw, e]
+    # outputs that exist and received a cotangent (the stage returns zeros / empties for the others)
+    mask = (grads[0] is not None and grads[0].numel() > 0, grads[1] is not None and grads[1].numel() > 0,
+            grads[2] is not None and grads[2].numel() > 0 and weight is not None and a is not None)
+    result = [None] * 6
+    wrt = [i for i, need in enumerate(needs) if need]
+    if wrt and any(mask):
+        def fn(*free):
+            args = list(fixed)
+            for i, t in zip(wrt, free):
+                args[i] = t
+            d, xx, w, aa, bb, ee = args
+            return norm_vmap.present(norm_vmap.plain_bwd_bwd, mask)(d, xx, w, mean, rstd, aa, bb, ee, offset,
+                                                                   is_rms, *mask)
+        _, pullback = torch.func.vjp(fn, *[fixed[i] for i in wrt])
+        found = pullback(tuple(g for g, keep in zip(grads, mask) if keep))
+        for i, g in zip(wrt, found):
+            result[i] = g
+    for i, t in enumerate(fixed):
         if needs[i] and result[i] is None:
             result[i] = torch.zeros_like(t)
     d_dy, d_x, d_w, d_a, d_bw, d_e = result
     return (d_dy, d_x, d_w, None, None, d_a, d_bw, d_e) + (None,) * 6
+
+
+# ------------------------------------------------- forward-mode (jvp) rules, shared by both entries
+#
+# The forward stage's JVP is the norm's Jacobian applied to the tangents: exactly the d_dy output of
+# the double backward with cotangents (x_t, w_t, b_t). The backward stage is the gradient of
+# L = <dy, y(x, w, b)>: linear in dy, and its Jacobian in (x, w) is L's Hessian, which is symmetric,
+# so its JVP is the double backward's (d_x, d_w) with cotangents (x_t, w_t). Both run fused. The
+# double backward's own JVP (third order) is forward-mode through its plain twin.
+
+
+def _add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    return b if a is None else a if b is None else a + b
+
+
+def _fwd_jvp(bwd_bwd, x, weight, mean, rstd, x_t, w_t, b_t, offset, is_rms, backend, out_dtype):
+    w_t = None if weight is None else w_t
+    if x_t is None and w_t is None and b_t is None:
+        return None
+    x_t, w_t, b_t = (None if t is None else _row_major(t) for t in (x_t, w_t, b_t))
+    d_dy = bwd_bwd(x.detach(), x, weight, mean, rstd, x_t, w_t, b_t, offset, is_rms, True, False, False, backend)[0]
+    return _cast(d_dy, out_dtype)
+
+
+def _bwd_jvp(bwd, bwd_bwd, dy, x, weight, mean, rstd, dy_t, x_t, w_t, offset, is_rms, cast_mode, flags, backend):
+    need_dx, need_dw, need_db = flags
+    need_dw = need_dw and weight is not None
+    t_dx = t_dw = t_db = None
+    if dy_t is not None:
+        t_dx, t_dw, t_db = bwd(_row_major(dy_t), x, weight, mean, rstd, offset, is_rms, cast_mode, need_dx, need_dw,
+                               need_db, backend)
+    w_t = None if weight is None else w_t
+    if (x_t is not None or w_t is not None) and (need_dx or need_dw):
+        x_t, w_t = (None if t is None else _row_major(t) for t in (x_t, w_t))
+        _, d_x, d_w = bwd_bwd(dy, x, weight, mean, rstd, x_t, w_t, None, offset, is_rms, False, need_dx,
+                              need_dw and x_t is not None, backend)
+        t_dx, t_dw = _add(t_dx, d_x if need_dx else None), _add(t_dw, d_w if need_dw else None)
+    if need_dw and t_dw is None:
+        t_dw = torch.zeros(x.shape[-1], dtype=_acc(x.dtype), device=x.device)
+    return t_dx, t_dw, t_db
+
+
+def _bwd_bwd_jvp(saved, tangents, offset, is_rms, flags):
+    """Forward-mode through the plain double backward (the primal outputs' tangents)."""
+    dy, x, weight, mean, rstd, a, bw, e = saved
+    need_ddy, need_dx, need_dw = flags
+    mask = (need_ddy, need_dx, need_dw and weight is not None and a is not None)
+    if not any(mask):
+        return None, None, None
+    primals, tans, where = [], [], []
+    for i, (p, t) in enumerate(zip((dy, x, weight, a, bw, e), tangents)):
+        if p is not None:
+            primals.append(p)
+            tans.append(torch.zeros_like(p) if t is None else t.to(p.dtype))
+            where.append(i)
+
+    def fn(*present_args):
+        args = [None] * 6
+        for i, t in zip(where, present_args):
+            args[i] = t
+        d, xx, w, aa, bb, ee = args
+        return norm_vmap.present(norm_vmap.plain_bwd_bwd, mask)(d, xx, w, mean, rstd, aa, bb, ee, offset, is_rms,
+                                                               *mask)
+    _, out_t = torch.func.jvp(fn, tuple(primals), tuple(tans))
+    return tuple(norm_vmap.scatter(out_t, mask))
 
 
 # ----------------------------------------------------- registered ops (torch.compile entry)
@@ -267,45 +328,133 @@ _norm_bwd_bwd.register_autograd(_bwd_bwd_stage_backward,
                                 setup_context=lambda ctx, inputs, output: _save_bwd_bwd(ctx, inputs))
 
 
+def _with_placeholders(outs: list, dims: tuple, like: list) -> tuple[tuple, tuple]:
+    """Registered ops return empty tensors for outputs not asked for: unbatched, out_dim None."""
+    return tuple(o if o is not None else _nothing(t, dt) for o, (t, dt) in zip(outs, like)), dims
+
+
+def _op_fwd_vmap(info, in_dims, x, weight, bias, eps, offset, is_rms, cast_mode, backend):
+    out_dtype = output_dtype(x.dtype, None if weight is None else weight.dtype, is_rms, cast_mode)
+    return norm_vmap.fwd_rule(_norm_fwd, info.batch_size, in_dims, x, weight, bias, eps, offset, is_rms, cast_mode,
+                              backend, out_dtype)
+
+
+def _op_bwd_vmap(info, in_dims, dy, x, weight, mean, rstd, offset, is_rms, cast_mode, need_dx, need_dw, need_db,
+                 backend):
+    outs, dims = norm_vmap.bwd_rule(_norm_bwd, info.batch_size, in_dims, dy, x, weight, mean, rstd, offset, is_rms,
+                                    cast_mode, need_dx, need_dw, need_db, backend)
+    acc = _acc(x.dtype)
+    return _with_placeholders(outs, dims, [(x, x.dtype), (x, acc), (x, acc)])
+
+
+def _op_bwd_bwd_vmap(info, in_dims, dy, x, weight, mean, rstd, grad_dx, grad_dw, grad_db, offset, is_rms,
+                     need_ddy, need_dx, need_dw, backend):
+    outs, dims = norm_vmap.bwd_bwd_rule(_norm_bwd_bwd, info.batch_size, in_dims, dy, x, weight, mean, rstd, grad_dx,
+                                        grad_dw, grad_db, offset, is_rms, need_ddy, need_dx, need_dw, backend)
+    return _with_placeholders(outs, dims, [(dy, dy.dtype), (x, x.dtype), (x, _acc(x.dtype))])
+
+
+torch.library.register_vmap("ofa::norm_fwd", _op_fwd_vmap)
+torch.library.register_vmap("ofa::norm_bwd", _op_bwd_vmap)
+torch.library.register_vmap("ofa::norm_bwd_bwd", _op_bwd_bwd_vmap)
+
+
 # ------------------------------------------------------------- eager entry: no op boundary
+#
+# Written in the ``setup_context`` style, with ``jvp`` and ``vmap`` staticmethods, so that torch.func
+# (grad, vjp, jvp, jacrev, jacfwd, hessian, vmap) goes through them as through PyTorch's own ops.
 
 
 class _NormFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, eps, offset, is_rms, cast_mode, backend):
-        y, mean, rstd = _call_fwd(x, weight, bias, eps, offset, is_rms, cast_mode, backend)
-        _save_fwd(ctx, x, weight, bias, offset, is_rms, cast_mode, backend, mean, rstd)
-        return y
+    def forward(x, weight, bias, eps, offset, is_rms, cast_mode, backend):
+        return _call_fwd(x, weight, bias, eps, offset, is_rms, cast_mode, backend)
 
     @staticmethod
-    def backward(ctx, dy):
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, _eps, offset, is_rms, cast_mode, backend = inputs
+        y, mean, rstd = output
+        ctx.mark_non_differentiable(mean, rstd)
+        _save_fwd(ctx, x, weight, bias, offset, is_rms, cast_mode, backend, mean, rstd)
+        ctx.save_for_forward(x, weight, mean, rstd)
+        ctx.out_dtype = y.dtype
+
+    @staticmethod
+    def backward(ctx, dy, _dmean, _drstd):
         # Grad mode is on in a backward only when it builds a graph (create_graph=True): then the backward
         # is itself differentiable (_NormBwdFn); else the backend is called directly, with no Function.
         if torch.is_grad_enabled():
             return _fwd_stage_backward(_NormBwdFn.apply, ctx, dy)
         return _fwd_stage_backward(_call_bwd, ctx, dy, in_param_dtypes=True)
 
+    @staticmethod
+    def jvp(ctx, x_t, w_t, b_t, *_):
+        x, weight, mean, rstd = ctx.saved_tensors
+        offset, is_rms, _cast_mode, backend, _ = ctx.meta
+        return _fwd_jvp(_NormBwdBwdFn.apply, x, weight, mean, rstd, x_t, w_t, b_t, offset, is_rms, backend,
+                        ctx.out_dtype), None, None
+
+    @staticmethod
+    def vmap(info, in_dims, x, weight, bias, eps, offset, is_rms, cast_mode, backend):
+        out_dtype = output_dtype(x.dtype, None if weight is None else weight.dtype, is_rms, cast_mode)
+        return norm_vmap.fwd_rule(_NormFn.apply, info.batch_size, in_dims, x, weight, bias, eps, offset, is_rms,
+                                  cast_mode, backend, out_dtype)
+
 
 class _NormBwdFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, dy, x, weight, mean, rstd, offset, is_rms, cast_mode, need_dx, need_dw, need_db, backend):
-        _save_bwd(ctx, dy, x, weight, mean, rstd, offset, is_rms, backend)
+    def forward(dy, x, weight, mean, rstd, offset, is_rms, cast_mode, need_dx, need_dw, need_db, backend):
         return _call_bwd(dy, x, weight, mean, rstd, offset, is_rms, cast_mode, need_dx, need_dw, need_db, backend)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        dy, x, weight, mean, rstd, offset, is_rms, cast_mode, need_dx, need_dw, need_db, backend = inputs
+        _save_bwd(ctx, dy, x, weight, mean, rstd, offset, is_rms, backend)
+        ctx.save_for_forward(dy, x, weight, mean, rstd)
+        ctx.fwd_meta = (cast_mode, (need_dx, need_dw, need_db))
 
     @staticmethod
     def backward(ctx, grad_dx, grad_dw, grad_db):
         return _bwd_stage_backward(_NormBwdBwdFn.apply, ctx, grad_dx, grad_dw, grad_db)
 
+    @staticmethod
+    def jvp(ctx, dy_t, x_t, w_t, *_):
+        dy, x, weight, mean, rstd = ctx.saved_tensors
+        offset, is_rms, backend = ctx.meta
+        cast_mode, flags = ctx.fwd_meta
+        return _bwd_jvp(_NormBwdFn.apply, _NormBwdBwdFn.apply, dy, x, weight, mean, rstd, dy_t, x_t, w_t, offset,
+                        is_rms, cast_mode, flags, backend)
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        outs, dims = norm_vmap.bwd_rule(_NormBwdFn.apply, info.batch_size, in_dims, *args)
+        return tuple(outs), dims
+
 
 class _NormBwdBwdFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, *args):
-        _save_bwd_bwd(ctx, args)
+    def forward(*args):
         return _call_bwd_bwd(*args)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _save_bwd_bwd(ctx, inputs)
+        ctx.save_for_forward(*inputs[:8])
+        ctx.fwd_meta = inputs[10:13]
 
     @staticmethod
     def backward(ctx, *grads):
         return _bwd_bwd_stage_backward(ctx, *grads)
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        offset, is_rms = ctx.meta
+        return _bwd_bwd_jvp(ctx.saved_tensors, tangents[:3] + tangents[5:8], offset, is_rms, ctx.fwd_meta)
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        outs, dims = norm_vmap.bwd_bwd_rule(_NormBwdBwdFn.apply, info.batch_size, in_dims, *args)
+        return tuple(outs), dims
 
 
 def _has_tangent(*tensors: Tensor | None) -> bool:
@@ -315,18 +464,27 @@ def _has_tangent(*tensors: Tensor | None) -> bool:
     return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
+_transforms_active = torch._C._are_functorch_transforms_active
+
+
 def _norm(x, weight, bias, eps, offset, is_rms, cast_mode, backend) -> Tensor:
-    """The one call site: registered op under torch.compile, lean autograd.Function in eager."""
-    if _has_tangent(x, weight, bias):  # forward-mode AD: the plain-PyTorch reference
-        if is_rms:
-            return rms_norm_ref(x, weight, eps, offset=offset, cast_mode=cast_mode)
-        return layer_norm_ref(x, weight, bias, eps)
-    if torch.compiler.is_compiling() or not EAGER_FAST_PATH:
+    """The one call site: registered op under torch.compile, lean autograd.Function in eager.
+
+    Under torch.func transforms the eager Functions run even where the registered ops were asked for
+    (``EAGER_FAST_PATH`` off): the autograd.Function that ``torch.library.register_autograd`` generates
+    has no ``setup_context``, so grad-type transforms refuse it (pytorch/pytorch#168393). The ops'
+    own ``register_vmap`` rules serve ``torch.vmap`` of the ops called directly."""
+    if torch.compiler.is_compiling() or not (EAGER_FAST_PATH or _transforms_active()):
+        if _has_tangent(x, weight, bias):  # torch.library ops have no forward-mode AD: the plain reference
+            if is_rms:
+                return rms_norm_ref(x, weight, eps, offset=offset, cast_mode=cast_mode)
+            return layer_norm_ref(x, weight, bias, eps)
         return _norm_fwd(x, weight, bias, eps, offset, is_rms, cast_mode, backend)[0]
     if not (torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
-                                         or (bias is not None and bias.requires_grad))):
+                                         or (bias is not None and bias.requires_grad))) \
+            and not _transforms_active() and not _has_tangent(x, weight, bias):
         return _call_fwd(x, weight, bias, eps, offset, is_rms, cast_mode, backend)[0]  # nothing to record
-    return _NormFn.apply(x, weight, bias, eps, offset, is_rms, cast_mode, backend)
+    return _NormFn.apply(x, weight, bias, eps, offset, is_rms, cast_mode, backend)[0]
 
 
 EAGER_FAST_PATH = True  # tests flip it to run the registered ops eagerly too
@@ -335,19 +493,38 @@ EAGER_FAST_PATH = True  # tests flip it to run the registered ops eagerly too
 # ------------------------------------------------------------------------------- public API
 
 
-def _check(x: Tensor, eps: float, **params: Tensor | None) -> int:
-    """Validates inputs; returns the row width. Errors name the argument and what was expected."""
+def _normalized_shape(x: Tensor, normalized_shape, weight: Tensor | None) -> tuple[int, ...]:
+    """The trailing dims to normalise over: ``normalized_shape`` as given (an int or a sequence of ints),
+    else the weight's (or bias's) shape where it equals x's trailing dims, else x's last dim."""
+    if normalized_shape is None:
+        if isinstance(weight, Tensor) and 0 < weight.dim() <= x.dim() and x.shape[-weight.dim():] == weight.shape:
+            return tuple(weight.shape)
+        return tuple(x.shape[-1:])
+    if isinstance(normalized_shape, int) and not isinstance(normalized_shape, bool):
+        normalized_shape = (normalized_shape,)
+    try:
+        shape = tuple(normalized_shape)
+    except TypeError:
+        shape = None
+    if shape is None or not shape or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise ValueError(f"normalized_shape must be an int or a non-empty sequence of ints >= 0, got {normalized_shape!r}")
+    if tuple(x.shape[-len(shape):]) != shape or x.dim() < len(shape):
+        raise ValueError(f"normalized_shape {shape} must equal x's trailing dims; x has shape {tuple(x.shape)}")
+    return shape
+
+
+def _check(x: Tensor, eps: float, normalized_shape, **params: Tensor | None) -> tuple[int, ...]:
+    """Validates inputs; returns the normalised shape. Errors name the argument and what was expected."""
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in _FLOATS:
         raise TypeError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
     if x.dim() == 0:
         raise ValueError("x must have at least one dimension (the normalised last dim), got a scalar")
-    width = x.shape[-1]
-    if width == 0:
-        raise ValueError(f"x has zero-width rows (shape {tuple(x.shape)}); expected a last dim >= 1")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    given = [p for p in params.values() if p is not None]
+    shape = _normalized_shape(x, normalized_shape, given[0] if given else None)
     for name, p in params.items():
         if p is None:
             continue
@@ -355,25 +532,43 @@ def _check(x: Tensor, eps: float, **params: Tensor | None) -> int:
             raise TypeError(f"{name} must be a torch.Tensor or None, got {type(p).__name__}")
         if p.dtype not in _FLOATS:
             raise TypeError(f"{name} must be a floating-point tensor, got {p.dtype}")
-        if tuple(p.shape) != (width,):
-            raise ValueError(f"{name} must have shape ({width},) to match x's last dim, got {tuple(p.shape)}")
+        if tuple(p.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape} to match x's normalised dims, got {tuple(p.shape)}")
         if p.device != x.device:
             raise ValueError(f"{name} is on {p.device} but x is on {x.device}; expected the same device")
-    return width
+    return shape
 
 
 def _as_rows(x: Tensor, width: int) -> Tensor:
     """[..., N] -> [M, N] as a view when the leading dims collapse (any row stride), else a copy."""
     x = _row_major(x)
-    return x if x.dim() == 2 else x.reshape(-1, width)
+    return x if x.dim() == 2 and x.shape[1] == width else x.reshape(-1, width)
 
 
-def _as_input_shape(y: Tensor, x: Tensor) -> Tensor:
-    return y if y.dim() == x.dim() else y.view(x.shape)  # rows of a 2-D x are its rows already
+def _param(p: Tensor | None, width: int) -> Tensor | None:
+    return None if p is None else _row_major(p if p.dim() == 1 else p.reshape(width))
 
 
-def _param(p: Tensor | None) -> Tensor | None:
-    return None if p is None else _row_major(p)
+def _run(x: Tensor, shape: tuple[int, ...], weight, bias, eps, offset, is_rms, cast_mode, backend) -> Tensor:
+    """Flattens the normalised dims onto the kernels' rows and back."""
+    width = math.prod(shape)
+    y = _norm(_as_rows(x, width), _param(weight, width), _param(bias, width), float(eps), float(offset), is_rms,
+              cast_mode, backend or "auto")
+    return y if y.shape == x.shape else y.view(x.shape)
+
+
+def _empty_rows(x, shape, weight, bias, eps, offset, is_rms, cast_mode) -> Tensor | None:
+    """Zero-width rows have nothing to launch: the plain reference gives the (empty) result, still
+    differentiable. None when there is work for the kernels."""
+    if math.prod(shape) != 0:
+        return None
+    xr = x.reshape(*x.shape[:x.dim() - len(shape)], 0)
+    w = None if weight is None else weight.reshape(0)
+    if is_rms:
+        y = rms_norm_ref(xr, w, eps, offset=offset, cast_mode=cast_mode)
+    else:
+        y = layer_norm_ref(xr, w, None if bias is None else bias.reshape(0), eps)
+    return y.reshape(x.shape)
 
 
 def rms_norm(
@@ -381,28 +576,33 @@ def rms_norm(
     weight: Tensor | None,
     eps: float = 1e-6,
     *,
+    normalized_shape: int | Sequence[int] | None = None,
     offset: float = 0.0,
     cast_mode: str = "llama",
     backend: str | None = None,
 ) -> Tensor:
-    """RMSNorm over the last dim: ``x * rsqrt(mean(x^2) + eps) * (offset + weight)``.
+    """RMSNorm over the trailing dims: ``x * rsqrt(mean(x^2) + eps) * (offset + weight)``.
 
-    Statistics are fp32. ``cast_mode``: "llama" rounds the normalised x to x's dtype before the
-    weight multiply and returns the promoted dtype (bit-compatible with HF ``LlamaRMSNorm``);
-    "gemma" computes all in fp32 and returns x's dtype (HF Gemma, with ``offset=1``); "none" does no
-    intermediate rounding and returns the promoted dtype. Differentiable in x, weight and the
-    upstream gradient (second order fused; higher orders in plain PyTorch). ``backend``: "auto"
-    (default, or ``OFA_BACKEND``), "torch", "triton", "cpu" or "cuda" (the compiled extension);
-    see ``ofa_kernels.backends()``.
+    The normalised dims are ``normalized_shape`` (as ``F.rms_norm``'s), else the weight's shape, else
+    x's last dim; the weight has that shape. Statistics are fp32. ``cast_mode``: "llama" rounds the
+    normalised x to x's dtype before the weight multiply and returns the promoted dtype
+    (bit-compatible with HF ``LlamaRMSNorm``); "gemma" computes all in fp32 and returns x's dtype (HF
+    Gemma, with ``offset=1``); "none" does no intermediate rounding and returns the promoted dtype.
+    Any layout of x and weight (strided, expanded, empty). Differentiable in x, weight and the
+    upstream gradient (second order fused; higher orders in plain PyTorch), in reverse and forward
+    mode, and under ``torch.func`` (grad, jvp, vmap, hessian, ...). ``backend``: "auto" (default, or
+    ``OFA_BACKEND``), "torch", "triton", "cpu" or "cuda" (the compiled extension); see
+    ``ofa_kernels.backends()``.
     """
-    width = _check(x, eps, weight=weight)
+    shape = _check(x, eps, normalized_shape, weight=weight)
     if cast_mode not in CAST_MODES:
         raise ValueError(f"cast_mode must be one of {CAST_MODES}, got {cast_mode!r}")
     if not math.isfinite(offset):
         raise ValueError(f"offset must be finite, got {offset!r}")
-    y = _norm(_as_rows(x, width), _param(weight), None, float(eps), float(offset), True, cast_mode,
-              backend or "auto")
-    return _as_input_shape(y, x)
+    empty = _empty_rows(x, shape, weight, None, float(eps), float(offset), True, cast_mode)
+    if empty is not None:
+        return empty
+    return _run(x, shape, weight, None, eps, offset, True, cast_mode, backend)
 
 
 def layer_norm(
@@ -411,14 +611,17 @@ def layer_norm(
     bias: Tensor | None,
     eps: float = 1e-5,
     *,
+    normalized_shape: int | Sequence[int] | None = None,
     backend: str | None = None,
 ) -> Tensor:
-    """LayerNorm over the last dim with fp32 statistics; returns x's dtype.
+    """LayerNorm over the trailing dims with fp32 statistics; returns x's dtype.
 
-    ``weight`` and ``bias`` may be None. Differentiable in x, weight, bias and the upstream
-    gradient. ``backend`` as for :func:`rms_norm`.
+    The normalised dims as for :func:`rms_norm`; ``weight`` and ``bias`` (either may be None) have
+    that shape. Differentiable in x, weight, bias and the upstream gradient, as :func:`rms_norm`.
+    ``backend`` as for :func:`rms_norm`.
     """
-    width = _check(x, eps, weight=weight, bias=bias)
-    y = _norm(_as_rows(x, width), _param(weight), _param(bias), float(eps), 0.0, False, "none",
-              backend or "auto")
-    return _as_input_shape(y, x)
+    shape = _check(x, eps, normalized_shape, weight=weight, bias=bias)
+    empty = _empty_rows(x, shape, weight, bias, float(eps), 0.0, False, "none")
+    if empty is not None:
+        return empty
+    return _run(x, shape, weight, bias, eps, 0.0, False, "none", backend)
