@@ -42,8 +42,6 @@ def rms_kind(module: nn.Module) -> tuple[float, float, str] | None:
         return float(module.eps), float(module.offset), module.cast_mode
     cls = type(module)
     if isinstance(module, nn.RMSNorm):
-        if len(module.normalized_shape) != 1:
-            return None
         eps = module.eps if module.eps is not None else torch.finfo(torch.float32).eps
         return float(eps), 0.0, "gemma"
     tagged = getattr(cls, "kernel_layer_name", None) == "RMSNorm" or cls.__name__.endswith("RMSNorm")

@@ -11,6 +11,9 @@ from .ops.norm import CAST_MODES, layer_norm, rms_norm
 class FusedRMSNorm(nn.Module):
     """RMSNorm with a ``weight`` parameter, like HF ``LlamaRMSNorm`` (same state dict).
 
+    ``hidden_size``: the normalised trailing dims, an int or a tuple (as ``torch.nn.RMSNorm``'s
+    ``normalized_shape``); the weight has that shape.
+
     ``offset`` and ``cast_mode`` select Gemma-style ``(offset + weight)`` in fp32; both attributes
     ``eps`` and ``variance_epsilon`` are exposed, since HF models use either name. ``output_dtype``
     (None: HF's promotion rule) fixes the result dtype, e.g. bf16 for fp32 master weights in a bf16 model.
@@ -20,7 +23,7 @@ class FusedRMSNorm(nn.Module):
 
     def __init__(
         self,
-        hidden_size: int,
+        hidden_size: int | tuple[int, ...],
         eps: float = 1e-6,
         *,
         offset: float = 0.0,
@@ -32,13 +35,17 @@ class FusedRMSNorm(nn.Module):
         super().__init__()
         if cast_mode not in CAST_MODES:
             raise ValueError(f"cast_mode must be one of {CAST_MODES}, got {cast_mode!r}")
+        shape = (hidden_size,) if isinstance(hidden_size, int) else tuple(hidden_size)
+        if not shape or not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise ValueError(f"hidden_size must be an int or a non-empty tuple of ints >= 0, got {hidden_size!r}")
         self.hidden_size = hidden_size
+        self.normalized_shape = shape
         self.eps = eps
         self.offset = offset
         self.cast_mode = cast_mode
         init = torch.zeros if offset else torch.ones
         if elementwise_affine:
-            self.weight = nn.Parameter(init(hidden_size, device=device, dtype=dtype))
+            self.weight = nn.Parameter(init(shape, device=device, dtype=dtype))
         else:
             self.register_parameter("weight", None)
 
@@ -47,7 +54,8 @@ class FusedRMSNorm(nn.Module):
         return self.eps
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        y = rms_norm(hidden_states, self.weight, self.eps, offset=self.offset, cast_mode=self.cast_mode)
+        y = rms_norm(hidden_states, self.weight, self.eps, normalized_shape=self.normalized_shape, offset=self.offset,
+                     cast_mode=self.cast_mode)
         return y if self.output_dtype is None else y.to(self.output_dtype)
 
     def extra_repr(self) -> str:
@@ -56,17 +64,15 @@ class FusedRMSNorm(nn.Module):
 
 
 class FusedLayerNorm(nn.LayerNorm):
-    """``torch.nn.LayerNorm`` over the last dim, computed by the fused op (same state dict)."""
+    """``torch.nn.LayerNorm`` over its ``normalized_shape`` (any number of trailing dims), computed by the
+    fused op (same state dict)."""
 
-    def __init__(self, normalized_shape: int | tuple[int], eps: float = 1e-5, elementwise_affine: bool = True,
+    def __init__(self, normalized_shape: int | tuple[int, ...], eps: float = 1e-5, elementwise_affine: bool = True,
                  bias: bool = True, device=None, dtype=None) -> None:
         super().__init__(normalized_shape, eps, elementwise_affine, bias, device, dtype)
-        if len(self.normalized_shape) != 1:
-            raise ValueError(
-                f"normalized_shape must be a single (last) dim, got {tuple(self.normalized_shape)}")
 
     output_dtype: torch.dtype | None = None  # None: x's dtype (LayerNorm's rule)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        y = layer_norm(input, self.weight, self.bias, self.eps)
+        y = layer_norm(input, self.weight, self.bias, self.eps, normalized_shape=self.normalized_shape)
         return y if self.output_dtype is None else y.to(self.output_dtype)

@@ -1,7 +1,7 @@
 """Swap a model's norms for the fused ones, in place, and back.
 
 One walk over the module tree; norms are recognised by kind, not by model type:
-- ``torch.nn.LayerNorm`` over one dim (GPT-2 ``ln_*``, BERT ``LayerNorm``, ...) -> FusedLayerNorm;
+- ``torch.nn.LayerNorm`` over any trailing dims (GPT-2 ``ln_*``, BERT ``LayerNorm``, ...) -> FusedLayerNorm;
 - RMSNorms as ``anatomy.rms_kind`` recognises them (HF's Llama, Mistral, Qwen2, SmolLM, Gemma, ...;
   ``torch.nn.RMSNorm``) -> FusedRMSNorm.
 PEFT wrappers (``LNTuningLayer``, ``ModulesToSaveWrapper``) are not norms themselves; the norms
@@ -29,8 +29,6 @@ def _fused_for(module: nn.Module) -> nn.Module | None:
     if isinstance(module, (FusedRMSNorm, FusedLayerNorm)):
         return None
     if type(module) is nn.LayerNorm or (isinstance(module, nn.LayerNorm) and type(module).forward is nn.LayerNorm.forward):
-        if len(module.normalized_shape) != 1:
-            return None
         fused = FusedLayerNorm(module.normalized_shape, module.eps, elementwise_affine=False, device="meta")
         fused.elementwise_affine = module.elementwise_affine
         fused.weight, fused.bias = module.weight, module.bias
@@ -39,8 +37,11 @@ def _fused_for(module: nn.Module) -> nn.Module | None:
     if kind is None:
         return None
     eps, offset, cast_mode = kind
-    fused = FusedRMSNorm(module.weight.shape[0], eps, offset=offset, cast_mode=cast_mode, elementwise_affine=False)
-    fused.weight = module.weight
+    weight = getattr(module, "weight", None)
+    shape = tuple(weight.shape) if weight is not None else tuple(module.normalized_shape)
+    fused = FusedRMSNorm(shape[0] if len(shape) == 1 else shape, eps, offset=offset, cast_mode=cast_mode,
+                         elementwise_affine=False)
+    fused.weight = weight
     return fused
 
 
@@ -50,7 +51,7 @@ def _agrees(original: nn.Module, fused: nn.Module) -> bool:
     if weight is None or weight.device.type == "meta":
         return True
     gen = torch.Generator(device=weight.device).manual_seed(0)  # leaves the global RNG untouched
-    probe = torch.randn(3, weight.shape[0], device=weight.device, generator=gen).to(weight.dtype)
+    probe = torch.randn(3, *weight.shape, device=weight.device, generator=gen).to(weight.dtype)
     with torch.no_grad():
         want, got = original.forward(probe), fused.forward(probe)  # .forward: no user hooks fire
     tol = 1e-5 if weight.dtype in (torch.float32, torch.float64) else 2e-2

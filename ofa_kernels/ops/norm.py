@@ -360,6 +360,13 @@ torch.library.register_vmap("ofa::norm_bwd_bwd", _op_bwd_bwd_vmap)
 
 
 # ------------------------------------------------------------- eager entry: no op boundary
+
+
+def _forward_mode_possible() -> bool:
+    """A jvp can only be asked of a Function called inside a forward-AD level or a torch.func transform:
+    only then is saving for it worth its cost."""
+    return forward_ad._current_level >= 0 or _transforms_active()
+
 #
 # Written in the ``setup_context`` style, with ``jvp`` and ``vmap`` staticmethods, so that torch.func
 # (grad, vjp, jvp, jacrev, jacfwd, hessian, vmap) goes through them as through PyTorch's own ops.
@@ -375,8 +382,10 @@ class _NormFn(torch.autograd.Function):
         x, weight, bias, _eps, offset, is_rms, cast_mode, backend = inputs
         y, mean, rstd = output
         ctx.mark_non_differentiable(mean, rstd)
+        ctx.set_materialize_grads(False)  # mean and rstd never receive a gradient: no zeros for them
         _save_fwd(ctx, x, weight, bias, offset, is_rms, cast_mode, backend, mean, rstd)
-        ctx.save_for_forward(x, weight, mean, rstd)
+        if _forward_mode_possible():
+            ctx.save_for_forward(x, weight, mean, rstd)
         ctx.out_dtype = y.dtype
 
     @staticmethod
@@ -384,7 +393,7 @@ class _NormFn(torch.autograd.Function):
         # Grad mode is on in a backward only when it builds a graph (create_graph=True): then the backward
         # is itself differentiable (_NormBwdFn); else the backend is called directly, with no Function.
         if torch.is_grad_enabled():
-            return _fwd_stage_backward(_NormBwdFn.apply, ctx, dy)
+            return _fwd_stage_backward(_apply_bwd, ctx, dy)
         return _fwd_stage_backward(_call_bwd, ctx, dy, in_param_dtypes=True)
 
     @staticmethod
@@ -410,12 +419,14 @@ class _NormBwdFn(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         dy, x, weight, mean, rstd, offset, is_rms, cast_mode, need_dx, need_dw, need_db, backend = inputs
         _save_bwd(ctx, dy, x, weight, mean, rstd, offset, is_rms, backend)
-        ctx.save_for_forward(dy, x, weight, mean, rstd)
+        ctx.set_materialize_grads(False)  # an output no cotangent reached costs no work in the double backward
+        if _forward_mode_possible():
+            ctx.save_for_forward(dy, x, weight, mean, rstd)
         ctx.fwd_meta = (cast_mode, (need_dx, need_dw, need_db))
 
     @staticmethod
     def backward(ctx, grad_dx, grad_dw, grad_db):
-        return _bwd_stage_backward(_NormBwdBwdFn.apply, ctx, grad_dx, grad_dw, grad_db)
+        return _bwd_stage_backward(_apply_bwd_bwd, ctx, grad_dx, grad_dw, grad_db)
 
     @staticmethod
     def jvp(ctx, dy_t, x_t, w_t, *_):
@@ -439,7 +450,9 @@ class _NormBwdBwdFn(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         _save_bwd_bwd(ctx, inputs)
-        ctx.save_for_forward(*inputs[:8])
+        ctx.set_materialize_grads(False)
+        if _forward_mode_possible():
+            ctx.save_for_forward(*inputs[:8])
         ctx.fwd_meta = inputs[10:13]
 
     @staticmethod
@@ -457,6 +470,21 @@ class _NormBwdBwdFn(torch.autograd.Function):
         return tuple(outs), dims
 
 
+def _direct_apply(cls):
+    """``cls.apply`` without ``autograd.Function.apply``'s Python prologue, which binds the arguments
+    through ``inspect.signature`` for every setup_context-style Function (tens of microseconds per call).
+    Taken only outside torch.func transforms and for plain tensors (no functorch wrapper, dead or alive);
+    every argument is passed positionally, so there are no defaults to bind."""
+    c_apply = torch._C._FunctionBase.__dict__["apply"].__get__(None, cls)
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
+    def apply(*args):
+        if _transforms_active() or any(isinstance(a, Tensor) and wrapped(a) for a in args[:3]):
+            return cls.apply(*args)
+        return c_apply(*args)
+    return apply
+
+
 def _has_tangent(*tensors: Tensor | None) -> bool:
     """True inside a forward-AD level when any input carries a tangent."""
     if forward_ad._current_level < 0:
@@ -465,6 +493,7 @@ def _has_tangent(*tensors: Tensor | None) -> bool:
 
 
 _transforms_active = torch._C._are_functorch_transforms_active
+_apply_norm, _apply_bwd, _apply_bwd_bwd = (_direct_apply(c) for c in (_NormFn, _NormBwdFn, _NormBwdBwdFn))
 
 
 def _norm(x, weight, bias, eps, offset, is_rms, cast_mode, backend) -> Tensor:
@@ -484,7 +513,7 @@ def _norm(x, weight, bias, eps, offset, is_rms, cast_mode, backend) -> Tensor:
                                          or (bias is not None and bias.requires_grad))) \
             and not _transforms_active() and not _has_tangent(x, weight, bias):
         return _call_fwd(x, weight, bias, eps, offset, is_rms, cast_mode, backend)[0]  # nothing to record
-    return _NormFn.apply(x, weight, bias, eps, offset, is_rms, cast_mode, backend)[0]
+    return _apply_norm(x, weight, bias, eps, offset, is_rms, cast_mode, backend)[0]
 
 
 EAGER_FAST_PATH = True  # tests flip it to run the registered ops eagerly too
@@ -497,6 +526,8 @@ def _normalized_shape(x: Tensor, normalized_shape, weight: Tensor | None) -> tup
     """The trailing dims to normalise over: ``normalized_shape`` as given (an int or a sequence of ints),
     else the weight's (or bias's) shape where it equals x's trailing dims, else x's last dim."""
     if normalized_shape is None:
+        if weight is None or (weight.dim() == 1 and weight.shape[0] == x.shape[-1]):  # the common case, first
+            return (x.shape[-1],)
         if isinstance(weight, Tensor) and 0 < weight.dim() <= x.dim() and x.shape[-weight.dim():] == weight.shape:
             return tuple(weight.shape)
         return tuple(x.shape[-1:])
@@ -523,8 +554,13 @@ def _check(x: Tensor, eps: float, normalized_shape, **params: Tensor | None) -> 
         raise ValueError("x must have at least one dimension (the normalised last dim), got a scalar")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
-    given = [p for p in params.values() if p is not None]
-    shape = _normalized_shape(x, normalized_shape, given[0] if given else None)
+    lead = params.get("weight")
+    if lead is None:
+        lead = params.get("bias")
+    if normalized_shape is None and not (isinstance(lead, Tensor) and lead.dim() != 1):
+        shape = (x.shape[-1],)  # the common case, without the general resolution's cost
+    else:
+        shape = _normalized_shape(x, normalized_shape, lead)
     for name, p in params.items():
         if p is None:
             continue
@@ -542,26 +578,29 @@ def _check(x: Tensor, eps: float, normalized_shape, **params: Tensor | None) -> 
 def _as_rows(x: Tensor, width: int) -> Tensor:
     """[..., N] -> [M, N] as a view when the leading dims collapse (any row stride), else a copy."""
     x = _row_major(x)
-    return x if x.dim() == 2 and x.shape[1] == width else x.reshape(-1, width)
+    return x if x.dim() == 2 else x.reshape(-1, width)
 
 
-def _param(p: Tensor | None, width: int) -> Tensor | None:
-    return None if p is None else _row_major(p if p.dim() == 1 else p.reshape(width))
+def _param(p: Tensor | None) -> Tensor | None:
+    return None if p is None else _row_major(p)
 
 
 def _run(x: Tensor, shape: tuple[int, ...], weight, bias, eps, offset, is_rms, cast_mode, backend) -> Tensor:
     """Flattens the normalised dims onto the kernels' rows and back."""
+    if len(shape) == 1:
+        y = _norm(_as_rows(x, shape[0]), _param(weight), _param(bias), float(eps), float(offset), is_rms, cast_mode,
+                  backend or "auto")
+        return y if y.dim() == x.dim() else y.view(x.shape)  # rows of a 2-D x are its rows already
     width = math.prod(shape)
-    y = _norm(_as_rows(x, width), _param(weight, width), _param(bias, width), float(eps), float(offset), is_rms,
-              cast_mode, backend or "auto")
-    return y if y.shape == x.shape else y.view(x.shape)
+    flat = (None if p is None else p.reshape(width) for p in (weight, bias))
+    y = _norm(_row_major(x).reshape(-1, width), *map(_param, flat), float(eps), float(offset), is_rms, cast_mode,
+              backend or "auto")
+    return y.view(x.shape)
 
 
 def _empty_rows(x, shape, weight, bias, eps, offset, is_rms, cast_mode) -> Tensor | None:
     """Zero-width rows have nothing to launch: the plain reference gives the (empty) result, still
-    differentiable. None when there is work for the kernels."""
-    if math.prod(shape) != 0:
-        return None
+    differentiable."""
     xr = x.reshape(*x.shape[:x.dim() - len(shape)], 0)
     w = None if weight is None else weight.reshape(0)
     if is_rms:
@@ -599,9 +638,8 @@ def rms_norm(
         raise ValueError(f"cast_mode must be one of {CAST_MODES}, got {cast_mode!r}")
     if not math.isfinite(offset):
         raise ValueError(f"offset must be finite, got {offset!r}")
-    empty = _empty_rows(x, shape, weight, None, float(eps), float(offset), True, cast_mode)
-    if empty is not None:
-        return empty
+    if 0 in shape:
+        return _empty_rows(x, shape, weight, None, float(eps), float(offset), True, cast_mode)
     return _run(x, shape, weight, None, eps, offset, True, cast_mode, backend)
 
 
@@ -621,7 +659,6 @@ def layer_norm(
     ``backend`` as for :func:`rms_norm`.
     """
     shape = _check(x, eps, normalized_shape, weight=weight, bias=bias)
-    empty = _empty_rows(x, shape, weight, bias, float(eps), 0.0, False, "none")
-    if empty is not None:
-        return empty
+    if 0 in shape:
+        return _empty_rows(x, shape, weight, bias, float(eps), 0.0, False, "none")
     return _run(x, shape, weight, bias, eps, 0.0, False, "none", backend)
