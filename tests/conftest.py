@@ -41,6 +41,14 @@ def pytest_runtest_makereport(item, call):
 
 
 @pytest.fixture(scope="session")
+def emulated(tmp_path_factory):
+    """The CUDA kernels compiled with g++ against the CPU emulation (tests/cuda_emu.py), built once."""
+    import cuda_emu
+
+    return cuda_emu.EmulatedCuda(cuda_emu.build(tmp_path_factory.mktemp("cuda_emu")))
+
+
+@pytest.fixture(scope="session")
 def smollm2():
     """The real SmolLM2-135M-Instruct in fp32, loaded once per session (fp32 copy cached on disk)."""
     from ofa_kernels.models import find_smollm2_gguf, load_smollm2

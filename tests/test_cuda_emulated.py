@@ -31,11 +31,6 @@ WIDTHS = {
 }
 
 
-@pytest.fixture(scope="module")
-def emulated(tmp_path_factory):
-    return cuda_emu.EmulatedCuda(cuda_emu.build(tmp_path_factory.mktemp("cuda_emu")))
-
-
 @pytest.fixture
 def cuda_kernels(emulated, monkeypatch):
     """ofa_kernels.native's wrappers calling the emulated CUDA kernels."""

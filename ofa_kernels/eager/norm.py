@@ -2,7 +2,9 @@
 
 This is the ``torch`` backend: what CPU tensors run when no compiled extension is built. Every
 backend (this one, the Triton kernels, the C++/CUDA extension) implements the same three functions
-on 2-D inputs (rows x width, last-dim stride 1), with fp32 statistics and fp32 arithmetic.
+on 2-D inputs (rows x width, last-dim stride 1), with fp32 statistics and fp32 arithmetic. These
+also take a leading batch dim, broadcasting: rows ``[B, M, N]`` (statistics ``[B, M]``) and weight-like
+vectors ``[N]`` or ``[B, 1, N]``, column sums ``[B, N]`` (the batching rules in ops/norm_vmap.py).
 
 Notation, per row of width N: ``g = offset + w`` (1 without weight), ``r = rstd``,
 ``xhat = (x - mean) * r`` (mean = 0 for RMSNorm), ``y = g * xhat + b``, ``u = g * dy``.
@@ -44,8 +46,8 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 def _xhat(x: Tensor, mean: Tensor, rstd: Tensor, is_rms: bool) -> Tensor:
     xs = x.to(acc_dtype(x.dtype))
     if not is_rms:
-        xs = xs - mean[:, None]
-    return xs * rstd[:, None]
+        xs = xs - mean[..., None]
+    return xs * rstd[..., None]
 
 
 def _gain(weight: Tensor | None, offset: float, acc: torch.dtype) -> Tensor | None:
@@ -120,12 +122,12 @@ def norm_bwd(
         proj = u - c2 * xhat
         if not is_rms:
             proj = proj - u.mean(-1, keepdim=True)
-        dx = (proj * rstd[:, None]).to(x.dtype)
+        dx = (proj * rstd[..., None]).to(x.dtype)
     if need_dw:
         xw = xhat.to(x.dtype).to(acc) if cast_mode == "llama" else xhat
-        dw = (dy32 * xw).sum(0)
+        dw = (dy32 * xw).sum(-2)
     if need_db:
-        db = dy32.sum(0)
+        db = dy32.sum(-2)
     return dx, dw, db
 
 
@@ -148,7 +150,7 @@ def norm_bwd_bwd(
     acc = acc_dtype(x.dtype)
     dy32 = dy.to(acc)
     xhat = _xhat(x, mean, rstd, is_rms)
-    r = rstd[:, None]
+    r = rstd[..., None]
     g = _gain(weight, offset, acc)
     u = dy32 * g if g is not None else dy32
     zeros = torch.zeros_like(xhat)
@@ -160,7 +162,7 @@ def norm_bwd_bwd(
 
     ja = None
     if a is not None:
-        ma = zeros[:, :1] if is_rms else mean_(a)
+        ma = zeros[..., :1] if is_rms else mean_(a)
         ca = mean_(a * xhat)
         ja = r * (a - ma - ca * xhat)
 
@@ -177,13 +179,13 @@ def norm_bwd_bwd(
         terms = []
         if a is not None:
             c2 = mean_(u * xhat)
-            mu = zeros[:, :1] if is_rms else mean_(u)
+            mu = zeros[..., :1] if is_rms else mean_(u)
             coef = 3 * ca * c2 - mean_(a * u) + ma * mu
             terms.append(r * r * (coef * xhat - c2 * (a - ma) - ca * (u - mu)))
         if w2 is not None:
-            mw2 = zeros[:, :1] if is_rms else mean_(w2)
+            mw2 = zeros[..., :1] if is_rms else mean_(w2)
             terms.append(r * (w2 - mw2 - mean_(w2 * xhat) * xhat))
         d_x = sum(terms[1:], terms[0]) if terms else zeros
     if need_dw and ja is not None:
-        d_w = (dy32 * ja).sum(0)
+        d_w = (dy32 * ja).sum(-2)
     return (None if d_dy is None else d_dy.to(dy.dtype)), (None if d_x is None else d_x.to(x.dtype)), d_w

@@ -23,7 +23,8 @@ backward that builds no graph (``create_graph=False``) calls it directly too. Un
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -191,6 +192,24 @@ def _bwd_bwd_stage_backward(ctx, *grads) -> tuple:
 # double backward's own JVP (third order) is forward-mode through its plain twin.
 
 
+_transforms_active = torch._C._are_functorch_transforms_active
+_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
+
+def _legacy_batched(*tensors: Tensor | None) -> bool:
+    """Tangents batched by the legacy ``torch._vmap_internals`` (gradcheck's batched forward-grad check) have
+    no storage and no functorch level on the stack: only the plain twins can take them."""
+    return any(t is not None and not torch._C._has_storage(t) and not _functorch_wrapped(t) for t in tensors)
+
+
+def _plain_bwd(dy, x, weight, mean, rstd, offset, is_rms, cast_mode, need_dx, need_dw, need_db, _backend):
+    return norm_vmap.plain_bwd(dy, x, weight, mean, rstd, offset, is_rms, cast_mode, need_dx, need_dw, need_db)
+
+
+def _plain_bwd_bwd(dy, x, weight, mean, rstd, a, bw, e, offset, is_rms, need_ddy, need_dx, need_dw, _backend):
+    return norm_vmap.plain_bwd_bwd(dy, x, weight, mean, rstd, a, bw, e, offset, is_rms, need_ddy, need_dx, need_dw)
+
+
 def _add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
     return b if a is None else a if b is None else a + b
 
@@ -199,7 +218,10 @@ def _fwd_jvp(bwd_bwd, x, weight, mean, rstd, x_t, w_t, b_t, offset, is_rms, back
     w_t = None if weight is None else w_t
     if x_t is None and w_t is None and b_t is None:
         return None
-    x_t, w_t, b_t = (None if t is None else _row_major(t) for t in (x_t, w_t, b_t))
+    if _legacy_batched(x_t, w_t, b_t):
+        bwd_bwd = _plain_bwd_bwd
+    else:
+        x_t, w_t, b_t = (None if t is None else _row_major(t) for t in (x_t, w_t, b_t))
     d_dy = bwd_bwd(x.detach(), x, weight, mean, rstd, x_t, w_t, b_t, offset, is_rms, True, False, False, backend)[0]
     return _cast(d_dy, out_dtype)
 
@@ -208,17 +230,26 @@ def _bwd_jvp(bwd, bwd_bwd, dy, x, weight, mean, rstd, dy_t, x_t, w_t, offset, is
     need_dx, need_dw, need_db = flags
     need_dw = need_dw and weight is not None
     t_dx = t_dw = t_db = None
+    legacy = _legacy_batched(dy_t, x_t, w_t)
+    if legacy:
+        bwd, bwd_bwd = _plain_bwd, _plain_bwd_bwd
     if dy_t is not None:
-        t_dx, t_dw, t_db = bwd(_row_major(dy_t), x, weight, mean, rstd, offset, is_rms, cast_mode, need_dx, need_dw,
+        t_dx, t_dw, t_db = bwd(dy_t if legacy else _row_major(dy_t), x, weight, mean, rstd, offset, is_rms, cast_mode, need_dx, need_dw,
                                need_db, backend)
     w_t = None if weight is None else w_t
     if (x_t is not None or w_t is not None) and (need_dx or need_dw):
-        x_t, w_t = (None if t is None else _row_major(t) for t in (x_t, w_t))
+        if not legacy:
+            x_t, w_t = (None if t is None else _row_major(t) for t in (x_t, w_t))
         _, d_x, d_w = bwd_bwd(dy, x, weight, mean, rstd, x_t, w_t, None, offset, is_rms, False, need_dx,
                               need_dw and x_t is not None, backend)
         t_dx, t_dw = _add(t_dx, d_x if need_dx else None), _add(t_dw, d_w if need_dw else None)
+    # an output whose inputs carried no tangent has a zero one (None there trips autograd's forward grad)
+    if need_dx and t_dx is None:
+        t_dx = torch.zeros_like(x)
     if need_dw and t_dw is None:
         t_dw = torch.zeros(x.shape[-1], dtype=_acc(x.dtype), device=x.device)
+    if need_db and t_db is None:
+        t_db = torch.zeros(x.shape[-1], dtype=_acc(x.dtype), device=x.device)
     return t_dx, t_dw, t_db
 
 
@@ -328,9 +359,10 @@ _norm_bwd_bwd.register_autograd(_bwd_bwd_stage_backward,
                                 setup_context=lambda ctx, inputs, output: _save_bwd_bwd(ctx, inputs))
 
 
-def _with_placeholders(outs: list, dims: tuple, like: list) -> tuple[tuple, tuple]:
-    """Registered ops return empty tensors for outputs not asked for: unbatched, out_dim None."""
-    return tuple(o if o is not None else _nothing(t, dt) for o, (t, dt) in zip(outs, like)), dims
+def _with_placeholders(outs: list, size: int, like: list) -> tuple[tuple, tuple]:
+    """Registered ops return empty tensors for outputs not asked for: here ``[B, 0]`` ones, as stacking
+    the per-entry results would give."""
+    return tuple(o if o is not None else t.new_empty((size, 0), dtype=dt) for o, (t, dt) in zip(outs, like)), (0,) * 3
 
 
 def _op_fwd_vmap(info, in_dims, x, weight, bias, eps, offset, is_rms, cast_mode, backend):
@@ -341,17 +373,17 @@ def _op_fwd_vmap(info, in_dims, x, weight, bias, eps, offset, is_rms, cast_mode,
 
 def _op_bwd_vmap(info, in_dims, dy, x, weight, mean, rstd, offset, is_rms, cast_mode, need_dx, need_dw, need_db,
                  backend):
-    outs, dims = norm_vmap.bwd_rule(_norm_bwd, info.batch_size, in_dims, dy, x, weight, mean, rstd, offset, is_rms,
-                                    cast_mode, need_dx, need_dw, need_db, backend)
+    outs, _ = norm_vmap.bwd_rule(_norm_bwd, info.batch_size, in_dims, dy, x, weight, mean, rstd, offset, is_rms,
+                                 cast_mode, need_dx, need_dw, need_db, backend)
     acc = _acc(x.dtype)
-    return _with_placeholders(outs, dims, [(x, x.dtype), (x, acc), (x, acc)])
+    return _with_placeholders(outs, info.batch_size, [(x, x.dtype), (x, acc), (x, acc)])
 
 
 def _op_bwd_bwd_vmap(info, in_dims, dy, x, weight, mean, rstd, grad_dx, grad_dw, grad_db, offset, is_rms,
                      need_ddy, need_dx, need_dw, backend):
-    outs, dims = norm_vmap.bwd_bwd_rule(_norm_bwd_bwd, info.batch_size, in_dims, dy, x, weight, mean, rstd, grad_dx,
-                                        grad_dw, grad_db, offset, is_rms, need_ddy, need_dx, need_dw, backend)
-    return _with_placeholders(outs, dims, [(dy, dy.dtype), (x, x.dtype), (x, _acc(x.dtype))])
+    outs, _ = norm_vmap.bwd_bwd_rule(_norm_bwd_bwd, info.batch_size, in_dims, dy, x, weight, mean, rstd, grad_dx,
+                                     grad_dw, grad_db, offset, is_rms, need_ddy, need_dx, need_dw, backend)
+    return _with_placeholders(outs, info.batch_size, [(dy, dy.dtype), (x, x.dtype), (x, _acc(x.dtype))])
 
 
 torch.library.register_vmap("ofa::norm_fwd", _op_fwd_vmap)
@@ -390,9 +422,13 @@ class _NormFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, _dmean, _drstd):
+        if dy is None:  # y received no gradient (grads are not materialised as zeros)
+            return (None,) * 8
+        if _legacy_batched(dy):  # gradcheck's batched-gradient check (legacy vmap over the backward)
+            return _fwd_stage_backward(_plain_bwd, ctx, dy)
         # Grad mode is on in a backward only when it builds a graph (create_graph=True): then the backward
         # is itself differentiable (_NormBwdFn); else the backend is called directly, with no Function.
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or _transforms_active():  # vmap over the backward (batched gradients) too
             return _fwd_stage_backward(_apply_bwd, ctx, dy)
         return _fwd_stage_backward(_call_bwd, ctx, dy, in_param_dtypes=True)
 
@@ -426,7 +462,8 @@ class _NormBwdFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_dx, grad_dw, grad_db):
-        return _bwd_stage_backward(_apply_bwd_bwd, ctx, grad_dx, grad_dw, grad_db)
+        bwd_bwd = _plain_bwd_bwd if _legacy_batched(grad_dx, grad_dw, grad_db) else _apply_bwd_bwd
+        return _bwd_stage_backward(bwd_bwd, ctx, grad_dx, grad_dw, grad_db)
 
     @staticmethod
     def jvp(ctx, dy_t, x_t, w_t, *_):
@@ -476,10 +513,9 @@ def _direct_apply(cls):
     Taken only outside torch.func transforms and for plain tensors (no functorch wrapper, dead or alive);
     every argument is passed positionally, so there are no defaults to bind."""
     c_apply = torch._C._FunctionBase.__dict__["apply"].__get__(None, cls)
-    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
     def apply(*args):
-        if _transforms_active() or any(isinstance(a, Tensor) and wrapped(a) for a in args[:3]):
+        if _transforms_active() or any(isinstance(a, Tensor) and _functorch_wrapped(a) for a in args[:3]):
             return cls.apply(*args)
         return c_apply(*args)
     return apply
@@ -492,7 +528,6 @@ def _has_tangent(*tensors: Tensor | None) -> bool:
     return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
-_transforms_active = torch._C._are_functorch_transforms_active
 _apply_norm, _apply_bwd, _apply_bwd_bwd = (_direct_apply(c) for c in (_NormFn, _NormBwdFn, _NormBwdBwdFn))
 
 
@@ -552,8 +587,8 @@ def _check(x: Tensor, eps: float, normalized_shape, **params: Tensor | None) -> 
         raise TypeError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
     if x.dim() == 0:
         raise ValueError("x must have at least one dimension (the normalised last dim), got a scalar")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
-        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps):
+        raise ValueError(f"eps must be a finite number, got {eps!r}")  # negative is allowed, as in F.layer_norm
     lead = params.get("weight")
     if lead is None:
         lead = params.get("bias")

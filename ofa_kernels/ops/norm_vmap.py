@@ -11,7 +11,8 @@ the registered ops share them): a norm is row-wise, so when only per-row tensors
 cotangent, mean, rstd) carry the batch dim, the batch is folded into the rows and the fused stage runs
 once on ``[B*M, N]``. Column sums (dw, db, the double backward's d_w) must stay per batch entry, and
 a batched weight / bias (or their cotangents) cannot be folded into one kernel call: those outputs
-come from ``torch.vmap`` over the plain twin (vectorised PyTorch ops, no Python loop over the batch).
+come from the plain twin run on the whole batch at once (the eager formulas broadcast over a leading
+batch dim: vectorised PyTorch ops, no Python loop over the batch).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def stats_of(x: Tensor, mean: Tensor, rstd: Tensor, is_rms: bool) -> tuple[Tenso
         var, mean_f = xs.pow(2).mean(-1), mean
     else:
         m = xs.mean(-1)
-        var = (xs - m[:, None]).pow(2).mean(-1)
+        var = (xs - m[..., None]).pow(2).mean(-1)
         mean_f = m + (mean - m).detach()
     eps_hat = (rstd.pow(-2) - var).detach()
     return mean_f, (var + eps_hat).rsqrt()
@@ -85,11 +86,32 @@ def _fold(t: Tensor, dim: int | None, size: int) -> Tensor:
     return t.reshape(-1, *t.shape[2:])
 
 
-def _vmapped(fn, in_dims, args, mask):
-    """``torch.vmap`` of ``fn`` over ``args``; outputs where ``mask`` says, None elsewhere."""
-    if not any(mask):
-        return [None] * len(mask)
-    return scatter(torch.vmap(present(fn, mask), in_dims=tuple(in_dims))(*args), mask)
+def _rows_batched(t: Tensor | None, dim: int | None) -> Tensor | None:
+    """A per-row tensor (x, dy, mean, rstd, ...) with its batch dim first; unbatched ones broadcast as they are."""
+    return None if t is None or dim is None else t.movedim(dim, 0)
+
+
+def _columns_batched(t: Tensor | None, dim: int | None) -> Tensor | None:
+    """A weight-like vector ``[N]``: batched ones become ``[B, 1, N]`` to broadcast over the rows."""
+    return None if t is None or dim is None else t.movedim(dim, 0).unsqueeze(-2)
+
+
+def _batched(t, dim, column: bool):
+    if t is None or dim is None:
+        return t
+    return _columns_batched(t, dim) if column else _rows_batched(t, dim)
+
+
+def _out_dim(t: Tensor | None, per_entry_dims: int) -> int | None:
+    return None if t is None or t.dim() == per_entry_dims else 0
+
+
+def _broadcast_plain(fn, args, dims, columns, out_ranks):
+    """``fn`` (a plain twin) on the whole batch at once: the eager formulas broadcast over a leading batch dim
+    (rows ``[B, M, N]``, vectors ``[B, 1, N]``), so this is vectorised PyTorch, no loop and no nested vmap
+    (which the registered ops' batching rules cannot host)."""
+    outs = fn(*(_batched(t, d, c) for t, d, c in zip(args, dims, columns)))
+    return list(outs), tuple(_out_dim(o, r) for o, r in zip(outs, out_ranks))
 
 
 def fwd_rule(fused, size, in_dims, x, weight, bias, eps, offset, is_rms, cast_mode, backend, out_dtype):
@@ -103,7 +125,8 @@ def fwd_rule(fused, size, in_dims, x, weight, bias, eps, offset, is_rms, cast_mo
 
     def fn(x, w, b):
         return plain_fwd(x, w, b, eps, offset, is_rms, cast_mode, out_dtype)
-    return tuple(_vmapped(fn, (x_dim, w_dim, b_dim), (x, weight, bias), (True, True, True))), (0, 0, 0)
+    outs, dims = _broadcast_plain(fn, (x, weight, bias), (x_dim, w_dim, b_dim), (False, True, True), (2, 1, 1))
+    return tuple(outs), dims
 
 
 def bwd_rule(fused, size, in_dims, dy, x, weight, mean, rstd, offset, is_rms, cast_mode, need_dx, need_dw, need_db,
@@ -117,34 +140,42 @@ def bwd_rule(fused, size, in_dims, dy, x, weight, mean, rstd, offset, is_rms, ca
         dy_r, x_r, mean_r, rstd_r = (_fold(t, d, size) for t, d in zip((dy, x, mean, rstd), dims[:2] + dims[3:]))
         dx = fused(dy_r, x_r, weight, mean_r, rstd_r, offset, is_rms, cast_mode, True, False, False, backend)[0]
         dx = dx.view(size, x_r.shape[0] // size, x_r.shape[-1])
-
-    def fn(dy, x, w, mean, rstd):
-        return plain_bwd(dy, x, w, mean, rstd, offset, is_rms, cast_mode, need_dx and not fused_dx, need_dw, need_db)
-    rest = _vmapped(fn, dims, (dy, x, weight, mean, rstd), (need_dx and not fused_dx, need_dw, need_db))
-    out = [dx if fused_dx else rest[0], rest[1], rest[2]]
-    return out, tuple(None if o is None else 0 for o in out)
+    rest = [None, None, None]
+    rest_dims = (None, None, None)
+    if (need_dx and not fused_dx) or need_dw or need_db:
+        def fn(dy, x, w, mean, rstd):
+            return plain_bwd(dy, x, w, mean, rstd, offset, is_rms, cast_mode, need_dx and not fused_dx, need_dw,
+                             need_db)
+        rest, rest_dims = _broadcast_plain(fn, (dy, x, weight, mean, rstd), dims, (False, False, True, False, False),
+                                           (2, 1, 1))
+    if fused_dx:
+        rest[0], rest_dims = dx, (0,) + rest_dims[1:]
+    return rest, rest_dims
 
 
 def bwd_bwd_rule(fused, size, in_dims, dy, x, weight, mean, rstd, grad_dx, grad_dw, grad_db, offset, is_rms,
                  need_ddy, need_dx, need_dw, backend):
     """Batching rule of the double backward: ``([d_dy, d_x, d_w], out_dims)``."""
-    dy_d, x_d, w_d, m_d, r_d, a_d, bw_d, e_d = in_dims[:8]
+    dims = in_dims[:8]
     need_dw = need_dw and weight is not None and grad_dx is not None
-    foldable = w_d is None and bw_d is None and e_d is None
+    foldable = dims[2] is None and dims[6] is None and dims[7] is None
     d_dy = d_x = None
     if foldable and (need_ddy or need_dx):
-        rows = [_fold(t, d, size) for t, d in ((dy, dy_d), (x, x_d), (mean, m_d), (rstd, r_d))]
-        a_r = None if grad_dx is None else _fold(grad_dx, a_d, size)
+        rows = [_fold(t, d, size) for t, d in ((dy, dims[0]), (x, dims[1]), (mean, dims[3]), (rstd, dims[4]))]
+        a_r = None if grad_dx is None else _fold(grad_dx, dims[5], size)
         d_dy, d_x, _ = fused(rows[0], rows[1], weight, rows[2], rows[3], a_r, grad_dw, grad_db, offset, is_rms,
                              need_ddy, need_dx, False, backend)
         M, N = rows[1].shape[0] // size, rows[1].shape[-1]
         d_dy = d_dy.view(size, M, N) if need_ddy else None
         d_x = d_x.view(size, M, N) if need_dx else None
     rest_mask = (need_ddy and not foldable, need_dx and not foldable, need_dw)
-
-    def fn(dy, x, w, mean, rstd, a, bw, e):
-        return plain_bwd_bwd(dy, x, w, mean, rstd, a, bw, e, offset, is_rms, *rest_mask)
-    rest = _vmapped(fn, (dy_d, x_d, w_d, m_d, r_d, a_d, bw_d, e_d),
-                    (dy, x, weight, mean, rstd, grad_dx, grad_dw, grad_db), rest_mask)
-    out = [d_dy if foldable else rest[0], d_x if foldable else rest[1], rest[2]]
-    return out, tuple(None if o is None else 0 for o in out)
+    rest, rest_dims = [None, None, None], (None, None, None)
+    if any(rest_mask):
+        def fn(dy, x, w, mean, rstd, a, bw, e):
+            return plain_bwd_bwd(dy, x, w, mean, rstd, a, bw, e, offset, is_rms, *rest_mask)
+        rest, rest_dims = _broadcast_plain(fn, (dy, x, weight, mean, rstd, grad_dx, grad_dw, grad_db), dims,
+                                           (False, False, True, False, False, False, True, True), (2, 2, 1))
+    if foldable:
+        rest[0], rest[1] = d_dy, d_x
+        rest_dims = (None if d_dy is None else 0, None if d_x is None else 0, rest_dims[2])
+    return rest, rest_dims
