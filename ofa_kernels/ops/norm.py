@@ -7,17 +7,20 @@ dependence on x in closed form. Every op hands its work to the backend that ``di
 picks; fake implementations let ``torch.compile`` trace models that use them without graph breaks.
 
 Third and higher derivatives (the gradient of an HVP-based sharpness with respect to the norm
-weights needs them) recompute the closed-form double backward in plain PyTorch, with mean and
-rstd rebuilt as functions of x, and let autograd differentiate it: correct to any order, not fused.
-Forward-mode AD (dual tensors, used by the "jvp" sharpness estimator) runs the plain-PyTorch
-reference, which autograd differentiates in both modes.
+weights needs them) go through the plain double backward with mean and rstd rebuilt as functions
+of x (``norm_vmap``'s plain twins): correct to any order, not fused. Forward mode is fused: the
+forward stage's JVP is the double backward's ``d_dy``, the backward stage's is the double backward
+applied to the tangents (see "forward-mode rules" below).
 
-Eager calls skip the op boundary: the same three stages as ``torch.autograd.Function``s that call
-the backend directly (measured on an H200: ~87 us of host time per op call against ~39 us for the
-Triton launch itself, which left the GPU idle between forward and backward). Nothing to record
-(grad mode off, or no input requiring grad) calls the backend with no Function at all, and a
-backward that builds no graph (``create_graph=False``) calls it directly too. Under
-``torch.compile`` the registered ops are used. Both entry points run the same backend functions.
+Eager calls skip the op boundary: the same three stages as ``torch.autograd.Function``s (in the
+``setup_context`` style, with ``jvp`` and ``vmap`` staticmethods, so torch.func transforms them)
+that call the backend directly; the op boundary's host cost is in benchmarks/RESULTS.md ("Launch-
+bound shape"). Nothing to record (grad mode off, no input requiring grad, no transform, no
+tangent) calls the backend with no Function at all, and a backward that builds no graph
+(``create_graph=False``) calls it directly too. Under ``torch.compile`` the registered ops are
+used. Both entry points run the same backend functions. Every input may have any layout: the op
+boundary makes a tensor row-major once, where its last dim is not unit-stride (the kernels read
+any row stride), and a backward's incoming gradient before it is saved for the double backward.
 """
 
 from __future__ import annotations
@@ -153,7 +156,9 @@ _BWD_BWD_DIFFERENTIABLE = (0, 1, 2, 5, 6, 7)  # dy, x, weight, grad_dx, grad_dw,
 
 def _bwd_bwd_stage_backward(ctx, *grads) -> tuple:
     """Third derivative: the VJP of the plain double backward, statistics rebuilt from x (any order,
-    unfused). ``torch.func.vjp`` works under plain autograd and under torch.func transforms alike."""
+    unfused). Under torch.func transforms through ``torch.func.vjp``; under plain autograd through
+    ``torch.autograd.grad``, which (unlike torch.func) works inside saved-tensor hooks (activation
+    offloading, checkpointing)."""
     saved = ctx.saved_tensors
     offset, is_rms = ctx.meta
     dy, x, weight, mean, rstd, a, bw, e = saved
@@ -172,8 +177,15 @@ def _bwd_bwd_stage_backward(ctx, *grads) -> tuple:
             d, xx, w, aa, bb, ee = args
             return norm_vmap.present(norm_vmap.plain_bwd_bwd, mask)(d, xx, w, mean, rstd, aa, bb, ee, offset,
                                                                    is_rms, *mask)
-        _, pullback = torch.func.vjp(fn, *[fixed[i] for i in wrt])
-        found = pullback(tuple(g for g, keep in zip(grads, mask) if keep))
+        cotangents = tuple(g for g, keep in zip(grads, mask) if keep)
+        if _transforms_active():
+            _, pullback = torch.func.vjp(fn, *[fixed[i] for i in wrt])
+            found = pullback(cotangents)
+        else:
+            higher = torch.is_grad_enabled()  # a fourth order is being recorded
+            with torch.enable_grad():
+                leaves = [fixed[i].detach().requires_grad_() for i in wrt]
+                found = torch.autograd.grad(fn(*leaves), leaves, cotangents, allow_unused=True, create_graph=higher)
         for i, g in zip(wrt, found):
             result[i] = g
     for i, t in enumerate(fixed):
