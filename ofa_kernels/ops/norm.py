@@ -206,12 +206,13 @@ def _bwd_bwd_stage_backward(ctx, *grads) -> tuple:
 
 _transforms_active = torch._C._are_functorch_transforms_active
 _functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+_has_storage = torch._C._has_storage
 
 
 def _legacy_batched(*tensors: Tensor | None) -> bool:
     """Tangents batched by the legacy ``torch._vmap_internals`` (gradcheck's batched forward-grad check) have
     no storage and no functorch level on the stack: only the plain twins can take them."""
-    return any(t is not None and not torch._C._has_storage(t) and not _functorch_wrapped(t) for t in tensors)
+    return any(t is not None and not _has_storage(t) and not _functorch_wrapped(t) for t in tensors)
 
 
 def _plain_bwd(dy, x, weight, mean, rstd, offset, is_rms, cast_mode, need_dx, need_dw, need_db, _backend):
@@ -436,7 +437,7 @@ class _NormFn(torch.autograd.Function):
     def backward(ctx, dy, _dmean, _drstd):
         if dy is None:  # y received no gradient (grads are not materialised as zeros)
             return (None,) * 8
-        if _legacy_batched(dy):  # gradcheck's batched-gradient check (legacy vmap over the backward)
+        if not _has_storage(dy) and not _functorch_wrapped(dy):  # legacy vmap over the backward (gradcheck)
             return _fwd_stage_backward(_plain_bwd, ctx, dy)
         # Grad mode is on in a backward only when it builds a graph (create_graph=True): then the backward
         # is itself differentiable (_NormBwdFn); else the backend is called directly, with no Function.
@@ -527,7 +528,9 @@ def _direct_apply(cls):
     c_apply = torch._C._FunctionBase.__dict__["apply"].__get__(None, cls)
 
     def apply(*args):
-        if _transforms_active() or any(isinstance(a, Tensor) and _functorch_wrapped(a) for a in args[:3]):
+        a, b, c = args[:3]  # the first three arguments are each Function's tensors (or None): spelled out, hot path
+        if (_transforms_active() or _functorch_wrapped(a) or (b is not None and _functorch_wrapped(b))
+                or (c is not None and _functorch_wrapped(c))):
             return cls.apply(*args)
         return c_apply(*args)
     return apply
@@ -569,15 +572,8 @@ EAGER_FAST_PATH = True  # tests flip it to run the registered ops eagerly too
 # ------------------------------------------------------------------------------- public API
 
 
-def _normalized_shape(x: Tensor, normalized_shape, weight: Tensor | None) -> tuple[int, ...]:
-    """The trailing dims to normalise over: ``normalized_shape`` as given (an int or a sequence of ints),
-    else the weight's (or bias's) shape where it equals x's trailing dims, else x's last dim."""
-    if normalized_shape is None:
-        if weight is None or (weight.dim() == 1 and weight.shape[0] == x.shape[-1]):  # the common case, first
-            return (x.shape[-1],)
-        if isinstance(weight, Tensor) and 0 < weight.dim() <= x.dim() and x.shape[-weight.dim():] == weight.shape:
-            return tuple(weight.shape)
-        return tuple(x.shape[-1:])
+def _normalized_shape(x: Tensor, normalized_shape) -> tuple[int, ...]:
+    """``normalized_shape`` (an int or a sequence of ints) checked against x's trailing dims."""
     if isinstance(normalized_shape, int) and not isinstance(normalized_shape, bool):
         normalized_shape = (normalized_shape,)
     try:
@@ -592,7 +588,9 @@ def _normalized_shape(x: Tensor, normalized_shape, weight: Tensor | None) -> tup
 
 
 def _check(x: Tensor, eps: float, normalized_shape, **params: Tensor | None) -> tuple[int, ...]:
-    """Validates inputs; returns the normalised shape. Errors name the argument and what was expected."""
+    """Validates inputs; returns the normalised shape: ``normalized_shape``, else the weight's (or bias's)
+    shape where it equals x's trailing dims, else x's last dim. Errors name the argument and what was
+    expected."""
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in _FLOATS:
@@ -601,13 +599,8 @@ def _check(x: Tensor, eps: float, normalized_shape, **params: Tensor | None) -> 
         raise ValueError("x must have at least one dimension (the normalised last dim), got a scalar")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps):
         raise ValueError(f"eps must be a finite number, got {eps!r}")  # negative is allowed, as in F.layer_norm
-    lead = params.get("weight")
-    if lead is None:
-        lead = params.get("bias")
-    if normalized_shape is None and not (isinstance(lead, Tensor) and lead.dim() != 1):
-        shape = (x.shape[-1],)  # the common case, without the general resolution's cost
-    else:
-        shape = _normalized_shape(x, normalized_shape, lead)
+    # the common case (x's last dim) first, without the general resolution's cost
+    shape = (x.shape[-1],) if normalized_shape is None else _normalized_shape(x, normalized_shape)
     for name, p in params.items():
         if p is None:
             continue
@@ -616,6 +609,8 @@ def _check(x: Tensor, eps: float, normalized_shape, **params: Tensor | None) -> 
         if p.dtype not in _FLOATS:
             raise TypeError(f"{name} must be a floating-point tensor, got {p.dtype}")
         if tuple(p.shape) != shape:
+            if normalized_shape is None and p.dim() > 1 and tuple(x.shape[-p.dim():]) == tuple(p.shape):
+                return _check(x, eps, tuple(p.shape), **params)  # the parameter's shape names the dims
             raise ValueError(f"{name} must have shape {shape} to match x's normalised dims, got {tuple(p.shape)}")
         if p.device != x.device:
             raise ValueError(f"{name} is on {p.device} but x is on {x.device}; expected the same device")
