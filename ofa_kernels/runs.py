@@ -4,8 +4,8 @@
 once per seed, adapts a fresh copy of the model per seed and arm, evaluates the adapted model
 without (and optionally with) the demonstrations prefix, and writes ``results-<task>-<hash>.json``
 and ``.md`` (mean +- population std over seeds) and one adapter per run under ``out``; ``<hash>``
-is a short hash of every setting that changes a number (``settings_key``), so tasks and settings
-live side by side. Files are written atomically, finished evaluations are kept in
+is a short hash of every setting that changes a number, by content (``settings_key``, from
+``identity``), so tasks and settings live side by side and no result is reused for another run. Files are written atomically, finished evaluations are kept in
 ``progress-<task>-<hash>.json`` and the run in training checkpoints every few steps, so a killed
 job resumes where it stopped.
 """
@@ -26,6 +26,7 @@ import torch
 from . import data as data_mod
 from . import distributed
 from . import evaluate as ev
+from . import identity
 from .adapters import save_adapter
 from .files import write_text
 from .trainer import AdaptOptions, adapt
@@ -65,17 +66,22 @@ def _mean_std(values: Sequence[float]) -> str:
     return f"{statistics.mean(values):.3f} +- {statistics.pstdev(values):.3f}"  # population std, as the authors
 
 
-def settings_key(task: str, model_name: str, options: AdaptOptions, test: Sequence[data_mod.Example],
-                 model_settings: dict | None = None, with_demos: bool = True) -> tuple[dict, str]:
-    """Every setting that changes a number of a run, and its short hash (names the run's files).
+def settings_key(task: data_mod.Task, model: str, options: AdaptOptions, test: Sequence[data_mod.Example],
+                 pool: Sequence[data_mod.Example] = (), model_settings: dict | None = None,
+                 with_demos: bool = True) -> tuple[dict, str]:
+    """Every setting that changes a number of a run, by content, and its short hash (names the run's files).
 
-    Test rows enter by content (text and label), not by path, so a checkout elsewhere still matches.
+    The model enters by the digest of its files (``identity.model_identity``: weights and tokenizer),
+    the task by its definition (template, label words), the training pool and the test rows by their
+    rows (text and label); ``model_settings`` holds dtype and device. Never a path: the same files
+    named otherwise, or another ``--out``, give the same key.
     """
     from . import __version__
 
-    rows = hashlib.sha256(json.dumps([[e.text, e.label] for e in test]).encode()).hexdigest()
-    key = {"task": task, "model": model_name, "options": options.settings(), "test_rows": rows,
-           "model_settings": model_settings or {}, "with_demos": with_demos, "library_version": __version__}
+    key = {"task": identity.task_identity(task), "model": identity.model_identity(model),
+           "options": options.settings(), "test_rows": identity.rows_digest(test),
+           "pool_rows": identity.rows_digest(pool), "model_settings": model_settings or {},
+           "with_demos": with_demos, "library_version": __version__}
     return key, hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
 
 
@@ -148,7 +154,7 @@ def adapt_and_report(
         out_dir.mkdir(parents=True, exist_ok=True)
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds must be distinct, got {list(seeds)}")
-    key, tag = settings_key(task, model_name, options, test, model_settings, with_demos)
+    key, tag = settings_key(dataset.task, model_name, options, test, dataset.pool, model_settings, with_demos)
     finished = _Progress(out_dir / f"progress-{task}-{tag}.json" if out_dir else None, key)
     started = time.time()
     loaded: list = []

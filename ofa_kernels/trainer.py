@@ -41,7 +41,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from . import distributed, graphs, memory, objectives, rng
+from . import distributed, graphs, identity, memory, objectives, rng
 from .baselines import PEFT_ARMS, attach
 from .anatomy import last_token_states, norm_parameters, preconditioners, structure
 from .data import Dataset, Example, Task, k_shot
@@ -370,8 +370,9 @@ def adapt(
     losses: list[dict[str, float]] = []
     start = 0
     ckpt = Path(checkpoint) if checkpoint else None
-    fingerprint = json.dumps({"options": options.settings(), "task": task.name, "base": base_hash,
-                              "train": [e.where for e in train]}, sort_keys=True)
+    # by content: the same k-shot rows read through another path resume the same checkpoint
+    fingerprint = json.dumps({"options": options.settings(), "task": identity.task_identity(task), "base": base_hash,
+                              "train": identity.rows_digest(train)}, sort_keys=True)
     if ckpt and ckpt.exists():
         # tensors and plain values only: nothing in it runs
         state = distributed.read_sharded_extra(ckpt) if sharded else torch.load(ckpt, weights_only=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 from pathlib import Path
 
@@ -63,7 +65,9 @@ def test_a_killed_run_resumes_to_the_same_weights(tokenizer, sst2, tmp_path, pro
     ckpt = tmp_path / "run.ckpt"
     adapt(_tiny(len(tokenizer)), tokenizer, sst2, options, checkpoint=ckpt, checkpoint_every=2, stop_after=5)
     assert torch.load(ckpt, weights_only=True)["step"] == 4
-    resumed = adapt(_tiny(len(tokenizer)), tokenizer, sst2, options, checkpoint=ckpt, checkpoint_every=2)
+    # the same rows named by another path (absolute instead of relative): the checkpoint is theirs
+    moved = dataclasses.replace(sst2, pool=[dataclasses.replace(e, where="/elsewhere/" + e.where) for e in sst2.pool])
+    resumed = adapt(_tiny(len(tokenizer)), tokenizer, moved, options, checkpoint=ckpt, checkpoint_every=2)
     for name, w in whole.weights.items():
         assert torch.equal(resumed.weights[name], w), name
     assert [r["loss"] for r in resumed.losses] == [r["loss"] for r in whole.losses]
