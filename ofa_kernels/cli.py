@@ -176,9 +176,9 @@ def _names(text: str, what: str) -> list[str]:
 
 def _seeds(text: str) -> list[int]:
     items = _names(text, "seeds")
-    bad = [t for t in items if not t.lstrip("-").isascii() or not t.lstrip("-").isdigit()]
-    if bad:
-        raise argparse.ArgumentTypeError(f"seeds must be whole numbers, got {bad}")
+    bad = [t for t in items if not t.isascii() or not t.isdigit() or int(t) >= 2**63]
+    if bad:  # a negative seed draws what its absolute value draws (Python's random): refused
+        raise argparse.ArgumentTypeError(f"seeds must be whole numbers from 0 to 2**63-1, got {bad}")
     return [int(t) for t in items]
 
 

@@ -19,6 +19,7 @@ import io
 import json
 import random
 import re
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -313,10 +314,15 @@ def file_task(name: str, template: str, labels: Sequence[str]) -> Task:
     if "{text}" not in template:
         raise ValueError(f"template must contain {{text}} (where the example goes), got {template!r}")
     try:
-        template.format(text="")
-    except (KeyError, IndexError, ValueError) as exc:
+        fields = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(template) if f is not None]
+    except ValueError as exc:
         raise ValueError(f"template may hold no field but {{text}} (write {{{{ and }}}} for braces), got "
                          f"{template!r} ({exc})") from None
+    odd = [f"{{{f}{'!' + conv if conv else ''}{':' + spec if spec else ''}}}" for f, spec, conv in fields
+           if (f, spec, conv) != ("text", "", None)]
+    if odd:  # a format spec, attribute or index ({text:>99999999}, {text.upper}) is refused, not run
+        raise ValueError(f"template may hold no field but a plain {{text}} (no format spec, attribute or index; "
+                         f"write {{{{ and }}}} for braces), got {odd} in {template!r}")
     return Task(name, template, labels, "files")
 
 

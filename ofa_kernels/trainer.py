@@ -57,6 +57,7 @@ PROTOCOLS = ("paper", "batched")
 
 
 EXECUTION_ONLY = ("cuda_graphs",)
+SEED_LIMIT = 2**63  # seeds are 0 .. 2**63-1: Python's random seeds an int by its absolute value
 
 
 @dataclass
@@ -100,6 +101,9 @@ class AdaptOptions:
             raise ValueError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
         if self.estimator not in objectives.ESTIMATORS:
             raise ValueError(f"estimator must be one of {objectives.ESTIMATORS}, got {self.estimator!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < SEED_LIMIT:
+            raise ValueError(f"seed must be a whole number from 0 to 2**63-1 (a negative seed would draw the same "
+                             f"k-shot set as its absolute value), got {self.seed!r}")
         for name in ("shots", "epochs", "num_probes", "rank", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

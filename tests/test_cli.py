@@ -96,6 +96,8 @@ def _refused(argv: list[str], capsys, monkeypatch) -> str:
     (["--arm", "ce,ce"], "must be distinct"),
     (["--seeds", "abc"], "seeds must be whole numbers"),
     (["--seeds", "42,42"], "seeds must be distinct"),
+    (["--seeds", "42,-42"], "seeds must be whole numbers from 0"),  # -42 drew 42's k-shot set
+    (["--seeds", str(2**63)], "seeds must be whole numbers from 0"),
     (["--scoring", "ful"], "invalid choice: 'ful'"),
     (["--lr", "-1"], "expected a finite number > 0"),
     (["--lr", "nan"], "expected a finite number > 0"),

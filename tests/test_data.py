@@ -240,7 +240,13 @@ def test_any_labelled_file_is_a_task(tmp_path):
 
 @pytest.mark.parametrize("template, labels, message", [
     ("Text:", ["a", "b"], "must contain {text}"),
-    ("{text} {label}", ["a", "b"], "no field but {text}"),
+    ("{text} {label}", ["a", "b"], "no field but"),
+    ("{text}{text:>99999999999}", ["a", "b"], "no format spec"),  # was a MemoryError traceback
+    ("{text}{text.upper}", ["a", "b"], "no format spec, attribute"),  # put a method's repr in every prompt
+    ("{text}{text[0]}", ["a", "b"], "attribute or index"),
+    ("{text!r}", ["a", "b"], "must contain {text}"),
+    ("{text}{}", ["a", "b"], "no field but"),
+    ("{text", ["a", "b"], "must contain {text}"),
     ("{text}", ["a"], "two or more distinct"),
     ("{text}", ["a", "a"], "two or more distinct"),
 ])

@@ -198,7 +198,7 @@ def test_bad_options_are_named():
         AdaptOptions(batch_size=0).check()
     bad = {"scoring": "ful", "distribution": "uniform", "lr": float("nan"), "weight_decay": -1.0,
            "lambda_j": float("inf"), "lambda_s": -1e-3, "eps": 0.0, "memory_efficient": "yes", "fsdp": 1,
-           "cuda_graphs": "always"}
+           "cuda_graphs": "always", "seed": -42}
     for name, value in bad.items():
         with pytest.raises(ValueError, match=name):
             AdaptOptions(**{name: value}).check()
