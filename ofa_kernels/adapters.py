@@ -2,8 +2,9 @@
 
 Metadata: ``base_model`` (a name or path), ``base_hash`` (sha256 of the base model's norm weights,
 see ``trainer.weights_hash``), ``task``, ``options`` (JSON), ``library_version``. Written atomically.
-``load_adapter`` refuses a model whose norm names or shapes differ, or whose current norm weights
-are not the base the adapter was trained from. Adapters of the PEFT baselines (arms "lora", "ia3")
+``load_adapter`` refuses a file whose stored options do not check (types, then ``AdaptOptions.check``)
+or whose tensors are not finite floating-point values, a model whose norm names or shapes differ, or
+whose current norm weights are not the base the adapter was trained from. Adapters of the PEFT baselines (arms "lora", "ia3")
 hold the adapter layers' weights; loading one injects those layers first.
 
 ``load_adapter`` also reads a PEFT ``LNTuningConfig`` adapter folder (``adapter_config.json`` +
@@ -116,14 +117,54 @@ def read_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
     return weights, meta
 
 
-def adapter_options(meta: dict[str, str]) -> AdaptOptions:
-    """The training options stored with an adapter (fields this version does not know are ignored)."""
-    known = {f.name for f in dataclasses.fields(AdaptOptions)}
+def _field_types(field: dataclasses.Field) -> tuple[type, ...]:
+    """The JSON value types an ``AdaptOptions`` field takes, from its default (None where it may be None)."""
+    default = field.default
+    optional = "None" in str(field.type)
+    if isinstance(default, bool) or str(field.type).startswith("bool"):
+        kinds: tuple[type, ...] = (bool,)
+    elif isinstance(default, int) or str(field.type).startswith("int"):
+        kinds = (int,)
+    elif isinstance(default, float) or str(field.type).startswith("float"):
+        kinds = (int, float)
+    else:
+        kinds = (str,)
+    return kinds + ((type(None),) if optional or default is None else ())
+
+
+def adapter_options(meta: dict[str, str], path: str | Path = "the adapter") -> AdaptOptions:
+    """The training options stored with an adapter, checked (types, then ``AdaptOptions.check``); fields
+    this version does not know are ignored. A bad value is a ValueError naming the file and the field."""
+    fields = {f.name: f for f in dataclasses.fields(AdaptOptions)}
     try:
         stored = json.loads(meta.get("options", "{}"))
     except json.JSONDecodeError as exc:
-        raise ValueError(f"the adapter's options are not JSON ({exc})") from None
-    return AdaptOptions(**{k: v for k, v in stored.items() if k in known})
+        raise ValueError(f"{path}: the stored options are not JSON ({exc})") from None
+    if not isinstance(stored, dict):
+        raise ValueError(f"{path}: the stored options must be a JSON object, got {type(stored).__name__}")
+    for name, value in stored.items():
+        if name in fields:
+            kinds = _field_types(fields[name])
+            if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+                raise ValueError(f"{path}: stored option {name} must be {' or '.join(k.__name__ for k in kinds)}, "
+                                 f"got {value!r}")
+    try:
+        return AdaptOptions(**{k: v for k, v in stored.items() if k in fields}).check()
+    except ValueError as exc:
+        raise ValueError(f"{path}: stored options: {exc}") from None
+
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_values(weights: dict[str, torch.Tensor], path) -> None:
+    """Floating-point, finite tensors only: an all-NaN adapter used to load and score chance silently."""
+    for name, t in weights.items():
+        if t.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"adapter {path}: {name} is {t.dtype}; adapters hold floating-point weights")
+        if not torch.isfinite(t).all():
+            bad = int((~torch.isfinite(t)).sum())
+            raise ValueError(f"adapter {path}: {name} holds {bad} non-finite value(s) (NaN or Inf)")
 
 
 def _check_fit(weights: dict[str, torch.Tensor], params: dict[str, nn.Parameter], path) -> None:
@@ -137,8 +178,10 @@ def _check_fit(weights: dict[str, torch.Tensor], params: dict[str, nn.Parameter]
                              f"{tuple(params[name].shape)}")
 
 
-def _check_peft_fit(model: nn.Module, weights: dict[str, torch.Tensor], arm: str, path) -> None:
-    """Every PEFT layer of the adapter sits on a Linear of the model with matching features."""
+def _check_peft_fit(model: nn.Module, weights: dict[str, torch.Tensor], options: AdaptOptions, path) -> None:
+    """Every PEFT layer of the adapter sits on a Linear of the model with matching features, and a LoRA
+    layer's rank is the stored ``rank`` (checked before any layer is built: a forged rank would size them)."""
+    arm = options.arm
     marker = ".lora_" if arm == "lora" else ".ia3_"
     modules = dict(model.named_modules())
     for name, t in weights.items():
@@ -153,22 +196,37 @@ def _check_peft_fit(model: nn.Module, weights: dict[str, torch.Tensor], arm: str
         if not ok:
             raise ValueError(f"adapter {path}: {name} has shape {tuple(t.shape)}, which does not fit {owner} "
                              f"({target.in_features} -> {target.out_features})")
+        if arm == "lora" and t.dim() == 2 and part in ("A", "B"):
+            rank = t.shape[0] if part == "A" else t.shape[1]
+            if rank != options.rank:
+                raise ValueError(f"adapter {path}: {name} has rank {rank}, but its options say rank {options.rank}")
+
+
+def check_adapter_file(path: str | Path) -> dict[str, str]:
+    """Everything about an adapter that needs no model: the file, its stored options and its tensors
+    (floating-point, finite); returns its metadata. The CLI runs it before any model loads."""
+    weights, meta = read_adapter(path)
+    adapter_options(meta, path)
+    _check_values(weights, path)
+    return meta
 
 
 def checked_adapter(model: nn.Module, path: str | Path, *, task: str | None = None
                     ) -> tuple[dict[str, torch.Tensor], dict[str, str], AdaptOptions]:
     """(weights, metadata, options) of an adapter that fits ``model``; the model is not changed.
 
-    Checks the file, ``task`` (when given and the adapter names one) against the adapter's, the base
-    model (norm weights hash, when the adapter has one), and names and shapes.
+    Checks the file, the stored options (types and ranges), the tensors (floating-point, finite),
+    ``task`` (when given and the adapter names one) against the adapter's, the base model (norm
+    weights hash, when the adapter has one), names and shapes, and a LoRA adapter's rank.
     """
     weights, meta = read_adapter(path)
-    options = adapter_options(meta)
+    options = adapter_options(meta, path)
+    _check_values(weights, path)
     if task is not None and meta.get("task") and meta["task"] != task:
         raise ValueError(f"adapter {path} was trained on task {meta.get('task')!r}, not {task!r}")
     params = fusable_norm_parameters(model)
     if options.arm in PEFT_ARMS:
-        _check_peft_fit(model, weights, options.arm, path)
+        _check_peft_fit(model, weights, options, path)
     else:
         _check_fit(weights, params, path)
     if meta.get("base_hash") and weights_hash(params) != meta["base_hash"]:

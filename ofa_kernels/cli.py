@@ -260,11 +260,12 @@ def _check_task(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
 
 
 def _check_adapter(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """The adapter file exists, is ours and belongs to --task (read from its header; no model needed)."""
-    from .adapters import read_adapter_metadata
+    """The adapter file exists, is ours, holds valid options and finite weights, and belongs to --task (no
+    model needed)."""
+    from .adapters import check_adapter_file
 
     try:
-        meta = read_adapter_metadata(args.adapter)
+        meta = check_adapter_file(args.adapter)
     except (OSError, ValueError) as exc:
         parser.error(f"--adapter: {exc}")
     if args.command == "export":
