@@ -275,6 +275,16 @@ def _check_adapter(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         parser.error(f"--adapter {args.adapter} was trained on task {meta.get('task')!r}, not {task!r}")
 
 
+def _check_out(parser: argparse.ArgumentParser, out: str) -> None:
+    """--out is (or can be made) a writable folder: found before any model loads, not after zero-shot ran."""
+    path = Path(out).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        parser.error(f"--out: {existing} is a file, so {out} cannot be a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        parser.error(f"--out: {existing} is not writable here")
+
+
 def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.command in ("adapt", "eval", "diagnose"):
         _check_model(parser, args.model)
@@ -289,6 +299,8 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
             parser.error(f"--out: {out} exists and is not an empty folder (export writes a new folder)")
     if getattr(args, "adapter", None):
         _check_adapter(parser, args)
+    if args.command in ("adapt", "diagnose", "demo", "export") and getattr(args, "out", None):
+        _check_out(parser, args.out)
     if args.command == "adapt":
         try:
             _options(args)

@@ -96,6 +96,11 @@ class _Progress:
                 saved = json.loads(path.read_text())
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{path} is not readable JSON ({exc}); move it away to start afresh") from None
+            if not (isinstance(saved, dict) and isinstance(saved.get("key"), dict)
+                    and isinstance(saved.get("entries"), dict)
+                    and all(isinstance(e, dict) for e in saved["entries"].values())):
+                raise ValueError(f"{path} is not a progress file (expected an object with a 'key' object and "
+                                 "'entries' of objects); move it away to start afresh")
             if saved.get("key") != key:
                 stored = saved.get("key", {})
                 differs = sorted(k for k in {**key, **stored} if stored.get(k) != key.get(k))

@@ -126,6 +126,12 @@ def test_adapt_and_eval_refuse_missing_data_and_bad_adapters(capsys, monkeypatch
                                                 monkeypatch)
     assert "must contain {text}" in _refused(["adapt", "--train", str(_rows(tmp_path / "a.csv")), "--labels", "a,b",
                                               "--template", "no field"], capsys, monkeypatch)
+    (tmp_path / "afile").write_text("x")
+    own = ["adapt", "--train", str(_rows(tmp_path / "a.csv")), "--labels", "a,b"]
+    assert "is a file, so" in _refused([*own, "--out", str(tmp_path / "afile" / "sub")], capsys, monkeypatch)
+    monkeypatch.setattr("os.access", lambda *a, **k: False)  # read-only (the tests may run as root)
+    assert "is not writable here" in _refused([*own, "--out", str(tmp_path / "run")], capsys, monkeypatch)
+    monkeypatch.undo()
     base = ["eval", "--task", "sst2", "--data-dir", str(tmp_path)]
     assert "does not exist" in _refused([*base, "--adapter", str(tmp_path / "none.safetensors")], capsys, monkeypatch)
     (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 64)
