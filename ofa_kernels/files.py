@@ -2,13 +2,16 @@
 
 The new content goes to a uniquely named temporary file beside the target (two writers never share
 one), is flushed to disk (fsync) and then renamed over the target in one step; the folder is
-fsynced too, so the rename survives a crash.
+fsynced too, so the rename survives a crash. A temporary's name carries its writer's process id
+(``.<name>.ofa-<pid>-<random>.tmp``), so what a killed writer left is recognised and removed by
+``remove_stale_temps`` (a live writer's temporaries are left alone).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -29,7 +32,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yields a temporary path beside ``path`` to write; on success it replaces ``path`` in one step."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(name)
     os.chmod(tmp, 0o666 & ~_umask())  # the permissions of a plainly created file, not mkstemp's 0600
@@ -61,7 +64,8 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise FileExistsError(f"{path} exists and is not an empty folder; pass a new path")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    remove_stale_temps(path.parent)  # a killed export's half-written folder (hundreds of MB) goes now
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
@@ -74,6 +78,42 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         _fsync(path.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+_STALE = re.compile(r"^\..+\.ofa-(\d+)-[^/]*\.tmp$")
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}.ofa-{os.getpid()}-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_temps(folder: str | Path) -> list[Path]:
+    """Removes the temporary files and folders that killed writers left in ``folder``; returns them."""
+    import shutil
+
+    folder = Path(folder)
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for entry in folder.iterdir():
+        match = _STALE.match(entry.name)
+        if match and int(match.group(1)) != os.getpid() and not _alive(int(match.group(1))):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
 
 
 def _umask() -> int:

