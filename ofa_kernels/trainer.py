@@ -143,6 +143,28 @@ class AdaptResult:
     options: AdaptOptions = field(default_factory=AdaptOptions)
 
 
+_CHECKPOINT_FIELDS = {"fingerprint": str, "step": int, "losses": list}
+
+
+def _read_checkpoint(ckpt: Path, sharded: bool) -> dict:
+    """A checkpoint's state, checked: readable (tensors and plain values only, nothing in it runs) and of
+    the expected shape. A truncated or foreign file is a ValueError naming it, not a loader traceback."""
+    try:
+        state = distributed.read_sharded_extra(ckpt) if sharded else torch.load(ckpt, weights_only=True)
+    except Exception as exc:  # torch.load raises RuntimeError, EOFError, UnpicklingError, ... for a bad file
+        raise ValueError(f"checkpoint {ckpt} cannot be read ({type(exc).__name__}: {str(exc)[:200]}); it is "
+                         "damaged (a truncated write?): remove it to train the arm afresh") from None
+    wrong = [k for k, kind in _CHECKPOINT_FIELDS.items() if not isinstance(state, dict)
+             or not isinstance(state.get(k), kind)]
+    if not sharded and isinstance(state, dict) and not all(isinstance(state.get(k), dict)
+                                                           for k in ("weights", "optimizer", "scheduler")):
+        wrong.append("weights/optimizer/scheduler")
+    if wrong:
+        raise ValueError(f"checkpoint {ckpt} is not an ofa_kernels training checkpoint (missing or wrong: {wrong}); "
+                         "remove it to train the arm afresh")
+    return state
+
+
 def weights_hash(params: dict[str, torch.Tensor]) -> str:
     """sha256 over names, shapes and fp32 values of norm parameters (identifies a base model).
 
@@ -379,7 +401,7 @@ def adapt(
                               "train": identity.rows_digest(train)}, sort_keys=True)
     if ckpt and ckpt.exists():
         # tensors and plain values only: nothing in it runs
-        state = distributed.read_sharded_extra(ckpt) if sharded else torch.load(ckpt, weights_only=True)
+        state = _read_checkpoint(ckpt, sharded)
         if state.get("fingerprint") != fingerprint:
             raise ValueError(f"checkpoint {ckpt} belongs to another run (options, task, base model or k-shot set "
                              "differ); remove it or pass another path")

@@ -356,3 +356,20 @@ def test_an_unpadded_eager_step_gives_the_model_no_mask_and_the_same_loss(estima
         torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
     padded = step_batch([[3, 9, 4], [3, 9, 4, 11, 7]], [[5], [6, 2]], 0, DEVICE, masks_when_unpadded=False)
     assert {"attention_mask", "prompt_attention_mask"} <= padded.keys()
+
+
+@pytest.mark.parametrize("content, message", [
+    ("truncated", "cannot be read .* damaged"),
+    ("foreign", "not an ofa_kernels training checkpoint"),
+])
+def test_a_damaged_or_foreign_checkpoint_is_named_not_a_traceback(tokenizer, sst2, tmp_path, content, message):
+    options = AdaptOptions(arm="ce", shots=3, epochs=3, lr=1e-2)
+    ckpt = tmp_path / "run.ckpt"
+    adapt(_tiny(len(tokenizer)), tokenizer, sst2, options, checkpoint=ckpt, checkpoint_every=2, stop_after=3)
+    if content == "truncated":
+        ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+    else:
+        torch.save({"fingerprint": 1, "weights": []}, ckpt)
+    with pytest.raises(ValueError, match=message) as err:
+        adapt(_tiny(len(tokenizer)), tokenizer, sst2, options, checkpoint=ckpt)
+    assert str(ckpt) in str(err.value)
