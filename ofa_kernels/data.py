@@ -233,9 +233,11 @@ def _csv_records(reader: _Reader, path: Path, delimiter: str, names_needed: set[
                     continue
                 yield f"{path}:{first_line}", dict(zip(header, row))
             return
-        except csv.Error:
+        except csv.Error as exc:
             bad = start + last + 1
-            reader.problems.append(f"{path}:{bad}: a quote that never closes (line skipped)")
+            why = ("a field longer than the CSV reader's limit" if "field limit" in str(exc)
+                   else "a quote that never closes")  # the only two errors the csv reader raises on text
+            reader.problems.append(f"{path}:{bad}: {why} (line skipped)")
             start = bad  # parse again from the line after it
 
 

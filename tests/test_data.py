@@ -262,3 +262,12 @@ def test_csv_quirks_bom_unclosed_quote_and_odd_digits_are_handled(tmp_path):
     rows = data.load_table(path, ("negative", "positive"), reader=reader)
     assert [(r.text, r.label) for r in rows] == [("good", 1), ("bad", 0), ("fine", 1)]
     assert reader.problems == [f"{path}:3: a quote that never closes (line skipped)", f"{path}:5: unknown label"]
+
+
+def test_a_field_past_the_csv_limit_is_reported_as_such_and_the_other_rows_load(tmp_path):
+    path = tmp_path / "rows.csv"
+    path.write_text("text,label\nhello,positive\n" + "x" * 200_000 + ",negative\nfine,negative\n")
+    reader = data._Reader()
+    rows = data.load_table(path, ("negative", "positive"), reader=reader)
+    assert [r.where for r in rows] == [f"{path}:2", f"{path}:4"]
+    assert reader.problems == [f"{path}:3: a field longer than the CSV reader's limit (line skipped)"]
