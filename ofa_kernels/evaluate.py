@@ -133,17 +133,34 @@ def macro_f1(predictions: Sequence[int], targets: Sequence[int], n_classes: int)
 
 
 @torch.no_grad()
+def _check_context(rows: Sequence[Example], prompt_ids: list[list[int]], extra: int, context: int) -> None:
+    for row, ids in zip(rows, prompt_ids):
+        if len(ids) + extra > context:
+            raise ValueError(f"{row.where}: the prompt takes {len(ids) + extra} tokens with the demonstrations and "
+                             f"the label word, more than the model's context of {context}; shorten the text, or "
+                             "leave the demonstrations out (--no-demos)")
+
+
 def evaluate(model, tokenizer, task: Task, examples: Sequence[Example], *, demonstrations: Sequence[Example] = (),
              scoring: str = "full", batch_size: int = 16) -> Scores:
-    """Predicts each example's label (argmax over label words) with an optional demonstrations prefix."""
+    """Predicts each example's label (argmax over label words) with an optional demonstrations prefix.
+
+    A prompt that, with the prefix and the longest label word, does not fit the model's context
+    (``config.max_position_embeddings``) is refused with the row's file:line, never scored cut or silently.
+    """
     label_ids = label_token_ids(tokenizer, task.labels)
     pad_token = padding_id(tokenizer)
     text = demonstrations_prefix(task, demonstrations)
-    prefix = Prefix(model, encode(tokenizer, [text])[0]) if text else None
+    prefix_ids = encode(tokenizer, [text])[0] if text else []
+    prefix = Prefix(model, prefix_ids) if text else None
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    longest_label = max(len(t) for t in label_ids)
     predictions: list[int] = []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
         prompt_ids = encode(tokenizer, [task.prompt(e.text) for e in chunk])
+        if isinstance(context, int):
+            _check_context(chunk, prompt_ids, len(prefix_ids) + longest_label, context)
         scores = label_log_probs(model, prompt_ids, label_ids, scoring=scoring, pad_id=pad_token, prefix=prefix)
         predictions += scores.argmax(1).tolist()
     targets = [e.label for e in examples]

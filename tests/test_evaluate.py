@@ -99,3 +99,17 @@ def test_indexed_log_probs_equal_continuation_scores():
     logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.log_softmax(-1)
     want = [sum(logits[i, len(p) - 1 + k, t] for k, t in enumerate(c)) for i, (p, c) in enumerate(zip(prompts, conts))]
     torch.testing.assert_close(ev.indexed_log_probs(hidden, st.head, b), torch.stack(want))
+
+
+def test_a_text_longer_than_the_context_is_refused_with_its_file_and_line(smollm2):
+    _, tokenizer = smollm2
+    model = _tiny()  # a context of 64 positions
+    model.resize_token_embeddings(len(tokenizer))
+    task = data.Task("t", "Text: {text}\nLabel:", ("no", "yes"), "files")
+    short = [data.Example("fine", 0, "rows.csv:2")]
+    assert len(ev.evaluate(model, tokenizer, task, short).predictions) == 1
+    long = [*short, data.Example("word " * 80, 1, "rows.csv:3")]
+    with pytest.raises(ValueError, match=r"rows.csv:3: the prompt takes \d+ tokens .* context of 64"):
+        ev.evaluate(model, tokenizer, task, long)
+    with pytest.raises(ValueError, match="rows.csv:2: .*demonstrations"):  # the prefix counts too
+        ev.evaluate(model, tokenizer, task, short, demonstrations=[data.Example("word " * 70, 0, "rows.csv:9")])
