@@ -36,38 +36,48 @@ def _read_cache(path: Path) -> dict:
     return cache if isinstance(cache, dict) else {}
 
 
-def file_digest(path: str | Path) -> str:
-    """sha256 of a file's bytes, cached by (absolute path, size, mtime)."""
-    path = Path(path).resolve()
-    stat = path.stat()
-    stamp = f"{stat.st_size}:{stat.st_mtime_ns}"
+def _digests(paths: list[Path]) -> list[str]:
+    """sha256 of each file's bytes, from the cache where (absolute path, size, mtime) match; the cache is read
+    once and written once, whatever the number of files."""
     cache_path = _cache_file()
     cache = _read_cache(cache_path)
-    hit = cache.get(str(path))
-    if isinstance(hit, dict) and hit.get("stamp") == stamp and isinstance(hit.get("sha256"), str):
-        return hit["sha256"]
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    digest = h.hexdigest()
-    cache[str(path)] = {"stamp": stamp, "sha256": digest}
-    try:
-        write_text(cache_path, json.dumps(cache))
-    except OSError:  # a read-only cache folder costs a rehash next time, nothing else
-        pass
-    return digest
+    out, changed = [], False
+    for path in paths:
+        path = path.resolve()
+        stat = path.stat()
+        stamp = f"{stat.st_size}:{stat.st_mtime_ns}"
+        hit = cache.get(str(path))
+        if isinstance(hit, dict) and hit.get("stamp") == stamp and isinstance(hit.get("sha256"), str):
+            out.append(hit["sha256"])
+            continue
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(_CHUNK):
+                h.update(chunk)
+        out.append(h.hexdigest())
+        cache[str(path)] = {"stamp": stamp, "sha256": out[-1]}
+        changed = True
+    if changed:
+        try:
+            write_text(cache_path, json.dumps(cache))
+        except OSError:  # a read-only cache folder costs a rehash next time, nothing else
+            pass
+    return out
+
+
+def file_digest(path: str | Path) -> str:
+    """sha256 of a file's bytes, cached by (absolute path, size, mtime)."""
+    return _digests([Path(path)])[0]
 
 
 def folder_digest(folder: str | Path) -> str:
     """sha256 over every file of a folder (relative names and contents; hidden files left out)."""
     folder = Path(folder)
+    files = [p for p in sorted(folder.rglob("*")) if p.is_file()
+             and not any(part.startswith(".") for part in p.relative_to(folder).parts)]
     h = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        rel = path.relative_to(folder)
-        if any(part.startswith(".") for part in rel.parts):
-            continue
-        h.update(rel.as_posix().encode() + b"\0" + file_digest(path).encode() + b"\n")
+    for path, digest in zip(files, _digests(files)):
+        h.update(path.relative_to(folder).as_posix().encode() + b"\0" + digest.encode() + b"\n")
     return h.hexdigest()
 
 

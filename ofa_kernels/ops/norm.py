@@ -82,9 +82,10 @@ def _call_fwd(x, weight, bias, eps, offset, is_rms, cast_mode, backend):
 def _call_bwd(dy, x, weight, mean, rstd, offset, is_rms, cast_mode, need_dx, need_dw, need_db, backend,
               dw_dtype=None, db_dtype=None):
     """(dx, dw, db); None where not needed. dw/db in the accumulation dtype, or in the dtypes given where
-    the backend writes those directly (``_fwd_stage_backward`` casts the rest)."""
+    the backend writes those directly (``_fwd_stage_backward`` casts the rest). ``dy`` is row-major: every
+    caller made it so once (``_fwd_stage_backward``, the registered op's body, the batching rules)."""
     impl = dispatch.resolve(backend, x.device, "norm", x.shape[-1], x.dtype, _OPS[is_rms][1])
-    return impl.norm_bwd(_row_major(dy), x, weight, mean, rstd, offset, is_rms, cast_mode, need_dx,
+    return impl.norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, cast_mode, need_dx,
                          need_dw and weight is not None, need_db, dw_dtype=dw_dtype, db_dtype=db_dtype)
 
 
@@ -170,13 +171,7 @@ def _bwd_bwd_stage_backward(ctx, *grads) -> tuple:
     result = [None] * 6
     wrt = [i for i, need in enumerate(needs) if need]
     if wrt and any(mask):
-        def fn(*free):
-            args = list(fixed)
-            for i, t in zip(wrt, free):
-                args[i] = t
-            d, xx, w, aa, bb, ee = args
-            return norm_vmap.present(norm_vmap.plain_bwd_bwd, mask)(d, xx, w, mean, rstd, aa, bb, ee, offset,
-                                                                   is_rms, *mask)
+        fn = norm_vmap.plain_bwd_bwd_in(fixed, wrt, mean, rstd, offset, is_rms, mask)
         cotangents = tuple(g for g, keep in zip(grads, mask) if keep)
         if _transforms_active():
             _, pullback = torch.func.vjp(fn, *[fixed[i] for i in wrt])
@@ -273,21 +268,12 @@ def _bwd_bwd_jvp(saved, tangents, offset, is_rms, flags):
     mask = (need_ddy, need_dx, need_dw and weight is not None and a is not None)
     if not any(mask):
         return None, None, None
-    primals, tans, where = [], [], []
-    for i, (p, t) in enumerate(zip((dy, x, weight, a, bw, e), tangents)):
-        if p is not None:
-            primals.append(p)
-            tans.append(torch.zeros_like(p) if t is None else t.to(p.dtype))
-            where.append(i)
-
-    def fn(*present_args):
-        args = [None] * 6
-        for i, t in zip(where, present_args):
-            args[i] = t
-        d, xx, w, aa, bb, ee = args
-        return norm_vmap.present(norm_vmap.plain_bwd_bwd, mask)(d, xx, w, mean, rstd, aa, bb, ee, offset, is_rms,
-                                                               *mask)
-    _, out_t = torch.func.jvp(fn, tuple(primals), tuple(tans))
+    fixed = [dy, x, weight, a, bw, e]
+    where = [i for i, p in enumerate(fixed) if p is not None]
+    primals = tuple(fixed[i] for i in where)
+    tans = tuple(torch.zeros_like(fixed[i]) if tangents[i] is None else tangents[i].to(fixed[i].dtype) for i in where)
+    fn = norm_vmap.plain_bwd_bwd_in(fixed, where, mean, rstd, offset, is_rms, mask)
+    _, out_t = torch.func.jvp(fn, primals, tans)
     return tuple(norm_vmap.scatter(out_t, mask))
 
 
@@ -324,7 +310,8 @@ def _norm_bwd(
     dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor, offset: float,
     is_rms: bool, cast_mode: str, need_dx: bool, need_dw: bool, need_db: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    dx, dw, db = _call_bwd(dy, x, weight, mean, rstd, offset, is_rms, cast_mode, need_dx, need_dw, need_db, backend)
+    dx, dw, db = _call_bwd(_row_major(dy), x, weight, mean, rstd, offset, is_rms, cast_mode, need_dx, need_dw,
+                           need_db, backend)  # the op may be called with any layout
     acc = _acc(x.dtype)
     return (dx if dx is not None else _nothing(x), dw if dw is not None else _nothing(x, acc),
             db if db is not None else _nothing(x, acc))
@@ -354,7 +341,7 @@ def _norm_bwd_bwd(
     grad_dx: Optional[Tensor], grad_dw: Optional[Tensor], grad_db: Optional[Tensor], offset: float,
     is_rms: bool, need_ddy: bool, need_dx: bool, need_dw: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    d_dy, d_x, d_w = _call_bwd_bwd(dy, x, weight, mean, rstd, grad_dx, grad_dw, grad_db, offset, is_rms,
+    d_dy, d_x, d_w = _call_bwd_bwd(_row_major(dy), x, weight, mean, rstd, grad_dx, grad_dw, grad_db, offset, is_rms,
                                    need_ddy, need_dx, need_dw, backend)
     return (d_dy if need_ddy else _nothing(dy), d_x if need_dx else _nothing(x),
             d_w if d_w is not None else _nothing(x, _acc(x.dtype)))

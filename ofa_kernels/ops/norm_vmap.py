@@ -58,6 +58,18 @@ def plain_bwd_bwd(dy, x, weight, mean, rstd, grad_dx, grad_dw, grad_db, offset, 
                                        need_ddy, need_dx, need_dw and weight is not None)
 
 
+def plain_bwd_bwd_in(fixed: list, slots: list[int], mean, rstd, offset, is_rms, mask: tuple[bool, ...]):
+    """The plain double backward as a function of the ``slots`` of ``fixed`` = (dy, x, weight, grad_dx,
+    grad_dw, grad_db), the others held; returns the outputs ``mask`` selects (for torch.func.vjp / jvp)."""
+    def fn(*free):
+        args = list(fixed)
+        for i, t in zip(slots, free):
+            args[i] = t
+        dy, x, w, a, bw, e = args
+        return present(plain_bwd_bwd, mask)(dy, x, w, mean, rstd, a, bw, e, offset, is_rms, *mask)
+    return fn
+
+
 def present(fn: Callable[..., tuple], mask: tuple[bool, ...]) -> Callable[..., tuple]:
     """``fn`` returning only the outputs ``mask`` selects (transforms want tensors, not None)."""
     def call(*args):
@@ -81,9 +93,11 @@ def _batch_first(t: Tensor | None, dim: int | None, size: int) -> Tensor | None:
 
 
 def _fold(t: Tensor, dim: int | None, size: int) -> Tensor:
-    """[B, M, ...] (batch at ``dim``, or broadcast when unbatched) -> [B*M, ...]."""
+    """[B, M, ...] (batch at ``dim``, or broadcast when unbatched) -> [B*M, ...], unit stride along the last dim
+    (what the kernels read)."""
     t = _batch_first(t, dim, size)
-    return t.reshape(-1, *t.shape[2:])
+    t = t.reshape(-1, *t.shape[2:])
+    return t.contiguous() if t.shape[-1] > 1 and t.stride(-1) != 1 else t
 
 
 def _rows_batched(t: Tensor | None, dim: int | None) -> Tensor | None:
