@@ -209,8 +209,12 @@ def _second_order(fn, x, w, b, dy, cot):
 @pytest.mark.parametrize("kind", ["rms", "layer"])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_gradients_of_every_layout_reach_every_stage(backend, kind, layout):
-    """The upstream gradient, the double backward's cotangent and x itself in each layout."""
-    x, dy, cot = (LAYOUTS[layout]() for _ in range(3))
+    """The upstream gradient, the double backward's cotangent and x itself in each layout. An x expanded
+    from one scalar has constant rows, where LayerNorm's statistics are degenerate (rstd = 1/sqrt(eps)
+    amplifies rounding: 3e-10 relative between two exact fp64 formulas); LayerNorm's x takes the
+    row-expanded layout there (RMSNorm's keeps the scalar one), dy and the cotangent keep the all-zero strides of ``y.sum()``'s gradient."""
+    dy, cot = LAYOUTS[layout](), LAYOUTS[layout]()
+    x = LAYOUTS["expanded-rows" if layout == "expanded" and kind == "layer" else layout]()
     w, b = torch.rand(N, dtype=torch.float64, device=DEVICE) + 0.5, None if kind == "rms" else _dense((N,))
     torch.manual_seed(0)
     got_all = _second_order(_fused(kind, backend), x, w, b, dy, cot)
