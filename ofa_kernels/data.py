@@ -107,6 +107,7 @@ class Dataset:
     test: list[Example]
     problems: list[str] = field(default_factory=list)
     latin1_lines: int = 0
+    overlap_removed: int = 0  # pool rows left out: their normalised text is also a test row's
 
 
 def get_task(name: str) -> Task:
@@ -339,7 +340,22 @@ def load_files(task: Task, train: str | Path, test: str | Path | None = None, *,
         pool, rows = _split(pool)
     else:
         rows = load_table(test, task.labels, **options)
-    return Dataset(task, pool, rows, reader.problems, reader.latin1)
+    return _disjoint(Dataset(task, pool, rows, reader.problems, reader.latin1))
+
+
+def normalised_text(text: str) -> str:
+    """What makes two rows the same text: case-folded, whitespace runs as one space, stripped."""
+    return " ".join(text.casefold().split())
+
+
+def _disjoint(dataset: Dataset) -> Dataset:
+    """Leaves out of the pool every row whose normalised text is also a test row's: a duplicated row, or
+    one both releases hold, would be a demonstration of its own test question. Counts them."""
+    seen = {normalised_text(e.text) for e in dataset.test}
+    kept = [e for e in dataset.pool if normalised_text(e.text) not in seen]
+    dataset.overlap_removed = len(dataset.pool) - len(kept)
+    dataset.pool = kept
+    return dataset
 
 
 def _split(rows: list[Example], test_fraction: float = 0.5, seed: int = 0) -> tuple[list[Example], list[Example]]:
@@ -375,7 +391,7 @@ def load_task(name: str, data_dir: str | Path | None = None) -> Dataset:
             pool, test = _trec(reader, root / task.files["train"]), _trec(reader, root / task.files["test"])
         else:
             pool, test = _split(_by_file(reader, root, task.files, n))
-    return Dataset(task, pool, test, reader.problems, reader.latin1)
+    return _disjoint(Dataset(task, pool, test, reader.problems, reader.latin1))
 
 
 def _local_copy(task: Task, folder: Path, reader: _Reader) -> tuple[list[Example], list[Example]]:

@@ -160,6 +160,8 @@ def adapt_and_report(
     task = dataset.task.name
     if dataset.problems:
         log(f"{len(dataset.problems)} rows skipped, e.g. {dataset.problems[0]}")
+    if dataset.overlap_removed:
+        log(f"{dataset.overlap_removed} training rows left out of the k-shot pool: their text is also a test row's")
     test = data_mod.test_subset(dataset, test_size)
     out_dir = Path(out) if out else None
     if out_dir:

@@ -15,13 +15,17 @@ needs_data = pytest.mark.skipif(not DATA.exists(), reason=f"shared data not foun
 # (pool, test) sizes: official splits as released; the others split in half, deterministically
 COUNTS = {"sst2": (6920, 1821), "sst5": (8544, 2210), "trec": (5452, 500), "mr": (5331, 5331),
           "subj": (5000, 5000), "cr": (1885, 1886), "mpqa": (5301, 5302)}
+# pool rows whose text (normalised) is also a test row's, left out of the k-shot pool (counted here once)
+OVERLAP = {"sst2": 3, "sst5": 3, "trec": 11, "mr": 0, "subj": 0, "cr": 3, "mpqa": 1292}
 
 
 @needs_data
 @pytest.mark.parametrize("name", sorted(COUNTS))
 def test_every_shared_task_loads_with_the_right_counts(name):
     ds = data.load_task(name, DATA)
-    assert (len(ds.pool), len(ds.test)) == COUNTS[name]
+    assert (len(ds.pool) + ds.overlap_removed, len(ds.test)) == COUNTS[name]
+    assert ds.overlap_removed == OVERLAP[name]
+    assert not {data.normalised_text(e.text) for e in ds.pool} & {data.normalised_text(e.text) for e in ds.test}
     assert {e.label for e in ds.pool} == set(range(len(ds.task.labels)))
     assert all(e.text and ":" in e.where for e in ds.pool + ds.test)
     pool_where = {e.where for e in ds.pool}
@@ -125,7 +129,8 @@ def test_hub_tasks_map_their_columns_and_report_bad_rows(name, monkeypatch):
     def load_dataset(path, config=None):
         calls.append((path, config))
         test_split = "validation" if name in ("cb", "rte") else "test"
-        return {"train": [good, bad, good], test_split: [good]}
+        other = {k: v + " (held out)" if isinstance(v, str) and k != "label" else v for k, v in good.items()}
+        return {"train": [good, bad, good], test_split: [other]}  # a test row of its own: not in the pool
 
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
     ds = data.load_task(name)
@@ -271,3 +276,14 @@ def test_a_field_past_the_csv_limit_is_reported_as_such_and_the_other_rows_load(
     rows = data.load_table(path, ("negative", "positive"), reader=reader)
     assert [r.where for r in rows] == [f"{path}:2", f"{path}:4"]
     assert reader.problems == [f"{path}:3: a field longer than the CSV reader's limit (line skipped)"]
+
+
+def test_duplicated_rows_never_sit_on_both_sides_of_the_split(tmp_path):
+    """A --train file with no --test: copies of a row land in the pool and the test half alike; the pool's go."""
+    path = tmp_path / "rows.csv"
+    lines = ["text,label"] + [f"row {i % 10},{'yes' if i % 2 else 'no'}" for i in range(40)]  # each text 4 times
+    path.write_text("\n".join(lines) + "\n")
+    ds = data.load_files(data.file_task("t", "{text}", ("no", "yes")), path)
+    assert ds.overlap_removed > 0 and len(ds.pool) + ds.overlap_removed + len(ds.test) == 40
+    assert not {data.normalised_text(e.text) for e in ds.pool} & {data.normalised_text(e.text) for e in ds.test}
+    assert data.normalised_text("  Row\t1 ") == data.normalised_text("row 1")
