@@ -50,7 +50,11 @@ def test_every_arm_trains_only_the_norms_and_lowers_its_loss(tokenizer, sst2, ar
     result = adapt(model, tokenizer, sst2, options)
     assert len(result.losses) == 12 and len(result.train) == 6
     assert {"J": arm in ("ce+J", "ofa"), "S": arm in ("ce+S", "ofa")} == {k: k in result.losses[0] for k in "JS"}
-    assert result.losses[-1]["ce"] < result.losses[0]["ce"]
+    # the arm's own objective falls; in a random-init model J (~1e5) outweighs CE, whose course the
+    # k-shot draw then decides, so CE itself is held only where it is the objective's main term
+    assert result.losses[-1]["loss"] < result.losses[0]["loss"]
+    if "J" not in result.losses[0]:
+        assert result.losses[-1]["ce"] < result.losses[0]["ce"]
     for n, p in model.named_parameters():
         if n in frozen:
             assert torch.equal(p, frozen[n]), n
@@ -158,7 +162,11 @@ def test_peft_baselines_train_only_their_layers_and_their_adapters_round_trip(to
     marker = "lora_" if arm == "lora" else "ia3_"
     assert result.weights and all(marker in n for n in result.weights)
     assert "J" not in result.losses[0] and "S" not in result.losses[0]
-    assert result.losses[-1]["ce"] < result.losses[0]["ce"]
+    # the arm's own objective falls; in a random-init model J (~1e5) outweighs CE, whose course the
+    # k-shot draw then decides, so CE itself is held only where it is the objective's main term
+    assert result.losses[-1]["loss"] < result.losses[0]["loss"]
+    if "J" not in result.losses[0]:
+        assert result.losses[-1]["ce"] < result.losses[0]["ce"]
     for n, p in model.named_parameters():
         if marker not in n:
             assert torch.equal(p, before[n.replace(".base_layer", "")]), n  # the base stays frozen
