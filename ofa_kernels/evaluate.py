@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from .anatomy import structure
 from .data import Example, Task
-from .prompts import demonstrations_prefix, encode, label_token_ids, pad, padding_id, step_batch
+from .prompts import check_context, demonstrations_prefix, encode, label_token_ids, model_context, pad, padding_id, step_batch
 
 SCORING = ("full", "first")
 
@@ -132,15 +132,6 @@ def macro_f1(predictions: Sequence[int], targets: Sequence[int], n_classes: int)
     return sum(f1s) / n_classes
 
 
-@torch.no_grad()
-def _check_context(rows: Sequence[Example], prompt_ids: list[list[int]], extra: int, context: int) -> None:
-    for row, ids in zip(rows, prompt_ids):
-        if len(ids) + extra > context:
-            raise ValueError(f"{row.where}: the prompt takes {len(ids) + extra} tokens with the demonstrations and "
-                             f"the label word, more than the model's context of {context}; shorten the text, or "
-                             "leave the demonstrations out (--no-demos)")
-
-
 def evaluate(model, tokenizer, task: Task, examples: Sequence[Example], *, demonstrations: Sequence[Example] = (),
              scoring: str = "full", batch_size: int = 16) -> Scores:
     """Predicts each example's label (argmax over label words) with an optional demonstrations prefix.
@@ -153,14 +144,13 @@ def evaluate(model, tokenizer, task: Task, examples: Sequence[Example], *, demon
     text = demonstrations_prefix(task, demonstrations)
     prefix_ids = encode(tokenizer, [text])[0] if text else []
     prefix = Prefix(model, prefix_ids) if text else None
-    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    context = model_context(model)
     longest_label = max(len(t) for t in label_ids)
     predictions: list[int] = []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
         prompt_ids = encode(tokenizer, [task.prompt(e.text) for e in chunk])
-        if isinstance(context, int):
-            _check_context(chunk, prompt_ids, len(prefix_ids) + longest_label, context)
+        check_context(chunk, prompt_ids, len(prefix_ids) + longest_label, context)
         scores = label_log_probs(model, prompt_ids, label_ids, scoring=scoring, pad_id=pad_token, prefix=prefix)
         predictions += scores.argmax(1).tolist()
     targets = [e.label for e in examples]

@@ -17,8 +17,8 @@ from .data import Example, Task
 
 DEMO_SEPARATOR = "\n"
 
-__all__ = ["DEMO_SEPARATOR", "demonstrations_prefix", "encode", "label_token_ids", "pad", "padded_width", "padding_id",
-           "pair_prompt", "step_batch"]
+__all__ = ["DEMO_SEPARATOR", "check_context", "check_pairs_fit", "demonstrations_prefix", "encode", "label_token_ids",
+           "model_context", "pad", "padded_width", "padding_id", "pair_prompt", "step_batch"]
 
 
 def demonstrations_prefix(task: Task, demos: Sequence[Example]) -> str:
@@ -29,6 +29,43 @@ def demonstrations_prefix(task: Task, demos: Sequence[Example]) -> str:
 def pair_prompt(task: Task, demonstration: Example, query: Example) -> str:
     """One training sequence of the paired protocol: a demonstration, then the query's prompt."""
     return demonstrations_prefix(task, [demonstration]) + task.prompt(query.text)
+
+
+def model_context(model) -> int | None:
+    """The longest sequence ``model`` takes (``config.max_position_embeddings``), or None when it states none."""
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return context if isinstance(context, int) and not isinstance(context, bool) else None
+
+
+def check_context(rows: Sequence[Example], prompt_ids: Sequence[Sequence[int]], extra: int, context: int | None) -> None:
+    """Refuses, naming the row's file:line, a prompt that with ``extra`` tokens (a demonstrations prefix,
+    the longest label word) is longer than ``context``: such a prompt is never scored cut or silently."""
+    if context is None:
+        return
+    for row, ids in zip(rows, prompt_ids):
+        if len(ids) + extra > context:
+            raise ValueError(f"{row.where}: the prompt takes {len(ids) + extra} tokens with the demonstrations and "
+                             f"the label word, more than the model's context of {context}; shorten the text, or "
+                             "leave the demonstrations out (--no-demos)")
+
+
+def check_pairs_fit(tokenizer, task: Task, train: Sequence[Example], longest_label: int, context: int | None) -> None:
+    """Refuses, before any step, a k-shot set in which some (demonstration, query) pair would not fit
+    ``context``: any two rows may be paired in some epoch, so the bound is the longest demonstration
+    plus the longest query of another row plus the longest label word (each part tokenised alone).
+    The message names both rows' file:line."""
+    if context is None or len(train) < 2:
+        return
+    demo = [len(ids) for ids in encode(tokenizer, [demonstrations_prefix(task, [e]) for e in train])]
+    query = [len(ids) for ids in encode(tokenizer, [task.prompt(e.text) for e in train])]
+    by_demo = sorted(range(len(train)), key=demo.__getitem__, reverse=True)[:2]
+    by_query = sorted(range(len(train)), key=query.__getitem__, reverse=True)[:2]
+    d, q = max(((d, q) for d in by_demo for q in by_query if d != q), key=lambda dq: demo[dq[0]] + query[dq[1]])
+    need = demo[d] + query[q] + longest_label
+    if need > context:
+        raise ValueError(f"{train[q].where}: as a training query after the demonstration {train[d].where} it takes "
+                         f"{need} tokens with the label word, more than the model's context of {context}; "
+                         "shorten or remove the longer row")
 
 
 def label_token_ids(tokenizer, labels: Sequence[str]) -> list[list[int]]:

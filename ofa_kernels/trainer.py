@@ -49,7 +49,7 @@ from .evaluate import SCORING, indexed_log_probs
 from .files import atomic_path
 from .memory import checkpointed_blocks
 from .patch import patch_model, use_fp32_masters
-from .prompts import encode, label_token_ids, padding_id, pair_prompt, step_batch
+from .prompts import check_pairs_fit, encode, label_token_ids, model_context, padding_id, pair_prompt, step_batch
 
 NORM_ARMS = ("ce", "ce+J", "ce+S", "ofa")
 ARMS = NORM_ARMS + PEFT_ARMS
@@ -370,6 +370,7 @@ def adapt(
     if len(train) < 2:
         raise ValueError("adapt needs at least 2 training examples (each query is paired with another one)")
     label_ids = label_token_ids(tokenizer, task.labels)
+    check_pairs_fit(tokenizer, task, train, max(len(t) for t in label_ids), model_context(model))
     device = next(model.parameters()).device
     par = distributed.current(device.type)
     per_epoch = steps_per_epoch(len(train), options)

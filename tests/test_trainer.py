@@ -15,6 +15,7 @@ from ofa_kernels import data
 from ofa_kernels import evaluate as ev
 from ofa_kernels.adapters import load_adapter, read_adapter, save_adapter
 from ofa_kernels.anatomy import norm_parameters
+from ofa_kernels.patch import patch_model
 from ofa_kernels.trainer import AdaptOptions, adapt, epoch_pairs, lr_multiplier, steps_per_epoch
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -381,3 +382,22 @@ def test_a_damaged_or_foreign_checkpoint_is_named_not_a_traceback(tokenizer, sst
     with pytest.raises(ValueError, match=message) as err:
         adapt(_tiny(len(tokenizer)), tokenizer, sst2, options, checkpoint=ckpt)
     assert str(ckpt) in str(err.value)
+
+
+def test_a_k_shot_set_whose_pairs_overflow_the_context_is_refused_before_any_step(tokenizer):
+    """Any two rows may be paired in some epoch: two long rows that fit alone but not together are refused,
+    naming both; one long row among short ones trains."""
+    task = data.Task("t", "Text: {text}\nLabel:", ("no", "yes"), "files")
+    short = [data.Example("fine", 0, "rows.csv:2"), data.Example("good", 1, "rows.csv:3")]
+    long = [data.Example("word " * 135, 0, "rows.csv:4"), data.Example("word " * 135, 1, "rows.csv:5")]
+    dataset = data.Dataset(task, short + long, short)
+    options = AdaptOptions(arm="ce", shots=2, epochs=1)
+    model = _tiny(len(tokenizer))  # a context of 256 positions; each long row is ~140 tokens alone
+    patch_model(model)  # as adapt does first, so the norms keep their names
+    before = {n: p.detach().clone() for n, p in norm_parameters(model).items()}
+    with pytest.raises(ValueError, match=r"rows.csv:[45]: as a training query after the demonstration rows.csv:[45] "
+                                         r"it takes \d+ tokens .* context of 256"):
+        adapt(model, tokenizer, dataset, options, train=short + long)
+    assert all(torch.equal(p, before[n]) for n, p in norm_parameters(model).items())
+    result = adapt(_tiny(len(tokenizer)), tokenizer, dataset, options, train=short + long[:1])
+    assert len(result.losses) == 1
