@@ -56,7 +56,7 @@ ARMS = NORM_ARMS + PEFT_ARMS
 PROTOCOLS = ("paper", "batched")
 
 
-EXECUTION_ONLY = ("cuda_graphs",)
+EXECUTION_ONLY = ("cuda_graphs", "memory_efficient", "max_memory_gb", "probes_per_pass")
 SEED_LIMIT = 2**63  # seeds are 0 .. 2**63-1: Python's random seeds an int by its absolute value
 
 
@@ -89,8 +89,11 @@ class AdaptOptions:
 
     def settings(self) -> dict:
         """The fields that decide the numbers of a run (fingerprints and result keys): all but how the
-        steps are executed (``cuda_graphs``: the same step, replayed; it pads sequences to a bucket,
-        which with several sequences per step draws other, equally distributed, probes)."""
+        steps are executed. ``cuda_graphs``: the same step, replayed (it pads sequences to a bucket,
+        which with several sequences per step draws other, equally distributed, probes). The memory
+        knobs: checkpointed blocks recompute the same values, and split probe passes add the same
+        terms in another order, which moves a weight by at most its last bits, as the thread count
+        does (``tests/test_trainer.py`` holds the bound)."""
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in EXECUTION_ONLY}
 
     def check(self) -> "AdaptOptions":

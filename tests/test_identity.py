@@ -80,6 +80,8 @@ def test_execution_only_settings_and_paths_keep_the_key(model_dir, tmp_path, mon
     moved = [dataclasses.replace(e, where="/abs/" + e.where) for e in POOL]
     assert _key(model_dir, pool=moved, test=[dataclasses.replace(e, where="x:1") for e in TEST]) == base
     assert _key(model_dir, options=AdaptOptions(cuda_graphs="off")) == base  # the same step, replayed or not
+    lean = AdaptOptions(memory_efficient=True, probes_per_pass=1, max_memory_gb=4.0)
+    assert _key(model_dir, options=lean) == base  # the same step, split (the trainer test bounds the difference)
 
 
 def test_a_file_digest_is_cached_and_follows_the_content(model_dir):

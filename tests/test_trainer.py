@@ -288,7 +288,7 @@ def test_cuda_graphs_on_where_they_cannot_run_is_refused(tokenizer, sst2):
         with pytest.raises(ValueError, match="cuda_graphs='on' cannot be used here: the model is on cpu"):
             adapt(_tiny(len(tokenizer)), tokenizer, sst2, AdaptOptions(shots=2, epochs=1, cuda_graphs="on"))
     options = AdaptOptions(cuda_graphs="off")
-    assert "cuda_graphs" not in options.settings() and len(options.settings()) == len(vars(options)) - 1
+    assert "cuda_graphs" not in options.settings() and len(options.settings()) == len(vars(options)) - 4
 
 
 @pytest.mark.parametrize("fail_at", [1, 2])
@@ -401,3 +401,20 @@ def test_a_k_shot_set_whose_pairs_overflow_the_context_is_refused_before_any_ste
     assert all(torch.equal(p, before[n]) for n, p in norm_parameters(model).items())
     result = adapt(_tiny(len(tokenizer)), tokenizer, dataset, options, train=short + long[:1])
     assert len(result.losses) == 1
+
+
+def test_the_memory_knobs_change_the_weights_by_their_last_bits_at_most_and_keep_the_run_key(tokenizer, sst2):
+    """Checkpointed blocks and split probe passes (the lean step) train the weights of the whole step,
+    up to the order in which the split passes add the sharpness gradient (a few fp32 ulps): so they are
+    execution-only, like ``cuda_graphs``, and a run resumes or is reused across them."""
+    base = AdaptOptions(arm="ofa", protocol="batched", shots=2, epochs=2, num_probes=3, estimator="hvp",
+                        distribution="rademacher", lambda_s=1.0, memory_efficient=False)
+    whole = adapt(_tiny(len(tokenizer)), tokenizer, sst2, base)
+    for lean in (dict(memory_efficient=True), dict(memory_efficient=True, probes_per_pass=1),
+                 dict(memory_efficient=True, probes_per_pass=2, max_memory_gb=1.0)):
+        options = dataclasses.replace(base, **lean)
+        result = adapt(_tiny(len(tokenizer)), tokenizer, sst2, options)
+        for name, w in whole.weights.items():
+            torch.testing.assert_close(result.weights[name], w, rtol=0, atol=1e-6, msg=f"{lean} {name}")
+        assert result.losses[-1]["S"] == pytest.approx(whole.losses[-1]["S"], rel=1e-5)
+        assert options.settings() == base.settings()
