@@ -5,8 +5,8 @@ The one place that knows how a Hugging Face causal LM is put together (every oth
   it (the "base": embeddings, blocks, final norm; returns the last hidden state), the LM head and
   the attention implementation.
 - Norm recognition: ``is_norm`` (any LayerNorm/RMSNorm-like module) and ``rms_kind`` (the RMSNorms
-  the fused kernels reproduce, with their eps, offset and cast rule); ``post_attention_norm`` finds
-  block t's post-attention norm, whose gain gamma_t is OFA's preconditioner P_t = diag(gamma_t).
+  the fused kernels reproduce, with their eps, offset and cast rule); ``preconditioner_norm`` finds
+  the norm of block t whose gain gamma_t is OFA's preconditioner P_t = diag(gamma_t) (see there).
 - ``norm_parameters``: the fused norms' weights and biases by name (what OFA trains).
 - ``StateTap`` / ``last_token_states``: one pass of the base that records ``H_0 .. H_L`` at chosen
   positions (each block's input, optionally transformed: the probe perturbations), never the full
@@ -26,7 +26,7 @@ from .nn import FusedLayerNorm, FusedRMSNorm
 POST_ATTENTION_NORM_NAMES = ("post_attention_layernorm", "ln_2", "post_attention_norm", "ffn_norm", "norm2")
 
 __all__ = ["POST_ATTENTION_NORM_NAMES", "StateTap", "Structure", "input_batch", "is_norm", "last_positions",
-           "last_token_states", "norm_parameters", "post_attention_norm", "preconditioners", "rms_kind", "structure"]
+           "last_token_states", "norm_parameters", "preconditioner_norm", "preconditioners", "rms_kind", "structure"]
 
 
 # ------------------------------------------------------------------------------------------ norms
@@ -101,8 +101,21 @@ def structure(model: nn.Module) -> Structure:
     return Structure(base, list(best[1]), head, attn)
 
 
-def post_attention_norm(block: nn.Module) -> nn.Module:
-    """Block's post-attention norm (by HF's names, else the block's second norm)."""
+def preconditioner_norm(block: nn.Module) -> nn.Module:
+    """The norm of ``block`` whose gain is OFA's P_t = diag(gamma_t).
+
+    The paper reads block t as Z_{t+1} = Z_t - P_t grad L(Z_t): P_t scales the block's update.
+    - Pre-norm blocks (Llama, Qwen2/3, Phi-3, GPT-2): no gain scales the update itself; the
+      authors take the post-attention norm (the one before the MLP), found by HF's names
+      (``POST_ATTENTION_NORM_NAMES``), else the block's second norm.
+    - Blocks with a norm on the MLP's output (Gemma 2/3's sandwich norms, OLMo 2's post-norms):
+      ``post_feedforward_layernorm``'s gain multiplies the block's last update directly, which is
+      the paper's P_t literally; it is chosen. (Gemma's ``post_attention_layernorm`` is the norm on
+      the attention's output, not the norm before the MLP that the name means in Llama.)
+    """
+    last = getattr(block, "post_feedforward_layernorm", None)
+    if last is not None and is_norm(last):
+        return last
     for name in POST_ATTENTION_NORM_NAMES:
         module = getattr(block, name, None)
         if module is not None and is_norm(module):
@@ -114,13 +127,13 @@ def post_attention_norm(block: nn.Module) -> nn.Module:
 
 
 def preconditioners(model: nn.Module) -> list[Tensor]:
-    """Each block's ``gamma_t`` (post-attention norm gain, offset included) as detached fp32 copies.
+    """Each block's ``gamma_t`` (``preconditioner_norm``'s gain, offset included) as detached fp32 copies.
 
     Take these once from the original model and pass them to ``sharpness`` while training.
     """
     gammas = []
     for block in structure(model).blocks:
-        norm = post_attention_norm(block)
+        norm = preconditioner_norm(block)
         kind = rms_kind(norm)
         offset = kind[1] if kind else 0.0
         weight = norm.weight.detach()

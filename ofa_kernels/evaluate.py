@@ -23,7 +23,8 @@ import torch.nn.functional as F
 
 from .anatomy import structure
 from .data import Example, Task
-from .prompts import check_context, demonstrations_prefix, encode, label_token_ids, model_context, pad, padding_id, step_batch
+from .prompts import (check_context, demonstrations_prefix, encode, label_token_ids, leading_ids, model_context, pad,
+                      padding_id, step_batch)
 
 SCORING = ("full", "first")
 
@@ -142,8 +143,8 @@ def evaluate(model, tokenizer, task: Task, examples: Sequence[Example], *, demon
     label_ids = label_token_ids(tokenizer, task.labels)
     pad_token = padding_id(tokenizer)
     text = demonstrations_prefix(task, demonstrations)
-    prefix_ids = encode(tokenizer, [text])[0] if text else []
-    prefix = Prefix(model, prefix_ids) if text else None
+    prefix_ids = leading_ids(tokenizer) + (encode(tokenizer, [text])[0] if text else [])  # the sequences' start
+    prefix = Prefix(model, prefix_ids) if prefix_ids else None
     context = model_context(model)
     longest_label = max(len(t) for t in label_ids)
     predictions: list[int] = []

@@ -29,11 +29,12 @@ def _base(model: nn.Module | str | Path, tokenizer):
     """(model, tokenizer): a loaded model as given, or a name/folder loaded in its stored dtype."""
     if isinstance(model, nn.Module):
         return model, tokenizer
-    from .runs import SMOLLM2, load_model
+    from .models import MODELS, load_model
 
-    if str(model) != SMOLLM2 and not Path(model).is_dir():
-        raise FileNotFoundError(f"model: {model} is not a folder (expected \"smollm2\" or a Hugging Face model folder)")
-    if tokenizer is None and str(model) != SMOLLM2 and not _has_tokenizer(Path(model)):
+    if str(model) not in MODELS and not Path(model).is_dir():
+        raise FileNotFoundError(f"model: {model} is not a folder (expected one of {sorted(MODELS)} or a Hugging Face "
+                                "model folder)")
+    if tokenizer is None and str(model) not in MODELS and not _has_tokenizer(Path(model)):
         warnings.warn(f"{model} holds no tokenizer files: the exported folder has none either", stacklevel=3)
         from transformers import AutoModelForCausalLM
 
@@ -87,10 +88,9 @@ def export_peft(model: nn.Module | str | Path, adapter: str | Path, out: str | P
     from peft import get_peft_model
 
     if base_model is None and not isinstance(model, nn.Module):
-        from .models import smollm2_folder
-        from .runs import SMOLLM2
+        from .models import MODELS, model_folder
 
-        base_model = str(smollm2_folder()) if str(model) == SMOLLM2 else str(model)  # a folder PEFT can load
+        base_model = str(model_folder(str(model))) if str(model) in MODELS else str(model)  # a folder PEFT can load
     model, _ = _base(model, None)
     unpatch_model(model)  # PEFT wraps the model's own norm classes, which every user has
     weights, meta, options = checked_adapter(model, adapter)

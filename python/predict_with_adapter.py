@@ -11,7 +11,7 @@ import argparse
 from ofa_kernels import data
 from ofa_kernels import evaluate as ev
 from ofa_kernels.adapters import load_adapter
-from ofa_kernels.runs import load_model
+from ofa_kernels.models import load_model
 
 
 def main(argv=None) -> list[str]:

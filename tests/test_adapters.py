@@ -105,9 +105,9 @@ def test_the_cli_refuses_a_bad_adapter_before_any_model_loads(model_and_weights,
     _, weights, base = model_and_weights
     weights = {k: torch.full_like(v, float("nan")) for k, v in weights.items()}
     path = _write(tmp_path / "nan.safetensors", weights, {"arm": "ce"}, base)
-    import ofa_kernels.runs as runs
+    import ofa_kernels.models as models
 
-    monkeypatch.setattr(runs, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
     with pytest.raises(SystemExit) as exit_:
         main(["eval", "--task", "sst2", "--data-dir", str(tmp_path), "--adapter", str(path)])
     err = capsys.readouterr().err

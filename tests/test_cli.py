@@ -75,12 +75,12 @@ def _refused(argv: list[str], capsys, monkeypatch) -> str:
     """Runs the CLI on arguments it must refuse: exit 2, one line, no traceback, no model loaded, fast."""
     import time
 
-    import ofa_kernels.runs
+    import ofa_kernels.models
 
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded before the arguments were checked")
 
-    monkeypatch.setattr(ofa_kernels.runs, "load_model", no_model)
+    monkeypatch.setattr(ofa_kernels.models, "load_model", no_model)
     started = time.perf_counter()
     with pytest.raises(SystemExit) as exit_info:
         main(argv)

@@ -31,7 +31,7 @@ def test_linear_probe_separates_separable_classes_and_not_noise():
 
 @needs_data
 def test_layer_report_matches_the_hidden_states(tiny_model_dir):
-    from ofa_kernels.runs import load_model
+    from ofa_kernels.models import load_model
 
     model, tokenizer = load_model(str(tiny_model_dir))
     ds = data.load_task("sst2", DATA)
@@ -52,7 +52,7 @@ def test_layer_report_matches_the_hidden_states(tiny_model_dir):
 @needs_data
 def test_diagnose_cli_writes_json_and_png_for_base_and_adapted(tiny_model_dir, tmp_path, capsys):
     from ofa_kernels.adapters import save_adapter
-    from ofa_kernels.runs import load_model
+    from ofa_kernels.models import load_model
     from ofa_kernels.trainer import AdaptOptions, adapt
 
     model, tokenizer = load_model(str(tiny_model_dir))

@@ -100,9 +100,9 @@ _FLAGS = {
 @SETTINGS
 @given(chosen=st.dictionaries(st.sampled_from(sorted(_FLAGS)), st.none(), min_size=1, max_size=3), data_=st.data())
 def test_adapt_refuses_any_bad_flag_value_in_one_line_before_loading(chosen, data_, capsys, monkeypatch):
-    import ofa_kernels.runs
+    import ofa_kernels.models
 
-    monkeypatch.setattr(ofa_kernels.runs, "load_model", lambda *a, **k: pytest.fail("a model loaded"))
+    monkeypatch.setattr(ofa_kernels.models, "load_model", lambda *a, **k: pytest.fail("a model loaded"))
     argv = ["adapt"]
     for flag in chosen:
         value = data_.draw(_FLAGS[flag], label=flag)

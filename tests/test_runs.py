@@ -48,10 +48,10 @@ def _dataset():
 
 
 def _run(model_dir, out, **kwargs):
-    from ofa_kernels import runs
+    from ofa_kernels import models, runs
     from ofa_kernels.trainer import AdaptOptions
 
-    return runs.adapt_and_report(lambda: runs.load_model(str(model_dir)), _dataset(), model_name=str(model_dir),
+    return runs.adapt_and_report(lambda: models.load_model(str(model_dir)), _dataset(), model_name=str(model_dir),
                                  seeds=[42], arms=["ce"], options=AdaptOptions(arm="ce", shots=2, epochs=8, lr=1e-2),
                                  test_size=4, out=out, with_demos=False, log=lambda *_: None, **kwargs)
 

@@ -13,7 +13,7 @@ import torch
 
 from ofa_kernels import data
 from ofa_kernels.distributed import finish, is_main_process
-from ofa_kernels.runs import load_model
+from ofa_kernels.models import load_model
 from ofa_kernels.trainer import AdaptOptions, adapt
 
 
