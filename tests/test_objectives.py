@@ -32,6 +32,13 @@ def test_step_ratio_matches_a_hand_written_loop():
     assert got.dtype == torch.float64
     torch.testing.assert_close(got, torch.tensor(want / B, dtype=torch.float64, device=DEVICE), rtol=1e-5, atol=0)
     torch.testing.assert_close(obj.step_ratio(torch.stack(hs), pos, eps=0.1), got)
+    # without the final norm's step: the last ratio (i = L-1, the step into H_L) left out
+    last = sum(float((hs[L][b, pos[b]] - hs[L - 1][b, pos[b]]).pow(2).sum()
+                     / ((hs[L - 1][b, pos[b]] - hs[L - 2][b, pos[b]]).pow(2).sum() + 0.1)) for b in range(B))
+    torch.testing.assert_close(obj.step_ratio(hs, pos, eps=0.1, final_norm_step=False),
+                               torch.tensor((want - last) / B, dtype=torch.float64, device=DEVICE), rtol=1e-5, atol=0)
+    torch.testing.assert_close(obj.step_ratio(torch.stack(hs), pos, eps=0.1, final_norm_step=False),
+                               obj.step_ratio(hs, pos, eps=0.1, final_norm_step=False))
 
 
 # ------------------------------------------------------------------------------------ tiny models

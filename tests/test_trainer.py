@@ -22,11 +22,11 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_data = pytest.mark.skipif(not DATA.exists(), reason=f"shared data not found at {DATA}")
 
 
-def _tiny(vocab: int, seed: int = 0):
+def _tiny(vocab: int, seed: int = 0, layers: int = 3):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
     return LlamaForCausalLM(cfg).to(DEVICE).eval()
 
@@ -418,3 +418,13 @@ def test_the_memory_knobs_change_the_weights_by_their_last_bits_at_most_and_keep
             torch.testing.assert_close(result.weights[name], w, rtol=0, atol=1e-6, msg=f"{lean} {name}")
         assert result.losses[-1]["S"] == pytest.approx(whole.losses[-1]["S"], rel=1e-5)
         assert options.settings() == base.settings()
+
+
+def test_the_j_variant_without_the_final_norm_step_trains_a_smaller_j_and_is_another_run(tokenizer, sst2):
+    paper = AdaptOptions(arm="ce+J", shots=2, epochs=1, lambda_j=1.0)
+    variant = dataclasses.replace(paper, j_final_norm_step=False)
+    assert paper.settings() != variant.settings()  # another run key, another checkpoint
+    j = [adapt(_tiny(len(tokenizer), layers=4), tokenizer, sst2, o).losses[0]["J"] for o in (paper, variant)]
+    assert 0 < j[1] < j[0]  # the same sum of positive ratios, one fewer
+    with pytest.raises(ValueError, match="j_final_norm_step must be a bool"):
+        AdaptOptions(j_final_norm_step="no").check()
