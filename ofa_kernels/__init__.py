@@ -9,6 +9,8 @@ from .anatomy import last_token_states, norm_parameters, preconditioners
 from .data import k_shot, load_table, load_task, test_subset
 from .diagnostics import layer_report
 from .export import export_hf, export_peft
+from .gguf_tokenizer import tokenizer_from_gguf
+from .models import load_model
 from .nn import FusedLayerNorm, FusedRMSNorm
 from .objectives import hutchinson_trace, sharpness, sharpness_terms, step_ratio
 from .ops import backends, layer_norm, rms_norm
@@ -34,6 +36,7 @@ __all__ = [
     "layer_norm",
     "layer_report",
     "load_adapter",
+    "load_model",
     "load_table",
     "load_task",
     "norm_parameters",
@@ -46,6 +49,7 @@ __all__ = [
     "sharpness_terms",
     "step_ratio",
     "test_subset",
+    "tokenizer_from_gguf",
     "training_step",
     "unpatch_model",
 ]

@@ -57,6 +57,9 @@ PROTOCOLS = ("paper", "batched")
 
 
 EXECUTION_ONLY = ("cuda_graphs", "memory_efficient", "max_memory_gb", "probes_per_pass")
+# Fields added after runs were keyed: they enter the key only when set away from their default, so a
+# run that does not use them keeps the key it had (and resumes its progress and checkpoints).
+KEYED_WHEN_SET = ("j_final_norm_step",)
 SEED_LIMIT = 2**63  # seeds are 0 .. 2**63-1: Python's random seeds an int by its absolute value
 
 
@@ -94,8 +97,11 @@ class AdaptOptions:
         which with several sequences per step draws other, equally distributed, probes). The memory
         knobs: checkpointed blocks recompute the same values, and split probe passes add the same
         terms in another order, which moves a weight by at most its last bits, as the thread count
-        does (``tests/test_trainer.py`` holds the bound)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in EXECUTION_ONLY}
+        does (``tests/test_trainer.py`` holds the bound). ``KEYED_WHEN_SET`` fields count only when
+        set away from their default."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        return {k: v for k, v in dataclasses.asdict(self).items()
+                if k not in EXECUTION_ONLY and not (k in KEYED_WHEN_SET and v == defaults[k])}
 
     def check(self) -> "AdaptOptions":
         """Every field in range (raises ValueError naming it); returns self."""

@@ -39,12 +39,32 @@ def _sentences() -> list[str]:
     return [e.text for name in TASKS for e in data.load_task(name, DATA).test[:500]]
 
 
+def verification_texts() -> list[str]:
+    """The edge cases, then the first 500 test rows of each shared task (3512 texts)."""
+    return EDGE + _sentences()
+
+
 def test_ids_equal_sentencepiece_on_thousands_of_real_sentences(vocab, ours):
     reference = sentencepiece_processor(vocab)
-    texts = EDGE + _sentences()
+    texts = verification_texts()
     assert len(texts) > 3000
     differ = [t for t in texts if ours(t, add_special_tokens=False)["input_ids"] != reference.EncodeAsIds(t)]
     assert not differ, [(t, ours.tokenize(t), reference.EncodeAsPieces(t)) for t in differ[:3]]
+
+
+def test_ids_equal_llama_cpps_own_tokenizer_kept_as_test_data(ours):
+    """llama.cpp read the same GGUF with its own code (``tests/data/make_gemma3_llamacpp_ids.py``, run
+    outside CI); its ids for the same texts are kept in ``tests/data``."""
+    import gzip
+    import hashlib
+    import json
+
+    texts = verification_texts()
+    with gzip.open(Path(__file__).parent / "data" / "gemma3_llamacpp_ids.json.gz") as f:
+        kept = json.load(f)
+    assert kept["texts_sha256"] == hashlib.sha256(json.dumps(texts).encode()).hexdigest(), "the texts changed"
+    differ = [(t, want) for t, want in zip(texts, kept["ids"]) if ours(t, add_special_tokens=False)["input_ids"] != want]
+    assert not differ and len(kept["ids"]) == len(texts), differ[:3]
 
 
 def test_words_are_pieces_not_characters_and_text_round_trips(ours):

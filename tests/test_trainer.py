@@ -288,7 +288,7 @@ def test_cuda_graphs_on_where_they_cannot_run_is_refused(tokenizer, sst2):
         with pytest.raises(ValueError, match="cuda_graphs='on' cannot be used here: the model is on cpu"):
             adapt(_tiny(len(tokenizer)), tokenizer, sst2, AdaptOptions(shots=2, epochs=1, cuda_graphs="on"))
     options = AdaptOptions(cuda_graphs="off")
-    assert "cuda_graphs" not in options.settings() and len(options.settings()) == len(vars(options)) - 4
+    assert "cuda_graphs" not in options.settings() and len(options.settings()) == len(vars(options)) - 5
 
 
 @pytest.mark.parametrize("fail_at", [1, 2])
@@ -424,6 +424,7 @@ def test_the_j_variant_without_the_final_norm_step_trains_a_smaller_j_and_is_ano
     paper = AdaptOptions(arm="ce+J", shots=2, epochs=1, lambda_j=1.0)
     variant = dataclasses.replace(paper, j_final_norm_step=False)
     assert paper.settings() != variant.settings()  # another run key, another checkpoint
+    assert "j_final_norm_step" not in paper.settings()  # runs keyed before the switch existed keep their keys
     j = [adapt(_tiny(len(tokenizer), layers=4), tokenizer, sst2, o).losses[0]["J"] for o in (paper, variant)]
     assert 0 < j[1] < j[0]  # the same sum of positive ratios, one fewer
     with pytest.raises(ValueError, match="j_final_norm_step must be a bool"):
