@@ -4,21 +4,62 @@ Submodules keep their own names (``ofa_kernels.evaluate.evaluate``, ``ofa_kernel
 nothing here shadows one.
 """
 
-from .adapters import load_adapter, save_adapter
-from .anatomy import last_token_states, norm_parameters, preconditioners
-from .data import k_shot, load_table, load_task, test_subset
-from .diagnostics import layer_report
-from .export import export_hf, export_peft
-from .gguf_tokenizer import tokenizer_from_gguf
-from .models import load_model
-from .nn import FusedLayerNorm, FusedRMSNorm
-from .objectives import hutchinson_trace, sharpness, sharpness_terms, step_ratio
-from .ops import backends, layer_norm, rms_norm
-from .patch import patch_model, unpatch_model
-from .rng import probes
-from .trainer import AdaptOptions, AdaptResult, adapt, training_step
+from __future__ import annotations
 
-__version__ = "0.1.0"
+import importlib
+from typing import Any
+
+from ._version import __version__
+
+# Each public name and the submodule that defines it, imported on first use (PEP 562): importing
+# ``ofa_kernels`` or a leaf module such as ``ofa_kernels.options`` loads neither torch nor the
+# kernels, so the CLI refuses bad arguments at once.
+_HOMES = {
+    "AdaptOptions": "options",
+    "AdaptResult": "options",
+    "FusedLayerNorm": "nn",
+    "FusedRMSNorm": "nn",
+    "adapt": "trainer",
+    "backends": "ops",
+    "export_hf": "export",
+    "export_peft": "export",
+    "hutchinson_trace": "objectives",
+    "k_shot": "data",
+    "last_token_states": "anatomy",
+    "layer_norm": "ops",
+    "layer_report": "diagnostics",
+    "load_adapter": "adapters",
+    "load_model": "models",
+    "load_table": "data",
+    "load_task": "data",
+    "norm_parameters": "anatomy",
+    "patch_model": "patch",
+    "preconditioners": "anatomy",
+    "probes": "rng",
+    "rms_norm": "ops",
+    "save_adapter": "adapters",
+    "sharpness": "objectives",
+    "sharpness_terms": "objectives",
+    "step_ratio": "objectives",
+    "test_subset": "data",
+    "tokenizer_from_gguf": "gguf_tokenizer",
+    "training_step": "trainer",
+    "unpatch_model": "patch",
+}
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'ofa_kernels' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{home}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
 
 __all__ = [
     "AdaptOptions",

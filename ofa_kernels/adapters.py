@@ -1,7 +1,7 @@
 """Adapter files: the adapted norm weights as safetensors with what they belong to.
 
 Metadata: ``base_model`` (a name or path), ``base_hash`` (sha256 of the base model's norm weights,
-see ``trainer.weights_hash``), ``task``, ``options`` (JSON), ``library_version``. Written atomically.
+see ``weights_hash``), ``task``, ``options`` (JSON), ``library_version``. Written atomically.
 ``load_adapter`` refuses a file whose stored options do not check (types, then ``AdaptOptions.check``)
 or whose tensors are not finite floating-point values, a model whose norm names or shapes differ, or
 whose current norm weights are not the base the adapter was trained from. Adapters of the PEFT baselines (arms "lora", "ia3")
@@ -16,17 +16,19 @@ those two checks are skipped for it; names and shapes are still checked.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .baselines import PEFT_ARMS, attach
-from .files import atomic_path
-from .patch import fusable_norm_parameters, patch_model
+from . import _version, distributed
 from .anatomy import norm_parameters
-from .trainer import AdaptOptions, AdaptResult, weights_hash
+from .baselines import attach
+from .files import atomic_path
+from .options import PEFT_ARMS, AdaptOptions, AdaptResult
+from .patch import fusable_norm_parameters, patch_model
 
 
 FORMAT = "ofa_kernels.adapter/1"
@@ -35,14 +37,25 @@ _PEFT_PREFIX = "base_model.model."
 _PEFT_LAYER = ".ln_tuning_layers."
 
 
+def weights_hash(params: dict[str, torch.Tensor]) -> str:
+    """sha256 over names, shapes and fp32 values of norm parameters (identifies a base model).
+
+    Sharded (FSDP2) parameters are gathered, so every rank must call it with the same names."""
+    h = hashlib.sha256()
+    for name in sorted(params):
+        t = distributed.full(params[name]).detach().float().cpu().contiguous()
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
 def save_adapter(result: AdaptResult, path: str | Path, *, base_model: str, task: str) -> Path:
     from safetensors.torch import save_file
 
-    from . import __version__
-
     metadata = {"base_model": base_model, "base_hash": result.base_hash, "task": task,
                 "options": json.dumps(dataclasses.asdict(result.options), sort_keys=True),
-                "library_version": __version__, "format": FORMAT}
+                "library_version": _version.__version__, "format": FORMAT}
     with atomic_path(path) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in result.weights.items()}, str(tmp), metadata=metadata)
     return Path(path)
@@ -246,7 +259,7 @@ def load_adapter(model: nn.Module, path: str | Path, *, task: str | None = None)
     patch_model(model)
     params = norm_parameters(model)
     if options.arm in PEFT_ARMS:
-        params = attach(model, options)
+        params = attach(model, options.arm, options.rank)
     _check_fit(weights, params, path)
     with torch.no_grad():
         for name, t in weights.items():

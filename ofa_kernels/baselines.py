@@ -11,34 +11,34 @@ from __future__ import annotations
 
 from torch import nn
 
-PEFT_ARMS = ("lora", "ia3")
+from .options import PEFT_ARMS
 
 
-def peft_config(options):
-    """The PEFT config of the baseline arm ``options.arm`` (LoRA rank ``options.rank``, alpha 2 * rank; IA3)."""
+def peft_config(arm: str, rank: int = 1):
+    """The PEFT config of the baseline ``arm`` (LoRA of ``rank``, alpha 2 * rank; IA3)."""
     from peft import IA3Config, LoraConfig
 
-    if options.arm == "lora":
-        return LoraConfig(r=options.rank, lora_alpha=2 * options.rank, lora_dropout=0.0)
-    if options.arm == "ia3":
+    if arm == "lora":
+        return LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0)
+    if arm == "ia3":
         return IA3Config()
-    raise ValueError(f"arm must be one of {PEFT_ARMS} for a PEFT baseline, got {options.arm!r}")
+    raise ValueError(f"arm must be one of {PEFT_ARMS} for a PEFT baseline, got {arm!r}")
 
 
-def attach(model: nn.Module, options) -> dict[str, nn.Parameter]:
-    """Injects ``options.arm``'s adapter into ``model``; returns its (trainable) parameters by name."""
+def attach(model: nn.Module, arm: str, rank: int = 1) -> dict[str, nn.Parameter]:
+    """Injects ``arm``'s adapter (LoRA of ``rank``, or IA3) into ``model``; returns its trainable parameters by name."""
     try:
         from peft import inject_adapter_in_model
     except ImportError as exc:
         raise ImportError("the lora and ia3 baselines need peft: pip install peft") from exc
-    config = peft_config(options)
+    config = peft_config(arm, rank)
     if getattr(model, "config", None) is None:
         raise ValueError("PEFT baselines need a Hugging Face model (with .config) to pick target modules")
     inject_adapter_in_model(config, model)
-    marker = "lora_" if options.arm == "lora" else "ia3_"
+    marker = "lora_" if arm == "lora" else "ia3_"
     params = {n: p for n, p in model.named_parameters() if marker in n}
     if not params:
-        raise ValueError(f"PEFT found no {options.arm} target modules in {type(model).__name__}")
+        raise ValueError(f"PEFT found no {arm} target modules in {type(model).__name__}")
     for p in params.values():
         p.requires_grad_(True)
     return params

@@ -24,7 +24,7 @@ def _backends(args: argparse.Namespace) -> int:
 
 
 def _options(args: argparse.Namespace):
-    from .trainer import AdaptOptions
+    from .options import AdaptOptions
 
     return AdaptOptions(shots=args.shots, epochs=args.epochs, lr=args.lr, estimator=args.estimator,
                         num_probes=args.probes, scoring=args.scoring, rank=args.rank, max_memory_gb=args.max_memory,
@@ -127,7 +127,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     from .models import SMOLLM2, load_model
     from .runs import adapt_and_report
-    from .trainer import AdaptOptions
+    from .options import AdaptOptions
 
     started = time.time()
     options = AdaptOptions(**DEMO_OPTIONS)
@@ -186,7 +186,7 @@ def _seeds(text: str) -> list[int]:
 
 
 def _arms(text: str) -> list[str]:
-    from .trainer import ARMS
+    from .options import ARMS
 
     items = _names(text, "arms")
     unknown = [a for a in items if a not in ARMS]

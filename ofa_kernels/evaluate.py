@@ -26,7 +26,7 @@ from .data import Example, Task
 from .prompts import (check_context, demonstrations_prefix, encode, label_token_ids, leading_ids, model_context, pad,
                       padding_id, step_batch)
 
-SCORING = ("full", "first")
+from .options import SCORING  # noqa: E402  (re-exported)
 
 
 def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from .adapters import checked_adapter, load_adapter
-from .baselines import PEFT_ARMS, peft_config
+from .baselines import peft_config
+from .options import PEFT_ARMS
 from .files import atomic_dir
 from .patch import unpatch_model
 
@@ -95,7 +96,7 @@ def export_peft(model: nn.Module | str | Path, adapter: str | Path, out: str | P
     unpatch_model(model)  # PEFT wraps the model's own norm classes, which every user has
     weights, meta, options = checked_adapter(model, adapter)
     if options.arm in PEFT_ARMS:
-        config = peft_config(options)
+        config = peft_config(options.arm, options.rank)
         names = {name: f"base_model.model.{name}" for name in weights}
     else:
         modules = sorted({name.rsplit(".", 1)[0] for name in weights})

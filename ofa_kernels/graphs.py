@@ -30,13 +30,12 @@ from typing import Callable
 import torch
 
 BUCKET = 64  # sequence widths are padded to a multiple of this many tokens
-MODES = ("auto", "on", "off")
+from .options import CUDA_GRAPH_MODES as MODES  # noqa: E402
+from .options import check_choice  # noqa: E402
 
 
 def check_mode(mode: str) -> str:
-    if mode not in MODES:
-        raise ValueError(f"cuda_graphs must be one of {MODES}, got {mode!r}")
-    return mode
+    return check_choice("cuda_graphs", mode, MODES)
 
 
 def unsupported_reason(device: torch.device, world: int, arm_is_peft: bool) -> str | None:

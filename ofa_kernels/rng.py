@@ -23,7 +23,7 @@ import math
 
 import torch
 
-DISTRIBUTIONS = ("rademacher", "gaussian")
+from .options import DISTRIBUTIONS, check_choice  # noqa: E402  (re-exported)
 MAX_COUNTER = 2**31
 _MASK = 0xFFFFFFFF
 _M1, _M2 = 0x7FEB352D, 0x846CA68B
@@ -73,9 +73,7 @@ def _key_table_on_device(seed: torch.Tensor, layer: int, first_probe: int, num_p
 
 
 def check_distribution(distribution: str) -> str:
-    if distribution not in DISTRIBUTIONS:
-        raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
-    return distribution
+    return check_choice("distribution", distribution, DISTRIBUTIONS)
 
 
 # ------------------------------------------------------------------ host implementation (torch int64)

@@ -21,15 +21,16 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-import torch
 
+from . import _version
 from . import data as data_mod
 from . import distributed
 from . import evaluate as ev
 from . import identity
 from .adapters import save_adapter
 from .files import remove_stale_temps, write_text
-from .trainer import AdaptOptions, adapt
+from .options import AdaptOptions
+from .trainer import adapt
 
 
 def _mean_std(values: Sequence[float]) -> str:
@@ -48,12 +49,10 @@ def settings_key(task: data_mod.Task, model: str, options: AdaptOptions, test: S
     rows (text and label); ``model_settings`` holds dtype and device. Never a path: the same files
     named otherwise, or another ``--out``, give the same key.
     """
-    from . import __version__
-
     key = {"task": identity.task_identity(task), "model": identity.model_identity(model),
            "options": options.settings(), "test_rows": identity.rows_digest(test),
            "pool_rows": identity.rows_digest(pool), "model_settings": model_settings or {},
-           "with_demos": with_demos, "library_version": __version__}
+           "with_demos": with_demos, "library_version": _version.__version__}
     return key, hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
 
 

@@ -19,6 +19,17 @@ def available_backends() -> list[str]:
     return [name for name in ("torch", "triton", native) if report[name]["available"]]
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` only a CUDA device can tell are deselected (not skipped) on the CPU;
+    ``benchmarks/gpu_check.sh`` runs them with ``OFA_TEST_DEVICE=cuda``."""
+    if DEVICE.type == "cuda":
+        return
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if gpu:
+        config.hook.pytest_deselected(items=gpu)
+        items[:] = [item for item in items if not item.get_closest_marker("gpu")]
+
+
 @pytest.fixture
 def device() -> torch.device:
     return DEVICE

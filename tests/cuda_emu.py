@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ofa_kernels.eager.norm import acc_dtype as _acc
+from ofa_kernels.precision import acc_dtype as _acc
 
 ROOT = Path(__file__).resolve().parents[1]
 _FLAGS = ["-std=c++20", "-O1", "-fPIC", "-fno-gnu-unique", "-pthread", "-DOFA_WITH_CUDA", "-DOFA_CUDA_EMU"]

@@ -13,7 +13,8 @@ from ofa_kernels import adapters, baselines
 from ofa_kernels.adapters import FORMAT, check_adapter_file, checked_adapter, load_adapter, save_adapter
 from ofa_kernels.cli import main
 from ofa_kernels.patch import fusable_norm_parameters
-from ofa_kernels.trainer import AdaptOptions, AdaptResult, weights_hash
+from ofa_kernels.adapters import weights_hash
+from ofa_kernels.options import AdaptOptions, AdaptResult
 
 
 def _tiny():

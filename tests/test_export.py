@@ -13,7 +13,8 @@ import torch
 from ofa_kernels import export_hf, export_peft, load_adapter, save_adapter
 from ofa_kernels.baselines import attach
 from ofa_kernels.patch import fusable_norm_parameters, unpatch_model
-from ofa_kernels.trainer import AdaptOptions, AdaptResult, weights_hash
+from ofa_kernels.adapters import weights_hash
+from ofa_kernels.options import AdaptOptions, AdaptResult
 
 pytest.importorskip("peft")
 
@@ -33,7 +34,7 @@ def _adapter(base, arm: str, path):
     if arm in ("lora", "ia3"):
         probe = _copy(base)
         options = AdaptOptions(arm=arm)
-        weights = {n: p.detach() + 0.2 * torch.randn_like(p) for n, p in attach(probe, options).items()}
+        weights = {n: p.detach() + 0.2 * torch.randn_like(p) for n, p in attach(probe, options.arm, options.rank).items()}
     else:
         options = AdaptOptions(arm=arm)
         weights = {n: p.detach() + 0.2 * torch.randn_like(p) for n, p in fusable_norm_parameters(base).items()}

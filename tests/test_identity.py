@@ -64,7 +64,7 @@ def test_each_setting_that_changes_a_number_changes_the_key(model_dir, tmp_path,
     }
     (model_dir / "model.safetensors").write_bytes(bytes(range(255, -1, -1)) * 64)  # same size, other weights
     variants["weights"] = _key(model_dir)
-    monkeypatch.setattr(ofa_kernels, "__version__", "9.9.9")
+    monkeypatch.setattr(ofa_kernels._version, "__version__", "9.9.9")
     variants["library version"] = _key(other_model)
     keys = [base, *variants.values()]
     assert len(set(keys)) == len(keys), {k: v for k, v in variants.items() if v == base}

@@ -143,3 +143,38 @@ def test_perturb_with_a_seed_tensor_draws_the_same_probes(backend):
     assert torch.equal(got, want)
     other, _ = perturb(x, gamma, 1e-2, seed=torch.tensor(123458, device=DEVICE), **kwargs)
     assert not torch.equal(other, want)
+
+
+def _lowbias32(x: int) -> int:
+    """C. Wellons' lowbias32, written from its definition in plain Python integers (independent of rng.py)."""
+    x &= 0xFFFFFFFF
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+@pytest.mark.parametrize("dist", DISTS)
+def test_the_host_generator_equals_a_plain_python_one(dist):
+    """The host generator is what every backend is compared with: here it is held to a scalar
+    Python transcription of the documented construction (so the torch backend's test, which runs
+    that very generator, is not a comparison of a function with itself)."""
+    import math
+
+    seed, layer, probe = int(torch.randint(0, 2**62, ())), 3, 5
+    k0, k1 = rng.probe_keys(seed, layer, probe)
+    counters = list(range(200)) + [2**31 - 7, 2**30 + 12345]
+    got = rng.values(torch.tensor(counters), k0, k1, dist, torch.float64)
+
+    def bits(c: int) -> int:
+        return _lowbias32(((_lowbias32(c ^ k0)) + k1) & 0xFFFFFFFF)
+
+    if dist == "rademacher":
+        want = [1.0 - 2.0 * (bits(c) >> 31) for c in counters]
+        assert got.tolist() == want
+    else:
+        want = [math.sqrt(-2.0 * math.log(((bits(2 * c) >> 8) + 1) * 2.0**-24))
+                * math.cos(2.0 * math.pi * ((bits(2 * c + 1) >> 8) * 2.0**-24)) for c in counters]
+        torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=2e-6, atol=2e-6)  # fp32 math
+    assert len(set(got.tolist())) > 2 or dist == "rademacher"

@@ -35,12 +35,9 @@ from __future__ import annotations
 
 import torch
 
+from ..precision import acc_dtype
+
 Tensor = torch.Tensor
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Statistics and arithmetic run in fp32, or fp64 for fp64 inputs (so gradcheck is exact)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _xhat(x: Tensor, mean: Tensor, rstd: Tensor, is_rms: bool) -> Tensor:

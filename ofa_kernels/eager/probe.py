@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from .. import rng
-from .norm import acc_dtype
+from ..precision import acc_dtype
 
 
 def _nu(keys, probe, counters, distribution, dtype):

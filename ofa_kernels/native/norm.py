@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..eager.norm import acc_dtype as _acc
+from ..precision import acc_dtype as _acc
 from . import load
 
 _CAST_CODE = {"llama": 0, "gemma": 1, "none": 2}

@@ -19,11 +19,10 @@ from __future__ import annotations
 
 from typing import Callable
 
-import torch
 from torch import Tensor
 
 from ..eager import norm as plain_formulas
-from ..eager.norm import acc_dtype
+from ..precision import acc_dtype
 
 
 def stats_of(x: Tensor, mean: Tensor, rstd: Tensor, is_rms: bool) -> tuple[Tensor, Tensor]:

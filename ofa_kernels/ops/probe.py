@@ -20,6 +20,13 @@ def _backend(backend: str | None, device: torch.device):
     return dispatch.resolve(backend or "auto", device, "probe")
 
 
+def _rows_backend(backend: str | None, device: torch.device):
+    """The backend of the gathered-row ops: the chosen one where it has them (the native extension
+    has none: a few rows per layer run as plain PyTorch there)."""
+    module = _backend(backend, device)
+    return module if hasattr(module, "probe_rows") else dispatch.resolve("torch", device, "probe")
+
+
 class _PerturbFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, gamma, eps, keys, rows_per_probe, distribution, scale_by_rms, add_x, row_offset, backend):
@@ -40,7 +47,7 @@ class _ProbeDotFn(torch.autograd.Function):
         ctx.save_for_backward(scale, keys, probe, base)
         ctx.meta = (a.shape[-1], None if c is None else c.shape[0], distribution, backend, a.dtype,
                     None if c is None else c.dtype)
-        return _backend(backend, a.device).probe_dot(a, b, c, d, scale, keys, probe, base, distribution)
+        return _rows_backend(backend, a.device).probe_dot(a, b, c, d, scale, keys, probe, base, distribution)
 
     @staticmethod
     @once_differentiable
@@ -48,7 +55,7 @@ class _ProbeDotFn(torch.autograd.Function):
         scale, keys, probe, base = ctx.saved_tensors
         N, clean_rows, distribution, backend, a_dtype, c_dtype = ctx.meta
         coef = (-gq.to(scale.dtype) / scale).contiguous()
-        w = _backend(backend, scale.device).probe_rows(coef, None, keys, probe, base, N, distribution)
+        w = _rows_backend(backend, scale.device).probe_rows(coef, None, keys, probe, base, N, distribution)
         dc = dd = None
         if clean_rows is not None:
             w_clean = w.view(-1, clean_rows, N).sum(0)
@@ -105,7 +112,7 @@ def perturb(
 def probe_rows(coef: Tensor, gamma: Tensor | None, keys: Tensor, probe: Tensor, base: Tensor, width: int,
                distribution: str, backend: str | None = None) -> Tensor:
     """``coef_r * gamma * nu_r`` for gathered rows (probe index and counter base per row); not differentiable."""
-    return _backend(backend, coef.device).probe_rows(coef.contiguous(), None if gamma is None else gamma.detach(),
+    return _rows_backend(backend, coef.device).probe_rows(coef.contiguous(), None if gamma is None else gamma.detach(),
                                                      keys, probe, base, width, distribution)
 
 
