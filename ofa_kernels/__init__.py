@@ -45,6 +45,7 @@ _HOMES = {
     "tokenizer_from_gguf": "gguf_tokenizer",
     "training_step": "trainer",
     "unpatch_model": "patch",
+    "use_backend": "ops",
 }
 
 
@@ -93,4 +94,5 @@ __all__ = [
     "tokenizer_from_gguf",
     "training_step",
     "unpatch_model",
+    "use_backend",
 ]

@@ -5,7 +5,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .ops.dispatch import BACKEND_NAMES
 from .ops.norm import CAST_MODES, layer_norm, rms_norm
+
+
+def check_backend(backend: str | None) -> str | None:
+    """``backend`` when it is None or one of ``BACKEND_NAMES``, else a ValueError naming it."""
+    if backend is not None and backend not in BACKEND_NAMES:
+        raise ValueError(f"backend must be None or one of {BACKEND_NAMES}, got {backend!r}")
+    return backend
 
 
 class FusedRMSNorm(nn.Module):
@@ -17,6 +25,7 @@ class FusedRMSNorm(nn.Module):
     ``offset`` and ``cast_mode`` select Gemma-style ``(offset + weight)`` in fp32; both attributes
     ``eps`` and ``variance_epsilon`` are exposed, since HF models use either name. ``output_dtype``
     (None: HF's promotion rule) fixes the result dtype, e.g. bf16 for fp32 master weights in a bf16 model.
+    ``backend`` (None: "auto") is the backend this module's op runs on (``ofa_kernels.backends()``).
     """
 
     output_dtype: torch.dtype | None = None
@@ -31,8 +40,10 @@ class FusedRMSNorm(nn.Module):
         elementwise_affine: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        backend: str | None = None,
     ) -> None:
         super().__init__()
+        self.backend = check_backend(backend)
         if cast_mode not in CAST_MODES:
             raise ValueError(f"cast_mode must be one of {CAST_MODES}, got {cast_mode!r}")
         shape = (hidden_size,) if isinstance(hidden_size, int) else tuple(hidden_size)
@@ -55,7 +66,7 @@ class FusedRMSNorm(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         y = rms_norm(hidden_states, self.weight, self.eps, normalized_shape=self.normalized_shape, offset=self.offset,
-                     cast_mode=self.cast_mode)
+                     cast_mode=self.cast_mode, backend=self.backend)
         return y if self.output_dtype is None else y.to(self.output_dtype)
 
     def extra_repr(self) -> str:
@@ -65,14 +76,16 @@ class FusedRMSNorm(nn.Module):
 
 class FusedLayerNorm(nn.LayerNorm):
     """``torch.nn.LayerNorm`` over its ``normalized_shape`` (any number of trailing dims), computed by the
-    fused op (same state dict)."""
+    fused op (same state dict); ``backend`` as for ``FusedRMSNorm``."""
 
     def __init__(self, normalized_shape: int | tuple[int, ...], eps: float = 1e-5, elementwise_affine: bool = True,
-                 bias: bool = True, device=None, dtype=None) -> None:
+                 bias: bool = True, device=None, dtype=None, backend: str | None = None) -> None:
         super().__init__(normalized_shape, eps, elementwise_affine, bias, device, dtype)
+        self.backend = check_backend(backend)
 
     output_dtype: torch.dtype | None = None  # None: x's dtype (LayerNorm's rule)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        y = layer_norm(input, self.weight, self.bias, self.eps, normalized_shape=self.normalized_shape)
+        y = layer_norm(input, self.weight, self.bias, self.eps, normalized_shape=self.normalized_shape,
+                       backend=self.backend)
         return y if self.output_dtype is None else y.to(self.output_dtype)

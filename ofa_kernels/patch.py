@@ -19,17 +19,18 @@ import torch
 from torch import nn
 
 from .anatomy import rms_kind
-from .nn import FusedLayerNorm, FusedRMSNorm
+from .nn import FusedLayerNorm, FusedRMSNorm, check_backend
 
 _RECORD = "_ofa_patched_norms"
 
 
-def _fused_for(module: nn.Module) -> nn.Module | None:
+def _fused_for(module: nn.Module, backend: str | None = None) -> nn.Module | None:
     """A fused module sharing ``module``'s parameters, or None if it is not a norm we handle."""
     if isinstance(module, (FusedRMSNorm, FusedLayerNorm)):
         return None
     if type(module) is nn.LayerNorm or (isinstance(module, nn.LayerNorm) and type(module).forward is nn.LayerNorm.forward):
-        fused = FusedLayerNorm(module.normalized_shape, module.eps, elementwise_affine=False, device="meta")
+        fused = FusedLayerNorm(module.normalized_shape, module.eps, elementwise_affine=False, device="meta",
+                               backend=backend)
         fused.elementwise_affine = module.elementwise_affine
         fused.weight, fused.bias = module.weight, module.bias
         return fused
@@ -40,7 +41,7 @@ def _fused_for(module: nn.Module) -> nn.Module | None:
     weight = getattr(module, "weight", None)
     shape = tuple(weight.shape) if weight is not None else tuple(module.normalized_shape)
     fused = FusedRMSNorm(shape[0] if len(shape) == 1 else shape, eps, offset=offset, cast_mode=cast_mode,
-                         elementwise_affine=False)
+                         elementwise_affine=False, backend=backend)
     fused.weight = weight
     return fused
 
@@ -82,20 +83,27 @@ def fusable_norm_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return out
 
 
-def patch_model(model: nn.Module) -> list[str]:
+def patch_model(model: nn.Module, backend: str | None = None) -> list[str]:
     """Replaces every supported norm of ``model`` in place with its fused twin.
 
     Returns the qualified names replaced (a second call returns []). ``unpatch_model`` restores
-    the original modules, which still share the (possibly trained) parameters.
+    the original modules, which still share the (possibly trained) parameters. ``backend`` (None:
+    "auto") is carried by every fused module of the model, those patched before included, so the
+    model runs on it whatever ``OFA_BACKEND`` or ``use_backend`` say.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_backend(backend)
+    if backend is not None:
+        for module in model.modules():
+            if isinstance(module, (FusedRMSNorm, FusedLayerNorm)):
+                module.backend = backend
     record: dict[str, nn.Module] = model.__dict__.setdefault(_RECORD, {})
     replaced = []
     for name, module in list(model.named_modules()):
         if not name:
             continue
-        fused = _fused_for(module)
+        fused = _fused_for(module, backend)
         if fused is None:
             continue
         if not _agrees(module, fused):

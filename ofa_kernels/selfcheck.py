@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from .ops import rms_norm
+from .ops import rms_norm, use_backend
 from .patch import patch_model, unpatch_model
 from .reference import rms_norm_ref
 
@@ -67,19 +67,11 @@ def _norm_double_backward_ms(device: str, backend: str | None, width: int, rows:
 
 def run_selfcheck(device: str = "cpu", backend: str | None = None, model_name: str = "smollm2") -> int:
     """Runs the check on ``model_name`` and prints it; returns 0 when it passes, 1 when not. ``backend``
-    is set for the check only (``OFA_BACKEND``), and the environment is restored afterwards."""
-    import os
-
-    saved = os.environ.get("OFA_BACKEND")
-    if backend:
-        os.environ["OFA_BACKEND"] = backend
-    try:
+    holds for the check only (``use_backend``): the environment is left as it was."""
+    if not backend:
         return _run(device, backend, model_name)
-    finally:
-        if saved is None:
-            os.environ.pop("OFA_BACKEND", None)
-        else:
-            os.environ["OFA_BACKEND"] = saved
+    with use_backend(backend):
+        return _run(device, backend, model_name)
 
 
 def _run(device: str, backend: str | None, model_name: str) -> int:

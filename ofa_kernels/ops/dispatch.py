@@ -13,10 +13,13 @@ reports what is available and why not.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import importlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -105,15 +108,33 @@ def _auto(device: torch.device, family: str, width: int | None, dtype: torch.dty
     return "torch"
 
 
+_CHOSEN: contextvars.ContextVar[str | None] = contextvars.ContextVar("ofa_backend", default=None)
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Within the block, ops called with ``backend="auto"`` (the default) run on ``name``: an explicit
+    ``backend=`` argument (a module's own, ``patch_model(backend=...)``) still wins, and this wins over
+    ``OFA_BACKEND``. Nests, is per thread and per async task, and restores what was there on exit."""
+    if name not in BACKEND_NAMES:
+        raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {name!r}")
+    token = _CHOSEN.set(name)
+    try:
+        yield
+    finally:
+        _CHOSEN.reset(token)
+
+
 def resolve(backend: str, device: torch.device, family: str = "norm", width: int | None = None,
             dtype: torch.dtype | None = None, op: str | None = None) -> ModuleType:
     """Returns the backend module that runs ``family``'s ops for tensors on ``device``: rows of ``width``
     in ``dtype``, for ``op`` ("rms.fwd", "layer.bwd_bwd", ...; the measured table's key).
 
-    The decision is cached per (argument, ``OFA_BACKEND``, device, family, width, dtype, op): one
-    dictionary lookup per call once made (``OFA_BACKEND`` is read on every call, so changing it takes
+    ``backend="auto"`` takes ``use_backend``'s choice, else ``OFA_BACKEND``, else the automatic one.
+    The decision is cached per (argument, that choice, device, family, width, dtype, op): one
+    dictionary lookup per call once made (the choice is read on every call, so changing it takes
     effect). Stages may run on different backends: they share one contract (ops/norm.py)."""
-    env = os.environ.get("OFA_BACKEND", "auto") if backend == "auto" else ""
+    env = (_CHOSEN.get() or os.environ.get("OFA_BACKEND", "auto")) if backend == "auto" else ""
     return _resolve(backend, env, device, family, width, dtype, op)
 
 
