@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from .ops.dispatch import BACKEND_NAMES
-from .ops.norm import CAST_MODES, layer_norm, rms_norm
+from .ops.norm import layer_norm, rms_norm
+from .precision import CAST_MODES
 
 
 def check_backend(backend: str | None) -> str | None:

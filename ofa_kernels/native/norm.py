@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import torch
 
+from ..precision import CAST_CODE as _CAST_CODE
 from ..precision import acc_dtype as _acc
 from . import load
 
-_CAST_CODE = {"llama": 0, "gemma": 1, "none": 2}
 
 
 _LOADED: list = []

@@ -25,6 +25,8 @@ from types import ModuleType
 
 import torch
 
+from ..measured import gpu_arch, nearest_measured
+
 BACKEND_NAMES = ("auto", "torch", "triton", "cpu", "cuda")
 FAMILIES = ("norm", "probe")
 _PACKAGE = {"torch": "eager", "triton": "triton", "cpu": "native", "cuda": "native"}
@@ -45,9 +47,7 @@ def pick(table: dict, arch: str, op: str, stage: str, dtype: str, width: int) ->
     by_width = table.get(arch, {}).get(op, {}).get(stage, {}).get(dtype, {})
     if not by_width:
         return None
-    widths = sorted(int(w) for w in by_width)
-    below = [w for w in widths if w <= width]
-    return by_width[str(below[-1] if below else widths[0])]
+    return by_width[str(nearest_measured((int(w) for w in by_width), width))]
 
 
 def _interpreting() -> bool:
@@ -89,19 +89,14 @@ def _runs_on(name: str, device: torch.device) -> bool:
     return name == "torch" or device.type == "cuda" or _interpreting()
 
 
-@functools.lru_cache(maxsize=None)
-def _arch(index: int) -> str:
-    major, minor = torch.cuda.get_device_capability(index)
-    return f"sm{major}{minor}"
-
-
 def _auto(device: torch.device, family: str, width: int | None, dtype: torch.dtype | None, op: str | None) -> str:
     if device.type != "cuda":
         return "cpu" if _load("cpu", family)[0] is not None else "torch"
     choice = None
     if family == "norm" and op is not None and width is not None and dtype is not None:
         kind, stage = op.split(".")
-        choice = pick(auto_table(), _arch(device.index or 0), kind, stage, str(dtype).removeprefix("torch."), width)
+        arch = gpu_arch(torch.device("cuda", device.index or 0))
+        choice = pick(auto_table(), arch, kind, stage, str(dtype).removeprefix("torch."), width)
     for name in (choice or "triton", "triton", "cuda", "torch"):
         if _load(name, family)[0] is not None:
             return name

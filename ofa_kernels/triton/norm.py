@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..precision import CAST_CODE as _CAST_CODE
 from . import tuning
 from .grid import cdiv, next_power_of_2
 from .launch import Launcher
@@ -39,7 +40,6 @@ MAX_BLOCK_N = 16384
 # pass they spill 120 B to 3 KB per thread at the default warps (16: at most 128 registers each), in
 # 8192-column chunks none, at 90-150 registers (bwd, 8 warps) and 91-118 (bwd_bwd, 16 warps).
 BACKWARD_MAX_BLOCK_N = 8192
-_CAST_CODE = {"llama": 0, "gemma": 1, "none": 2}
 # Triton's CPU interpreter truncates fp32 -> bf16 (GPUs round to nearest even); round in software there.
 _SOFT_BF16_RNE = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from ..measured import gpu_arch, nearest_measured
+
 TABLE_PATH = Path(__file__).with_name("tuned.json")
 KNOBS = ("rows_per_program", "num_warps", "programs_per_sm", "max_block_n", "reduce_in_kernel")
 
@@ -31,13 +33,7 @@ def table() -> dict:
     return json.loads(TABLE_PATH.read_text())
 
 
-@functools.lru_cache(maxsize=64)
-def arch(device: torch.device) -> str:
-    """"sm90" for an H100/H200, "sm80" for an A100; "interpreter" off CUDA (Triton's CPU interpreter)."""
-    if device.type != "cuda":
-        return "interpreter"
-    major, minor = torch.cuda.get_device_capability(device)
-    return f"sm{major}{minor}"
+arch = gpu_arch  # the table's key for a device (``measured.gpu_arch``)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -46,9 +42,7 @@ def knobs(device_arch: str, kernel: str, dtype: torch.dtype, width: int) -> dict
     by_width = table().get(device_arch, {}).get(kernel, {}).get(str(dtype).removeprefix("torch."), {})
     if not by_width:
         return {}
-    widths = sorted(int(w) for w in by_width)
-    below = [w for w in widths if w <= width]
-    measured = below[-1] if below else widths[0]
+    measured = nearest_measured((int(w) for w in by_width), width)
     found = {k: v for k, v in by_width[str(measured)].items() if k in KNOBS}
     if measured != width and "rows_per_program" in found:  # keep the tile's element count
         rows = max(1, found["rows_per_program"] * measured // max(1, width))
