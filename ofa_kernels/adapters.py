@@ -33,8 +33,17 @@ from .patch import fusable_norm_parameters, patch_model
 
 FORMAT = "ofa_kernels.adapter/1"
 PEFT_LN_TUNING_FORMAT = "peft/LN_TUNING"
-_PEFT_PREFIX = "base_model.model."
-_PEFT_LAYER = ".ln_tuning_layers."
+PEFT_PREFIX = "base_model.model."  # PEFT's key layout: base_model.model.<module>[.ln_tuning_layers.<adapter>].<param>
+PEFT_LAYER = ".ln_tuning_layers."
+
+
+def peft_key(name: str, norm_tuning: bool, adapter: str = "default") -> str:
+    """The key PEFT gives parameter ``name`` (``<module>.<param>``): a LoRA / IA3 layer's as it is under
+    the prefix, a norm's (LN tuning) inside its ``ln_tuning_layers.<adapter>`` copy."""
+    if not norm_tuning:
+        return PEFT_PREFIX + name
+    module, param = name.rsplit(".", 1)
+    return f"{PEFT_PREFIX}{module}{PEFT_LAYER}{adapter}.{param}"
 
 
 def weights_hash(params: dict[str, torch.Tensor]) -> str:
@@ -101,9 +110,9 @@ def _peft_metadata(folder: Path) -> dict[str, str]:
 
 def _peft_name(key: str) -> str | None:
     """``base_model.model.<module>.ln_tuning_layers[.<adapter>].<param>`` -> ``<module>.<param>``."""
-    if not key.startswith(_PEFT_PREFIX) or _PEFT_LAYER not in key:
+    if not key.startswith(PEFT_PREFIX) or PEFT_LAYER not in key:
         return None
-    module, _, rest = key[len(_PEFT_PREFIX):].partition(_PEFT_LAYER)
+    module, _, rest = key[len(PEFT_PREFIX):].partition(PEFT_LAYER)
     return f"{module}.{rest.rsplit('.', 1)[-1]}"
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapters import checked_adapter, load_adapter
+from .adapters import checked_adapter, load_adapter, peft_key
 from .baselines import peft_config
 from .options import PEFT_ARMS
 from .files import atomic_dir
@@ -97,14 +97,13 @@ def export_peft(model: nn.Module | str | Path, adapter: str | Path, out: str | P
     weights, meta, options = checked_adapter(model, adapter)
     if options.arm in PEFT_ARMS:
         config = peft_config(options.arm, options.rank)
-        names = {name: f"base_model.model.{name}" for name in weights}
+        names = {name: peft_key(name, norm_tuning=False) for name in weights}
     else:
         modules = sorted({name.rsplit(".", 1)[0] for name in weights})
         from peft import LNTuningConfig
 
         config = LNTuningConfig(target_modules=modules)
-        names = {name: "base_model.model.{}.ln_tuning_layers.default.{}".format(*name.rsplit(".", 1))
-                 for name in weights}
+        names = {name: peft_key(name, norm_tuning=True) for name in weights}
     peft_model = get_peft_model(model, config)
     # set after get_peft_model, which fills it from the model's config (empty for a model built in memory)
     peft_model.peft_config["default"].base_model_name_or_path = base_model or meta.get("base_model") or None

@@ -222,6 +222,14 @@ def _detached(parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach() if v.dtype == torch.float64 else v.detach().float() for k, v in parts.items()}
 
 
+def _lean_step(options: AdaptOptions, device: torch.device, batch: dict) -> bool:
+    """Whether a step runs lean (checkpointed blocks, split probe passes): as the options say, else
+    ``memory.use_lean_step``'s default for this batch."""
+    if options.memory_efficient is not None:
+        return options.memory_efficient
+    return memory.use_lean_step(device, batch["input_ids"].numel(), options.max_memory_gb)
+
+
 def adapt(
     model: nn.Module,
     tokenizer,
@@ -316,9 +324,7 @@ def adapt(
 
         def graph_step(batch: dict, update: bool) -> dict:
             key = graphs.shape_key(batch)
-            lean = options.memory_efficient
-            if lean is None:
-                lean = memory.use_lean_step(device, batch["input_ids"].numel(), options.max_memory_gb)
+            lean = _lean_step(options, device, batch)
             per_pass = options.probes_per_pass or split.get(key)
             info: dict = {}
             parts = training_step(model, batch, options, gammas, probe_seed, memory_efficient=lean,
@@ -363,9 +369,7 @@ def adapt(
             rows = par.shard(len(batch_pairs))
             share = (rows.stop - rows.start) / len(batch_pairs)  # this rank's part of the batch mean
             batch = _batch_of_pairs(tokenizer, task, batch_pairs, options, label_ids, device, rows)
-            memory_efficient = options.memory_efficient
-            if memory_efficient is None:
-                memory_efficient = memory.use_lean_step(device, batch["input_ids"].numel(), options.max_memory_gb)
+            memory_efficient = _lean_step(options, device, batch)
             parts = training_step(model, batch, options, gammas, probe_seed,
                                   memory_efficient=memory_efficient, max_memory_gb=options.max_memory_gb,
                                   probes_per_pass=options.probes_per_pass, row_offset=rows.start or 0,

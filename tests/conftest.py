@@ -1,6 +1,7 @@
 """Test setup: Triton runs through its interpreter on CPU, set before any kernel module imports."""
 
 import os
+from pathlib import Path
 
 if os.environ.get("OFA_TEST_DEVICE", "cpu") == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -9,6 +10,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 DEVICE = torch.device(os.environ.get("OFA_TEST_DEVICE", "cpu"))
+# the shared task files (../shared/data beside the checkout): tests read them there, the package never ships them
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def available_backends() -> list[str]:

@@ -119,3 +119,13 @@ def test_options_field_types_follow_the_dataclass():
     kinds = {f.name: adapters._field_types(f) for f in dataclasses.fields(AdaptOptions)}
     assert kinds["lr"] == (int, float) and kinds["shots"] == (int,) and kinds["fsdp"] == (bool,)
     assert type(None) in kinds["eps"] and type(None) in kinds["memory_efficient"] and kinds["arm"] == (str,)
+
+
+def test_the_peft_key_layout_round_trips_through_the_reader():
+    """export writes PEFT keys with peft_key; read_adapter maps them back: one layout, both ways."""
+    for name in ("model.layers.0.input_layernorm.weight", "model.norm.weight", "transformer.h.1.ln_2.bias"):
+        key = adapters.peft_key(name, norm_tuning=True)
+        assert key.startswith("base_model.model.") and ".ln_tuning_layers.default." in key
+        assert adapters._peft_name(key) == name
+    assert adapters.peft_key("model.layers.0.self_attn.q_proj.lora_A.weight", norm_tuning=False) == \
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"

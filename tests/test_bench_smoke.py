@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import DATA
 import torch
 
 import ofa_kernels
@@ -59,7 +60,6 @@ def test_bench_objective_smoke_times_every_arm(tmp_path):
     assert "K=4 / K=1" in (tmp_path / "objective_cpu.md").read_text()
 
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def test_accuracy_benchmark_writes_the_summary_and_resumes(tiny_model_dir, tmp_path):

@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import DATA
 from ofa_kernels.cli import main
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 @pytest.mark.skipif(not DATA.exists(), reason="shared data not found")

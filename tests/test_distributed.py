@@ -8,12 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import DATA
 import torch
 
 from ofa_kernels.adapters import read_adapter
 from ofa_kernels.distributed import Parallel
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def test_shards_cover_the_batch_once():

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE
+from conftest import DATA, DEVICE
 
 from ofa_kernels import data
 from ofa_kernels import evaluate as ev
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def _tiny():

@@ -5,13 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import DATA
 from sentencepiece_reference import sentencepiece_processor
 
 from ofa_kernels import data
 from ofa_kernels.gguf_tokenizer import build_tokenizer, read_vocabulary
 from ofa_kernels.prompts import leading_ids
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TASKS = ("sst2", "sst5", "mr", "subj", "trec", "cr", "mpqa")
 EDGE = ["Review: this movie is great!", "  two  spaces\nnewline 12345", "a\n\nb   c\t d", " lead", "trail ",
         "naïve café — “quotes” 😀 中文", "x\x01y\x7f", "<start_of_turn>user", "<bos> is text here", "", " ", "\n"]

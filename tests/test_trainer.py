@@ -5,11 +5,10 @@ from __future__ import annotations
 import dataclasses
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import DEVICE
+from conftest import DATA, DEVICE
 
 from ofa_kernels import data
 from ofa_kernels import evaluate as ev
@@ -18,7 +17,6 @@ from ofa_kernels.anatomy import norm_parameters
 from ofa_kernels.patch import patch_model
 from ofa_kernels.trainer import AdaptOptions, adapt, epoch_pairs, lr_multiplier, steps_per_epoch
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_data = pytest.mark.skipif(not DATA.exists(), reason=f"shared data not found at {DATA}")
 
 
