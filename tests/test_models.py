@@ -1,5 +1,4 @@
-"""Model loading by name, and the anatomy OFA reads, on real Gemma 3 weights and on random-init
-models of other families' layouts (no real weights for those here)."""
+"""Model loading by name (``models.py``) and the real Gemma 3 weights it gives."""
 
 from __future__ import annotations
 
@@ -9,7 +8,7 @@ import pytest
 import torch
 from conftest import DEVICE
 
-from ofa_kernels import anatomy, models, patch_model, unpatch_model
+from ofa_kernels import models, patch_model, unpatch_model
 from ofa_kernels.prompts import leading_ids
 
 PLAIN_ENGLISH = ["The cat sat on the mat and looked out of the window.",
@@ -79,44 +78,3 @@ def test_ofa_check_passes_on_gemma3(gemma3, capsys):
 def test_an_unknown_name_is_refused_naming_the_known_ones():
     with pytest.raises(ValueError, match=r"'gemma9' is not one of the named models \['gemma3-270m', 'smollm2'\]"):
         models.find_gguf("gemma9")
-
-
-# ---------------------------------------------------------------- layouts of other families, random init
-
-def _families():
-    import transformers as tf
-
-    small = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=2,
-                 num_key_value_heads=1, max_position_embeddings=64)
-    return {  # name: (model, the norm whose gain is P_t, norms per block)
-        "qwen2": (tf.Qwen2ForCausalLM(tf.Qwen2Config(**small)), "post_attention_layernorm", 2),
-        "qwen3": (tf.Qwen3ForCausalLM(tf.Qwen3Config(**small, head_dim=16)), "post_attention_layernorm", 4),
-        "phi3": (tf.Phi3ForCausalLM(tf.Phi3Config(**small, pad_token_id=0)), "post_attention_layernorm", 2),
-        "gemma2": (tf.Gemma2ForCausalLM(tf.Gemma2Config(**small, head_dim=16)), "post_feedforward_layernorm", 4),
-        "gemma3": (tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(**small, head_dim=16)), "post_feedforward_layernorm", 6),
-        "olmo2": (tf.Olmo2ForCausalLM(tf.Olmo2Config(**small, pad_token_id=0)), "post_feedforward_layernorm", 4),
-    }
-
-
-@pytest.mark.parametrize("family", ["qwen2", "qwen3", "phi3", "gemma2", "gemma3", "olmo2"])
-def test_each_family_has_its_preconditioner_and_every_norm_trained(family):
-    torch.manual_seed(0)
-    model, gain_name, per_block = _families()[family]
-    model = model.to(DEVICE).eval()
-    st = anatomy.structure(model)
-    for block in st.blocks:
-        with torch.no_grad():  # a gain that differs per norm, so the choice shows in P_t
-            for i, norm in enumerate(m for m in block.modules() if anatomy.is_norm(m)):
-                norm.weight.fill_(0.1 * (i + 1))
-        assert anatomy.preconditioner_norm(block) is getattr(block, gain_name)
-    want_gain = getattr(st.blocks[0], gain_name).weight.float() + anatomy.rms_kind(getattr(st.blocks[0], gain_name))[1]
-    torch.testing.assert_close(anatomy.preconditioners(model)[0], want_gain)
-    ids = torch.randint(1, 64, (2, 7), device=DEVICE)
-    with torch.no_grad():
-        want = model(ids).logits
-    names = patch_model(model)
-    assert len(names) == per_block * len(st.blocks) + 1  # q_norm / k_norm (head-dim) included, and the final norm
-    trained = anatomy.norm_parameters(model)
-    assert len(trained) == len(names)
-    with torch.no_grad():
-        torch.testing.assert_close(model(ids).logits, want, rtol=1e-4, atol=1e-5)
