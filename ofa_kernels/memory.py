@@ -67,9 +67,8 @@ def checkpointed_blocks(model: nn.Module) -> Iterator[None]:
             del block.__dict__["forward"]
 
 
-# Measured on an H200 at the Llama-2-7B shape (benchmarks/RESULTS.md): at 4 x 512 tokens the lean step
-# peaks at 16.5 GiB instead of 48.5 (ofa, fd, K=4) for 1.37x the time; at 1 x 256 it saves at most
-# 4 GiB and costs 1.4-2.4x the time (the step is launch-bound there).
+# The lean step pays where a step is large and costs time where it is launch-bound: on by default from
+# this many tokens per pass (the choice, from RESULTS.md "One OFA training step at the Llama-2-7B shape").
 LEAN_FROM_TOKENS = 1024
 
 

@@ -1,7 +1,7 @@
 """Norm ops on the compiled kernels (csrc/): same contract as ``ofa_kernels/eager/norm.py``.
 
 The extension allocates the outputs, converts the weight vectors and sums the weight-gradient
-partials itself (one call per stage: each of those is about 1 us of host time from Python). y / dy
+partials itself (one call per stage, so none of that host work runs in Python). y / dy
 may be in x's dtype or the accumulation dtype (other combinations compute in the accumulation dtype
 and cast).
 """

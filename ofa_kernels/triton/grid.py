@@ -1,8 +1,8 @@
 """Launch-size arithmetic in plain Python.
 
 ``triton.next_power_of_2`` and ``triton.cdiv`` are ``constexpr`` functions in Triton 3.x: called from
-Python they cost ~2.8 us each (0.1 us here; measured on this CPU), and a launch called them five
-times. These are the same numbers for the positive ints the launchers pass.
+Python they cost far more than plain arithmetic (RESULTS.md, "Built since, waiting for a GPU"), and a
+launch called them five times. These are the same numbers for the positive ints the launchers pass.
 """
 
 

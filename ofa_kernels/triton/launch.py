@@ -2,12 +2,11 @@
 
 ``kernel[grid](*args)`` binds every argument, specialises it (pointer dtype and 16-byte alignment,
 integers equal to 1 or divisible by 16), hashes a cache key with the options and looks the compiled
-kernel up, on every call: 14 us of host time per backward launch on this CPU, before the launch
-itself. ``Launcher`` keeps the compiled kernel of each specialisation it has seen and calls its
+kernel up, on every call, before the launch itself (RESULTS.md, "Built since, waiting for a GPU",
+has the host time of both paths). ``Launcher`` keeps the compiled kernel of each specialisation it has seen and calls its
 launcher (``CompiledKernel.run``) directly, keyed by a cheaper tuple that separates every case Triton
 separates: the current device, ``num_warps``, the constexpr values, and per runtime argument its
-dtype and alignment (tensors) or its ``== 1``, ``% 16 == 0`` and 32-bit range (integers). On this CPU
-the whole direct path costs 8 us per backward launch (launch stubbed), the JIT's binder and key alone 14.
+dtype and alignment (tensors) or its ``== 1``, ``% 16 == 0`` and 32-bit range (integers).
 
 Modes (``OFA_TRITON_LAUNCH``, read at import; ``set_mode`` to change): "jit" (default) always goes
 through ``kernel[grid]``; "direct" uses the compiled launcher on CUDA and falls back to the JIT for a

@@ -425,14 +425,13 @@ def _sm_count(index: int) -> int:
 
 
 # Elements of a [BLOCK_M, BLOCK_N] tile per warp, by kernel: the default rule where the measured table
-# (``tuning.py``) has no entry. From benchmarks/tune_norm.py on an H200 at width 4096, bf16 (winners:
-# fwd 2 rows x 8 warps, bwd 2 x 4, bwd_bwd 2 x 16, 2 programs per SM).
+# (``tuning.py``) has no entry, chosen to reproduce the launcher sweep's winners at width 4096 (RESULTS.md,
+# "Launcher sweep").
 _ELEMS_PER_WARP = {"fwd": 1024, "bwd": 2048, "bwd_bwd": 512}
 # A register cap the 4096-wide rule does not see: the backward kernels keep fp32 dW (and dB)
 # accumulators of BLOCK_N columns across their whole row loop, spread over the program's threads; at
-# most _ACC_PER_THREAD each (32 at the 4096 winner). The 4-warp rule gave 64 at 8192, where LayerNorm's
-# backward (two accumulators) ran at 11% of copy in fp32 and at 1.8x Liger's time in bf16 (Liger uses
-# 16 warps there). Reasoned from those measurements; not yet swept at 8192.
+# most _ACC_PER_THREAD each (the 4096 winner's count). Reasoned from the LayerNorm backward at 8192
+# columns (RESULTS.md, "What the compiler made of each kernel"); not yet swept at 8192.
 _ACC_PER_THREAD = 32
 
 
