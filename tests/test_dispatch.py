@@ -93,3 +93,23 @@ def test_selfcheck_leaves_the_environment_as_it_found_it(monkeypatch):
     after = _module_for("before")
     assert selfcheck.run_selfcheck(backend="torch") == 0
     assert seen == ["ofa_kernels.eager.norm"] and "OFA_BACKEND" not in os.environ and _module_for("after") is after
+
+
+def test_every_backend_meets_its_contract_and_a_broken_one_is_named():
+    import types
+
+    from ofa_kernels.ops.contract import unusable_reason
+    from ofa_kernels.eager import norm as eager_norm
+    from ofa_kernels.eager import probe as eager_probe
+
+    assert unusable_reason(eager_norm, "norm") is None and unusable_reason(eager_probe, "probe") is None
+    for name, info in ofa_kernels.backends().items():
+        if name != "auto":
+            assert "breaks the backend contract" not in info["detail"], (name, info)
+    missing = types.ModuleType("fake_missing")
+    missing.norm_fwd, missing.norm_bwd_bwd = eager_norm.norm_fwd, eager_norm.norm_bwd_bwd
+    assert unusable_reason(missing, "norm") == "fake_missing has no norm_bwd()"
+    short = types.ModuleType("fake_short")
+    short.norm_fwd, short.norm_bwd_bwd = eager_norm.norm_fwd, eager_norm.norm_bwd_bwd
+    short.norm_bwd = lambda dy, x, weight: None  # noqa: E731
+    assert "fake_short.norm_bwd() does not take the contract's arguments" in unusable_reason(short, "norm")

@@ -7,8 +7,9 @@ through ``TRITON_INTERPRET=1``), and the compiled extension (csrc/) as "cpu" (CP
 - CUDA tensors: "triton" or "cuda" by the measured table ``auto_backends.json`` (per GPU
   architecture, op, stage, dtype and row width; written by ``benchmarks/bench_norm.py
   --write-auto-table``), falling back to whichever is available; Triton where nothing was measured.
-An explicitly requested backend that cannot run raises; auto falls back quietly. ``backends()``
-reports what is available and why not.
+An explicitly requested backend that cannot run raises; auto falls back quietly. A backend module
+is checked against its family's contract (``contract.py``: the functions and arguments the ops
+call) when it loads. ``backends()`` reports what is available and why not.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from types import ModuleType
 import torch
 
 from ..measured import gpu_arch, nearest_measured
+from .contract import unusable_reason
 
 BACKEND_NAMES = ("auto", "torch", "triton", "cpu", "cuda")
 FAMILIES = ("norm", "probe")
@@ -56,7 +58,17 @@ def _interpreting() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _load(name: str, family: str = "norm") -> tuple[ModuleType | None, str]:
-    """Imports a backend's module for an op family once; returns (module or None, reason when missing)."""
+    """Imports a backend's module for an op family once and checks it against the family's contract
+    (``contract.py``); returns (module or None, reason when missing or unusable)."""
+    module, reason = _import(name, family)
+    if module is not None:
+        broken = unusable_reason(module, family)
+        if broken is not None:
+            return None, f"it breaks the backend contract: {broken}"
+    return module, reason
+
+
+def _import(name: str, family: str) -> tuple[ModuleType | None, str]:
     if family not in FAMILIES:
         raise ValueError(f"op family must be one of {FAMILIES}, got {family!r}")
     if name not in _PACKAGE:
