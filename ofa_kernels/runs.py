@@ -5,7 +5,8 @@ once per seed, adapts a fresh copy of the model per seed and arm, evaluates the 
 without (and optionally with) the demonstrations prefix, and writes ``results-<task>-<hash>.json``
 and ``.md`` (mean +- population std over seeds) and one adapter per run under ``out``; ``<hash>``
 is a short hash of every setting that changes a number, by content (``settings_key``, from
-``identity``), so tasks and settings live side by side and no result is reused for another run. Files are written atomically, finished evaluations are kept in
+``identity``), so tasks and settings live side by side and no result is reused for another run.
+Files are written atomically, finished evaluations are kept in
 ``progress-<task>-<hash>.json`` and the run in training checkpoints every few steps, so a killed
 job resumes where it stopped.
 """
@@ -122,109 +123,146 @@ def adapt_and_report(
     continues where the last one stopped.
     """
     options = options or AdaptOptions()
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be distinct, got {list(seeds)}")
     main = distributed.is_main_process()  # data-parallel runs: every rank adapts, rank 0 evaluates and writes
     if not main:
         log = lambda *_: None  # noqa: E731
     if distributed.launched_processes() > 1:
         log(f"data-parallel: {distributed.launched_processes()} processes (rank 0 evaluates and writes)")
+    dataset = _dataset(task, data_dir, log)
+    test = data_mod.test_subset(dataset, test_size)
+    out_dir = _out_folder(out, main, log)
+    key, tag = settings_key(dataset.task, model_name, options, test, dataset.pool, model_settings, with_demos)
+    name = dataset.task.name
+    run = _Run(load, dataset, test, options, model_name, tag, out_dir, main, with_demos, progress,
+               _Progress(out_dir / f"progress-{name}-{tag}.json" if out_dir else None, key))
+    zero = run.scored("zero-shot", lambda: run.evaluation(*run.base()))
+    log(f"zero-shot {zero['accuracy']:.3f}")
+    for seed in seeds:
+        shots = data_mod.k_shot(dataset, options.shots, seed)
+        run.add("zero-shot", zero)  # the same for every seed
+        icl = run.scored(f"ICL|{seed}", lambda shots=shots: run.evaluation(*run.base(), shots))
+        run.add("ICL", icl)
+        log(f"seed {seed}: ICL {icl['accuracy']:.3f}")
+        for arm in arms:
+            entry = run.scored(f"{arm}|{seed}", lambda arm=arm, seed=seed, shots=shots: run.adapted(arm, seed, shots))
+            run.drop_checkpoint(arm, seed)
+            run.add(arm, entry)
+            if "demos_accuracy" in entry:
+                run.add(f"{arm} + demos", entry, "demos_")
+            demos = f" (with demonstrations {entry['demos_accuracy']:.3f})" if "demos_accuracy" in entry else ""
+            log(f"seed {seed}: {arm} {entry['accuracy']:.3f}{demos}, final loss {entry['losses'][-1]['loss']:.4f}")
+            run.runs.append({"seed": seed, "arm": arm, **entry})
+    return run.report(seeds, log)
+
+
+def _dataset(task: str | data_mod.Dataset, data_dir: str | None, log: Callable[[str], None]) -> data_mod.Dataset:
+    """The task's rows (a registered task read from ``data_dir``, or the given ``Dataset``), with what
+    loading them left out said once."""
     dataset = task if isinstance(task, data_mod.Dataset) else data_mod.load_task(task, data_dir)
-    task = dataset.task.name
     if dataset.problems:
         log(f"{len(dataset.problems)} rows skipped, e.g. {dataset.problems[0]}")
     if dataset.overlap_removed:
         log(f"{dataset.overlap_removed} training rows left out of the k-shot pool: their text is also a test row's")
-    test = data_mod.test_subset(dataset, test_size)
-    out_dir = Path(out) if out else None
-    if out_dir:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        stale = remove_stale_temps(out_dir) if main else []
-        if stale:
-            log(f"removed {len(stale)} temporary file(s) that an interrupted run left in {out_dir}")
-    if len(set(seeds)) != len(seeds):
-        raise ValueError(f"seeds must be distinct, got {list(seeds)}")
-    key, tag = settings_key(dataset.task, model_name, options, test, dataset.pool, model_settings, with_demos)
-    finished = _Progress(out_dir / f"progress-{task}-{tag}.json" if out_dir else None, key)
-    started = time.time()
-    loaded: list = []
+    return dataset
 
-    def model_and_tokenizer():  # the base model, loaded again after a run adapted it
-        if not loaded:
-            loaded.append(load())
-        return loaded[0]
 
-    def scored(name: str, run: Callable[[], dict]) -> dict:
-        entry = finished.get(name)
+def _out_folder(out: str | Path | None, main: bool, log: Callable[[str], None]) -> Path | None:
+    """``out`` made, with what an interrupted run left there removed (rank 0 only)."""
+    if not out:
+        return None
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stale = remove_stale_temps(out_dir) if main else []
+    if stale:
+        log(f"removed {len(stale)} temporary file(s) that an interrupted run left in {out_dir}")
+    return out_dir
+
+
+class _Run:
+    """One ``adapt_and_report`` job: the base model (loaded on demand, again after a run adapted it),
+    the finished evaluations, and the rows of the results table."""
+
+    def __init__(self, load, dataset, test, options, model_name, tag, out_dir, main, with_demos, progress, finished):
+        self.load, self.dataset, self.test, self.options = load, dataset, test, options
+        self.model_name, self.tag, self.out_dir, self.main = model_name, tag, out_dir, main
+        self.with_demos, self.progress, self.finished = with_demos, progress, finished
+        self.task = dataset.task.name
+        self.sharded = options.fsdp and distributed.launched_processes() > 1  # then every rank evaluates, together
+        self.loaded: list = []
+        self.rows: dict[str, list[float]] = {}
+        self.f1s: dict[str, list[float]] = {}
+        self.runs: list[dict] = []
+        self.started = time.time()
+
+    def base(self) -> tuple:
+        """(model, tokenizer) of the unadapted model."""
+        if not self.loaded:
+            self.loaded.append(self.load())
+        return self.loaded[0]
+
+    def scored(self, name: str, compute: Callable[[], dict]) -> dict:
+        """The finished entry ``name``, computed (and committed, timed) when there is none."""
+        entry = self.finished.get(name)
         if entry is None:
             t0 = time.time()
-            entry = finished.put(name, {**run(), "seconds": round(time.time() - t0, 1)})
+            entry = self.finished.put(name, {**compute(), "seconds": round(time.time() - t0, 1)})
         return entry
 
-    def evaluation(model, tokenizer, demos=(), sharded=False):
-        if not main and not sharded:  # a sharded model runs on every rank together
+    def evaluation(self, model, tokenizer, demos=()) -> dict:
+        if not self.main and not self.sharded:  # a sharded model runs on every rank together
             return {"accuracy": float("nan"), "macro_f1": float("nan")}
-        scores = ev.evaluate(model, tokenizer, dataset.task, test, demonstrations=demos, scoring=options.scoring)
+        scores = ev.evaluate(model, tokenizer, self.dataset.task, self.test, demonstrations=demos,
+                             scoring=self.options.scoring)
         return {"accuracy": scores.accuracy, "macro_f1": scores.macro_f1}
 
-    rows: dict[str, list[float]] = {}
-    f1s: dict[str, list[float]] = {}
+    def adapted(self, arm: str, seed: int, shots) -> dict:
+        """Adapts the base model (resuming its checkpoint), evaluates it, writes its adapter."""
+        model, tokenizer = self.base()
+        result = adapt(model, tokenizer, self.dataset, dataclasses.replace(self.options, arm=arm, seed=seed),
+                       train=shots, progress=self.progress and self.main, checkpoint=self._checkpoint(arm, seed))
+        entry = self.evaluation(model, tokenizer)
+        if self.with_demos:
+            entry.update({f"demos_{k}": v for k, v in self.evaluation(model, tokenizer, shots).items()})
+        entry["losses"] = result.losses
+        entry["adapter"] = None
+        if self.out_dir and self.main:
+            entry["adapter"] = str(save_adapter(
+                result, self.out_dir / f"adapter-{self.task}-{arm}-seed{seed}-{self.tag}.safetensors",
+                base_model=self.model_name, task=self.task))
+        self.loaded.clear()  # the adapted model is not the base any more
+        return entry
 
-    def add(row: str, entry: dict, prefix: str = "") -> None:
-        rows.setdefault(row, []).append(entry[prefix + "accuracy"])
-        f1s.setdefault(row, []).append(entry[prefix + "macro_f1"])
+    def _checkpoint(self, arm: str, seed: int) -> Path | None:
+        return _checkpoint_path(self.out_dir, self.task, arm, seed, self.tag, self.sharded)
 
-    sharded = options.fsdp and distributed.launched_processes() > 1  # then every rank evaluates, together
-    zero = scored("zero-shot", lambda: evaluation(*model_and_tokenizer(), sharded=sharded))
-    log(f"zero-shot {zero['accuracy']:.3f}")
-    runs = []
-    for seed in seeds:
-        shots = data_mod.k_shot(dataset, options.shots, seed)
-        add("zero-shot", zero)  # the same for every seed
-        icl = scored(f"ICL|{seed}", lambda: evaluation(*model_and_tokenizer(), shots, sharded))
-        add("ICL", icl)
-        log(f"seed {seed}: ICL {icl['accuracy']:.3f}")
-        for arm in arms:
-            def run_arm():
-                model, tokenizer = model_and_tokenizer()
-                ckpt = _checkpoint_path(out_dir, task, arm, seed, tag, sharded)
-                result = adapt(model, tokenizer, dataset, dataclasses.replace(options, arm=arm, seed=seed),
-                               train=shots, progress=progress and main, checkpoint=ckpt)
-                entry = evaluation(model, tokenizer, sharded=sharded)
-                if with_demos:
-                    entry.update({f"demos_{k}": v for k, v in evaluation(model, tokenizer, shots, sharded).items()})
-                entry["losses"] = result.losses
-                entry["adapter"] = None
-                if out_dir and main:
-                    entry["adapter"] = str(save_adapter(
-                        result, out_dir / f"adapter-{task}-{arm}-seed{seed}-{tag}.safetensors",
-                        base_model=model_name, task=task))
-                loaded.clear()  # the adapted model is not the base any more
-                return entry
+    def drop_checkpoint(self, arm: str, seed: int) -> None:
+        """Only now, with the adapter written and the progress entry committed, does the checkpoint go: a
+        kill at any instant before leaves the checkpoint (the rerun resumes it), after, the finished arm.
+        A checkpoint still here for a finished arm is what a kill between the two left."""
+        ckpt = self._checkpoint(arm, seed)
+        if ckpt is not None and self.main:
+            if ckpt.is_dir():
+                shutil.rmtree(ckpt, ignore_errors=True)
+            else:
+                ckpt.unlink(missing_ok=True)
 
-            entry = scored(f"{arm}|{seed}", run_arm)
-            # Only now, with the adapter written and the progress entry committed, does the checkpoint go: a
-            # kill at any instant before leaves the checkpoint (the rerun resumes it), after, the finished arm.
-            # A checkpoint still here for a finished arm is what a kill between the two left.
-            ckpt = _checkpoint_path(out_dir, task, arm, seed, tag, sharded)
-            if ckpt is not None and main:
-                if ckpt.is_dir():
-                    shutil.rmtree(ckpt, ignore_errors=True)
-                else:
-                    ckpt.unlink(missing_ok=True)
-            add(arm, entry)
-            if "demos_accuracy" in entry:
-                add(f"{arm} + demos", entry, "demos_")
-            demos = f" (with demonstrations {entry['demos_accuracy']:.3f})" if "demos_accuracy" in entry else ""
-            log(f"seed {seed}: {arm} {entry['accuracy']:.3f}{demos}, final loss {entry['losses'][-1]['loss']:.4f}")
-            runs.append({"seed": seed, "arm": arm, **entry})
-    results = {"task": task, "model": model_name, "test_rows": len(test), "seeds": list(seeds),
-               "options": dataclasses.asdict(options), "accuracy": rows, "macro_f1": f1s, "runs": runs,
-               "seconds": round(time.time() - started, 1),
-               "compute_seconds": round(sum(e.get("seconds", 0.0) for e in finished.entries.values()), 1)}
-    table = [f"# {task} on {model_name}: accuracy over {len(test)} test rows, seeds {list(seeds)}", "",
-             "| method | accuracy | macro-F1 |", "|---|---:|---:|"]
-    table += [f"| {k} | {_mean_std(v)} | {_mean_std(f1s[k])} |" for k, v in rows.items()]
-    if out_dir and main:
-        write_text(out_dir / f"results-{task}-{tag}.json", json.dumps(results, indent=1))
-        write_text(out_dir / f"results-{task}-{tag}.md", "\n".join(table) + "\n")
-    log("\n".join(table))
-    return results
+    def add(self, row: str, entry: dict, prefix: str = "") -> None:
+        self.rows.setdefault(row, []).append(entry[prefix + "accuracy"])
+        self.f1s.setdefault(row, []).append(entry[prefix + "macro_f1"])
+
+    def report(self, seeds: Sequence[int], log: Callable[[str], None]) -> dict:
+        """The results (returned, and written as JSON and a markdown table under ``out``)."""
+        results = {"task": self.task, "model": self.model_name, "test_rows": len(self.test), "seeds": list(seeds),
+                   "options": dataclasses.asdict(self.options), "accuracy": self.rows, "macro_f1": self.f1s,
+                   "runs": self.runs, "seconds": round(time.time() - self.started, 1),
+                   "compute_seconds": round(sum(e.get("seconds", 0.0) for e in self.finished.entries.values()), 1)}
+        table = [f"# {self.task} on {self.model_name}: accuracy over {len(self.test)} test rows, seeds {list(seeds)}",
+                 "", "| method | accuracy | macro-F1 |", "|---|---:|---:|"]
+        table += [f"| {k} | {_mean_std(v)} | {_mean_std(self.f1s[k])} |" for k, v in self.rows.items()]
+        if self.out_dir and self.main:
+            write_text(self.out_dir / f"results-{self.task}-{self.tag}.json", json.dumps(results, indent=1))
+            write_text(self.out_dir / f"results-{self.task}-{self.tag}.md", "\n".join(table) + "\n")
+        log("\n".join(table))
+        return results
