@@ -259,15 +259,7 @@ def adapt(
         p.requires_grad_(False)
     base_hash = weights_hash(norm_parameters(model))
     gammas = preconditioners(model)
-    if options.arm in PEFT_ARMS:
-        params = attach(model, options.arm, options.rank)
-    else:
-        use_fp32_masters(model)
-        params = norm_parameters(model)
-        if not params:
-            raise ValueError("the model has no norms that ofa_kernels recognises; nothing to adapt")
-        for p in params.values():
-            p.requires_grad_(True)
+    params = _trainable(model, options)
     train = list(train) if train is not None else k_shot(dataset, options.shots, options.seed)
     if len(train) < 2:
         raise ValueError("adapt needs at least 2 training examples (each query is paired with another one)")
@@ -276,14 +268,7 @@ def adapt(
     device = next(model.parameters()).device
     par = distributed.current(device.type)
     per_epoch = steps_per_epoch(len(train), options)
-    if options.protocol == "batched":
-        smallest = len(train)  # one step of every example
-    else:  # steps of batch_size pairs; the last one holds the remainder
-        pairs = len(train) // 2
-        smallest = min(options.batch_size, pairs) if pairs % options.batch_size == 0 else pairs % options.batch_size
-    if smallest < par.world:
-        raise ValueError(f"a step of {smallest} sequences cannot be shared by {par.world} processes "
-                         f"(protocol {options.protocol!r}: raise batch_size, or use fewer processes)")
+    _check_shares(len(train), options, par.world)
     sharded = options.fsdp and par.world > 1
     if sharded:
         if not distributed.is_sharded(model):  # else loaded into its shards already (distributed.load_sharded)
@@ -303,20 +288,7 @@ def adapt(
     fingerprint = json.dumps({"options": options.settings(), "task": identity.task_identity(task), "base": base_hash,
                               "train": identity.rows_digest(train)}, sort_keys=True)
     if ckpt and ckpt.exists():
-        # tensors and plain values only: nothing in it runs
-        state = _read_checkpoint(ckpt, sharded)
-        if state.get("fingerprint") != fingerprint:
-            raise ValueError(f"checkpoint {ckpt} belongs to another run (options, task, base model or k-shot set "
-                             "differ); remove it or pass another path")
-        if sharded:  # each rank reads its own shards of the norms and of their optimizer state
-            distributed.load_sharded_state(ckpt, params, model, optimizer)
-        else:
-            with torch.no_grad():
-                for name, p in params.items():
-                    p.copy_(state["weights"][name])
-            optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start, losses = state["step"], state["losses"]
+        start, losses = _resume(ckpt, fingerprint, sharded, params, model, optimizer, scheduler)
     captured = None
     if use_graphs:
         graphs.make_capturable(optimizer, device)
@@ -367,22 +339,9 @@ def adapt(
         if captured is None:
             optimizer.zero_grad(set_to_none=True)
             rows = par.shard(len(batch_pairs))
-            share = (rows.stop - rows.start) / len(batch_pairs)  # this rank's part of the batch mean
             batch = _batch_of_pairs(tokenizer, task, batch_pairs, options, label_ids, device, rows)
-            memory_efficient = _lean_step(options, device, batch)
-            parts = training_step(model, batch, options, gammas, probe_seed,
-                                  memory_efficient=memory_efficient, max_memory_gb=options.max_memory_gb,
-                                  probes_per_pass=options.probes_per_pass, row_offset=rows.start or 0,
-                                  loss_scale=share * par.world if sharded else 1.0)
-            if par.world > 1:  # the whole batch's mean: shard means weighted by their share of the rows
-                grads = []
-                if not sharded:  # FSDP reduce-scattered the (share * world)-scaled gradients already
-                    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params.values()]
-                    for p, g in zip(params.values(), grads):
-                        p.grad = g.mul_(share)
-                logged = torch.stack([parts[k].double() * share for k in sorted(parts)])
-                par.sum_(grads + [logged])
-                parts = dict(zip(sorted(parts), logged.unbind()))
+            parts = _eager_step(model, batch, options, gammas, probe_seed, params, par, sharded, rows,
+                                len(batch_pairs), device)
             optimizer.step()
         probe_seed.add_(1)  # the next step's probe stream, advanced on the device (seed * 7919 + step)
         scheduler.step()
@@ -390,21 +349,98 @@ def adapt(
         done = step + 1
         if done % every == 0 or done % checkpoint_every == 0 or done == total:
             _read_losses(pending, losses, total, options)
-        if ckpt and sharded and (done % checkpoint_every == 0 or done == total):
-            distributed.save_sharded_state(ckpt, params, model, optimizer, {
-                "fingerprint": fingerprint, "step": done, "losses": losses, "scheduler": scheduler.state_dict()}, par)
-        elif ckpt and par.is_main and (done % checkpoint_every == 0 or done == total):
-            with atomic_path(ckpt) as tmp:
-                torch.save({"fingerprint": fingerprint, "step": done, "losses": losses,
-                            "weights": {k: v.detach().clone() for k, v in params.items()},
-                            "optimizer": graphs.portable_state(optimizer) if use_graphs else optimizer.state_dict(),
-                            "scheduler": scheduler.state_dict()}, tmp)
+        if ckpt and (done % checkpoint_every == 0 or done == total):
+            _save_checkpoint(ckpt, {"fingerprint": fingerprint, "step": done, "losses": losses,
+                                    "scheduler": scheduler.state_dict()}, params, model, optimizer, par, sharded,
+                             use_graphs)
     _read_losses(pending, losses, total, options)
+    return AdaptResult(_finite_weights(params), base_hash, losses, train, options)
+
+
+def _trainable(model: nn.Module, options: AdaptOptions) -> dict[str, nn.Parameter]:
+    """The parameters the arm trains, made trainable: a PEFT baseline's adapter layers, else the norms
+    (fp32 master weights for a low-precision model)."""
+    if options.arm in PEFT_ARMS:
+        return attach(model, options.arm, options.rank)
+    use_fp32_masters(model)
+    params = norm_parameters(model)
+    if not params:
+        raise ValueError("the model has no norms that ofa_kernels recognises; nothing to adapt")
+    for p in params.values():
+        p.requires_grad_(True)
+    return params
+
+
+def _check_shares(n_train: int, options: AdaptOptions, world: int) -> None:
+    """Refuses a protocol whose smallest step has fewer sequences than there are processes."""
+    if options.protocol == "batched":
+        smallest = n_train  # one step of every example
+    else:  # steps of batch_size pairs; the last one holds the remainder
+        pairs = n_train // 2
+        smallest = min(options.batch_size, pairs) if pairs % options.batch_size == 0 else pairs % options.batch_size
+    if smallest < world:
+        raise ValueError(f"a step of {smallest} sequences cannot be shared by {world} processes "
+                         f"(protocol {options.protocol!r}: raise batch_size, or use fewer processes)")
+
+
+def _resume(ckpt: Path, fingerprint: str, sharded: bool, params: dict, model: nn.Module, optimizer,
+            scheduler) -> tuple[int, list]:
+    """Loads a checkpoint of this very run into the parameters, optimizer and scheduler; returns
+    (steps done, their losses). A checkpoint of another run is refused, naming it."""
+    state = _read_checkpoint(ckpt, sharded)  # tensors and plain values only: nothing in it runs
+    if state.get("fingerprint") != fingerprint:
+        raise ValueError(f"checkpoint {ckpt} belongs to another run (options, task, base model or k-shot set "
+                         "differ); remove it or pass another path")
+    if sharded:  # each rank reads its own shards of the norms and of their optimizer state
+        distributed.load_sharded_state(ckpt, params, model, optimizer)
+    else:
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(state["weights"][name])
+        optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return state["step"], state["losses"]
+
+
+def _eager_step(model: nn.Module, batch: dict, options: AdaptOptions, gammas, probe_seed, params: dict, par,
+                sharded: bool, rows: slice, batch_rows: int, device) -> dict[str, torch.Tensor]:
+    """One step's gradients (not applied) on this rank's rows; in a data-parallel run, the whole batch's
+    mean: the shard means weighted by their share of the rows, gradients and logged parts alike."""
+    share = (rows.stop - rows.start) / batch_rows  # this rank's part of the batch mean
+    parts = training_step(model, batch, options, gammas, probe_seed,
+                          memory_efficient=_lean_step(options, device, batch), max_memory_gb=options.max_memory_gb,
+                          probes_per_pass=options.probes_per_pass, row_offset=rows.start or 0,
+                          loss_scale=share * par.world if sharded else 1.0)
+    if par.world > 1:
+        grads = []
+        if not sharded:  # FSDP reduce-scattered the (share * world)-scaled gradients already
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params.values()]
+            for p, g in zip(params.values(), grads):
+                p.grad = g.mul_(share)
+        logged = torch.stack([parts[k].double() * share for k in sorted(parts)])
+        par.sum_(grads + [logged])
+        parts = dict(zip(sorted(parts), logged.unbind()))
+    return parts
+
+
+def _save_checkpoint(ckpt: Path, state: dict, params: dict, model: nn.Module, optimizer, par, sharded: bool,
+                     use_graphs: bool) -> None:
+    """Writes the run's state atomically (rank 0), or every rank's shards of it (FSDP)."""
+    if sharded:
+        distributed.save_sharded_state(ckpt, params, model, optimizer, state, par)
+    elif par.is_main:
+        with atomic_path(ckpt) as tmp:
+            torch.save({**state, "weights": {k: v.detach().clone() for k, v in params.items()},
+                        "optimizer": graphs.portable_state(optimizer) if use_graphs else optimizer.state_dict()}, tmp)
+
+
+def _finite_weights(params: dict) -> dict[str, torch.Tensor]:
+    """The trained weights, gathered and copied; refuses non-finite ones."""
     weights = {k: distributed.full(v).detach().clone() for k, v in params.items()}
     bad = [k for k, v in weights.items() if not torch.isfinite(v).all()]
     if bad:
         raise FloatingPointError(f"the trained weights are not finite ({bad[:3]}); lower the learning rate")
-    return AdaptResult(weights, base_hash, losses, train, options)
+    return weights
 
 
 def _read_losses(pending: list[tuple[dict, dict[str, torch.Tensor]]], losses: list[dict], total: int,
