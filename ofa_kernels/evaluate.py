@@ -23,10 +23,18 @@ import torch.nn.functional as F
 
 from .anatomy import structure
 from .data import Example, Task
-from .prompts import (check_context, demonstrations_prefix, encode, label_token_ids, leading_ids, model_context, pad,
-                      padding_id, step_batch)
-
-from .options import SCORING  # noqa: E402  (re-exported)
+from .options import SCORING
+from .prompts import (
+    check_context,
+    demonstrations_prefix,
+    encode,
+    label_token_ids,
+    leading_ids,
+    model_context,
+    pad,
+    padding_id,
+    step_batch,
+)
 
 
 def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:

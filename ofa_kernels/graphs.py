@@ -29,9 +29,10 @@ from typing import Callable
 
 import torch
 
+from .options import CUDA_GRAPH_MODES, check_choice
+
 BUCKET = 64  # sequence widths are padded to a multiple of this many tokens
-from .options import CUDA_GRAPH_MODES as MODES  # noqa: E402
-from .options import check_choice  # noqa: E402
+MODES = CUDA_GRAPH_MODES
 
 
 def check_mode(mode: str) -> str:

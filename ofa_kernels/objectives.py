@@ -53,11 +53,11 @@ from torch.autograd import forward_ad
 from torch.overrides import TorchFunctionMode
 
 from . import rng
-from .anatomy import Structure, StateTap, input_batch, positions_of, preconditioners, structure
+from .anatomy import StateTap, Structure, input_batch, positions_of, preconditioners, structure
 from .memory import recompute_under
 from .ops.probe import perturb, probe_dot, probe_rows
+from .options import ESTIMATORS
 
-from .options import ESTIMATORS  # noqa: E402  (the one home of the names; re-exported)
 EPS_SCALES = ("auto", "none", "rms")
 BF16_SAFE_EPS = 2.0**-5
 

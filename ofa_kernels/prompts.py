@@ -19,7 +19,8 @@ from .data import Example, Task
 DEMO_SEPARATOR = "\n"
 
 __all__ = ["DEMO_SEPARATOR", "check_context", "check_pairs_fit", "demonstrations_prefix", "encode", "label_token_ids",
-           "leading_ids", "model_context", "pad", "padded_width", "padding_id", "pair_prompt", "sequences", "step_batch"]
+           "leading_ids", "model_context", "pad", "padded_width", "padding_id", "pair_prompt", "sequences",
+           "step_batch"]
 
 
 def demonstrations_prefix(task: Task, demos: Sequence[Example]) -> str:
@@ -38,7 +39,8 @@ def model_context(model) -> int | None:
     return context if isinstance(context, int) and not isinstance(context, bool) else None
 
 
-def check_context(rows: Sequence[Example], prompt_ids: Sequence[Sequence[int]], extra: int, context: int | None) -> None:
+def check_context(rows: Sequence[Example], prompt_ids: Sequence[Sequence[int]], extra: int,
+                  context: int | None) -> None:
     """Refuses, naming the row's file:line, a prompt that with ``extra`` tokens (a demonstrations prefix,
     the longest label word) is longer than ``context``: such a prompt is never scored cut or silently."""
     if context is None:

@@ -23,7 +23,8 @@ import math
 
 import torch
 
-from .options import DISTRIBUTIONS, check_choice  # noqa: E402  (re-exported)
+from .options import DISTRIBUTIONS, check_choice
+
 MAX_COUNTER = 2**31
 _MASK = 0xFFFFFFFF
 _M1, _M2 = 0x7FEB352D, 0x846CA68B

@@ -84,17 +84,6 @@ def test_a_patched_model_runs_on_the_backend_it_was_given(calls, monkeypatch):
     assert patch_model(model, backend=None) == [] and {m.backend for m in model.modules() if hasattr(m, "backend")} == {"torch"}
 
 
-def test_selfcheck_leaves_the_environment_as_it_found_it(monkeypatch):
-    from ofa_kernels import selfcheck
-
-    monkeypatch.delenv("OFA_BACKEND", raising=False)
-    seen = []
-    monkeypatch.setattr(selfcheck, "_run", lambda device, backend, name: seen.append(_module_for("inside").__name__) or 0)
-    after = _module_for("before")
-    assert selfcheck.run_selfcheck(backend="torch") == 0
-    assert seen == ["ofa_kernels.eager.norm"] and "OFA_BACKEND" not in os.environ and _module_for("after") is after
-
-
 def test_every_backend_meets_its_contract_and_a_broken_one_is_named():
     import types
 

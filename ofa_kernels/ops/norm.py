@@ -33,10 +33,10 @@ import torch
 from torch import Tensor
 from torch.autograd import forward_ad
 
+from ..precision import CAST_MODES
 from ..reference import layer_norm_ref, rms_norm_ref
 from . import dispatch, norm_vmap
 
-from ..precision import CAST_MODES  # noqa: E402  (re-exported)
 _OPS = {True: ("rms.fwd", "rms.bwd", "rms.bwd_bwd"), False: ("layer.fwd", "layer.bwd", "layer.bwd_bwd")}  # table keys
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 

@@ -3,8 +3,8 @@
 ``kernel[grid](*args)`` binds every argument, specialises it (pointer dtype and 16-byte alignment,
 integers equal to 1 or divisible by 16), hashes a cache key with the options and looks the compiled
 kernel up, on every call, before the launch itself (RESULTS.md, "Built since, waiting for a GPU",
-has the host time of both paths). ``Launcher`` keeps the compiled kernel of each specialisation it has seen and calls its
-launcher (``CompiledKernel.run``) directly, keyed by a cheaper tuple that separates every case Triton
+has the host time of both paths). ``Launcher`` keeps the compiled kernel of each specialisation it
+has seen and calls its launcher (``CompiledKernel.run``) directly, keyed by a cheaper tuple that separates every case Triton
 separates: the current device, ``num_warps``, the constexpr values, and per runtime argument its
 dtype and alignment (tensors) or its ``== 1``, ``% 16 == 0`` and 32-bit range (integers).
 
