@@ -141,11 +141,26 @@ def macro_f1(predictions: Sequence[int], targets: Sequence[int], n_classes: int)
     return sum(f1s) / n_classes
 
 
+# With a demonstrations prefix every scored sequence holds its own copy of the prefix's KV cache: a
+# batch holds at most this many (sequence x prefix token) pairs (TREC's 30 demonstrations under "full"
+# scoring, 16 prompts x 6 label words, were over 20 GB on the CPU for a 135M model).
+PREFIX_TOKEN_BUDGET = 2**15
+
+
+def prompts_per_batch(batch_size: int, prefix_length: int, rows_per_prompt: int) -> int:
+    """Prompts per scoring batch: ``batch_size``, fewer where the prefix cache copies would pass
+    :data:`PREFIX_TOKEN_BUDGET` (at least one)."""
+    if prefix_length == 0:
+        return batch_size
+    return max(1, min(batch_size, PREFIX_TOKEN_BUDGET // (rows_per_prompt * prefix_length)))
+
+
 def evaluate(model, tokenizer, task: Task, examples: Sequence[Example], *, demonstrations: Sequence[Example] = (),
              scoring: str = "full", batch_size: int = 16) -> Scores:
     """Predicts each example's label (argmax over label words) with an optional demonstrations prefix.
 
-    A prompt that, with the prefix and the longest label word, does not fit the model's context
+    ``batch_size`` prompts are scored at once, fewer with a long prefix (:func:`prompts_per_batch`;
+    the predictions do not depend on it). A prompt that, with the prefix and the longest label word, does not fit the model's context
     (``config.max_position_embeddings``) is refused with the row's file:line, never scored cut or silently.
     """
     label_ids = label_token_ids(tokenizer, task.labels)
@@ -155,9 +170,11 @@ def evaluate(model, tokenizer, task: Task, examples: Sequence[Example], *, demon
     prefix = Prefix(model, prefix_ids) if prefix_ids else None
     context = model_context(model)
     longest_label = max(len(t) for t in label_ids)
+    multi_token = scoring == "full" and any(len(t) > 1 for t in label_ids)
+    step = prompts_per_batch(batch_size, len(prefix_ids), len(label_ids) if multi_token else 1)
     predictions: list[int] = []
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start:start + batch_size]
+    for start in range(0, len(examples), step):
+        chunk = examples[start:start + step]
         prompt_ids = encode(tokenizer, [task.prompt(e.text) for e in chunk])
         check_context(chunk, prompt_ids, len(prefix_ids) + longest_label, context)
         scores = label_log_probs(model, prompt_ids, label_ids, scoring=scoring, pad_id=pad_token, prefix=prefix)

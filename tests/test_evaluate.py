@@ -111,3 +111,31 @@ def test_a_text_longer_than_the_context_is_refused_with_its_file_and_line(smollm
         ev.evaluate(model, tokenizer, task, long)
     with pytest.raises(ValueError, match="rows.csv:2: .*demonstrations"):  # the prefix counts too
         ev.evaluate(model, tokenizer, task, short, demonstrations=[data.Example("word " * 70, 0, "rows.csv:9")])
+
+
+def test_a_long_prefix_scores_fewer_prompts_per_batch_with_the_same_predictions(smollm2, monkeypatch):
+    model, tokenizer = smollm2
+    ds = data.load_task("trec", DATA)  # six label words, several of them more than one token
+    test, demos = data.test_subset(ds, 12), list(ds.pool[:6])
+    calls = []
+    real = ev.label_log_probs
+
+    def counted(model, prompt_ids, label_ids, **kw):
+        calls.append(len(prompt_ids))
+        return real(model, prompt_ids, label_ids, **kw)
+
+    monkeypatch.setattr(ev, "label_log_probs", counted)
+    whole = ev.evaluate(model, tokenizer, ds.task, test, demonstrations=demos, batch_size=16)
+    assert calls == [12]
+    monkeypatch.setattr(ev, "PREFIX_TOKEN_BUDGET", 1)  # one prompt per batch
+    calls.clear()
+    split = ev.evaluate(model, tokenizer, ds.task, test, demonstrations=demos, batch_size=16)
+    assert calls == [1] * 12
+    assert split.predictions == whole.predictions
+
+
+def test_prompts_per_batch():
+    assert ev.prompts_per_batch(16, 0, 6) == 16  # no prefix: no copies of its cache
+    assert ev.prompts_per_batch(16, 1000, 6) == ev.PREFIX_TOKEN_BUDGET // 6000
+    assert ev.prompts_per_batch(16, 10, 1) == 16
+    assert ev.prompts_per_batch(16, 10**6, 6) == 1
