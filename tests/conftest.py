@@ -23,14 +23,14 @@ def available_backends() -> list[str]:
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked ``gpu`` only a CUDA device can tell are deselected (not skipped) on the CPU;
-    ``benchmarks/gpu_check.sh`` runs them with ``OFA_TEST_DEVICE=cuda``."""
-    if DEVICE.type == "cuda":
-        return
-    gpu = [item for item in items if item.get_closest_marker("gpu")]
-    if gpu:
-        config.hook.pytest_deselected(items=gpu)
-        items[:] = [item for item in items if not item.get_closest_marker("gpu")]
+    """Tests marked ``gpu`` (only a CUDA device can tell) are deselected, not skipped, on the CPU, and
+    tests marked ``interpreter`` (they drive the Triton interpreter) on a GPU run;
+    ``benchmarks/gpu_check.sh`` runs the ``gpu`` ones with ``OFA_TEST_DEVICE=cuda``."""
+    other = "interpreter" if DEVICE.type == "cuda" else "gpu"
+    left_out = [item for item in items if item.get_closest_marker(other)]
+    if left_out:
+        config.hook.pytest_deselected(items=left_out)
+        items[:] = [item for item in items if not item.get_closest_marker(other)]
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import random
 
 import pytest
 import torch
@@ -338,6 +339,75 @@ def test_weight_gradient_is_bitwise_deterministic(backend):
     for _ in range(3):
         again = torch.autograd.grad(ofa_kernels.layer_norm(x, w, b, backend=backend), [w, b], dy)
         assert all(torch.equal(a, f) for a, f in zip(again, first))
+
+
+class _ShuffledPrograms:
+    """Runs each Triton interpreter launch's programs in a fresh random order instead of the grid's
+    order, so an order-dependent reduction shows on the CPU as it would on a GPU's concurrent programs."""
+
+    def __init__(self, monkeypatch, seed: int):
+        from triton.runtime import interpreter
+
+        builder = type(interpreter.interpreter_builder)
+        real, rng = builder.set_grid_idx, random.Random(seed)
+        self.launches: list[list[int]] = []
+
+        def set_grid_idx(b, x, y, z):
+            if (x, y, z) == (0, 0, 0):  # the first program of a new launch
+                self.launches.append(rng.sample(range(b.grid_dim[0]), b.grid_dim[0]))
+            real(b, self.launches[-1][x], y, z)
+
+        monkeypatch.setattr(builder, "set_grid_idx", set_grid_idx)
+
+
+needs_interpreter = pytest.mark.interpreter  # deselected on a GPU run (conftest); Triton is a dependency
+
+
+@needs_interpreter
+def test_program_order_changes_an_order_dependent_sum():
+    """The harness can fail: float atomics in program order give other bits in another order."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _accumulate(X, Out):
+        tl.atomic_add(Out, tl.load(X + tl.program_id(0)))
+
+    x = torch.tensor([1e8, 1.0, -1e8, 1.0, 3.0, 1e-3, -7.0, 2.5] * 4)  # sums depend on the order in fp32
+
+    def total():
+        out = torch.zeros(1)
+        _accumulate[(x.numel(),)](x, out)
+        return out
+
+    sequential = total()
+    with pytest.MonkeyPatch.context() as mp:
+        _ShuffledPrograms(mp, 0)
+        shuffled = [total() for _ in range(5)]
+    assert any(not torch.equal(s, sequential) for s in shuffled)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("kind", ["rms", "layer"])
+def test_triton_weight_gradient_does_not_depend_on_program_order(kind, monkeypatch):
+    """The partial-row sums and the last program's fixed-order reduction give the same bits whichever
+    program finishes last (the sequential interpreter alone cannot show this)."""
+    x = torch.randn(301, 130, dtype=torch.float32)  # many row tiles: a multi-program grid
+    w = (torch.rand(130) + 0.5).requires_grad_()
+    b = torch.randn(130).requires_grad_()
+    dy = torch.randn(301, 130)
+
+    def grads():
+        if kind == "rms":
+            return torch.autograd.grad(ofa_kernels.rms_norm(x, w, backend="triton"), [w], dy)
+        return torch.autograd.grad(ofa_kernels.layer_norm(x, w, b, backend="triton"), [w, b], dy)
+
+    sequential = grads()
+    order = _ShuffledPrograms(monkeypatch, 1)
+    for _ in range(3):
+        assert all(torch.equal(a, s) for a, s in zip(grads(), sequential))
+    multi = [p for p in order.launches if len(p) > 1]
+    assert multi and any(p != sorted(p) for p in multi)  # the backward ran several programs, out of order
 
 
 def _live_tensors() -> int:
