@@ -330,6 +330,30 @@ def sharpness_terms(
     ``row_offset``: the batch is rows ``row_offset ..`` of a larger batch padded to the same width,
     and draws that batch's probes (shards of a batch together equal the whole batch).
     """
+    _check_estimator(estimator, distribution, eps_scale, num_probes, paper_exact)
+    st = structure(model)
+    ids, mask = input_batch(batch)
+    pos = batch["positions"] if "positions" in batch else positions_of(ids, mask)  # given: no check read back
+    pr = _probing(st, model, layers, gammas, seed, distribution, eps, eps_scale, paper_exact, backend, row_offset)
+    labels = _hvp_labels(batch, ids.shape[0]) if estimator == "hvp" else None
+    if estimator != "fd":
+        _needs_plain_attention(st, estimator)
+    if estimator == "fd" and clean_states is None:
+        clean_states = StateTap(st, pos, None).run(ids, mask)
+    per_pass = num_probes if max_rows is None else max(1, int(max_rows) // ids.shape[0])
+    parts = []
+    for start in range(0, num_probes, per_pass):  # probe passes of at most max_rows sequences
+        K, first = min(per_pass, num_probes - start), first_probe + start
+        if estimator == "fd":
+            parts.append(_fd(st, (ids, mask, pos), pr, first, K, list(clean_states)))
+        elif estimator == "jvp":
+            parts.append(_jvp(st, (ids, mask, pos), pr, first, K))
+        else:
+            parts.append(_hvp(st, (ids, mask, pos), labels, pr, first, K))
+    return torch.cat(parts, 0)
+
+
+def _check_estimator(estimator: str, distribution: str, eps_scale: str, num_probes, paper_exact: bool) -> None:
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
     rng.check_distribution(distribution)
@@ -339,13 +363,16 @@ def sharpness_terms(
         raise ValueError(f"num_probes must be an int >= 1, got {num_probes!r}")
     if paper_exact and estimator == "hvp":
         raise ValueError('paper_exact reproduces the authors\' finite difference; it applies to "fd" and "jvp" only')
-    st = structure(model)
+
+
+def _probing(st: Structure, model: nn.Module, layers, gammas, seed, distribution: str, eps, eps_scale: str,
+             paper_exact: bool, backend: str | None, row_offset: int) -> _Probing:
+    """What every probe pass shares, checked: the probed blocks, their preconditioners, the probe
+    stream (a drawn seed when none is given) and the finite-difference step and its scaling."""
     L = len(st.blocks)
     layers = list(range(1, L)) if layers is None else [int(t) for t in layers]
     if not layers or any(not 0 <= t < L for t in layers) or len(set(layers)) != len(layers):
         raise ValueError(f"layers must be distinct block indices in [0, {L - 1}], got {layers}")
-    ids, mask = input_batch(batch)
-    pos = batch["positions"] if "positions" in batch else positions_of(ids, mask)  # given: no check read back
     low_precision = _model_dtype(st) in (torch.bfloat16, torch.float16)
     scale_by_rms = eps_scale == "rms" or (eps_scale == "auto" and low_precision)
     if eps is None:
@@ -361,29 +388,15 @@ def sharpness_terms(
         raise ValueError(f"row_offset must be >= 0, got {row_offset}")
     if not isinstance(seed, Tensor):
         seed = int(seed)
-    pr = _Probing(layers, gammas, seed, distribution, float(eps), scale_by_rms, paper_exact, backend,
-                  int(row_offset))
-    labels = None
-    if estimator == "hvp":
-        labels = batch.get("labels")
-        if labels is None or labels.shape != (ids.shape[0],):
-            raise ValueError('estimator "hvp" needs batch["labels"]: the label token id of each sequence, shape [B]')
-    if estimator != "fd":
-        _needs_plain_attention(st, estimator)
-    per_pass = num_probes if max_rows is None else max(1, int(max_rows) // ids.shape[0])
-    if estimator == "fd" and clean_states is None:
-        clean_states = StateTap(st, pos, None).run(ids, mask)
-    parts = []
-    for start in range(0, num_probes, per_pass):
-        K = min(per_pass, num_probes - start)
-        first = first_probe + start
-        if estimator == "fd":
-            parts.append(_fd(st, (ids, mask, pos), pr, first, K, list(clean_states)))
-        elif estimator == "jvp":
-            parts.append(_jvp(st, (ids, mask, pos), pr, first, K))
-        else:
-            parts.append(_hvp(st, (ids, mask, pos), labels, pr, first, K))
-    return torch.cat(parts, 0)
+    return _Probing(layers, gammas, seed, distribution, float(eps), scale_by_rms, paper_exact, backend,
+                    int(row_offset))
+
+
+def _hvp_labels(batch: Mapping[str, Tensor], B: int) -> Tensor:
+    labels = batch.get("labels")
+    if labels is None or labels.shape != (B,):
+        raise ValueError('estimator "hvp" needs batch["labels"]: the label token id of each sequence, shape [B]')
+    return labels
 
 
 def sharpness(
