@@ -152,64 +152,85 @@ def training_step(model: nn.Module, batch: dict, options: AdaptOptions, gammas: 
     ``loss_scale`` multiplies what is back-propagated (not the returned values); ``info`` receives the
     probes per pass the lean step used (``"probes_per_pass"``), to fix the split of later steps.
     """
-    st = structure(model)
     device = batch["input_ids"].device
-    full = options.scoring == "full"
-    use_j, use_s = options.arm in ("ce+J", "ofa"), options.arm in ("ce+S", "ofa")
+    use_s = options.arm in ("ce+S", "ofa")
     measure = memory_efficient and max_memory_gb is not None and device.type == "cuda"
     context = checkpointed_blocks(model) if memory_efficient else contextlib.nullcontext()
     with context:
         if measure:
             torch.cuda.reset_peak_memory_stats(device)
             before = torch.cuda.memory_allocated(device)
-        states, hidden = last_token_states(
-            model, _model_inputs(batch, "input_ids", "attention_mask"), batch["positions"], return_final=True)
-        if full:  # token-level CE of the whole label word
-            ce = -indexed_log_probs(hidden, st.head, batch).mean()
-        else:
-            logp = torch.log_softmax(st.head(states[-1]).float(), -1)
-            ce = -logp.gather(1, batch["first_tokens"][:, None]).mean()
-        del hidden
-        parts = {"ce": ce}
-        if use_j:
-            parts["J"] = objectives.step_ratio(states, None, final_norm_step=options.j_final_norm_step)
-        clean_loss = ce + options.lambda_j * parts.get("J", 0.0)
+        states, parts = _clean_pass(model, batch, options)
+        clean_loss = parts["ce"] + options.lambda_j * parts.get("J", 0.0)
         if not use_s:
             (clean_loss * loss_scale).backward()
             return _detached({"loss": clean_loss, **parts})
-        s_batch = {**_model_inputs(batch, "prompt_input_ids", "prompt_attention_mask"), "positions": batch["positions"]}
-        if options.estimator == "hvp":
-            s_batch["labels"] = batch["first_tokens"]
+        s_batch = _sharpness_batch(batch, options)
         probe_args = dict(estimator=options.estimator, distribution=options.distribution, eps=options.eps, seed=seed,
                           gammas=gammas, row_offset=row_offset)
-        K = options.num_probes
         if not memory_efficient:
-            parts["S"] = objectives.sharpness(model, s_batch, num_probes=K, clean_states=states, **probe_args)
+            parts["S"] = objectives.sharpness(model, s_batch, num_probes=options.num_probes, clean_states=states,
+                                              **probe_args)
             loss = clean_loss + options.lambda_s * parts["S"]
             (loss * loss_scale).backward()
             return _detached({"loss": loss, **parts})
         per_pass = probes_per_pass
         if per_pass is None:
             per_probe = torch.cuda.max_memory_allocated(device) - before if measure else 0.0
-            per_pass = memory.probes_per_pass(K, per_probe, max_memory_gb, device)
+            per_pass = memory.probes_per_pass(options.num_probes, per_probe, max_memory_gb, device)
         if info is not None:
             info["probes_per_pass"] = per_pass
-        leaves = [h.detach().requires_grad_() for h in states] if options.estimator == "fd" else None
-        s_value = None
-        for first in range(0, K, per_pass):
-            k = min(per_pass, K - first)
-            s_part = objectives.sharpness(model, s_batch, num_probes=k, first_probe=first, clean_states=leaves,
-                                          **probe_args)
-            (loss_scale * options.lambda_s * k / K * s_part).backward()
-            term = s_part.detach() * (k / K)
-            s_value = term if s_value is None else s_value + term
-            del s_part
-        surrogate = clean_loss
-        if leaves is not None:
-            surrogate = surrogate + sum((h * leaf.grad).sum() for h, leaf in zip(states, leaves)
-                                        if leaf.grad is not None)
-        (surrogate * loss_scale).backward()
+        s_value = _split_probe_backward(model, s_batch, states, clean_loss, options, per_pass, probe_args, loss_scale)
     return _detached({"loss": clean_loss.detach() + options.lambda_s * s_value, **parts, "S": s_value})
+
+
+def _clean_pass(model: nn.Module, batch: dict, options: AdaptOptions) -> tuple[list[torch.Tensor], dict]:
+    """One pass over prompt + label word: the last-token states J and S read, and the CE (and J)."""
+    st = structure(model)
+    states, hidden = last_token_states(
+        model, _model_inputs(batch, "input_ids", "attention_mask"), batch["positions"], return_final=True)
+    if options.scoring == "full":  # token-level CE of the whole label word
+        ce = -indexed_log_probs(hidden, st.head, batch).mean()
+    else:
+        logp = torch.log_softmax(st.head(states[-1]).float(), -1)
+        ce = -logp.gather(1, batch["first_tokens"][:, None]).mean()
+    del hidden
+    parts = {"ce": ce}
+    if options.arm in ("ce+J", "ofa"):
+        parts["J"] = objectives.step_ratio(states, None, final_norm_step=options.j_final_norm_step)
+    return states, parts
+
+
+def _sharpness_batch(batch: dict, options: AdaptOptions) -> dict:
+    """The prompts alone (S is taken at the prompt's last token), with the label token for "hvp"."""
+    s_batch = {**_model_inputs(batch, "prompt_input_ids", "prompt_attention_mask"), "positions": batch["positions"]}
+    if options.estimator == "hvp":
+        s_batch["labels"] = batch["first_tokens"]
+    return s_batch
+
+
+def _split_probe_backward(model, s_batch, states, clean_loss, options: AdaptOptions, per_pass: int,
+                          probe_args: dict, loss_scale: float) -> torch.Tensor:
+    """The probe pass in passes of ``per_pass`` probes, each back-propagated at once; the gradient they
+    send into the clean states is collected on detached copies and sent through the clean pass in one
+    final backward (with the clean loss). Returns S, detached."""
+    K = options.num_probes
+    leaves = [h.detach().requires_grad_() for h in states] if options.estimator == "fd" else None
+    s_value = None
+    for first in range(0, K, per_pass):
+        k = min(per_pass, K - first)
+        s_part = objectives.sharpness(model, s_batch, num_probes=k, first_probe=first, clean_states=leaves,
+                                      **probe_args)
+        (loss_scale * options.lambda_s * k / K * s_part).backward()
+        term = s_part.detach() * (k / K)
+        s_value = term if s_value is None else s_value + term
+        del s_part
+    surrogate = clean_loss
+    if leaves is not None:
+        surrogate = surrogate + sum((h * leaf.grad).sum() for h, leaf in zip(states, leaves)
+                                    if leaf.grad is not None)
+    (surrogate * loss_scale).backward()
+    return s_value
 
 
 def _model_inputs(batch: dict, ids: str, mask: str) -> dict[str, torch.Tensor]:
