@@ -47,8 +47,9 @@ class FusedRMSNorm(nn.Module):
         self.backend = check_backend(backend)
         if cast_mode not in CAST_MODES:
             raise ValueError(f"cast_mode must be one of {CAST_MODES}, got {cast_mode!r}")
-        shape = (hidden_size,) if isinstance(hidden_size, int) else tuple(hidden_size)
-        if not shape or not all(isinstance(d, int) and d >= 0 for d in shape):
+        shape = (hidden_size,) if isinstance(hidden_size, int) else (
+            tuple(hidden_size) if isinstance(hidden_size, (tuple, list)) else None)
+        if not shape or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
             raise ValueError(f"hidden_size must be an int or a non-empty tuple of ints >= 0, got {hidden_size!r}")
         self.hidden_size = hidden_size
         self.normalized_shape = shape
