@@ -101,10 +101,6 @@ def test_checkpointing_recomputes_the_blocks_and_restores_them():
 def test_probe_budget():
     assert memory.probes_per_pass(4, 1e9, None, torch.device("cpu")) == 4
     assert memory.probes_per_pass(4, 1e9, 1.0, torch.device("cpu")) == 4  # budgets apply to CUDA memory only
-    with pytest.raises(ValueError, match="probes_per_pass"):
-        AdaptOptions(probes_per_pass=0).check()
-    with pytest.raises(ValueError, match="max_memory_gb"):
-        AdaptOptions(max_memory_gb=-1).check()
 
 
 def test_lean_step_default():

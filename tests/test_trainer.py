@@ -192,25 +192,6 @@ def test_bf16_models_train_fp32_master_norms(tokenizer, sst2):
     assert model(input_ids=ids).logits.dtype == torch.bfloat16  # the norms still return bf16
 
 
-def test_bad_options_are_named():
-    with pytest.raises(ValueError, match="arm must be one of"):
-        AdaptOptions(arm="dora").check()
-    with pytest.raises(ValueError, match="rank"):
-        AdaptOptions(arm="lora", rank=0).check()
-    with pytest.raises(ValueError, match="epochs"):
-        AdaptOptions(epochs=0).check()
-    with pytest.raises(ValueError, match="protocol must be one of"):
-        AdaptOptions(protocol="authors").check()
-    with pytest.raises(ValueError, match="batch_size"):
-        AdaptOptions(batch_size=0).check()
-    bad = {"scoring": "ful", "distribution": "uniform", "lr": float("nan"), "weight_decay": -1.0,
-           "lambda_j": float("inf"), "lambda_s": -1e-3, "eps": 0.0, "memory_efficient": "yes", "fsdp": 1,
-           "cuda_graphs": "always", "seed": -42}
-    for name, value in bad.items():
-        with pytest.raises(ValueError, match=name):
-            AdaptOptions(**{name: value}).check()
-
-
 @needs_data
 @pytest.mark.slow
 def test_smollm2_trec_training_loss_falls_and_accuracy_beats_zero_shot(smollm2):
@@ -285,8 +266,6 @@ def test_cuda_graphs_on_where_they_cannot_run_is_refused(tokenizer, sst2):
     if DEVICE.type == "cpu":
         with pytest.raises(ValueError, match="cuda_graphs='on' cannot be used here: the model is on cpu"):
             adapt(_tiny(len(tokenizer)), tokenizer, sst2, AdaptOptions(shots=2, epochs=1, cuda_graphs="on"))
-    options = AdaptOptions(cuda_graphs="off")
-    assert "cuda_graphs" not in options.settings() and len(options.settings()) == len(vars(options)) - 5
 
 
 @pytest.mark.parametrize("fail_at", [1, 2])
@@ -425,5 +404,3 @@ def test_the_j_variant_without_the_final_norm_step_trains_a_smaller_j_and_is_ano
     assert "j_final_norm_step" not in paper.settings()  # runs keyed before the switch existed keep their keys
     j = [adapt(_tiny(len(tokenizer), layers=4), tokenizer, sst2, o).losses[0]["J"] for o in (paper, variant)]
     assert 0 < j[1] < j[0]  # the same sum of positive ratios, one fewer
-    with pytest.raises(ValueError, match="j_final_norm_step must be a bool"):
-        AdaptOptions(j_final_norm_step="no").check()

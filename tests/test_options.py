@@ -1,0 +1,108 @@
+"""The shared vocabulary (``ofa_kernels.options``): every field checked by name, the run key holds exactly
+the fields that change numbers, and the module is a leaf (it loads neither torch nor the trainer)."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+
+from ofa_kernels import options as op
+from ofa_kernels.options import AdaptOptions, AdaptResult
+
+# one value away from the default for every field (a valid one), to see each field alone move the key
+_OTHER_VALUE = {
+    "arm": "ce", "protocol": "batched", "batch_size": 2, "shots": 4, "seed": 7, "epochs": 3, "lr": 2e-3,
+    "weight_decay": 0.0, "warmup": 0.1, "lambda_j": 0.5, "lambda_s": 0.25, "j_final_norm_step": False,
+    "estimator": "hvp", "num_probes": 2, "distribution": "rademacher", "eps": 1e-3, "scoring": "first", "rank": 4,
+    "memory_efficient": True, "max_memory_gb": 8.0, "probes_per_pass": 1, "fsdp": True, "cuda_graphs": "off",
+}
+
+
+def test_the_table_of_other_values_covers_every_field():
+    assert set(_OTHER_VALUE) == {f.name for f in dataclasses.fields(AdaptOptions)}
+    for name, value in _OTHER_VALUE.items():
+        assert value != getattr(AdaptOptions(), name), name
+        AdaptOptions(**{name: value}).check()  # each is a valid setting
+
+
+def test_the_defaults_pass_and_check_returns_the_options():
+    options = AdaptOptions()
+    assert options.check() is options
+
+
+@pytest.mark.parametrize("field, choices", [
+    ("arm", op.ARMS), ("protocol", op.PROTOCOLS), ("estimator", op.ESTIMATORS), ("scoring", op.SCORING),
+    ("distribution", op.DISTRIBUTIONS), ("cuda_graphs", op.CUDA_GRAPH_MODES)])
+def test_every_named_choice_passes_and_any_other_is_refused_naming_the_field(field, choices):
+    for choice in choices:
+        AdaptOptions(**{field: choice}).check()
+    with pytest.raises(ValueError, match=rf"^{field} must be one of"):
+        AdaptOptions(**{field: "bogus"}).check()
+
+
+def test_the_arms_are_the_norm_arms_then_the_peft_arms():
+    assert op.ARMS == op.NORM_ARMS + op.PEFT_ARMS and not set(op.NORM_ARMS) & set(op.PEFT_ARMS)
+
+
+def test_bad_options_are_named():
+    bad = {"rank": 0, "epochs": 0, "shots": 0, "num_probes": 0, "batch_size": 0, "probes_per_pass": 0,
+           "max_memory_gb": -1, "warmup": 1.0, "scoring": "ful", "distribution": "uniform", "lr": float("nan"),
+           "weight_decay": -1.0, "lambda_j": float("inf"), "lambda_s": -1e-3, "eps": 0.0, "memory_efficient": "yes",
+           "fsdp": 1, "cuda_graphs": "always", "seed": -42, "j_final_norm_step": "no"}
+    for name, value in bad.items():
+        with pytest.raises(ValueError, match=rf"^{name} must be"):
+            AdaptOptions(**{name: value}).check()
+    for name, value in [("lr", "abc"), ("lambda_s", "1e-3"), ("eps", float("inf")), ("seed", True), ("seed", 1.5)]:
+        with pytest.raises(ValueError, match=rf"^{name} must be"):
+            AdaptOptions(**{name: value}).check()
+
+
+def test_seeds_run_from_zero_to_the_limit():
+    AdaptOptions(seed=0).check()
+    AdaptOptions(seed=op.SEED_LIMIT - 1).check()
+    with pytest.raises(ValueError, match="seed must be a whole number from 0 to 2\\*\\*63-1"):
+        AdaptOptions(seed=op.SEED_LIMIT).check()
+
+
+def test_check_choice_returns_the_value_or_names_the_argument():
+    assert op.check_choice("mode", "a", ("a", "b")) == "a"
+    with pytest.raises(ValueError, match=r"^mode must be one of \('a', 'b'\), got 'c'$"):
+        op.check_choice("mode", "c", ("a", "b"))
+
+
+def test_the_run_key_holds_every_field_that_changes_numbers_and_no_execution_only_one():
+    base = AdaptOptions()
+    assert set(base.settings()) == ({f.name for f in dataclasses.fields(base)} - set(op.EXECUTION_ONLY)
+                                    - set(op.KEYED_WHEN_SET))
+    for name, value in _OTHER_VALUE.items():
+        moved = dataclasses.replace(base, **{name: value}).settings()
+        if name in op.EXECUTION_ONLY:
+            assert moved == base.settings(), name
+        else:
+            assert moved != base.settings() and moved[name] == value, name
+
+
+def test_a_field_keyed_when_set_enters_the_key_only_away_from_its_default():
+    for name in op.KEYED_WHEN_SET:
+        default = getattr(AdaptOptions(), name)
+        assert name not in AdaptOptions().settings()
+        assert name not in dataclasses.replace(AdaptOptions(), **{name: default}).settings()
+        assert name in dataclasses.replace(AdaptOptions(), **{name: _OTHER_VALUE[name]}).settings()
+
+
+def test_results_do_not_share_their_lists_or_options():
+    a, b = AdaptResult(weights={}, base_hash="x"), AdaptResult(weights={}, base_hash="y")
+    a.losses.append({"ce": 1.0})
+    a.train.append(None)
+    a.options.seed = 1
+    assert b.losses == [] and b.train == [] and b.options == AdaptOptions()
+
+
+def test_importing_the_options_loads_neither_torch_nor_the_training_loop():
+    code = ("import sys, ofa_kernels.options as o; o.AdaptOptions().check(); "
+            "print(sorted(m for m in ('torch', 'ofa_kernels.trainer', 'ofa_kernels.ops') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
