@@ -42,6 +42,7 @@ that pass), so models must use ``attn_implementation="sdpa"`` or ``"eager"``.
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Callable, Mapping, NamedTuple, Sequence
@@ -322,13 +323,25 @@ def sharpness_terms(
     backend: str | None = None,
     row_offset: int = 0,
 ) -> Tensor:
-    """The per-probe quadratic forms q before the softplus: ``[K, len(layers), B]``.
+    """The per-probe quadratic forms q before the softplus: ``[K, len(layers), B]`` (with
+    ``paper_exact``, every (probe row, sequence) pair: ``[K, len(layers), B, B]``).
 
-    With ``paper_exact`` ("fd"/"jvp") every (probe row, sequence) pair: ``[K, len(layers), B, B]``.
-    Arguments as for :func:`sharpness`; ``first_probe`` offsets the probe indices (probe k of a
-    call is probe ``first_probe + k`` of the stream, so K probes at once equal K calls of one).
-    ``row_offset``: the batch is rows ``row_offset ..`` of a larger batch padded to the same width,
-    and draws that batch's probes (shards of a batch together equal the whole batch).
+    ``batch``: ``input_ids``, ``attention_mask`` (and ``labels``, the label token per sequence, for
+    "hvp"). ``estimator``: "fd", "jvp" or "hvp" (see the module docstring). ``num_probes`` K probes
+    run in one pass as K copies of the batch, at most ``max_rows`` sequences per pass.
+    ``distribution``: "rademacher" or "gaussian". ``eps``: the finite-difference step (default
+    1e-3, or ``2**-5 * rms`` for bf16/fp16 models); ``eps_scale``: "none", "rms" (step relative to
+    each row's RMS) or "auto" (rms for bf16/fp16). ``layers``: probed block indices (default
+    1..L-1). ``seed``: the probe stream (an int, a 0-dim int64 tensor on the model's device read only
+    there, or None: one drawn from torch's generator). ``first_probe``: this call's probes are probes
+    ``first_probe ..`` of the stream (K probes at once equal K calls of one; S over K probes is the
+    mean of S over disjoint probe ranges, which is how a training step splits the probe pass).
+    ``paper_exact``: the authors' code's B x B product and injected noise. ``gammas``: the
+    preconditioners (default: :func:`preconditioners` of the model now; pass the originals while
+    training). ``clean_states``: the clean pass's ``[H_0..H_L]`` at the last positions, if already
+    computed. ``backend``: the probe kernels' backend (None: the default choice). ``row_offset``: the
+    batch is rows ``row_offset ..`` of a larger batch padded to the same width, and draws that
+    batch's probes (shards of a batch together equal the whole batch: how data-parallel ranks draw).
     """
     _check_estimator(estimator, distribution, eps_scale, num_probes, paper_exact)
     st = structure(model)
@@ -399,48 +412,18 @@ def _hvp_labels(batch: Mapping[str, Tensor], B: int) -> Tensor:
     return labels
 
 
-def sharpness(
-    model: nn.Module,
-    batch: Mapping[str, Tensor],
-    *,
-    estimator: str = "fd",
-    num_probes: int = 1,
-    distribution: str = "rademacher",
-    eps: float | None = None,
-    layers: Sequence[int] | None = None,
-    seed: int | Tensor | None = None,
-    eps_scale: str = "auto",
-    paper_exact: bool = False,
-    max_rows: int | None = None,
-    gammas: Sequence[Tensor] | None = None,
-    clean_states: Sequence[Tensor] | None = None,
-    backend: str | None = None,
-    first_probe: int = 0,
-    row_offset: int = 0,
-) -> Tensor:
-    """OFA's sharpness S (fp32 scalar; fp64 for fp64 models), differentiable with respect to the trainable norm weights.
-
-    ``batch``: ``input_ids``, ``attention_mask`` (and ``labels``, the label token per sequence, for
-    "hvp"). ``estimator``: "fd", "jvp" or "hvp" (see the module docstring). ``num_probes`` K probes
-    run in one pass as K copies of the batch, at most ``max_rows`` sequences per pass.
-    ``distribution``: "rademacher" or "gaussian". ``eps``: the finite-difference step (default
-    1e-3, or ``2**-5 * rms`` for bf16/fp16 models); ``eps_scale``: "none", "rms" (step relative to
-    each row's RMS) or "auto" (rms for bf16/fp16). ``layers``: probed block indices (default
-    1..L-1). ``seed``: the probe stream (an int, a 0-dim int64 tensor on the model's device read only
-    there, or None: one drawn from torch's generator). ``gammas``: the preconditioners (default:
-    :func:`preconditioners` of the model now; pass the originals while training). ``clean_states``: the clean pass's ``[H_0..H_L]`` at the last positions, if already
-    computed. ``paper_exact``: the authors' code's B x B product and injected noise. ``first_probe``:
-    this call's probes are probes ``first_probe ..`` of the stream (S over K probes is the mean of S
-    over disjoint probe ranges, which is how a training step splits the probe pass). ``row_offset``:
-    see :func:`sharpness_terms` (how data-parallel ranks draw the probes of the whole batch).
-    """
-    q = sharpness_terms(model, batch, estimator=estimator, num_probes=num_probes, distribution=distribution,
-                        eps=eps, eps_scale=eps_scale, layers=layers, seed=seed, paper_exact=paper_exact,
-                        max_rows=max_rows, gammas=gammas, clean_states=clean_states, backend=backend,
-                        first_probe=first_probe, row_offset=row_offset)
+def sharpness(model: nn.Module, batch: Mapping[str, Tensor], **keywords) -> Tensor:
+    """OFA's sharpness S (fp32 scalar; fp64 for fp64 models), differentiable with respect to the trainable
+    norm weights: ``softplus`` of :func:`sharpness_terms`, averaged over probes and sequences and summed
+    over the probed layers. Its keywords are ``sharpness_terms``'s (the one place they are written and
+    documented; an unknown one is a TypeError)."""
+    q = sharpness_terms(model, batch, **keywords)
     s = F.softplus(q if q.dtype == torch.float64 else q.float())
     reduce = [d for d in range(s.dim()) if d != 1]
     return s.mean(reduce).sum()
+
+
+sharpness.__signature__ = inspect.signature(sharpness_terms)  # help() and IDEs show the keywords it takes
 
 
 # ------------------------------------------------------------------------------- general Hutchinson

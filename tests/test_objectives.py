@@ -249,6 +249,21 @@ def test_bad_arguments_are_named():
         obj.sharpness(model, batch, estimator="jvp")
 
 
+def test_sharpness_takes_exactly_the_keywords_of_its_terms_and_reduces_them():
+    """The keywords are written once (``sharpness_terms``); ``sharpness`` shows and forwards them."""
+    import inspect
+
+    assert inspect.signature(obj.sharpness) == inspect.signature(obj.sharpness_terms)
+    model, batch = _tiny("llama"), _batch()
+    with pytest.raises(TypeError, match="num_probe"):
+        obj.sharpness(model, batch, num_probe=2)
+    with torch.no_grad():
+        q = obj.sharpness_terms(model, batch, num_probes=3, seed=9, layers=[2, 1])
+        s = obj.sharpness(model, batch, num_probes=3, seed=9, layers=[2, 1])
+    assert q.shape == (3, 2, batch["input_ids"].shape[0])
+    torch.testing.assert_close(s, F.softplus(q).mean((0, 2)).sum(), rtol=1e-6, atol=0)
+
+
 def test_hutchinson_trace_of_a_jacobian_and_a_hessian():
     a = torch.randn(6, 6, dtype=torch.float64, device=DEVICE)
     z = torch.randn(6, dtype=torch.float64, device=DEVICE)
