@@ -157,13 +157,15 @@ def bench(device: torch.device, shapes, dtypes, modes, rep_ms: float, on_progres
 def boundary_cost_us(device: torch.device, calls: int = 300) -> dict[str, float]:
     """Host time per forward call at the launch-bound shape (150 x 4096, bf16)."""
     from ofa_kernels.ops.dispatch import resolve
+    from ofa_kernels.precision import norm_spec
 
     x = torch.randn(150, 4096, device=device, dtype=torch.bfloat16)
     w = torch.ones(4096, device=device, dtype=torch.bfloat16)
     impl = resolve("auto", device)
+    rms = norm_spec(True, 0.0, "llama")
     cases = {
         "ofa.rms_norm (torch.library op)": lambda: ofa_kernels.rms_norm(x, w),
-        "backend launcher, no op boundary": lambda: impl.norm_fwd(x, w, None, 1e-6, 0.0, True, "llama", x.dtype),
+        "backend launcher, no op boundary": lambda: impl.norm_fwd(x, w, None, 1e-6, rms, x.dtype),
         "F.rms_norm": lambda: F.rms_norm(x, (4096,), w, 1e-6),
     }
     out = {}

@@ -31,6 +31,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from harness import write_table  # noqa: E402
 
+from ofa_kernels.precision import norm_spec  # noqa: E402
 from ofa_kernels.triton import norm as tnorm  # noqa: E402
 
 WIDTHS = [1024, 2048, 3072, 4096, 5120, 8192, 16384, 65536]
@@ -54,16 +55,17 @@ def _launch_args(kernel: str, is_rms: bool, dtype: torch.dtype, N: int, cfg: tup
     (placeholders on the CPU: only dtypes and alignment matter). The backward sums its partials apart
     (REDUCE off, as at this row count); the double backward is an HVP's (cotangent of dx only)."""
     block_m, block_n, single, _warps = cfg
+    cast = norm_spec(is_rms, 0.0, "llama" if is_rms else "none").cast_code  # each norm as the ops run it
     x = torch.empty(16, N, dtype=dtype)
     w, stats = torch.empty(N), torch.empty(16)
     part, counter = torch.empty(4, N), torch.zeros(1, dtype=torch.int32)
     n_tiles, n_progs = math.ceil(ROWS / block_m), 264  # 132 SMs x 2
     if kernel == "fwd":
         return ((x, x, w, w, stats, stats, N, N, ROWS, N, 1e-6, 0.0),
-                (is_rms, True, not is_rms, 0 if is_rms else 2, tl.float32, block_m, block_n, single))
+                (is_rms, True, not is_rms, cast, tl.float32, block_m, block_n, single))
     if kernel == "bwd":
         return ((x, x, w, stats, stats, x, part, part, stats, stats, counter, N, N, N, ROWS, N, n_tiles, n_progs, 0.0),
-                (is_rms, True, True, True, not is_rms, 0 if is_rms else 2, tl.float32, block_m, block_n, single,
+                (is_rms, True, True, True, not is_rms, cast, tl.float32, block_m, block_n, single,
                  False))
     return ((x, x, w, stats, stats, x, w, w, x, x, part, stats, counter, N, N, N, N, N, ROWS, N, n_tiles, n_progs,
              0.0),

@@ -75,13 +75,15 @@ def cases(rows: int, width: int, dtype, device, backend: str = "auto") -> dict[s
 
     import ofa_kernels
     from ofa_kernels.ops.dispatch import resolve
+    from ofa_kernels.precision import norm_spec
 
     x = torch.randn(rows, width, device=device, dtype=dtype)
     w = (torch.rand(width, device=device) + 0.5).to(dtype)
     dy = torch.randn_like(x)
     xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
     impl = resolve(backend, device, "norm", width)
-    y, mean, rstd = impl.norm_fwd(x, w, None, 1e-6, 0.0, True, "llama", dtype)
+    rms = norm_spec(True, 0.0, "llama")
+    y, mean, rstd = impl.norm_fwd(x, w, None, 1e-6, rms, dtype)
 
     def no_grad(f):
         def call():
@@ -110,11 +112,11 @@ def cases(rows: int, width: int, dtype, device, backend: str = "auto") -> dict[s
         "ofa rms_norm fwd+bwd": ("public", fwd_bwd(ours)),
         "F.rms_norm hvp": ("public", hvp(theirs)),
         "ofa rms_norm hvp": ("public", hvp(ours)),
-        "backend fwd": ("backend", lambda: impl.norm_fwd(x, w, None, 1e-6, 0.0, True, "llama", dtype)),
-        "backend bwd (dx, dw)": ("backend", lambda: impl.norm_bwd(dy, x, w, mean, rstd, 0.0, True, "llama",
-                                                                   True, True, False)),
+        "backend fwd": ("backend", lambda: impl.norm_fwd(x, w, None, 1e-6, rms, dtype)),
+        "backend bwd (dx, dw)": ("backend", lambda: impl.norm_bwd(dy, x, w, mean, rstd, rms, True, True,
+                                                                   False)),
         "backend bwd_bwd (d dy, d x, d w)": ("backend", lambda: impl.norm_bwd_bwd(
-            dy, x, w, mean, rstd, dy, w, None, 0.0, True, True, True, True)),
+            dy, x, w, mean, rstd, dy, w, None, rms.unrounded(), True, True, True)),
     }
     if getattr(impl, "__name__", "").endswith("triton.norm"):
         out.update(_triton_parts(impl, x, w, dy, y, mean, rstd))
@@ -125,8 +127,10 @@ def _triton_parts(tn, x, w, dy, y, mean, rstd) -> dict:
     """The Triton launcher's pieces: launch configuration, allocations, bare launches."""
     import torch
 
+    from ofa_kernels.precision import acc_dtype
+
     M, N = x.shape
-    acc = tn.acc_torch_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     block_m, block_n, single, warps, _ = tn._config(x, "fwd", None, None)
     fwd_args = (x, y, w, x, rstd, rstd, x.stride(0), y.stride(0), M, N, 1e-6, 0.0)
     fwd_consts = (True, True, False, 0, tn.acc_tl_dtype(x.dtype), block_m, block_n, single)

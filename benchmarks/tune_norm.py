@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from ofa_kernels.precision import norm_spec
 from ofa_kernels.triton import norm as tnorm
 from ofa_kernels.triton import tuning
 
@@ -59,19 +60,22 @@ class Cell:
         self.x = torch.randn(rows, width, device=device, dtype=dtype)
         self.w = torch.rand(width, device=device, dtype=dtype) + 0.5
         self.dy, self.a = torch.randn_like(self.x), torch.randn_like(self.x)
-        self.stats = {rms: ops.norm_fwd(self.x, self.w, None, 1e-6, 0.0, rms, "llama", dtype)[1:]
-                      for rms in (True, False)}
+        # each norm as the ops run it: RMSNorm in Llama's cast mode, LayerNorm's (none)
+        self.specs = {rms: norm_spec(rms, 0.0, "llama" if rms else "none") for rms in (True, False)}
+        self.stats = {rms: ops.norm_fwd(self.x, self.w, None, 1e-6, spec, dtype)[1:]
+                      for rms, spec in self.specs.items()}
 
     def run(self, kernel: str, is_rms: bool, knobs: dict) -> None:
         mean, rstd = self.stats[is_rms]
+        spec = self.specs[is_rms]
         if kernel == "fwd":
             fwd = {k: v for k, v in knobs.items() if k in ("rows_per_program", "num_warps", "max_block_n")}
-            self.ops.norm_fwd(self.x, self.w, None, 1e-6, 0.0, is_rms, "llama", self.x.dtype, **fwd)
+            self.ops.norm_fwd(self.x, self.w, None, 1e-6, spec, self.x.dtype, **fwd)
         elif kernel == "bwd":
-            self.ops.norm_bwd(self.dy, self.x, self.w, mean, rstd, 0.0, is_rms, "llama", True, True, False, **knobs)
+            self.ops.norm_bwd(self.dy, self.x, self.w, mean, rstd, spec, True, True, False, **knobs)
         else:
-            self.ops.norm_bwd_bwd(self.dy, self.x, self.w, mean, rstd, self.a, None, None, 0.0, is_rms,
-                                  True, True, True, **knobs)
+            self.ops.norm_bwd_bwd(self.dy, self.x, self.w, mean, rstd, self.a, None, None, spec.unrounded(), True,
+                                  True, True, **knobs)
 
     def time(self, kernel: str, knobs: dict, rep_ms: float) -> float | None:
         """ms of RMSNorm + LayerNorm; None where the knobs do not compile or run (registers, smem)."""

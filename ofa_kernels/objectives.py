@@ -58,6 +58,7 @@ from .anatomy import StateTap, Structure, input_batch, positions_of, preconditio
 from .memory import recompute_under
 from .ops.probe import perturb, probe_dot, probe_rows
 from .options import ESTIMATORS
+from .precision import acc_dtype
 
 EPS_SCALES = ("auto", "none", "rms")
 BF16_SAFE_EPS = 2.0**-5
@@ -285,7 +286,7 @@ def _hvp(st, batch, labels: Tensor, pr: _Probing, first: int, K: int) -> Tensor:
         grads = torch.autograd.grad(ce, z_list, create_graph=True)
         d = states[0].shape[-1]
         probe, base = _counters(batch[2], T, d, K, pr.row_offset)
-        acc = torch.float64 if states[0].dtype == torch.float64 else torch.float32
+        acc = acc_dtype(states[0].dtype)
         vs = [probe_rows(torch.ones(K * B, dtype=acc, device=ids.device), pr.gammas[t].to(ids.device),
                          rng.key_table(pr.seed, t, first, K, ids.device), probe, base, d, pr.distribution, pr.backend)
               for t in pr.layers]

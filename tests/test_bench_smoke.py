@@ -201,6 +201,29 @@ def test_tune_norm_cuda_rows_sweep_times_every_setting_and_resumes(tmp_path, mon
     assert len(seen) == 2 * len(tune_norm.CUDA_ROWS)  # only the new cell
 
 
+def test_tune_norm_cells_run_each_stage_of_each_norm_as_the_ops_do(monkeypatch):
+    """A cell calls the backend's stages with the spec the ops pass (RMSNorm in Llama's cast mode,
+    LayerNorm's), here on the plain-PyTorch backend: the numbers the sweep times are the ops' numbers."""
+    import tune_norm
+
+    from ofa_kernels.eager import norm as eager_norm
+    from ofa_kernels.precision import NormSpec
+
+    calls = []
+    for name in ("norm_fwd", "norm_bwd", "norm_bwd_bwd"):
+        fn = getattr(eager_norm, name)
+        monkeypatch.setattr(eager_norm, name, lambda *a, _fn=fn, _name=name, **k: calls.append(
+            (_name, next(v for v in a if isinstance(v, NormSpec)))) or _fn(*a, **k))
+    cell = tune_norm.Cell(5, 40, torch.float32, ops=eager_norm, device="cpu")
+    for kernel in tune_norm.KERNELS:
+        for is_rms in (True, False):
+            cell.run(kernel, is_rms, {})
+    rms, layer = NormSpec(True, 0.0, "llama"), NormSpec(False)
+    assert calls[:2] == [("norm_fwd", rms), ("norm_fwd", layer)]  # the statistics, once per norm
+    assert calls[2:] == [("norm_fwd", rms), ("norm_fwd", layer), ("norm_bwd", rms), ("norm_bwd", layer),
+                         ("norm_bwd_bwd", rms.unrounded()), ("norm_bwd_bwd", layer)]
+
+
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_launch_profile_times_every_stage_of_the_backend(tmp_path, backend):
     """The host-time profile runs end to end on a CPU: the compiled cpu backend, and Triton under the

@@ -17,6 +17,8 @@ from ofa_kernels.eager import norm as eager
 from ofa_kernels.eager import probe as eager_probe
 from ofa_kernels.native import norm as native
 from ofa_kernels.native import probe as native_probe
+from ofa_kernels.precision import acc_dtype as _acc
+from ofa_kernels.precision import norm_spec
 
 M = 13  # more rows than the emulated GPU's 3 SMs x 2 CTAs: every CTA strides over rows
 
@@ -63,10 +65,6 @@ def _inputs(N, dtype, strided):
     x = x[:, :N] if strided else x
     w, b = torch.rand(N) + 0.5, torch.randn(N)
     return x, w, b
-
-
-def _acc(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 CASES = [  # (path, dtype, is_rms, cast_mode, strided)
@@ -140,19 +138,20 @@ def _check_all_stages(case):
     bias = None if is_rms else b
     offset = 1.0 if cast_mode == "gemma" else 0.0
     out_dtype = torch.promote_types(dtype, w.dtype) if is_rms and cast_mode != "gemma" else dtype
-    got = native.norm_fwd(x, w, bias, 1e-5, offset, is_rms, cast_mode, out_dtype)
-    want = eager.norm_fwd(x, w, bias, 1e-5, offset, is_rms, cast_mode, out_dtype)
+    spec = norm_spec(is_rms, offset, cast_mode)
+    got = native.norm_fwd(x, w, bias, 1e-5, spec, out_dtype)
+    want = eager.norm_fwd(x, w, bias, 1e-5, spec, out_dtype)
     for g, r in zip(got, want):
         _close(g, r)
     _, mean, rstd = want
 
     dy = torch.randn(M, N, dtype=out_dtype)
-    bwd_args = (dy, x, w, mean, rstd, offset, is_rms, cast_mode, True, True, not is_rms)
+    bwd_args = (dy, x, w, mean, rstd, spec, True, True, not is_rms)
     for g, r in zip(native.norm_bwd(*bwd_args), eager.norm_bwd(*bwd_args)):
         _close(g, r)
 
     a, bw, e = torch.randn(M, N, dtype=dtype), torch.randn(N, dtype=_acc(dtype)), torch.randn(N, dtype=_acc(dtype))
-    bb_args = (dy, x, w, mean, rstd, a, bw, None if is_rms else e, offset, is_rms, True, True, True)
+    bb_args = (dy, x, w, mean, rstd, a, bw, None if is_rms else e, spec.unrounded(), True, True, True)
     for g, r in zip(native.norm_bwd_bwd(*bb_args), eager.norm_bwd_bwd(*bb_args)):
         _close(g, r)
 
@@ -163,8 +162,9 @@ def _check_all_stages(case):
 def test_backward_computes_only_what_is_asked(cuda_kernels, path, needs):
     N = WIDTHS[path]
     x, w, _ = _inputs(N, torch.float32, False)
-    _, mean, rstd = eager.norm_fwd(x, w, None, 1e-5, 0.0, False, "none", torch.float32)
-    args = (torch.randn(M, N), x, w, mean, rstd, 0.0, False, "none", *needs)
+    layer = norm_spec(False)
+    _, mean, rstd = eager.norm_fwd(x, w, None, 1e-5, layer, torch.float32)
+    args = (torch.randn(M, N), x, w, mean, rstd, layer, *needs)
     for g, r in zip(native.norm_bwd(*args), eager.norm_bwd(*args)):
         _close(g, r)
 
@@ -174,8 +174,9 @@ def test_double_backward_with_missing_cotangents(cuda_kernels, no_weight):
     N = WIDTHS["scalar, 2-4 items"]
     x, w, _ = _inputs(N, torch.float32, False)
     w = None if no_weight else w
-    _, mean, rstd = eager.norm_fwd(x, w, None, 1e-5, 0.0, True, "none", torch.float32)
-    args = (torch.randn(M, N), x, w, mean, rstd, None, torch.randn(N), None, 0.0, True, True, True, not no_weight)
+    rms = norm_spec(True)
+    _, mean, rstd = eager.norm_fwd(x, w, None, 1e-5, rms, torch.float32)
+    args = (torch.randn(M, N), x, w, mean, rstd, None, torch.randn(N), None, rms, True, True, not no_weight)
     for g, r in zip(native.norm_bwd_bwd(*args), eager.norm_bwd_bwd(*args)):
         _close(g, r)
 

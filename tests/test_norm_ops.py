@@ -11,6 +11,7 @@ import torch
 from conftest import DEVICE, available_backends
 
 import ofa_kernels
+from ofa_kernels.precision import norm_spec
 from ofa_kernels.reference import layer_norm_ref, rms_norm_ref
 
 BACKENDS = available_backends()
@@ -569,10 +570,9 @@ def _check_param_dtype_grads(backend, w_dtype):
         y = (ofa_kernels.rms_norm(x, w, 1e-6, backend=backend) if is_rms
              else ofa_kernels.layer_norm(x, w, b, 1e-5, backend=backend))
         got = torch.autograd.grad(y, params, dy)
-        _, mean, rstd = impl.norm_fwd(x, w, None if is_rms else b, 1e-6 if is_rms else 1e-5, 0.0, is_rms,
-                                      "llama" if is_rms else "none", y.dtype)
-        _, dw32, db32 = impl.norm_bwd(dy, x, w, mean, rstd, 0.0, is_rms, "llama" if is_rms else "none",
-                                      False, True, not is_rms)
+        spec = norm_spec(is_rms, 0.0, "llama" if is_rms else "none")
+        _, mean, rstd = impl.norm_fwd(x, w, None if is_rms else b, 1e-6 if is_rms else 1e-5, spec, y.dtype)
+        _, dw32, db32 = impl.norm_bwd(dy, x, w, mean, rstd, spec, False, True, not is_rms)
         assert dw32.dtype == torch.float32
         for g, want in zip(got, [dw32, db32]):
             assert g.dtype == w_dtype

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import torch
 
-from ..precision import acc_dtype
+from ..precision import NormSpec, acc_dtype
 
 Tensor = torch.Tensor
 
@@ -59,12 +59,11 @@ def norm_fwd(
     weight: Tensor | None,
     bias: Tensor | None,
     eps: float,
-    offset: float,
-    is_rms: bool,
-    cast_mode: str,
+    spec: NormSpec,
     out_dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns ``(y, mean, rstd)``; mean is empty for RMSNorm. Ops are ordered as HF's modules."""
+    offset, is_rms, cast_mode = spec.offset, spec.is_rms, spec.cast_mode
     acc = acc_dtype(x.dtype)
     xs = x.to(acc)
     if is_rms:
@@ -95,9 +94,7 @@ def norm_bwd(
     weight: Tensor | None,
     mean: Tensor,
     rstd: Tensor,
-    offset: float,
-    is_rms: bool,
-    cast_mode: str,
+    spec: NormSpec,
     need_dx: bool,
     need_dw: bool,
     need_db: bool,
@@ -108,6 +105,7 @@ def norm_bwd(
     """Returns ``(dx, dw, db)``: dx in x's dtype, dw and db in the accumulation dtype; None where not needed.
     ``dw_dtype``/``db_dtype`` (the parameters' dtypes) are for backends that write them directly; here the
     caller's cast does it."""
+    offset, is_rms, cast_mode = spec.offset, spec.is_rms, spec.cast_mode
     acc = acc_dtype(x.dtype)
     dy32 = dy.to(acc)
     xhat = _xhat(x, mean, rstd, is_rms)
@@ -137,13 +135,14 @@ def norm_bwd_bwd(
     grad_dx: Tensor | None,
     grad_dw: Tensor | None,
     grad_db: Tensor | None,
-    offset: float,
-    is_rms: bool,
+    spec: NormSpec,
     need_ddy: bool,
     need_dx: bool,
     need_dw: bool,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """Returns ``(d_dy, d_x, d_w)`` in dy's, x's and the accumulation dtype (see the module docstring)."""
+    """Returns ``(d_dy, d_x, d_w)`` in dy's, x's and the accumulation dtype (see the module docstring);
+    reads ``spec.is_rms`` and ``spec.offset`` (the unrounded norm's second derivative)."""
+    offset, is_rms = spec.offset, spec.is_rms
     acc = acc_dtype(x.dtype)
     dy32 = dy.to(acc)
     xhat = _xhat(x, mean, rstd, is_rms)

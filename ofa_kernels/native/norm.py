@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..precision import CAST_CODE as _CAST_CODE
+from ..precision import NormSpec
 from ..precision import acc_dtype as _acc
 from . import load
 
@@ -33,23 +33,23 @@ def _partner(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return t if t.dtype in (x.dtype, _acc(x.dtype)) else t.to(_acc(x.dtype))
 
 
-def norm_fwd(x, weight, bias, eps, offset, is_rms, cast_mode, out_dtype):
+def norm_fwd(x, weight, bias, eps, spec: NormSpec, out_dtype):
     acc = _acc(x.dtype)
     y_dtype = out_dtype if out_dtype in (x.dtype, acc) else acc
-    y, mean, rstd = _C().forward(x, weight, bias, eps, offset, is_rms, _CAST_CODE[cast_mode], y_dtype)
+    y, mean, rstd = _C().forward(x, weight, bias, eps, spec.offset, spec.is_rms, spec.cast_code, y_dtype)
     return (y if y.dtype == out_dtype else y.to(out_dtype)), mean, rstd
 
 
-def norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, cast_mode, need_dx, need_dw, need_db, *, dw_dtype=None,
+def norm_bwd(dy, x, weight, mean, rstd, spec: NormSpec, need_dx, need_dw, need_db, *, dw_dtype=None,
              db_dtype=None):
     """(dx, dw, db): dw/db in the accumulation dtype (``dw_dtype``/``db_dtype`` are for backends that write
     the parameters' dtypes directly; the caller casts these)."""
-    return _C().backward(_partner(dy, x), x, weight, mean, rstd, offset, is_rms, _CAST_CODE[cast_mode], need_dx,
+    return _C().backward(_partner(dy, x), x, weight, mean, rstd, spec.offset, spec.is_rms, spec.cast_code, need_dx,
                          need_dw, need_db)
 
 
-def norm_bwd_bwd(dy, x, weight, mean, rstd, grad_dx, grad_dw, grad_db, offset, is_rms, need_ddy, need_dx, need_dw):
+def norm_bwd_bwd(dy, x, weight, mean, rstd, grad_dx, grad_dw, grad_db, spec: NormSpec, need_ddy, need_dx, need_dw):
     a = None if grad_dx is None else grad_dx.to(x.dtype)
-    d_dy, d_x, d_w = _C().double_backward(_partner(dy, x), x, weight, mean, rstd, a, grad_dw, grad_db, offset,
-                                          is_rms, need_ddy, need_dx, need_dw)
+    d_dy, d_x, d_w = _C().double_backward(_partner(dy, x), x, weight, mean, rstd, a, grad_dw, grad_db, spec.offset,
+                                          spec.is_rms, need_ddy, need_dx, need_dw)
     return (None if d_dy is None else d_dy.to(dy.dtype)), d_x, d_w

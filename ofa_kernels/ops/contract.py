@@ -6,8 +6,9 @@ A backend is a module (``eager``, ``triton``, ``native``) with these functions; 
 lacks a function or takes other arguments is reported unusable, with the reason, instead of failing
 inside a training step. Shapes: ``x`` / ``dy`` are ``[M, N]`` rows (any row stride; the ops make
 ``dy`` row-major), ``weight`` / ``bias`` ``[N]`` or None, ``mean`` / ``rstd`` ``[M]`` in the
-accumulation dtype (``precision.acc_dtype``; ``mean`` empty for RMSNorm); ``cast_mode`` one of
-``precision.CAST_MODES``.
+accumulation dtype (``precision.acc_dtype``; ``mean`` empty for RMSNorm); ``spec`` the frozen
+``precision.NormSpec`` of the norm (RMSNorm or LayerNorm, the weight offset, the cast mode), one
+object per distinct spec (``precision.norm_spec``).
 """
 
 from __future__ import annotations
@@ -18,23 +19,26 @@ from typing import Protocol
 
 from torch import Tensor
 
+from ..precision import NormSpec
+
 __all__ = ["CONTRACTS", "NormBackend", "ProbeBackend", "unusable_reason"]
 
 
 class NormBackend(Protocol):
-    def norm_fwd(self, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, offset: float,
-                 is_rms: bool, cast_mode: str, out_dtype) -> tuple[Tensor, Tensor, Tensor]:
+    def norm_fwd(self, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, spec: NormSpec,
+                 out_dtype) -> tuple[Tensor, Tensor, Tensor]:
         """``(y, mean, rstd)``."""
 
-    def norm_bwd(self, dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor, offset: float,
-                 is_rms: bool, cast_mode: str, need_dx: bool, need_dw: bool, need_db: bool, *, dw_dtype=None,
+    def norm_bwd(self, dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor, spec: NormSpec,
+                 need_dx: bool, need_dw: bool, need_db: bool, *, dw_dtype=None,
                  db_dtype=None) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         """``(dx, dw, db)``, None where not needed."""
 
     def norm_bwd_bwd(self, dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor,
-                     grad_dx: Tensor | None, grad_dw: Tensor | None, grad_db: Tensor | None, offset: float,
-                     is_rms: bool, need_ddy: bool, need_dx: bool, need_dw: bool) -> tuple:
-        """``(d_dy, d_x, d_w)`` of ``<grad_dx, dx> + <grad_dw, dw> + <grad_db, db>``, None where not needed."""
+                     grad_dx: Tensor | None, grad_dw: Tensor | None, grad_db: Tensor | None, spec: NormSpec,
+                     need_ddy: bool, need_dx: bool, need_dw: bool) -> tuple:
+        """``(d_dy, d_x, d_w)`` of ``<grad_dx, dx> + <grad_dw, dw> + <grad_db, db>``, None where not needed
+        (``spec`` with cast mode "none": the second derivative of the norm without its rounding)."""
 
 
 class ProbeBackend(Protocol):

@@ -33,16 +33,12 @@ import torch
 from torch import Tensor
 from torch.autograd import forward_ad
 
-from ..precision import CAST_MODES
+from ..precision import CAST_MODES, acc_dtype, norm_spec
 from ..reference import layer_norm_ref, rms_norm_ref
 from . import dispatch, norm_vmap
 
 _OPS = {True: ("rms.fwd", "rms.bwd", "rms.bwd_bwd"), False: ("layer.fwd", "layer.bwd", "layer.bwd_bwd")}  # table keys
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def output_dtype(x_dtype: torch.dtype, w_dtype: torch.dtype | None, is_rms: bool, cast_mode: str) -> torch.dtype:
@@ -76,7 +72,7 @@ def _nothing(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
 def _call_fwd(x, weight, bias, eps, offset, is_rms, cast_mode, backend):
     out_dtype = output_dtype(x.dtype, None if weight is None else weight.dtype, is_rms, cast_mode)
     impl = dispatch.resolve(backend, x.device, "norm", x.shape[-1], x.dtype, _OPS[is_rms][0])
-    return impl.norm_fwd(x, weight, bias, eps, offset, is_rms, cast_mode, out_dtype)
+    return impl.norm_fwd(x, weight, bias, eps, norm_spec(is_rms, offset, cast_mode), out_dtype)
 
 
 def _call_bwd(dy, x, weight, mean, rstd, offset, is_rms, cast_mode, need_dx, need_dw, need_db, backend,
@@ -85,15 +81,16 @@ def _call_bwd(dy, x, weight, mean, rstd, offset, is_rms, cast_mode, need_dx, nee
     the backend writes those directly (``_fwd_stage_backward`` casts the rest). ``dy`` is row-major: every
     caller made it so once (``_fwd_stage_backward``, the registered op's body, the batching rules)."""
     impl = dispatch.resolve(backend, x.device, "norm", x.shape[-1], x.dtype, _OPS[is_rms][1])
-    return impl.norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, cast_mode, need_dx,
+    return impl.norm_bwd(dy, x, weight, mean, rstd, norm_spec(is_rms, offset, cast_mode), need_dx,
                          need_dw and weight is not None, need_db, dw_dtype=dw_dtype, db_dtype=db_dtype)
 
 
 def _call_bwd_bwd(dy, x, weight, mean, rstd, grad_dx, grad_dw, grad_db, offset, is_rms,
                   need_ddy, need_dx, need_dw, backend):
-    """(d_dy, d_x, d_w); d_dy/d_x are zeros when needed but no cotangent reached them, d_w may be None."""
+    """(d_dy, d_x, d_w); d_dy/d_x are zeros when needed but no cotangent reached them, d_w may be None. The
+    spec has cast mode "none": the double backward differentiates the norm without its rounding."""
     d_dy, d_x, d_w = dispatch.resolve(backend, x.device, "norm", x.shape[-1], x.dtype, _OPS[is_rms][2]).norm_bwd_bwd(
-        dy, x, weight, mean, rstd, grad_dx, grad_dw, grad_db, offset, is_rms, need_ddy, need_dx,
+        dy, x, weight, mean, rstd, grad_dx, grad_dw, grad_db, norm_spec(is_rms, offset), need_ddy, need_dx,
         need_dw and weight is not None)
     if need_ddy and d_dy is None:
         d_dy = torch.zeros_like(dy)
@@ -255,9 +252,9 @@ def _bwd_jvp(bwd, bwd_bwd, dy, x, weight, mean, rstd, dy_t, x_t, w_t, offset, is
     if need_dx and t_dx is None:
         t_dx = torch.zeros_like(x)
     if need_dw and t_dw is None:
-        t_dw = torch.zeros(x.shape[-1], dtype=_acc(x.dtype), device=x.device)
+        t_dw = torch.zeros(x.shape[-1], dtype=acc_dtype(x.dtype), device=x.device)
     if need_db and t_db is None:
-        t_db = torch.zeros(x.shape[-1], dtype=_acc(x.dtype), device=x.device)
+        t_db = torch.zeros(x.shape[-1], dtype=acc_dtype(x.dtype), device=x.device)
     return t_dx, t_dw, t_db
 
 
@@ -291,7 +288,7 @@ def _norm_fwd(
 @_norm_fwd.register_fake
 def _(x, weight, bias, eps, offset, is_rms, cast_mode, backend):
     out_dtype = output_dtype(x.dtype, None if weight is None else weight.dtype, is_rms, cast_mode)
-    acc = _acc(x.dtype)
+    acc = acc_dtype(x.dtype)
     M = x.shape[0]
     return x.new_empty(x.shape, dtype=out_dtype), x.new_empty(0 if is_rms else M, dtype=acc), x.new_empty(M, dtype=acc)
 
@@ -312,14 +309,14 @@ def _norm_bwd(
 ) -> tuple[Tensor, Tensor, Tensor]:
     dx, dw, db = _call_bwd(_row_major(dy), x, weight, mean, rstd, offset, is_rms, cast_mode, need_dx, need_dw,
                            need_db, backend)  # the op may be called with any layout
-    acc = _acc(x.dtype)
+    acc = acc_dtype(x.dtype)
     return (dx if dx is not None else _nothing(x), dw if dw is not None else _nothing(x, acc),
             db if db is not None else _nothing(x, acc))
 
 
 @_norm_bwd.register_fake
 def _(dy, x, weight, mean, rstd, offset, is_rms, cast_mode, need_dx, need_dw, need_db, backend):
-    acc = _acc(x.dtype)
+    acc = acc_dtype(x.dtype)
     N = x.shape[-1]
     return (x.new_empty(x.shape if need_dx else (0,)),
             x.new_empty(N if need_dw and weight is not None else 0, dtype=acc),
@@ -344,7 +341,7 @@ def _norm_bwd_bwd(
     d_dy, d_x, d_w = _call_bwd_bwd(_row_major(dy), x, weight, mean, rstd, grad_dx, grad_dw, grad_db, offset, is_rms,
                                    need_ddy, need_dx, need_dw, backend)
     return (d_dy if need_ddy else _nothing(dy), d_x if need_dx else _nothing(x),
-            d_w if d_w is not None else _nothing(x, _acc(x.dtype)))
+            d_w if d_w is not None else _nothing(x, acc_dtype(x.dtype)))
 
 
 @_norm_bwd_bwd.register_fake
@@ -352,7 +349,7 @@ def _(dy, x, weight, mean, rstd, grad_dx, grad_dw, grad_db, offset, is_rms, need
     N = x.shape[-1]
     has_dw = need_dw and weight is not None and grad_dx is not None
     return (dy.new_empty(dy.shape if need_ddy else (0,)), x.new_empty(x.shape if need_dx else (0,)),
-            x.new_empty(N if has_dw else 0, dtype=_acc(x.dtype)))
+            x.new_empty(N if has_dw else 0, dtype=acc_dtype(x.dtype)))
 
 
 _norm_bwd_bwd.register_autograd(_bwd_bwd_stage_backward,
@@ -375,7 +372,7 @@ def _op_bwd_vmap(info, in_dims, dy, x, weight, mean, rstd, offset, is_rms, cast_
                  backend):
     outs, _ = norm_vmap.bwd_rule(_norm_bwd, info.batch_size, in_dims, dy, x, weight, mean, rstd, offset, is_rms,
                                  cast_mode, need_dx, need_dw, need_db, backend)
-    acc = _acc(x.dtype)
+    acc = acc_dtype(x.dtype)
     return _with_placeholders(outs, info.batch_size, [(x, x.dtype), (x, acc), (x, acc)])
 
 
@@ -383,7 +380,7 @@ def _op_bwd_bwd_vmap(info, in_dims, dy, x, weight, mean, rstd, grad_dx, grad_dw,
                      need_ddy, need_dx, need_dw, backend):
     outs, _ = norm_vmap.bwd_bwd_rule(_norm_bwd_bwd, info.batch_size, in_dims, dy, x, weight, mean, rstd, grad_dx,
                                      grad_dw, grad_db, offset, is_rms, need_ddy, need_dx, need_dw, backend)
-    return _with_placeholders(outs, info.batch_size, [(dy, dy.dtype), (x, x.dtype), (x, _acc(x.dtype))])
+    return _with_placeholders(outs, info.batch_size, [(dy, dy.dtype), (x, x.dtype), (x, acc_dtype(x.dtype))])
 
 
 torch.library.register_vmap("ofa::norm_fwd", _op_fwd_vmap)

@@ -22,7 +22,7 @@ from typing import Callable
 from torch import Tensor
 
 from ..eager import norm as plain_formulas
-from ..precision import acc_dtype
+from ..precision import acc_dtype, norm_spec
 
 
 def stats_of(x: Tensor, mean: Tensor, rstd: Tensor, is_rms: bool) -> tuple[Tensor, Tensor]:
@@ -40,21 +40,21 @@ def stats_of(x: Tensor, mean: Tensor, rstd: Tensor, is_rms: bool) -> tuple[Tenso
 
 def plain_fwd(x, weight, bias, eps, offset, is_rms, cast_mode, out_dtype):
     """The forward stage in PyTorch ops: ``(y, mean, rstd)``."""
-    return plain_formulas.norm_fwd(x, weight, bias, eps, offset, is_rms, cast_mode, out_dtype)
+    return plain_formulas.norm_fwd(x, weight, bias, eps, norm_spec(is_rms, offset, cast_mode), out_dtype)
 
 
 def plain_bwd(dy, x, weight, mean, rstd, offset, is_rms, cast_mode, need_dx, need_dw, need_db):
     """The backward stage in PyTorch ops, differentiable through the statistics: ``(dx, dw, db)``."""
     mean_f, rstd_f = stats_of(x, mean, rstd, is_rms)
-    return plain_formulas.norm_bwd(dy, x, weight, mean_f, rstd_f, offset, is_rms, cast_mode, need_dx,
+    return plain_formulas.norm_bwd(dy, x, weight, mean_f, rstd_f, norm_spec(is_rms, offset, cast_mode), need_dx,
                                    need_dw and weight is not None, need_db)
 
 
 def plain_bwd_bwd(dy, x, weight, mean, rstd, grad_dx, grad_dw, grad_db, offset, is_rms, need_ddy, need_dx, need_dw):
     """The double backward in PyTorch ops, differentiable through the statistics: ``(d_dy, d_x, d_w)``."""
     mean_f, rstd_f = stats_of(x, mean, rstd, is_rms)
-    return plain_formulas.norm_bwd_bwd(dy, x, weight, mean_f, rstd_f, grad_dx, grad_dw, grad_db, offset, is_rms,
-                                       need_ddy, need_dx, need_dw and weight is not None)
+    return plain_formulas.norm_bwd_bwd(dy, x, weight, mean_f, rstd_f, grad_dx, grad_dw, grad_db,
+                                       norm_spec(is_rms, offset), need_ddy, need_dx, need_dw and weight is not None)
 
 
 def plain_bwd_bwd_in(fixed: list, slots: list[int], mean, rstd, offset, is_rms, mask: tuple[bool, ...]):

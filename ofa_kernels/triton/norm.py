@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..precision import CAST_CODE as _CAST_CODE
+from ..precision import NormSpec, acc_dtype
 from . import tuning
 from .grid import cdiv, next_power_of_2
 from .launch import Launcher
@@ -515,15 +515,12 @@ def acc_tl_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def acc_torch_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def norm_fwd(x, weight, bias, eps, offset, is_rms, cast_mode, out_dtype, *, max_block_n=None, rows_per_program=None,
+def norm_fwd(x, weight, bias, eps, spec: NormSpec, out_dtype, *, max_block_n=None, rows_per_program=None,
              num_warps=None):
     """x: [M, N] with x.stride(1) == 1. Returns (y, mean, rstd); mean is empty for RMSNorm."""
+    offset, is_rms = spec.offset, spec.is_rms
     M, N = x.shape
-    acc = acc_torch_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     y = torch.empty((M, N), dtype=out_dtype, device=x.device)
     rstd = torch.empty(M, dtype=acc, device=x.device)
     mean = torch.empty(0 if is_rms else M, dtype=acc, device=x.device)
@@ -535,20 +532,21 @@ def norm_fwd(x, weight, bias, eps, offset, is_rms, cast_mode, out_dtype, *, max_
         (x, y, weight if weight is not None else x, bias if bias is not None else x,
          mean if not is_rms else rstd, rstd, x.stride(0), y.stride(0), M, N, eps, offset),
         # IS_RMS, HAS_W, HAS_B, CAST_MODE, ACC, BLOCK_M, BLOCK_N, SINGLE_PASS
-        (is_rms, weight is not None, bias is not None, _CAST_CODE[cast_mode], acc_tl_dtype(x.dtype), block_m,
+        (is_rms, weight is not None, bias is not None, spec.cast_code, acc_tl_dtype(x.dtype), block_m,
          block_n, single),
         num_warps)
     return y, mean, rstd
 
 
-def norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, cast_mode, need_dx, need_dw, need_db, *,
+def norm_bwd(dy, x, weight, mean, rstd, spec: NormSpec, need_dx, need_dw, need_db, *,
              dw_dtype=None, db_dtype=None, max_block_n=None, rows_per_program=None, num_warps=None,
              programs_per_sm=None, reduce_in_kernel=None):
     """Returns (dx in x.dtype, dw, db); None where not needed. Where the kernel sums the partials itself it
     writes dw/db in ``dw_dtype``/``db_dtype`` (the parameters'); a separate sum leaves them in the
     accumulation dtype, for the caller to cast."""
+    offset, is_rms = spec.offset, spec.is_rms
     M, N = x.shape
-    acc = acc_torch_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     dw_dtype, db_dtype = dw_dtype or acc, db_dtype or acc
     block_m, block_n, single, num_warps, n_progs = _config(x, "bwd", max_block_n, rows_per_program, num_warps,
                                                            programs_per_sm)
@@ -569,7 +567,7 @@ def norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, cast_mode, need_dx, need
          dw if dw is not None else rstd, db if db is not None else rstd, counter if reduce else rstd,
          dy.stride(0), x.stride(0), N if need_dx else 0, M, N, cdiv(M, block_m), n_progs, offset),
         # IS_RMS, HAS_W, NEED_DX, NEED_DW, NEED_DB, CAST_MODE, ACC, BLOCK_M, BLOCK_N, SINGLE_PASS, REDUCE
-        (is_rms, weight is not None, need_dx, need_dw, need_db, _CAST_CODE[cast_mode], acc_tl_dtype(x.dtype),
+        (is_rms, weight is not None, need_dx, need_dw, need_db, spec.cast_code, acc_tl_dtype(x.dtype),
          block_m, block_n, single, reduce),
         num_warps)
     if not reduce:
@@ -577,12 +575,14 @@ def norm_bwd(dy, x, weight, mean, rstd, offset, is_rms, cast_mode, need_dx, need
     return dx, dw, db
 
 
-def norm_bwd_bwd(dy, x, weight, mean, rstd, grad_dx, grad_dw, grad_db, offset, is_rms,
+def norm_bwd_bwd(dy, x, weight, mean, rstd, grad_dx, grad_dw, grad_db, spec: NormSpec,
                  need_ddy, need_dx, need_dw, *, max_block_n=None, rows_per_program=None, num_warps=None,
                  programs_per_sm=None, reduce_in_kernel=None):
-    """Returns (d_dy in dy.dtype, d_x in x.dtype, d_w in the accumulation dtype)."""
+    """Returns (d_dy in dy.dtype, d_x in x.dtype, d_w in the accumulation dtype); reads ``spec.is_rms`` and
+    ``spec.offset``."""
+    offset, is_rms = spec.offset, spec.is_rms
     M, N = x.shape
-    acc = acc_torch_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     block_m, block_n, single, num_warps, n_progs = _config(x, "bwd_bwd", max_block_n, rows_per_program, num_warps,
                                                            programs_per_sm)
     need_dw = need_dw and grad_dx is not None

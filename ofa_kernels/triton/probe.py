@@ -17,10 +17,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ..precision import acc_dtype
 from .grid import cdiv, next_power_of_2
 from .launch import Launcher
-
-from .norm import acc_tl_dtype, acc_torch_dtype, cast_to
+from .norm import acc_tl_dtype, cast_to
 
 MAX_WIDTH = 32768
 
@@ -144,7 +144,7 @@ def probe_perturb(x, gamma, eps, keys, rows_per_probe, distribution, scale_by_rm
     M, N = x.shape
     block_n = _block_n(N)
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    scale = torch.empty(M, dtype=acc_torch_dtype(x.dtype), device=x.device)
+    scale = torch.empty(M, dtype=acc_dtype(x.dtype), device=x.device)
     if M == 0:
         return y, scale
     if rows_per_program is None:
