@@ -17,9 +17,13 @@ constant taken from the frozen original weights.
   ``x + s * gamma_t * nu_t`` (all blocks in one pass, ``s = eps``, or ``eps * rms(x_row)`` with
   ``eps_scale="rms"``), and ``q_t = -nu_t . ((H~_{t+1} - X~_t) - (H_{t+1} - H_t)) / s`` at pos, with
   ``X~_t`` the perturbed input block t was actually fed (so the injected noise and its rounding
-  cancel exactly). ``paper_exact=True`` reproduces the authors' code instead: the injected noise
-  stays in (``H~_t`` in place of ``X~_t``) and the dot product is the B x B matrix
-  ``nu @ delta.T`` (every pair of sequences), all of it averaged.
+  cancel exactly). ``paper_exact=True`` is the authors' arithmetic (``wrapper.py``,
+  ``layernorm_adaptation_verion4``): every block's input, block 0 included, gets the noise
+  ``n_t = s * nu_t`` scaled by gamma_t; the injected noise stays in (``H~_t`` in place of ``X~_t``);
+  the dot product takes the step-scaled noise, ``q = -(n_t @ delta.T) / eps`` (for s = eps:
+  ``-(nu_t @ delta.T)``, eps times a trace estimate, so q sits near ``-eps * sum(gamma_t)``), over
+  the B x B pairs of sequences, all of it averaged. ``tests/authors_reference.py`` transcribes their
+  code; the tests hold this mode to it.
   ``"jvp"``: the eps -> 0 limit of "fd" for the same probes, exactly: one forward-mode pass whose
   tangent gets ``s * gamma_t * nu_t`` added at every probed block's input (no cancellation).
   ``"hvp"``: Hutchinson ``q_t = (P_t v_t)^T (d^2 CE / d H_t[pos]^2) (P_t v_t)`` for the CE of the label
@@ -188,9 +192,10 @@ def _fd(st, batch, pr: _Probing, first: int, K: int, clean: list[Tensor]) -> Ten
     ids, mask, pos = _repeat(batch, K)
     B, T = batch[0].shape
     scales = {}
+    perturbed = range(len(st.blocks)) if pr.paper_exact else pr.layers  # the authors perturb block 0 too
 
     def transform(t, x):
-        if t not in pr.layers:
+        if t not in perturbed:
             return x
         y, s = perturb(x, pr.gammas[t].to(x.device), pr.eps, seed=pr.seed, layer=t, first_probe=first, num_probes=K,
                        distribution=pr.distribution, scale_by_rms=pr.scale_by_rms, row_offset=pr.row_offset * T,
@@ -205,8 +210,8 @@ def _fd(st, batch, pr: _Probing, first: int, K: int, clean: list[Tensor]) -> Ten
     for t in pr.layers:
         keys = rng.key_table(pr.seed, t, first, K, ids.device)
         if pr.paper_exact:
-            out.append(_paper_exact_q(pert[t + 1], pert[t], clean[t + 1], clean[t], scales[t], keys, probe, base,
-                                      pr.distribution, K, pr.backend))
+            out.append(_paper_exact_q(pert[t + 1], pert[t], clean[t + 1], clean[t], scales[t], pr.eps, keys, probe,
+                                      base, pr.distribution, K, pr.backend))
         else:
             q = probe_dot(pert[t + 1], tap.fed[t], clean[t + 1], clean[t], scales[t], keys, probe, base,
                           pr.distribution, backend=pr.backend)
@@ -214,23 +219,25 @@ def _fd(st, batch, pr: _Probing, first: int, K: int, clean: list[Tensor]) -> Ten
     return torch.stack(out, 1)  # [K, layers, B] (or [K, layers, B, B])
 
 
-def _paper_exact_q(a, b, c, d, scale, keys, probe, base, distribution, K, backend) -> Tensor:
-    """The authors' code: noise left in H~, q over every (probe row, sequence) pair: [K, B, B]."""
+def _paper_exact_q(a, b, c, d, scale, eps, keys, probe, base, distribution, K, backend) -> Tensor:
+    """The authors' arithmetic: ``-(n @ delta.T) / eps`` with ``n = s * nu`` the step-scaled noise (not the
+    unit probe: for s = eps this is ``-(nu @ delta.T)``, eps times a trace estimate), the injected
+    noise left in ``delta``, over every (probe row, sequence) pair: [K, B, B]."""
     R, N = a.shape
-    nu = probe_rows(torch.ones_like(scale), None, keys, probe, base, N, distribution, backend)
+    noise = probe_rows(scale / eps, None, keys, probe, base, N, distribution, backend)  # (s / eps) * nu
     acc = scale.dtype
     delta = (a.to(acc) - b.to(acc)) - (c.to(acc) - d.to(acc)).repeat(K, 1)
-    q = -(nu.view(K, -1, N) @ delta.view(K, -1, N).transpose(1, 2))
-    return q / scale.view(K, -1, 1)
+    return -(noise.view(K, -1, N) @ delta.view(K, -1, N).transpose(1, 2))
 
 
 def _jvp(st, batch, pr: _Probing, first: int, K: int) -> Tensor:
     ids, mask, pos = _repeat(batch, K)
     B, T = batch[0].shape
     scales, tangents_fed = {}, {}
+    perturbed = range(len(st.blocks)) if pr.paper_exact else pr.layers
     with forward_ad.dual_level(), _PlainAttention(forward_mode=True), recompute_under(None):  # no checkpointing
         def transform(t, x):
-            if t not in pr.layers:
+            if t not in perturbed:
                 return x
             primal = forward_ad.unpack_dual(x).primal
             noise, s = perturb(primal, pr.gammas[t].to(x.device), 1.0, seed=pr.seed, layer=t, first_probe=first,
@@ -249,8 +256,10 @@ def _jvp(st, batch, pr: _Probing, first: int, K: int) -> Tensor:
         keys = rng.key_table(pr.seed, t, first, K, ids.device)
         if pr.paper_exact:
             zero = torch.zeros_like(tangent[t][:B])
-            out.append(_paper_exact_q(tangent[t + 1], tangent[t], zero, zero, scales[t], keys, probe, base,
-                                      pr.distribution, K, pr.backend))
+            # the eps -> 0 limit of the authors' q: the state differences are eps * sigma * (tangent), and the
+            # noise in the dot product is eps-scaled, then divided by eps
+            out.append(_paper_exact_q(tangent[t + 1], tangent[t], zero, zero, scales[t] * pr.eps, 1.0, keys, probe,
+                                      base, pr.distribution, K, pr.backend))
         else:
             q = probe_dot(tangent[t + 1], tangents_fed[t], None, None, scales[t], keys, probe, base, pr.distribution,
                           backend=pr.backend)
@@ -337,7 +346,8 @@ def sharpness_terms(
     there, or None: one drawn from torch's generator). ``first_probe``: this call's probes are probes
     ``first_probe ..`` of the stream (K probes at once equal K calls of one; S over K probes is the
     mean of S over disjoint probe ranges, which is how a training step splits the probe pass).
-    ``paper_exact``: the authors' code's B x B product and injected noise. ``gammas``: the
+    ``paper_exact``: the authors' arithmetic (block 0 perturbed too, noise left in, eps-scaled noise in
+    the B x B product; see the module docstring); ``layers`` still chooses the blocks whose q enter S. ``gammas``: the
     preconditioners (default: :func:`preconditioners` of the model now; pass the originals while
     training). ``clean_states``: the clean pass's ``[H_0..H_L]`` at the last positions, if already
     computed. ``backend``: the probe kernels' backend (None: the default choice). ``row_offset``: the

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,6 +12,7 @@ from conftest import DEVICE, available_backends
 import ofa_kernels
 from ofa_kernels import anatomy
 from ofa_kernels import objectives as obj
+from ofa_kernels.ops.probe import perturb
 
 # ------------------------------------------------------------------------------------ step ratio
 
@@ -177,28 +180,61 @@ def test_shards_of_a_batch_draw_the_whole_batchs_probes(tiny, estimator):
     torch.testing.assert_close(torch.cat(parts, -1), whole, rtol=1e-10, atol=1e-10)
 
 
-def test_paper_exact_reproduces_the_authors_product():
-    model = _tiny("llama")
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_paper_exact_is_the_authors_arithmetic(kind):
+    """S and its norm-weight gradients against the transcription of the authors' code, fp64, on two
+    copies of one model with fused norms (HF's own RMSNorm computes in fp32 whatever the model's
+    dtype, 1e-8 apart from fp64: the transcription runs HF's forward with its hooks). With the noise the probe ops draw (the plain-PyTorch
+    probe backend, so that the added and the dotted noise are the same numbers): within 1e-10
+    relative. With the host generator's Gaussians, which the backends match only to the last fp32
+    ulps of log/cos: within 1e-5 relative."""
+    from authors_reference import authors_terms, host_gaussian
+
+    def kernel_gaussian(shape, seed, layer, like):  # the numbers perturb() adds, read back through a zero input
+        return perturb(torch.zeros(shape, dtype=like.dtype, device=like.device), torch.ones(shape[-1], dtype=like.dtype,
+                       device=like.device), 1.0, seed=seed, layer=layer, distribution="gaussian", backend="torch")[0]
+
+    ours, theirs = _tiny(kind), _tiny(kind)
+    ofa_kernels.patch_model(ours)
+    ofa_kernels.patch_model(theirs)
     batch = _batch(B=3)
+    gammas = anatomy.preconditioners(theirs)
+    for m in (ours, theirs):
+        for name, p in m.named_parameters():
+            p.requires_grad_(p.dim() == 1 and ("norm" in name or "ln_" in name))
     with torch.no_grad():
-        q = obj.sharpness_terms(model, batch, estimator="fd", seed=5, paper_exact=True, distribution="gaussian")
-        st = anatomy.structure(model)
-        pos = anatomy.last_positions(batch["attention_mask"])
-        clean = anatomy.StateTap(st, pos, None).run(batch["input_ids"], batch["attention_mask"])
-        gammas = anatomy.preconditioners(model)
-        noises = {}
-        def add(t, x):  # the authors' perturbation, noise drawn with the same generator
-            nu = ofa_kernels.probes(x.shape, 5, "gaussian", layer=t, device=DEVICE, dtype=x.dtype)
-            noises[t] = nu[torch.arange(3, device=DEVICE), pos]
-            return x + 1e-3 * gammas[t].double() * nu if t >= 1 else x
-        pert = anatomy.StateTap(st, pos, add).run(batch["input_ids"], batch["attention_mask"])
-    for i, t in enumerate(range(1, 3)):
-        delta = (pert[t + 1] - pert[t]) - (clean[t + 1] - clean[t])
-        want = -(noises[t] @ delta.T) / 1e-3  # B x B, injected noise left inside
-        # Gaussian probes differ from the host's in the last ulps of log/cos; /eps amplifies that
-        torch.testing.assert_close(q[0, i], want, rtol=1e-4, atol=1e-6)
-    s = obj.sharpness(model, batch, estimator="fd", seed=5, paper_exact=True, distribution="gaussian")
-    torch.testing.assert_close(s, F.softplus(q).mean((0, 2, 3)).sum())
+        host = authors_terms(theirs, batch["input_ids"], batch["attention_mask"], gammas, eps=1e-3, seed=5,
+                             gaussian=host_gaussian)["S"]
+    want = authors_terms(theirs, batch["input_ids"], batch["attention_mask"], gammas, eps=1e-3, seed=5,
+                         gaussian=kernel_gaussian)["S"]
+    got = obj.sharpness(ours, batch, estimator="fd", seed=5, paper_exact=True, distribution="gaussian",
+                        eps=1e-3, gammas=gammas, backend="torch")
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=0)
+    torch.testing.assert_close(got.detach(), host, rtol=1e-5, atol=0)
+    want.backward()
+    got.backward()
+    theirs_grads = {n: p.grad for n, p in theirs.named_parameters() if p.requires_grad}
+    ours_grads = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
+    assert ours_grads.keys() == theirs_grads.keys() and ours_grads
+    assert all(g.abs().sum() > 0 for n, g in theirs_grads.items() if n.endswith("weight"))  # a test that can fail
+    for name, g in theirs_grads.items():
+        torch.testing.assert_close(ours_grads[name], g, rtol=1e-9, atol=1e-12 * float(g.abs().max()), msg=name)
+
+
+def test_paper_exact_jvp_is_the_fd_limit():
+    """The forward-mode form of the authors' q equals their finite difference to O(eps) (a small step: the
+    tiny model's final norm is far from linear at 1e-3)."""
+    model = _tiny("llama")
+    batch = _batch(B=2)
+    with torch.enable_grad():
+        jvp = obj.sharpness_terms(model, batch, estimator="jvp", seed=3, paper_exact=True, eps=1e-5,
+                                  distribution="gaussian")
+    with torch.no_grad():
+        fd = obj.sharpness_terms(model, batch, estimator="fd", seed=3, paper_exact=True, eps=1e-5,
+                                 distribution="gaussian")
+    assert jvp.shape == fd.shape == (1, 2, 2, 2)
+    torch.testing.assert_close(jvp, fd, rtol=1e-3, atol=1e-3 * float(fd.abs().max()))
 
 
 @pytest.fixture(params=available_backends())
@@ -308,3 +344,42 @@ def test_states_at_the_prompt_end_do_not_see_the_label_tokens_after_it(tiny):
     assert final.shape[:2] == (2, 7)
     for a, b in zip(alone, both):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.slow
+def test_paper_exact_is_the_authors_arithmetic_on_smollm2(smollm2):
+    """Real SmolLM2, fp32, one SST-2-style pair (demonstration + query, the paper protocol's sequence):
+    S and its norm-weight gradients against the transcription of the authors' code, the same noise.
+    Bounds (fp32): S within 1e-4 relative; the gradient over all norm weights within 5e-3 (relative L2).
+    The noise stays in the state differences S takes, which cancel to ~eps of the states' size: one
+    ulp more or less where the noise is added (x + s*gamma*nu rounded once here, in two steps there)
+    shows at 1e-5..1e-4 (measured: S 2e-5, gradient 1e-3)."""
+    from authors_reference import authors_terms
+
+    model, tokenizer = smollm2
+    text = ("Review: a gorgeous, witty, seductive movie.\nSentiment: positive\n"
+            "Review: the plot is nothing but boilerplate cliches.\nSentiment:")
+    batch = dict(tokenizer([text], return_tensors="pt").to(DEVICE))
+    gammas = anatomy.preconditioners(model)
+    params = [p for n, p in model.named_parameters() if "norm" in n]
+    seed = int(torch.randint(0, 2**31, ()))
+
+    def kernel_gaussian(shape, seed, layer, like):
+        return perturb(torch.zeros(shape, dtype=like.dtype, device=like.device), torch.ones(shape[-1], dtype=like.dtype,
+                       device=like.device), 1.0, seed=seed, layer=layer, distribution="gaussian", backend="torch")[0]
+
+    want = authors_terms(model, batch["input_ids"], batch["attention_mask"], gammas, seed=seed,
+                         gaussian=kernel_gaussian)["S"]
+    want_grads = torch.autograd.grad(want, params)
+    got = obj.sharpness(model, batch, estimator="fd", seed=seed, paper_exact=True, distribution="gaussian",
+                        eps=1e-3, gammas=gammas, backend="torch")
+    got_grads = torch.autograd.grad(got, params)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=0)
+    # the authors' S is gentle: q ~ -eps * sum(gamma) per block (a few tenths), so S sits within 20% of
+    # (L - 1) log 2 (the trace form's S is ~900 on this model)
+    L = len(gammas)
+    assert abs(float(got.detach()) / ((L - 1) * math.log(2)) - 1) < 0.2
+    g, w = torch.cat([g.flatten() for g in got_grads]), torch.cat([w.flatten() for w in want_grads])
+    error = float((g - w).norm() / w.norm())
+    print(f"relative L2 error of the norm-weight gradient: {error:.2e}")
+    assert error < 5e-3
