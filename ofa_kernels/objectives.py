@@ -61,13 +61,15 @@ from . import rng
 from .anatomy import StateTap, Structure, input_batch, positions_of, preconditioners, structure
 from .memory import recompute_under
 from .ops.probe import perturb, probe_dot, probe_rows
-from .options import ESTIMATORS
+from .options import ESTIMATORS, PROBE_ROWS, check_choice
 from .precision import acc_dtype
+from .riding import RiderProbes, RidingTap, check_attention, riding_batch
 
 EPS_SCALES = ("auto", "none", "rms")
 BF16_SAFE_EPS = 2.0**-5
 
-__all__ = ["ESTIMATORS", "hutchinson_trace", "sharpness", "sharpness_terms", "step_ratio", "TraceEstimate"]
+__all__ = ["ESTIMATORS", "PROBE_ROWS", "hutchinson_trace", "riding_pass", "sharpness", "sharpness_terms", "softplus_mean", "step_ratio",
+           "TraceEstimate"]
 
 
 # ------------------------------------------------------------------------------------ step ratio
@@ -230,6 +232,29 @@ def _paper_exact_q(a, b, c, d, scale, eps, keys, probe, base, distribution, K, b
     return -(noise.view(K, -1, N) @ delta.view(K, -1, N).transpose(1, 2))
 
 
+def _fd_last(st, config, batch, pr: _Probing, first: int, K: int, layout_width: int,
+             clean: list[Tensor] | None = None) -> tuple[list[Tensor], Tensor, Tensor]:
+    """The probes as K rows riding in one clean pass (``riding.py``): the clean states at the positions,
+    the clean rows' final hidden states [B, T, d] and q [K, layers, B]. The rider rows draw the
+    numbers of their sequence's last token in the ``[B, layout_width, d]`` layout."""
+    ids, mask, pos = batch
+    B = ids.shape[0]
+    d = pr.gammas[0].shape[0]
+    probe, base = _counters(pos, layout_width, d, K, pr.row_offset)
+    rb = riding_batch(ids, mask, pos, K, _model_dtype(st), config)
+    tap = RidingTap(st, pos, rb, RiderProbes(pr.layers, pr.gammas, pr.seed, first, pr.distribution, pr.eps,
+                                             pr.scale_by_rms, probe, base, pr.backend))
+    states = tap.run(st.base)
+    c = states if clean is None else list(clean)
+    out = []
+    for t in pr.layers:
+        keys = rng.key_table(pr.seed, t, first, K, ids.device)
+        q = probe_dot(tap.rider_in[t + 1], tap.rider_fed[t], c[t + 1], c[t], tap.scales[t], keys, probe, base,
+                      pr.distribution, backend=pr.backend)
+        out.append(q.view(K, B))
+    return states, tap.final_full, torch.stack(out, 1)
+
+
 def _jvp(st, batch, pr: _Probing, first: int, K: int) -> Tensor:
     ids, mask, pos = _repeat(batch, K)
     B, T = batch[0].shape
@@ -319,6 +344,7 @@ def sharpness_terms(
     batch: Mapping[str, Tensor],
     *,
     estimator: str = "fd",
+    probe_rows: str = "all",
     num_probes: int = 1,
     distribution: str = "rademacher",
     eps: float | None = None,
@@ -337,8 +363,12 @@ def sharpness_terms(
     ``paper_exact``, every (probe row, sequence) pair: ``[K, len(layers), B, B]``).
 
     ``batch``: ``input_ids``, ``attention_mask`` (and ``labels``, the label token per sequence, for
-    "hvp"). ``estimator``: "fd", "jvp" or "hvp" (see the module docstring). ``num_probes`` K probes
-    run in one pass as K copies of the batch, at most ``max_rows`` sequences per pass.
+    "hvp"). ``estimator``: "fd", "jvp" or "hvp" (see the module docstring). ``probe_rows`` ("fd"):
+    "all" perturbs every position in a second pass; "last" perturbs only each sequence's last token,
+    as K rows riding in the clean pass (``riding.py``; same last-token probe numbers, the same
+    expectation per block, a lower variance; needs "sdpa" or "eager" attention). ``num_probes`` K
+    probes run in one pass as K copies of the batch (K rider rows per sequence with "last"), at most
+    ``max_rows`` sequences per pass.
     ``distribution``: "rademacher" or "gaussian". ``eps``: the finite-difference step (default
     1e-3, or ``2**-5 * rms`` for bf16/fp16 models); ``eps_scale``: "none", "rms" (step relative to
     each row's RMS) or "auto" (rms for bf16/fp16). ``layers``: probed block indices (default
@@ -354,21 +384,26 @@ def sharpness_terms(
     batch is rows ``row_offset ..`` of a larger batch padded to the same width, and draws that
     batch's probes (shards of a batch together equal the whole batch: how data-parallel ranks draw).
     """
-    _check_estimator(estimator, distribution, eps_scale, num_probes, paper_exact)
+    _check_estimator(estimator, distribution, eps_scale, num_probes, paper_exact, probe_rows)
     st = structure(model)
+    if probe_rows == "last":
+        check_attention(st)
     ids, mask = input_batch(batch)
     pos = batch["positions"] if "positions" in batch else positions_of(ids, mask)  # given: no check read back
     pr = _probing(st, model, layers, gammas, seed, distribution, eps, eps_scale, paper_exact, backend, row_offset)
     labels = _hvp_labels(batch, ids.shape[0]) if estimator == "hvp" else None
     if estimator != "fd":
         _needs_plain_attention(st, estimator)
-    if estimator == "fd" and clean_states is None:
+    if estimator == "fd" and probe_rows == "all" and clean_states is None:
         clean_states = StateTap(st, pos, None).run(ids, mask)
     per_pass = num_probes if max_rows is None else max(1, int(max_rows) // ids.shape[0])
     parts = []
     for start in range(0, num_probes, per_pass):  # probe passes of at most max_rows sequences
         K, first = min(per_pass, num_probes - start), first_probe + start
-        if estimator == "fd":
+        if estimator == "fd" and probe_rows == "last":
+            parts.append(_fd_last(st, getattr(model, "config", None), (ids, mask, pos), pr, first, K, ids.shape[1],
+                                  clean_states)[2])
+        elif estimator == "fd":
             parts.append(_fd(st, (ids, mask, pos), pr, first, K, list(clean_states)))
         elif estimator == "jvp":
             parts.append(_jvp(st, (ids, mask, pos), pr, first, K))
@@ -377,9 +412,38 @@ def sharpness_terms(
     return torch.cat(parts, 0)
 
 
-def _check_estimator(estimator: str, distribution: str, eps_scale: str, num_probes, paper_exact: bool) -> None:
+def riding_pass(model: nn.Module, batch: Mapping[str, Tensor], positions: Tensor, *, layout_width: int,
+                num_probes: int = 1, distribution: str = "rademacher", eps: float | None = None,
+                eps_scale: str = "auto", layers: Sequence[int] | None = None, seed: int | Tensor | None = None,
+                gammas: Sequence[Tensor] | None = None, backend: str | None = None,
+                row_offset: int = 0) -> tuple[list[Tensor], Tensor, Tensor]:
+    """One pass that gives everything a training step reads: the clean ``[H_0 .. H_L]`` at ``positions``,
+    the clean rows' final hidden states ``[B, T, d]`` (label scoring) and the sharpness terms q
+    ``[K, len(layers), B]`` of ``probe_rows="last"`` (the probes riding as K extra rows).
+
+    ``batch``: ``input_ids`` (and ``attention_mask``) of the sequences the step scores (prompt and
+    label word, say); ``positions``: the token S reads in each (the prompt's last); ``layout_width``:
+    the width of the batch whose counters the probes take (the prompts' batch, so the riders share
+    the all-positions estimator's numbers). Other keywords as :func:`sharpness_terms`.
+    """
+    _check_estimator("fd", distribution, eps_scale, num_probes, False, "last")
+    st = structure(model)
+    check_attention(st)
+    ids, mask = input_batch(batch)
+    pr = _probing(st, model, layers, gammas, seed, distribution, eps, eps_scale, False, backend, row_offset)
+    return _fd_last(st, getattr(model, "config", None), (ids, mask, positions), pr, 0, num_probes, int(layout_width))
+
+
+def _check_estimator(estimator: str, distribution: str, eps_scale: str, num_probes, paper_exact: bool,
+                     probe_rows: str = "all") -> None:
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    check_choice("probe_rows", probe_rows, PROBE_ROWS)
+    if probe_rows == "last" and estimator != "fd":
+        raise ValueError(f'probe_rows="last" rides with the "fd" estimator only; estimator={estimator!r} takes '
+                         'probe_rows="all"')
+    if probe_rows == "last" and paper_exact:
+        raise ValueError('paper_exact reproduces the authors\' all-positions second pass: it takes probe_rows="all"')
     rng.check_distribution(distribution)
     if eps_scale not in EPS_SCALES:
         raise ValueError(f"eps_scale must be one of {EPS_SCALES}, got {eps_scale!r}")
@@ -428,7 +492,12 @@ def sharpness(model: nn.Module, batch: Mapping[str, Tensor], **keywords) -> Tens
     norm weights: ``softplus`` of :func:`sharpness_terms`, averaged over probes and sequences and summed
     over the probed layers. Its keywords are ``sharpness_terms``'s (the one place they are written and
     documented; an unknown one is a TypeError)."""
-    q = sharpness_terms(model, batch, **keywords)
+    return softplus_mean(sharpness_terms(model, batch, **keywords))
+
+
+def softplus_mean(q: Tensor) -> Tensor:
+    """S from its terms q ``[K, layers, B]`` (or ``[K, layers, B, B]``): softplus, averaged over every
+    axis but the layers', summed over the layers (fp32, or fp64 for fp64 terms)."""
     s = F.softplus(q if q.dtype == torch.float64 else q.float())
     reduce = [d for d in range(s.dim()) if d != 1]
     return s.mean(reduce).sum()

@@ -160,14 +160,16 @@ def training_step(model: nn.Module, batch: dict, options: AdaptOptions, gammas: 
         if measure:
             torch.cuda.reset_peak_memory_stats(device)
             before = torch.cuda.memory_allocated(device)
-        states, parts = _clean_pass(model, batch, options)
-        clean_loss = parts["ce"] + options.lambda_j * parts.get("J", 0.0)
-        if not use_s:
-            (clean_loss * loss_scale).backward()
-            return _detached({"loss": clean_loss, **parts})
-        s_batch = _sharpness_batch(batch, options)
         probe_args = dict(estimator=options.estimator, distribution=options.distribution, eps=options.eps, seed=seed,
                           gammas=gammas, row_offset=row_offset)
+        riding = use_s and options.probe_rows == "last"
+        states, parts = _clean_pass(model, batch, options, probe_args if riding else None)
+        clean_loss = parts["ce"] + options.lambda_j * parts.get("J", 0.0)
+        if not use_s or riding:  # CE and J, and with riding probes S too, from the one pass
+            loss = clean_loss + options.lambda_s * parts["S"] if riding else clean_loss
+            (loss * loss_scale).backward()
+            return _detached({"loss": loss, **parts})
+        s_batch = _sharpness_batch(batch, options)
         if not memory_efficient:
             parts["S"] = objectives.sharpness(model, s_batch, num_probes=options.num_probes, clean_states=states,
                                               **probe_args)
@@ -184,11 +186,22 @@ def training_step(model: nn.Module, batch: dict, options: AdaptOptions, gammas: 
     return _detached({"loss": clean_loss.detach() + options.lambda_s * s_value, **parts, "S": s_value})
 
 
-def _clean_pass(model: nn.Module, batch: dict, options: AdaptOptions) -> tuple[list[torch.Tensor], dict]:
-    """One pass over prompt + label word: the last-token states J and S read, and the CE (and J)."""
+def _clean_pass(model: nn.Module, batch: dict, options: AdaptOptions,
+                riding: dict | None = None) -> tuple[list[torch.Tensor], dict]:
+    """One pass over prompt + label word: the last-token states J and S read, and the CE (and J).
+    ``riding``: the probe arguments of ``probe_rows="last"``: the probes ride in this pass as extra
+    rows (``objectives.riding_pass``), and S joins the parts."""
     st = structure(model)
-    states, hidden = last_token_states(
-        model, _model_inputs(batch, "input_ids", "attention_mask"), batch["positions"], return_final=True)
+    inputs = _model_inputs(batch, "input_ids", "attention_mask")
+    s_part = None
+    if riding is None:
+        states, hidden = last_token_states(model, inputs, batch["positions"], return_final=True)
+    else:
+        probe_args = {k: v for k, v in riding.items() if k != "estimator"}
+        states, hidden, q = objectives.riding_pass(model, inputs, batch["positions"],
+                                                   layout_width=batch["prompt_input_ids"].shape[1],
+                                                   num_probes=options.num_probes, **probe_args)
+        s_part = objectives.softplus_mean(q)
     if options.scoring == "full":  # token-level CE of the whole label word
         ce = -indexed_log_probs(hidden, st.head, batch).mean()
     else:
@@ -198,6 +211,8 @@ def _clean_pass(model: nn.Module, batch: dict, options: AdaptOptions) -> tuple[l
     parts = {"ce": ce}
     if options.arm in ("ce+J", "ofa"):
         parts["J"] = objectives.step_ratio(states, None, final_norm_step=options.j_final_norm_step)
+    if s_part is not None:
+        parts["S"] = s_part
     return states, parts
 
 

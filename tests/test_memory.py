@@ -62,10 +62,13 @@ def test_a_step_padded_to_a_bucket_equals_the_unpadded_step(estimator, scoring):
         assert float(padded_several[key]) == pytest.approx(float(several[key]), rel=1e-12), key
 
 
-@pytest.mark.parametrize("estimator", ["fd", "jvp", "hvp"])
+@pytest.mark.parametrize("estimator", ["fd", "jvp", "hvp", "fd-last"])
 @pytest.mark.parametrize("per_pass", [1, 3])
 def test_memory_efficient_step_equals_the_plain_step(estimator, per_pass):
-    options = AdaptOptions(arm="ofa", estimator=estimator, num_probes=4, distribution="rademacher")
+    """With riding probes ("fd-last") the lean step checkpoints the one pass; all probes ride in it."""
+    estimator, _, rows = estimator.partition("-")
+    options = AdaptOptions(arm="ofa", estimator=estimator, num_probes=4, distribution="rademacher",
+                           probe_rows=rows or "all")
     plain, want = _step(torch.float64, options)
     lean, got = _step(torch.float64, options, memory_efficient=True, probes_per_pass=per_pass)
     assert set(plain) == {"loss", "ce", "J", "S"}
@@ -110,13 +113,14 @@ def test_lean_step_default():
     assert memory.use_lean_step(cuda, 256, 20.0)
 
 
-@pytest.mark.parametrize("estimator", ["fd", "jvp", "hvp"])
+@pytest.mark.parametrize("estimator", ["fd", "jvp", "hvp", "fd-last"])
 @pytest.mark.parametrize("lean", [False, True])
 def test_a_training_step_reads_nothing_back_to_the_host(monkeypatch, estimator, lean):
     """No .item()/float()/int()/.tolist() inside the step: on a GPU each would wait for the device."""
     model = _model(torch.float32)
     batch, gammas = _batch(), objectives.preconditioners(model)
-    options = AdaptOptions(arm="ofa", estimator=estimator, num_probes=2)
+    estimator, _, rows = estimator.partition("-")
+    options = AdaptOptions(arm="ofa", estimator=estimator, num_probes=2, probe_rows=rows or "all")
     reads = []
 
     def refuse(name):
@@ -136,3 +140,27 @@ def test_a_training_step_reads_nothing_back_to_the_host(monkeypatch, estimator, 
     assert set(out) == {"loss", "ce", "J", "S"}
     assert all(isinstance(v, torch.Tensor) and v.dim() == 0 and not v.requires_grad for v in out.values())
     assert float(out["loss"]) == pytest.approx(float(out["ce"]) + 1e-2 * float(out["J"]) + 1e-3 * float(out["S"]))
+
+
+@pytest.mark.parametrize("scoring", ["full", "first"])
+def test_the_one_pass_step_is_ce_j_and_the_riding_s_of_the_prompts(scoring):
+    """probe_rows="last": one pass over prompt + label word gives the loss and gradients of CE + J (the
+    plain step's) plus lambda_S * S as sharpness(probe_rows="last") computes it on the prompts alone
+    (the riders copy the prompt's last token, not the sequence's, and draw the prompts' layout)."""
+    options = AdaptOptions(arm="ofa", num_probes=3, distribution="rademacher", probe_rows="last", scoring=scoring)
+    got, got_grads = _step(torch.float64, options)
+    model = _model(torch.float64)
+    batch = _batch()
+    gammas = objectives.preconditioners(model)
+    clean = training_step(model, batch, AdaptOptions(arm="ce+J", scoring=scoring), gammas, 11)
+    prompts = {"input_ids": batch["prompt_input_ids"], "attention_mask": batch["prompt_attention_mask"],
+               "positions": batch["positions"]}
+    s = objectives.sharpness(model, prompts, probe_rows="last", num_probes=3, distribution="rademacher", seed=11,
+                             gammas=gammas)
+    (1e-3 * s).backward()
+    for key in ("ce", "J"):
+        assert float(got[key]) == pytest.approx(float(clean[key]), rel=1e-12), key
+    assert float(got["S"]) == pytest.approx(float(s), rel=1e-12)
+    assert float(got["loss"]) == pytest.approx(float(clean["loss"]) + 1e-3 * float(s), rel=1e-12)
+    for name, p in norm_parameters(model).items():
+        torch.testing.assert_close(got_grads[name], p.grad, rtol=1e-10, atol=1e-12, msg=name)

@@ -223,7 +223,7 @@ def test_losses_read_in_batches_equal_losses_read_every_step(tokenizer, sst2):
         adapt(_tiny(len(tokenizer)), tokenizer, sst2, options, log_every=0)
 
 
-@pytest.mark.parametrize("arm,estimator", [("ce", "fd"), ("ofa", "fd"), ("ofa", "hvp")])
+@pytest.mark.parametrize("arm,estimator", [("ce", "fd"), ("ofa", "fd"), ("ofa", "hvp"), ("ofa", "fd-last")])
 def test_captured_steps_train_the_eager_weights(tokenizer, sst2, monkeypatch, arm, estimator):
     """adapt with every step replayed from a graph per batch shape (sequences padded to 64 tokens)
     ends with the eager run's weights and losses. On CUDA these are real CUDA graphs; elsewhere the
@@ -237,7 +237,9 @@ def test_captured_steps_train_the_eager_weights(tokenizer, sst2, monkeypatch, ar
         monkeypatch.setattr(graphs, "unsupported_reason", lambda *args: None)
         monkeypatch.setattr(graphs, "CapturedSteps", functools.partial(graphs.CapturedSteps, emulate=True))
         monkeypatch.setattr(graphs, "make_capturable", lambda optimizer, device: graphs.init_capturable_state(optimizer))
-    options = AdaptOptions(arm=arm, estimator=estimator, shots=2, epochs=3, lr=1e-2, num_probes=2)
+    estimator, _, rows = estimator.partition("-")  # "fd-last": the probes riding in the clean pass
+    options = AdaptOptions(arm=arm, estimator=estimator, shots=2, epochs=3, lr=1e-2, num_probes=2,
+                           probe_rows=rows or "all")
     dtype = torch.float64 if DEVICE.type != "cuda" else torch.float32
     eager = adapt(_tiny(len(tokenizer)).to(dtype), tokenizer, sst2, AdaptOptions(**{**vars(options), "cuda_graphs": "off"}))
     replays = []
