@@ -186,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-demos", action="store_true", help="skip evaluating adapted models with the demonstrations")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "accuracy_paper"))
     p.add_argument("--nice", type=int, default=19, help="lower this process's CPU priority by this much (0: not)")
+    p.add_argument("--probe-rows", default="all", choices=["all", "last"],
+                   help='"fd" sharpness: every position in a second pass, or the last token riding in the one pass')
     p.add_argument("--j-without-final-norm", action="store_true",
                    help="J without its last ratio, the step into the final norm's output (default: the paper's J)")
     p.add_argument("--threads", type=int, default=None,
@@ -208,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     arms = [a for a in args.arms.split(",") if a]
     out = Path(args.out)
     options = AdaptOptions(shots=args.shots, epochs=args.epochs, scoring=args.scoring, protocol=args.protocol,
-                           j_final_norm_step=not args.j_without_final_norm)
+                           j_final_norm_step=not args.j_without_final_norm, probe_rows=args.probe_rows)
     started = time.time()
     per_task = {}
     for task in args.tasks.split(","):

@@ -31,6 +31,7 @@ def _options(args: argparse.Namespace):
                         memory_efficient={"auto": None, "on": True, "off": False}[args.memory_efficient],
                         fsdp=args.fsdp, protocol=args.protocol, batch_size=args.batch_size,
                         cuda_graphs=getattr(args, "cuda_graphs", "auto"),
+                        probe_rows=getattr(args, "probe_rows", "all"),
                         j_final_norm_step=not getattr(args, "j_without_final_norm", False)).check()
 
 
@@ -96,7 +97,8 @@ def _diagnose(args: argparse.Namespace) -> int:
     test = data.test_subset(dataset, args.test_size)
     train = data.k_shot(dataset, args.shots, args.seed)
     _, tokenizer = load_model(args.model, _dtype(args.dtype), args.device)
-    report = diagnostics.compare(load, args.adapter, (tokenizer, dataset.task, train, test), num_probes=args.probes)
+    report = diagnostics.compare(load, args.adapter, (tokenizer, dataset.task, train, test), num_probes=args.probes,
+                                 probe_rows=args.probe_rows)
     paths = diagnostics.write(report, args.out, f"{args.model} on {args.task}: base vs {args.adapter}")
     acc = lambda r: max(r["probe_accuracy"])  # noqa: E731
     print(f"best linear-probe accuracy: base {acc(report['base']):.3f}, adapted {acc(report['adapted']):.3f}; "
@@ -380,6 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
     ad.add_argument("--epochs", type=_positive_int, default=60)
     ad.add_argument("--estimator", default="fd", choices=["fd", "jvp", "hvp"], help="sharpness estimator")
     ad.add_argument("--probes", type=_positive_int, default=1, help="sharpness probes per step")
+    ad.add_argument("--probe-rows", default="all", choices=["all", "last"],
+                    help='"fd" sharpness: perturb every position in a second pass (all), or only the last prompt '
+                    'token, riding as an extra row of the one pass (last: about the cost of a CE step)')
     ad.add_argument("--j-without-final-norm", action="store_true",
                     help="J without its last ratio, the step into the final norm's output (default: the paper's J)")
     ad.add_argument("--out", default="ofa_out", help="folder for results, adapters and progress")
@@ -395,6 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
     dg.add_argument("--shots", type=_positive_int, default=5, help="examples per class the linear probes are fit on")
     dg.add_argument("--seed", type=int, default=42, help="k-shot draw")
     dg.add_argument("--probes", type=_positive_int, default=4, help="sharpness probes")
+    dg.add_argument("--probe-rows", default="all", choices=["all", "last"],
+                    help="sharpness probes at every position (second pass) or at the last token (riding rows)")
     dg.add_argument("--out", default="ofa_diagnostics", help="folder for diagnostics.json and diagnostics.png")
     dg.set_defaults(func=_diagnose)
     ex = sub.add_parser("export", help="write an adapted model as a Hugging Face folder or a PEFT adapter folder")

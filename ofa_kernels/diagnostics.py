@@ -66,8 +66,10 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
 
 
 def layer_report(model: nn.Module, tokenizer, task: Task, train: Sequence[Example], test: Sequence[Example], *,
-                 num_probes: int = 4, seed: int = 0, sharpness_rows: int = 32, batch_size: int = 16) -> dict:
-    """One model's per-layer numbers (see the module docstring); lists indexed by block."""
+                 num_probes: int = 4, seed: int = 0, sharpness_rows: int = 32, batch_size: int = 16,
+                 probe_rows: str = "all") -> dict:
+    """One model's per-layer numbers (see the module docstring); lists indexed by block. ``probe_rows``:
+    the "fd" estimator's ("all" positions in a second pass, or the "last" token riding in one)."""
     model.eval()
     test_states = _states(model, tokenizer, task, test, batch_size)
     train_states = _states(model, tokenizer, task, train, batch_size)
@@ -78,7 +80,7 @@ def layer_report(model: nn.Module, tokenizer, task: Task, train: Sequence[Exampl
                     next(model.parameters()).device)
     with torch.no_grad():
         q = objectives.sharpness_terms(model, {"input_ids": ids, "attention_mask": mask}, estimator="fd",
-                                       num_probes=num_probes, seed=seed)
+                                       num_probes=num_probes, seed=seed, probe_rows=probe_rows)
     per_layer = F.softplus(q.double()).mean((0, 2)).tolist()
     y_train = torch.tensor([e.label for e in train])
     y_test = torch.tensor([e.label for e in test])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,21 @@ def test_adapt_then_eval_through_the_cli(tiny_model_dir, tmp_path, capsys):
     assert main(["eval", "--model", str(tiny_model_dir), "--task", "sst2", "--data-dir", str(DATA),
                  "--test-size", "8", "--adapter", str(adapters[0])]) == 0
     assert "accuracy" in capsys.readouterr().out
+
+
+def test_probe_rows_last_trains_through_the_cli_as_a_run_of_its_own(tiny_model_dir, tmp_path):
+    """--probe-rows last is another run (its own results key) beside the default's, in the same --out."""
+    out = tmp_path / "run"
+    common = ["adapt", "--model", str(tiny_model_dir), "--task", "sst2", "--data-dir", str(DATA), "--shots", "2",
+              "--seeds", "42", "--arm", "ofa", "--epochs", "2", "--test-size", "8", "--out", str(out)]
+    assert main(common) == 0
+    assert main([*common, "--probe-rows", "last"]) == 0
+    files = sorted(out.glob("results-sst2-*.json"))
+    assert len(files) == 2
+    settings = [json.loads(f.read_text())["options"] for f in files]
+    assert sorted(s.get("probe_rows", "all") for s in settings) == ["all", "last"]
+    runs = [json.loads(f.read_text())["runs"][0] for f in files]
+    assert all(math.isfinite(r["losses"][-1]["S"]) for r in runs)
 
 
 @pytest.mark.slow
@@ -108,6 +124,8 @@ def _refused(argv: list[str], capsys, monkeypatch) -> str:
     (["--dtype", "fp8"], "invalid choice: 'fp8'"),
     (["--device", "tpu"], "expected cpu, cuda or cuda:N"),
     (["--estimator", "exact"], "invalid choice: 'exact'"),
+    (["--probe-rows", "first"], "invalid choice: 'first'"),
+    (["--estimator", "hvp", "--probe-rows", "last"], 'probe_rows="last" rides with the "fd" estimator only'),
     (["--task", "imdb"], "task must be one of"),
     (["--data-dir", "/no/such/folder"], "is not a folder"),
     (["--model", "/no/such/model"], "is not a folder"),

@@ -46,6 +46,14 @@ def test_layer_report_matches_the_hidden_states(tiny_model_dir):
     one = diagnostics.layer_report(model, tokenizer, ds.task, train, test[:1], num_probes=1)
     want = [float((hs[t + 1][0, -1] - hs[t][0, -1]).double().norm()) for t in range(L)]
     assert one["step"] == pytest.approx(want, rel=1e-5)
+    # the riding probes read the same per-layer S from the same last-token probe numbers: for one row
+    # both estimators see only that row's last token, up to what earlier positions' noise adds in "all"
+    riding = diagnostics.layer_report(model, tokenizer, ds.task, train, test, num_probes=2, probe_rows="last")
+    assert riding["sharpness"][0] is None and len(riding["sharpness"]) == L
+    assert riding["sharpness"] != report["sharpness"]  # another estimator, not the same call
+    assert riding["step"] == report["step"]
+    with pytest.raises(ValueError, match="probe_rows must be one of"):
+        diagnostics.layer_report(model, tokenizer, ds.task, train, test[:1], num_probes=1, probe_rows="every")
 
 
 @needs_data
