@@ -186,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-demos", action="store_true", help="skip evaluating adapted models with the demonstrations")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "accuracy_paper"))
     p.add_argument("--nice", type=int, default=19, help="lower this process's CPU priority by this much (0: not)")
+    p.add_argument("--sharpness-form", default="trace", choices=["trace", "paper", "gain"],
+                   help="S's q: trace estimate, the authors' arithmetic, or per unit of gain")
     p.add_argument("--probe-rows", default="all", choices=["all", "last"],
                    help='"fd" sharpness: every position in a second pass, or the last token riding in the one pass')
     p.add_argument("--j-without-final-norm", action="store_true",
@@ -210,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     arms = [a for a in args.arms.split(",") if a]
     out = Path(args.out)
     options = AdaptOptions(shots=args.shots, epochs=args.epochs, scoring=args.scoring, protocol=args.protocol,
-                           j_final_norm_step=not args.j_without_final_norm, probe_rows=args.probe_rows)
+                           j_final_norm_step=not args.j_without_final_norm, probe_rows=args.probe_rows,
+                           sharpness_form=args.sharpness_form)
     started = time.time()
     per_task = {}
     for task in args.tasks.split(","):

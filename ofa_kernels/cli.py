@@ -32,6 +32,7 @@ def _options(args: argparse.Namespace):
                         fsdp=args.fsdp, protocol=args.protocol, batch_size=args.batch_size,
                         cuda_graphs=getattr(args, "cuda_graphs", "auto"),
                         probe_rows=getattr(args, "probe_rows", "all"),
+                        sharpness_form=getattr(args, "sharpness_form", "trace"),
                         j_final_norm_step=not getattr(args, "j_without_final_norm", False)).check()
 
 
@@ -382,6 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
     ad.add_argument("--epochs", type=_positive_int, default=60)
     ad.add_argument("--estimator", default="fd", choices=["fd", "jvp", "hvp"], help="sharpness estimator")
     ad.add_argument("--probes", type=_positive_int, default=1, help="sharpness probes per step")
+    ad.add_argument("--sharpness-form", default="trace", choices=["trace", "paper", "gain"],
+                    help="S's q: a trace estimate (trace), the authors' arithmetic (paper: eps times the trace, "
+                    "their noise and pairs), or the trace per unit of gain (gain: the same weight on every model)")
     ad.add_argument("--probe-rows", default="all", choices=["all", "last"],
                     help='"fd" sharpness: perturb every position in a second pass (all), or only the last prompt '
                     'token, riding as an extra row of the one pass (last: about the cost of a CE step)')

@@ -29,6 +29,13 @@ constant taken from the frozen original weights.
   ``"hvp"``: Hutchinson ``q_t = (P_t v_t)^T (d^2 CE / d H_t[pos]^2) (P_t v_t)`` for the CE of the label
   token at pos, one double-backward HVP for all probed blocks (cross-block terms have zero mean).
 
+  The scale of q: the trace form above is a sum over the block's width of Jacobian entries weighted
+  by gamma_t, so its size (and lambda_S's weight) follows the model's width and gains: on Gemma 3
+  270M its gradient is ~40x CE's, on SmolLM2 ~20% of it (RESULTS.md, "The scale of S").
+  ``per_gain=True`` divides q_t by ``tr(P_t) = sum |gamma_t|``: the P-weighted mean of the diagonal
+  of the update's Jacobian, a number of order one on any model, so lambda_S means the same on
+  every model. The authors' arithmetic (``paper_exact``) is eps times the trace form.
+
   Probes come from the counter-based generator of ``ofa_kernels.rng`` keyed by
   ``(seed, block, probe, element)``: kernels regenerate them (perturbation, dot products, their
   backward), K probes are K copies of the batch in one pass (``max_rows`` caps a pass).
@@ -242,17 +249,11 @@ def _fd_last(st, config, batch, pr: _Probing, first: int, K: int, layout_width: 
     d = pr.gammas[0].shape[0]
     probe, base = _counters(pos, layout_width, d, K, pr.row_offset)
     rb = riding_batch(ids, mask, pos, K, _model_dtype(st), config)
-    tap = RidingTap(st, pos, rb, RiderProbes(pr.layers, pr.gammas, pr.seed, first, pr.distribution, pr.eps,
-                                             pr.scale_by_rms, probe, base, pr.backend))
+    tap = RidingTap(st, pos, rb, RiderProbes(pr.layers, pr.gammas, pr.seed, first, K, pr.distribution, pr.eps,
+                                             pr.scale_by_rms, probe, base))
     states = tap.run(st.base)
     c = states if clean is None else list(clean)
-    out = []
-    for t in pr.layers:
-        keys = rng.key_table(pr.seed, t, first, K, ids.device)
-        q = probe_dot(tap.rider_in[t + 1], tap.rider_fed[t], c[t + 1], c[t], tap.scales[t], keys, probe, base,
-                      pr.distribution, backend=pr.backend)
-        out.append(q.view(K, B))
-    return states, tap.final_full, torch.stack(out, 1)
+    return states, tap.final_full, torch.stack([tap.q(t, c[t + 1], c[t]).view(K, B) for t in pr.layers], 1)
 
 
 def _jvp(st, batch, pr: _Probing, first: int, K: int) -> Tensor:
@@ -353,6 +354,7 @@ def sharpness_terms(
     seed: int | Tensor | None = None,
     first_probe: int = 0,
     paper_exact: bool = False,
+    per_gain: bool = False,
     max_rows: int | None = None,
     gammas: Sequence[Tensor] | None = None,
     clean_states: Sequence[Tensor] | None = None,
@@ -377,7 +379,10 @@ def sharpness_terms(
     ``first_probe ..`` of the stream (K probes at once equal K calls of one; S over K probes is the
     mean of S over disjoint probe ranges, which is how a training step splits the probe pass).
     ``paper_exact``: the authors' arithmetic (block 0 perturbed too, noise left in, eps-scaled noise in
-    the B x B product; see the module docstring); ``layers`` still chooses the blocks whose q enter S. ``gammas``: the
+    the B x B product; see the module docstring); ``layers`` still chooses the blocks whose q enter S.
+    ``per_gain``: each block's q divided by ``tr(P_t) = sum |gamma_t|``, the trace per unit of gain
+    (a P-weighted mean of the diagonal of the block update's Jacobian: order one on any model, whatever
+    its width and gains; see the module docstring). ``gammas``: the
     preconditioners (default: :func:`preconditioners` of the model now; pass the originals while
     training). ``clean_states``: the clean pass's ``[H_0..H_L]`` at the last positions, if already
     computed. ``backend``: the probe kernels' backend (None: the default choice). ``row_offset``: the
@@ -409,14 +414,21 @@ def sharpness_terms(
             parts.append(_jvp(st, (ids, mask, pos), pr, first, K))
         else:
             parts.append(_hvp(st, (ids, mask, pos), labels, pr, first, K))
-    return torch.cat(parts, 0)
+    q = torch.cat(parts, 0)
+    return _per_gain(q, pr) if per_gain else q
+
+
+def _per_gain(q: Tensor, pr: _Probing) -> Tensor:
+    """q of each probed block divided by ``sum |gamma_t|`` (axis 1 of q holds the blocks)."""
+    gain = torch.stack([pr.gammas[t].abs().sum() for t in pr.layers]).to(device=q.device, dtype=q.dtype)
+    return q / gain.view(1, -1, *([1] * (q.dim() - 2)))
 
 
 def riding_pass(model: nn.Module, batch: Mapping[str, Tensor], positions: Tensor, *, layout_width: int,
                 num_probes: int = 1, distribution: str = "rademacher", eps: float | None = None,
                 eps_scale: str = "auto", layers: Sequence[int] | None = None, seed: int | Tensor | None = None,
                 gammas: Sequence[Tensor] | None = None, backend: str | None = None,
-                row_offset: int = 0) -> tuple[list[Tensor], Tensor, Tensor]:
+                row_offset: int = 0, per_gain: bool = False) -> tuple[list[Tensor], Tensor, Tensor]:
     """One pass that gives everything a training step reads: the clean ``[H_0 .. H_L]`` at ``positions``,
     the clean rows' final hidden states ``[B, T, d]`` (label scoring) and the sharpness terms q
     ``[K, len(layers), B]`` of ``probe_rows="last"`` (the probes riding as K extra rows).
@@ -431,7 +443,9 @@ def riding_pass(model: nn.Module, batch: Mapping[str, Tensor], positions: Tensor
     check_attention(st)
     ids, mask = input_batch(batch)
     pr = _probing(st, model, layers, gammas, seed, distribution, eps, eps_scale, False, backend, row_offset)
-    return _fd_last(st, getattr(model, "config", None), (ids, mask, positions), pr, 0, num_probes, int(layout_width))
+    states, final_full, q = _fd_last(st, getattr(model, "config", None), (ids, mask, positions), pr, 0, num_probes,
+                                     int(layout_width))
+    return states, final_full, _per_gain(q, pr) if per_gain else q
 
 
 def _check_estimator(estimator: str, distribution: str, eps_scale: str, num_probes, paper_exact: bool,

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from .data import Example
 
 __all__ = ["ARMS", "CUDA_GRAPH_MODES", "DISTRIBUTIONS", "ESTIMATORS", "EXECUTION_ONLY", "KEYED_WHEN_SET",
-           "NORM_ARMS", "PEFT_ARMS", "PROBE_ROWS", "PROTOCOLS", "SCORING", "SEED_LIMIT", "AdaptOptions", "AdaptResult",
+           "NORM_ARMS", "PEFT_ARMS", "PROBE_ROWS", "PROTOCOLS", "SHARPNESS_FORMS", "SCORING", "SEED_LIMIT", "AdaptOptions", "AdaptResult",
            "check_choice"]
 
 
@@ -36,6 +36,7 @@ PEFT_ARMS = ("lora", "ia3")  # train PEFT adapters (the baselines, ``baselines.p
 ARMS = NORM_ARMS + PEFT_ARMS
 PROTOCOLS = ("paper", "batched")
 ESTIMATORS = ("fd", "jvp", "hvp")  # of the sharpness S (``objectives.py``)
+SHARPNESS_FORMS = ("trace", "paper", "gain")  # q as a trace, the authors' arithmetic, per unit gain (``objectives.py``)
 PROBE_ROWS = ("all", "last")  # "fd": every position perturbed in a second pass, or the last token riding (``riding.py``)
 SCORING = ("full", "first")  # a label word's log-probability: all its tokens, or its first (``evaluate.py``)
 DISTRIBUTIONS = ("rademacher", "gaussian")  # of the probes (``rng.py``)
@@ -44,7 +45,7 @@ CUDA_GRAPH_MODES = ("auto", "on", "off")  # captured steps (``graphs.py``)
 EXECUTION_ONLY = ("cuda_graphs", "memory_efficient", "max_memory_gb", "probes_per_pass")
 # Fields added after runs were keyed: they enter the key only when set away from their default, so a
 # run that does not use them keeps the key it had (and resumes its progress and checkpoints).
-KEYED_WHEN_SET = ("j_final_norm_step", "probe_rows")
+KEYED_WHEN_SET = ("j_final_norm_step", "probe_rows", "sharpness_form")
 SEED_LIMIT = 2**63  # seeds are 0 .. 2**63-1: Python's random seeds an int by its absolute value
 
 
@@ -66,6 +67,7 @@ class AdaptOptions:
     j_final_norm_step: bool = True  # False: J without its last ratio (the step into the final norm's output)
     estimator: str = "fd"
     probe_rows: str = "all"  # "fd" only: "all" positions perturbed in a second pass, or the "last" token riding along
+    sharpness_form: str = "trace"  # q as a "trace" estimate, the authors' arithmetic ("paper"), or per unit "gain"
     num_probes: int = 1
     distribution: str = "gaussian"
     eps: float | None = None
@@ -98,6 +100,11 @@ class AdaptOptions:
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
         check_choice("probe_rows", self.probe_rows, PROBE_ROWS)
+        check_choice("sharpness_form", self.sharpness_form, SHARPNESS_FORMS)
+        if self.sharpness_form == "paper" and (self.estimator == "hvp" or self.probe_rows != "all"):
+            raise ValueError('sharpness_form="paper" is the authors\' all-positions finite difference: it takes '
+                             f'estimator "fd" (or "jvp") and probe_rows="all", got estimator={self.estimator!r}, '
+                             f'probe_rows={self.probe_rows!r}')
         if self.probe_rows == "last" and self.estimator != "fd":
             raise ValueError(f'probe_rows="last" rides with the "fd" estimator only; estimator={self.estimator!r} '
                              'takes probe_rows="all"')

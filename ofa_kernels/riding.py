@@ -10,6 +10,10 @@ of ``[B, T]`` is extended by K rows, columns ``T .. T+K-1``; row ``T + k``:
   counters of ``pos`` in the ``[B, T_layout, d]`` layout (``T_layout``: the width of the batch the
   all-positions estimator would perturb), so it shares the last token's probe with that estimator.
 
+The probes of all probed blocks are drawn in one call before the pass (``K * B`` rows of ``d``
+numbers per block, kept: a few KiB) and the dot products are plain tensor ops on them, so nothing
+is regenerated in the backward and a step adds a handful of small ops per block to the clean pass.
+
 The clean rows see exactly the keys they see in a plain pass (a row's padded and rider keys are
 masked), so their states equal a plain pass's up to the attention kernel's summation order. The
 extended batch goes to the model as ``input_ids``, ``position_ids`` and a 4D additive mask (a dict
@@ -19,18 +23,39 @@ of masks by layer type for models with sliding-window layers), which HF's ``"sdp
 
 from __future__ import annotations
 
+import contextlib
+import os
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
 
 from . import rng
 from .anatomy import Structure
-from .ops.probe import probe_rows
+from .memory import recompute_under
 from .precision import acc_dtype
 
 MASKABLE_ATTENTION = ("sdpa", "eager")
+_GQA_SWITCH = "TRANSFORMERS_SDPA_FORCE_GQA"  # transformers' own switch, read at every attention call
+
+
+@contextlib.contextmanager
+def _grouped_keys_in_sdpa(device: torch.device) -> Iterator[None]:
+    """On the CPU, lets HF's sdpa attention hand grouped keys and values to PyTorch's SDPA with the mask
+    (``enable_gqa``) instead of repeating them per query head first, as it does whenever a mask is
+    given: the repeated copies are what the backward keeps (SmolLM2, 3 key heads for 9: the riding
+    pass saved 1.13x the CE step's activations with them, 1.03x without; RESULTS.md). PyTorch's CPU
+    flash kernel takes both; on CUDA a mask with grouped heads falls back to the math kernel, so
+    nothing changes there."""
+    if device.type != "cpu" or os.environ.get(_GQA_SWITCH) is not None:
+        yield
+        return
+    os.environ[_GQA_SWITCH] = "1"
+    try:
+        yield
+    finally:
+        os.environ.pop(_GQA_SWITCH, None)
 
 __all__ = ["MASKABLE_ATTENTION", "RiderProbes", "RidingBatch", "RidingTap", "check_attention", "riding_batch"]
 
@@ -114,12 +139,22 @@ class RiderProbes:
     gammas: list[Tensor]
     seed: int | Tensor
     first_probe: int
+    num_probes: int  # K, the riders per sequence
     distribution: str
     eps: float
     scale_by_rms: bool
     probe: Tensor  # [K * B] probe index of each rider row (probe-major)
     base: Tensor  # [K * B] counter base: pos's row in the [B, T_layout, d] layout (row_offset included)
-    backend: str | None = None
+
+    def draw(self, width: int, dtype: torch.dtype, device) -> Tensor:
+        """The unit probes of every probed block at the rider rows, ``[len(layers), K * B, width]`` in
+        ``dtype``: one generator call, the numbers ``ops.probe.perturb`` draws at those counters."""
+        keys = torch.stack([rng.key_table(self.seed, t, self.first_probe, self.num_probes, device)
+                            for t in self.layers])  # [layers, K, 2]
+        rows = keys[:, self.probe.to(device)]  # [layers, K * B, 2]
+        counters = self.base.to(device)[:, None] + torch.arange(width, device=device)  # [K * B, width]
+        nu = rng.values(counters[None], rows[..., 0:1], rows[..., 1:2], self.distribution, torch.float32)
+        return nu.to(dtype)
 
 
 class RidingTap:
@@ -128,7 +163,8 @@ class RidingTap:
 
     ``clean[t]``: [B, d]; ``rider_in[t]`` / ``rider_fed[t]``: [K * B, d] (probe-major: rider k of
     sequence b is row ``k * B + b``); ``scales[t]``: [K * B] steps of the probed blocks;
-    ``final_full``: the final hidden states of the clean rows, [B, T, d].
+    ``final_full``: the final hidden states of the clean rows, [B, T, d]. After the run, ``q(t, ...)``
+    gives block t's terms.
     """
 
     def __init__(self, st: Structure, positions: Tensor, batch: RidingBatch, probes: RiderProbes):
@@ -140,6 +176,7 @@ class RidingTap:
         self.rider_in: list[Tensor | None] = [None] * (n + 1)
         self.rider_fed: dict[int, Tensor] = {}
         self.scales: dict[int, Tensor] = {}
+        self.nu: dict[int, Tensor] = {}
         self.final_full: Tensor | None = None
 
     def _riders(self, h: Tensor) -> Tensor:
@@ -148,20 +185,30 @@ class RidingTap:
 
     def _perturb(self, t: int, x: Tensor) -> Tensor:
         pr, T, K = self.probes, self.batch.width, self.batch.riders
-        rows = self._riders(x)
         acc = acc_dtype(x.dtype)
+        if not self.nu:  # every block's probes in one call, at the first probed block
+            drawn = pr.draw(x.shape[-1], acc, x.device)
+            self.nu = dict(zip(pr.layers, drawn, strict=True))
+        rows = self._riders(x)
         if pr.scale_by_rms:
             rms = rows.detach().to(acc).pow(2).mean(-1).sqrt()
             scale = pr.eps * torch.where(rms > 0, rms, torch.ones_like(rms))
         else:
             scale = torch.full((rows.shape[0],), pr.eps, dtype=acc, device=x.device)
-        keys = rng.key_table(pr.seed, t, pr.first_probe, K, x.device)
-        noise = probe_rows(scale, pr.gammas[t].to(x.device), keys, pr.probe, pr.base, x.shape[-1], pr.distribution,
-                           pr.backend)
+        noise = scale[:, None] * pr.gammas[t].to(device=x.device, dtype=acc) * self.nu[t]
         fed = (rows.to(acc) + noise).to(x.dtype)
         self.rider_fed[t], self.scales[t] = fed, scale
         B = x.shape[0]
         return torch.cat([x[:, :T], fed.view(K, B, -1).transpose(0, 1)], 1)
+
+    def q(self, t: int, clean_next: Tensor, clean_in: Tensor) -> Tensor:
+        """Block t's terms ``-nu . ((H~_{t+1} - X~_t) - (H_{t+1} - H_t)) / s`` at the rider rows, [K * B],
+        in fp32 (fp64 for fp64); ``clean_next``, ``clean_in``: the clean ``H_{t+1}``, ``H_t`` at pos."""
+        nu, scale = self.nu[t], self.scales[t]
+        acc = nu.dtype
+        rider = self.rider_in[t + 1].to(acc) - self.rider_fed[t].to(acc)
+        clean = (clean_next.to(acc) - clean_in.to(acc)).repeat(self.batch.riders, 1)
+        return -(nu * (rider - clean)).sum(-1) / scale
 
     def _pre(self, t: int) -> Callable:
         def hook(module, args, kwargs):
@@ -188,8 +235,11 @@ class RidingTap:
         handles = [b.register_forward_pre_hook(self._pre(t), with_kwargs=True) for t, b in enumerate(blocks)]
         handles.append(base.register_forward_hook(self._post, with_kwargs=True))
         try:
-            base(input_ids=self.batch.input_ids, attention_mask=self.batch.attention_mask,
-                 position_ids=self.batch.position_ids, use_cache=False)
+            device = self.batch.input_ids.device
+            # checkpointed blocks recompute under the same switch (else their saved shapes differ)
+            with _grouped_keys_in_sdpa(device), recompute_under(lambda: _grouped_keys_in_sdpa(device)):
+                base(input_ids=self.batch.input_ids, attention_mask=self.batch.attention_mask,
+                     position_ids=self.batch.position_ids, use_cache=False)
         finally:
             for h in handles:
                 h.remove()

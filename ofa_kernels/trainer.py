@@ -161,7 +161,9 @@ def training_step(model: nn.Module, batch: dict, options: AdaptOptions, gammas: 
             torch.cuda.reset_peak_memory_stats(device)
             before = torch.cuda.memory_allocated(device)
         probe_args = dict(estimator=options.estimator, distribution=options.distribution, eps=options.eps, seed=seed,
-                          gammas=gammas, row_offset=row_offset)
+                          gammas=gammas, row_offset=row_offset, per_gain=options.sharpness_form == "gain")
+        if options.sharpness_form == "paper":
+            probe_args["paper_exact"] = True
         riding = use_s and options.probe_rows == "last"
         states, parts = _clean_pass(model, batch, options, probe_args if riding else None)
         clean_loss = parts["ce"] + options.lambda_j * parts.get("J", 0.0)
@@ -205,7 +207,8 @@ def _clean_pass(model: nn.Module, batch: dict, options: AdaptOptions,
     if options.scoring == "full":  # token-level CE of the whole label word
         ce = -indexed_log_probs(hidden, st.head, batch).mean()
     else:
-        logp = torch.log_softmax(st.head(states[-1]).float(), -1)
+        logits = st.head(states[-1])
+        logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1)  # fp64 stays
         ce = -logp.gather(1, batch["first_tokens"][:, None]).mean()
     del hidden
     parts = {"ce": ce}

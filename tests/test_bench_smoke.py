@@ -283,3 +283,17 @@ def test_the_auto_backend_table_takes_each_stages_winner_ties_to_the_cheaper_lau
     assert json.loads(path.read_text()) == merged
     assert merged["sm80"] == {"rms": {"fwd": {"bfloat16": {"4096": "triton"}}}}
     assert merged["sm90"]["rms"]["fwd"]["bfloat16"] == {"2048": "triton", "4096": "cuda"}
+
+
+def test_bench_one_pass_smoke_times_every_arm_on_both_pairs(tmp_path):
+    import bench_one_pass
+
+    assert bench_one_pass.main(["--smoke", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "one_pass_smoke.json").read_text())["rows"]
+    assert {(r["pair"], r["arm"]) for r in rows} == {(p, a) for p in ("short", "long") for a in bench_one_pass.ARMS}
+    assert all(r["ms"] > 0 and r["saved_mib"] > 0 for r in rows)
+    ce = {r["pair"]: r["saved_mib"] for r in rows if r["arm"] == "ce"}
+    # a second pass keeps a second set of activations; the riding row adds one token's worth
+    assert all(r["saved_mib"] > 1.5 * ce[r["pair"]] for r in rows if r["arm"] == "ofa-all")
+    assert all(r["saved_mib"] < 1.3 * ce[r["pair"]] for r in rows if r["arm"] == "ofa-last")
+    assert "| ofa-last |" in (tmp_path / "one_pass_smoke.md").read_text()

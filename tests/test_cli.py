@@ -125,6 +125,8 @@ def _refused(argv: list[str], capsys, monkeypatch) -> str:
     (["--device", "tpu"], "expected cpu, cuda or cuda:N"),
     (["--estimator", "exact"], "invalid choice: 'exact'"),
     (["--probe-rows", "first"], "invalid choice: 'first'"),
+    (["--sharpness-form", "hessian"], "invalid choice: 'hessian'"),
+    (["--sharpness-form", "paper", "--probe-rows", "last"], 'sharpness_form="paper" is the authors\''),
     (["--estimator", "hvp", "--probe-rows", "last"], 'probe_rows="last" rides with the "fd" estimator only'),
     (["--task", "imdb"], "task must be one of"),
     (["--data-dir", "/no/such/folder"], "is not a folder"),

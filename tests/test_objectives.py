@@ -383,3 +383,57 @@ def test_paper_exact_is_the_authors_arithmetic_on_smollm2(smollm2):
     error = float((g - w).norm() / w.norm())
     print(f"relative L2 error of the norm-weight gradient: {error:.2e}")
     assert error < 5e-3
+
+
+def test_per_gain_divides_each_blocks_q_by_its_gain():
+    model = _tiny("llama")
+    batch = _batch(B=2)
+    gammas = [g * (t + 1) for t, g in enumerate(anatomy.preconditioners(model))]  # gains of other sizes per block
+    with torch.no_grad():
+        for exact in (False, True):
+            plain = obj.sharpness_terms(model, batch, seed=4, gammas=gammas, paper_exact=exact)
+            scaled = obj.sharpness_terms(model, batch, seed=4, gammas=gammas, paper_exact=exact, per_gain=True)
+            for i, t in enumerate((1, 2)):
+                torch.testing.assert_close(scaled[:, i], plain[:, i] / gammas[t].abs().sum(), rtol=1e-12, atol=0)
+        riding = obj.sharpness_terms(model, batch, seed=4, gammas=gammas, probe_rows="last", per_gain=True)
+        want = obj.sharpness_terms(model, batch, seed=4, gammas=gammas, probe_rows="last")
+        torch.testing.assert_close(riding[:, 1], want[:, 1] / gammas[2].abs().sum(), rtol=1e-12, atol=0)
+
+
+def test_the_paper_form_of_a_training_step_is_the_authors_loss(monkeypatch):
+    """AdaptOptions(sharpness_form="paper", scoring="first"): one step's loss and norm-weight gradients
+    against the transcription's ``ce + 1e-2 * J + 1e-3 * S`` (one sequence, as the paper protocol),
+    fp64, within 1e-10."""
+    from authors_reference import authors_terms
+
+    from ofa_kernels.options import AdaptOptions
+    from ofa_kernels.prompts import step_batch
+    from ofa_kernels.trainer import training_step
+
+    monkeypatch.setenv("OFA_BACKEND", "torch")  # the added and the dotted noise from one generator
+    ours, theirs = _tiny("llama"), _tiny("llama")
+    for m in (ours, theirs):
+        ofa_kernels.patch_model(m)
+        for name, p in m.named_parameters():
+            p.requires_grad_("norm" in name)
+    prompt = torch.randint(0, 50, (9,)).tolist()
+    batch = step_batch([prompt], [[7]], 0, DEVICE, with_continuations=False)
+    gammas = anatomy.preconditioners(ours)
+    options = AdaptOptions(arm="ofa", sharpness_form="paper", scoring="first", distribution="gaussian")
+    got = training_step(ours, batch, options, gammas, 13)
+
+    def noise(shape, seed, layer, like):
+        return perturb(torch.zeros(shape, dtype=like.dtype, device=like.device), torch.ones(shape[-1], dtype=like.dtype,
+                       device=like.device), 1.0, seed=seed, layer=layer, distribution="gaussian")[0]
+
+    ids = torch.tensor([prompt], device=DEVICE)
+    terms = authors_terms(theirs, ids, torch.ones_like(ids), gammas, seed=13, gaussian=noise,
+                          label_tokens=torch.tensor([7], device=DEVICE))
+    loss = terms["ce"] + 1e-2 * terms["J"] + 1e-3 * terms["S"]
+    loss.backward()
+    for key in ("ce", "J", "S"):
+        torch.testing.assert_close(got[key], terms[key].detach(), rtol=1e-10, atol=0, msg=key)
+    torch.testing.assert_close(got["loss"], loss.detach(), rtol=1e-10, atol=0)
+    for (name, p), (_, w) in zip(ours.named_parameters(), theirs.named_parameters(), strict=True):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, w.grad, rtol=1e-9, atol=1e-12 * float(w.grad.abs().max()), msg=name)

@@ -18,6 +18,7 @@ _OTHER_VALUE = {
     "weight_decay": 0.0, "warmup": 0.1, "lambda_j": 0.5, "lambda_s": 0.25, "j_final_norm_step": False,
     "estimator": "hvp", "num_probes": 2, "distribution": "rademacher", "eps": 1e-3, "scoring": "first", "rank": 4,
     "memory_efficient": True, "max_memory_gb": 8.0, "probes_per_pass": 1, "fsdp": True, "cuda_graphs": "off",
+    "probe_rows": "last", "sharpness_form": "gain",
 }
 
 
@@ -35,12 +36,24 @@ def test_the_defaults_pass_and_check_returns_the_options():
 
 @pytest.mark.parametrize("field, choices", [
     ("arm", op.ARMS), ("protocol", op.PROTOCOLS), ("estimator", op.ESTIMATORS), ("scoring", op.SCORING),
-    ("distribution", op.DISTRIBUTIONS), ("cuda_graphs", op.CUDA_GRAPH_MODES)])
+    ("distribution", op.DISTRIBUTIONS), ("cuda_graphs", op.CUDA_GRAPH_MODES), ("probe_rows", op.PROBE_ROWS),
+    ("sharpness_form", op.SHARPNESS_FORMS)])
 def test_every_named_choice_passes_and_any_other_is_refused_naming_the_field(field, choices):
     for choice in choices:
         AdaptOptions(**{field: choice}).check()
     with pytest.raises(ValueError, match=rf"^{field} must be one of"):
         AdaptOptions(**{field: "bogus"}).check()
+
+
+def test_riding_probes_and_the_paper_form_refuse_what_they_cannot_compute():
+    with pytest.raises(ValueError, match='probe_rows="last" rides with the "fd" estimator only'):
+        AdaptOptions(estimator="jvp", probe_rows="last").check()
+    with pytest.raises(ValueError, match='sharpness_form="paper" is the authors\' all-positions'):
+        AdaptOptions(sharpness_form="paper", probe_rows="last").check()
+    with pytest.raises(ValueError, match='sharpness_form="paper"'):
+        AdaptOptions(sharpness_form="paper", estimator="hvp").check()
+    AdaptOptions(sharpness_form="paper", estimator="jvp").check()
+    AdaptOptions(sharpness_form="gain", probe_rows="last").check()
 
 
 def test_the_arms_are_the_norm_arms_then_the_peft_arms():
@@ -51,7 +64,8 @@ def test_bad_options_are_named():
     bad = {"rank": 0, "epochs": 0, "shots": 0, "num_probes": 0, "batch_size": 0, "probes_per_pass": 0,
            "max_memory_gb": -1, "warmup": 1.0, "scoring": "ful", "distribution": "uniform", "lr": float("nan"),
            "weight_decay": -1.0, "lambda_j": float("inf"), "lambda_s": -1e-3, "eps": 0.0, "memory_efficient": "yes",
-           "fsdp": 1, "cuda_graphs": "always", "seed": -42, "j_final_norm_step": "no"}
+           "fsdp": 1, "cuda_graphs": "always", "seed": -42, "j_final_norm_step": "no", "probe_rows": "first",
+           "sharpness_form": "hessian"}
     for name, value in bad.items():
         with pytest.raises(ValueError, match=rf"^{name} must be"):
             AdaptOptions(**{name: value}).check()

@@ -148,7 +148,7 @@ def test_riders_draw_the_all_positions_estimators_last_token_probe():
     rb = riding_batch(batch["input_ids"], batch["attention_mask"], pos, K, torch.float64)
     probe = torch.arange(K, device=DEVICE).repeat_interleave(B)
     base = ((torch.arange(B, device=DEVICE) * T + pos) * d).repeat(K)
-    tap = RidingTap(st, pos, rb, RiderProbes([1, 2], gammas, 9, 0, "gaussian", 1e-3, False, probe, base, "torch"))
+    tap = RidingTap(st, pos, rb, RiderProbes([1, 2], gammas, 9, 0, K, "gaussian", 1e-3, False, probe, base))
     with torch.no_grad():
         tap.run(st.base)
         for t in (1, 2):
