@@ -238,6 +238,7 @@ def _check_device(parser: argparse.ArgumentParser, device: str) -> None:
 def _check_task(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """The task (or the user's files) and the data folder, and that the test subset has a row per class."""
     from . import data
+    from .files import name_part
 
     if args.train:
         for flag in ("train", "test"):
@@ -246,6 +247,10 @@ def _check_task(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
                 parser.error(f"--{flag}: {path} is not a file")
         if not args.labels:
             parser.error("--train needs --labels: the label words, comma-separated, in class order")
+        try:
+            name_part(_task_name(args), "--task" if args.task else "--train's file name (name the task with --task)")
+        except ValueError as exc:
+            parser.error(str(exc))
         try:
             task = data.file_task(_task_name(args), args.template, args.labels)
         except ValueError as exc:
@@ -308,7 +313,9 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
             parser.error(f"--out: {out} exists and is not an empty folder (export writes a new folder)")
     if getattr(args, "adapter", None):
         _check_adapter(parser, args)
-    if args.command in ("adapt", "diagnose", "demo", "export") and getattr(args, "out", None):
+    if args.command in ("adapt", "diagnose", "demo", "export") and getattr(args, "out", None) is not None:
+        if not args.out.strip():
+            parser.error("--out: an empty name is no folder; name the folder for the results")
         _check_out(parser, args.out)
     if args.command == "adapt":
         try:

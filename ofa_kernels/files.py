@@ -80,6 +80,28 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+NAME_PART_MAX = 80  # characters of a user-given name inside a file name
+
+
+def name_part(value: object, what: str) -> str:
+    """``value`` when it can stand as it is inside a file name under the run's folder, else a
+    ValueError naming ``what`` (the argument) and the reason: a non-empty string of at most
+    ``NAME_PART_MAX`` characters, no path separator, no ``..``, no control character, not starting
+    with a dot (hidden files and this module's temporaries). Every name that becomes part of a path
+    (task, arm, model tag) goes through here once, so no name can lead a write outside the folder."""
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{what} must be a non-empty name, got {value!r}")
+    if len(value) > NAME_PART_MAX:
+        raise ValueError(f"{what} is {len(value)} characters long; a name in a file name takes at most {NAME_PART_MAX}")
+    bad = [c for c in value if c in "/\\" or c in (os.sep, os.altsep or "/") or ord(c) < 32 or ord(c) == 127]
+    if bad:
+        raise ValueError(f"{what} {value!r} cannot be part of a file name: it holds {sorted(set(bad))!r} "
+                         "(path separators and control characters are refused)")
+    if ".." in value or value.startswith("."):
+        raise ValueError(f"{what} {value!r} cannot be part of a file name: it may not start with '.' or hold '..'")
+    return value
+
+
 _STALE = re.compile(r"^\..+\.ofa-(\d+)-[^/]*\.tmp$")
 
 

@@ -13,6 +13,7 @@ job resumes where it stopped.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -29,8 +30,8 @@ from . import distributed
 from . import evaluate as ev
 from . import identity
 from .adapters import save_adapter
-from .files import remove_stale_temps, write_text
-from .options import AdaptOptions
+from .files import name_part, remove_stale_temps, write_text
+from .options import ARMS, AdaptOptions
 from .trainer import adapt
 
 
@@ -66,35 +67,85 @@ def _checkpoint_path(out_dir: Path | None, task: str, arm: str, seed: int, tag: 
 
 class _Progress:
     """Finished evaluations and runs of one setting, kept in ``progress-<task>-<hash>.json`` so a
-    killed job resumes. A file whose key differs is never reused or overwritten: it is refused."""
+    killed job resumes. A file whose key differs is never reused or overwritten: it is refused.
+
+    Several jobs may share the file (arms of one setting run at once into one ``--out``): every
+    read-modify-write holds a lock on it (``<file>.lock``), re-reads what the others committed and
+    merges, so an entry once written is never lost, and ``get`` sees the others' finished work.
+    """
 
     def __init__(self, path: Path | None, key: dict):
         self.path, self.key, self.entries = path, key, {}
-        if path and path.exists():
-            try:
-                saved = json.loads(path.read_text())
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path} is not readable JSON ({exc}); move it away to start afresh") from None
-            if not (isinstance(saved, dict) and isinstance(saved.get("key"), dict)
-                    and isinstance(saved.get("entries"), dict)
-                    and all(isinstance(e, dict) for e in saved["entries"].values())):
-                raise ValueError(f"{path} is not a progress file (expected an object with a 'key' object and "
-                                 "'entries' of objects); move it away to start afresh")
-            if saved.get("key") != key:
-                stored = saved.get("key", {})
-                differs = sorted(k for k in {**key, **stored} if stored.get(k) != key.get(k))
-                raise ValueError(f"{path} holds results of other settings (differing: {differs}); "
-                                 "use another --out or move it away")
-            self.entries = saved["entries"]
+        self._lock = None
+        if path:
+            import filelock
+
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._lock = filelock.FileLock(str(path) + ".lock")  # one object: it nests (a count)
+            with self.locked():
+                self.entries = self._read()
+
+    @contextlib.contextmanager
+    def locked(self):
+        """Holds the progress file's lock (nothing when there is no file); nests."""
+        if self._lock is None:
+            yield
+            return
+        with self._lock:
+            yield
+
+    def _read(self) -> dict:
+        """The committed entries (none when there is no file yet), checked; call under the lock."""
+        path = self.path
+        if not path.exists():
+            return {}
+        if not path.is_file():
+            raise ValueError(f"{path} is not a file (a progress file is expected there); move it away to start afresh")
+        try:
+            saved = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{path} is not readable JSON ({exc}); move it away to start afresh") from None
+        if not (isinstance(saved, dict) and isinstance(saved.get("key"), dict)
+                and isinstance(saved.get("entries"), dict)
+                and all(isinstance(e, dict) for e in saved["entries"].values())):
+            raise ValueError(f"{path} is not a progress file (expected an object with a 'key' object and "
+                             "'entries' of objects); move it away to start afresh")
+        if saved.get("key") != self.key:
+            stored = saved.get("key", {})
+            differs = sorted(k for k in {**self.key, **stored} if stored.get(k) != self.key.get(k))
+            raise ValueError(f"{path} holds results of other settings (differing: {differs}); "
+                             "use another --out or move it away")
+        for name, entry in saved["entries"].items():
+            _check_entry(path, name, entry)
+        return saved["entries"]
+
+    def refresh(self) -> None:
+        """Takes in what other jobs committed since."""
+        if self.path and self.path.exists():
+            with self.locked():
+                self.entries = {**self._read(), **self.entries}
 
     def get(self, name: str) -> dict | None:
+        if name not in self.entries:
+            self.refresh()
         return self.entries.get(name)
 
     def put(self, name: str, entry: dict) -> dict:
         self.entries[name] = entry
         if self.path and distributed.is_main_process():
-            write_text(self.path, json.dumps({"key": self.key, "entries": self.entries}))
+            with self.locked():
+                self.entries = {**self._read(), **self.entries}
+                write_text(self.path, json.dumps({"key": self.key, "entries": self.entries}))
         return entry
+
+
+def _check_entry(path: Path, name: str, entry: dict) -> None:
+    """An evaluation entry as the report reads it: finite accuracy and macro-F1 numbers in [0, 1]."""
+    for field in ("accuracy", "macro_f1"):
+        value = entry.get(field)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            raise ValueError(f"{path}: entry {name!r} has {field} {value!r}, expected a number from 0 to 1; "
+                             "the file is damaged: move it away to start afresh")
 
 
 def adapt_and_report(
@@ -131,6 +182,9 @@ def adapt_and_report(
     if distributed.launched_processes() > 1:
         log(f"data-parallel: {distributed.launched_processes()} processes (rank 0 evaluates and writes)")
     dataset = _dataset(task, data_dir, log)
+    name_part(dataset.task.name, "task")  # names that become parts of file names: checked before any is built
+    for arm in arms:
+        name_part(arm, "arm")
     test = data_mod.test_subset(dataset, test_size)
     out_dir = _out_folder(out, main, log)
     key, tag = settings_key(dataset.task, model_name, options, test, dataset.pool, model_settings, with_demos)
@@ -141,20 +195,14 @@ def adapt_and_report(
     log(f"zero-shot {zero['accuracy']:.3f}")
     for seed in seeds:
         shots = data_mod.k_shot(dataset, options.shots, seed)
-        run.add("zero-shot", zero)  # the same for every seed
         icl = run.scored(f"ICL|{seed}", lambda shots=shots: run.evaluation(*run.base(), shots))
-        run.add("ICL", icl)
         log(f"seed {seed}: ICL {icl['accuracy']:.3f}")
         for arm in arms:
             entry = run.scored(f"{arm}|{seed}", lambda arm=arm, seed=seed, shots=shots: run.adapted(arm, seed, shots))
             run.drop_checkpoint(arm, seed)
-            run.add(arm, entry)
-            if "demos_accuracy" in entry:
-                run.add(f"{arm} + demos", entry, "demos_")
             demos = f" (with demonstrations {entry['demos_accuracy']:.3f})" if "demos_accuracy" in entry else ""
             log(f"seed {seed}: {arm} {entry['accuracy']:.3f}{demos}, final loss {entry['losses'][-1]['loss']:.4f}")
-            run.runs.append({"seed": seed, "arm": arm, **entry})
-    return run.report(seeds, log)
+    return run.report(seeds, arms, log)
 
 
 def _dataset(task: str | data_mod.Dataset, data_dir: str | None, log: Callable[[str], None]) -> data_mod.Dataset:
@@ -191,9 +239,6 @@ class _Run:
         self.task = dataset.task.name
         self.sharded = options.fsdp and distributed.launched_processes() > 1  # then every rank evaluates, together
         self.loaded: list = []
-        self.rows: dict[str, list[float]] = {}
-        self.f1s: dict[str, list[float]] = {}
-        self.runs: list[dict] = []
         self.started = time.time()
 
     def base(self) -> tuple:
@@ -248,21 +293,43 @@ class _Run:
             else:
                 ckpt.unlink(missing_ok=True)
 
-    def add(self, row: str, entry: dict, prefix: str = "") -> None:
-        self.rows.setdefault(row, []).append(entry[prefix + "accuracy"])
-        self.f1s.setdefault(row, []).append(entry[prefix + "macro_f1"])
+    def report(self, seeds: Sequence[int], arms: Sequence[str], log: Callable[[str], None]) -> dict:
+        """The results (returned, and written as JSON and a markdown table under ``out``), from every entry
+        committed for these seeds: this job's arms, then any other arm that a job running beside it
+        into the same ``out`` finished (so the last writer keeps the others' rows)."""
+        with self.finished.locked():
+            self.finished.refresh()
+            entries = self.finished.entries
+            others = [a for a in ARMS if a not in arms and any(f"{a}|{s}" in entries for s in seeds)]
+            rows: dict[str, list[float]] = {}
+            f1s: dict[str, list[float]] = {}
+            runs = []
 
-    def report(self, seeds: Sequence[int], log: Callable[[str], None]) -> dict:
-        """The results (returned, and written as JSON and a markdown table under ``out``)."""
-        results = {"task": self.task, "model": self.model_name, "test_rows": len(self.test), "seeds": list(seeds),
-                   "options": dataclasses.asdict(self.options), "accuracy": self.rows, "macro_f1": self.f1s,
-                   "runs": self.runs, "seconds": round(time.time() - self.started, 1),
-                   "compute_seconds": round(sum(e.get("seconds", 0.0) for e in self.finished.entries.values()), 1)}
-        table = [f"# {self.task} on {self.model_name}: accuracy over {len(self.test)} test rows, seeds {list(seeds)}",
-                 "", "| method | accuracy | macro-F1 |", "|---|---:|---:|"]
-        table += [f"| {k} | {_mean_std(v)} | {_mean_std(self.f1s[k])} |" for k, v in self.rows.items()]
-        if self.out_dir and self.main:
-            write_text(self.out_dir / f"results-{self.task}-{self.tag}.json", json.dumps(results, indent=1))
-            write_text(self.out_dir / f"results-{self.task}-{self.tag}.md", "\n".join(table) + "\n")
+            def add(row: str, entry: dict, prefix: str = "") -> None:
+                rows.setdefault(row, []).append(entry[prefix + "accuracy"])
+                f1s.setdefault(row, []).append(entry[prefix + "macro_f1"])
+
+            for seed in seeds:
+                add("zero-shot", entries["zero-shot"])  # the same for every seed
+                if f"ICL|{seed}" in entries:
+                    add("ICL", entries[f"ICL|{seed}"])
+                for arm in [*arms, *others]:
+                    entry = entries.get(f"{arm}|{seed}")
+                    if entry is None:
+                        continue
+                    add(arm, entry)
+                    if "demos_accuracy" in entry:
+                        add(f"{arm} + demos", entry, "demos_")
+                    runs.append({"seed": seed, "arm": arm, **entry})
+            results = {"task": self.task, "model": self.model_name, "test_rows": len(self.test),
+                       "seeds": list(seeds), "options": dataclasses.asdict(self.options), "accuracy": rows,
+                       "macro_f1": f1s, "runs": runs, "seconds": round(time.time() - self.started, 1),
+                       "compute_seconds": round(sum(e.get("seconds", 0.0) for e in entries.values()), 1)}
+            table = [f"# {self.task} on {self.model_name}: accuracy over {len(self.test)} test rows, seeds "
+                     f"{list(seeds)}", "", "| method | accuracy | macro-F1 |", "|---|---:|---:|"]
+            table += [f"| {k} | {_mean_std(v)} | {_mean_std(f1s[k])} |" for k, v in rows.items()]
+            if self.out_dir and self.main:
+                write_text(self.out_dir / f"results-{self.task}-{self.tag}.json", json.dumps(results, indent=1))
+                write_text(self.out_dir / f"results-{self.task}-{self.tag}.md", "\n".join(table) + "\n")
         log("\n".join(table))
         return results

@@ -1,6 +1,7 @@
 """The benchmark scripts run at CPU size and write their table, JSON and plot (CI smoke)."""
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -297,3 +298,17 @@ def test_bench_one_pass_smoke_times_every_arm_on_both_pairs(tmp_path):
     assert all(r["saved_mib"] > 1.5 * ce[r["pair"]] for r in rows if r["arm"] == "ofa-all")
     assert all(r["saved_mib"] < 1.3 * ce[r["pair"]] for r in rows if r["arm"] == "ofa-last")
     assert "| ofa-last |" in (tmp_path / "one_pass_smoke.md").read_text()
+
+
+def test_s_scale_smoke_gives_every_term_and_form(tmp_path):
+    import s_scale
+
+    assert s_scale.main(["--smoke", "--pairs", "2", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "s_scale_smoke.json").read_text())["rows"]
+    terms = {r["term"] for r in rows}
+    assert terms == {"ce", "lambda_J * J"} | {f"lambda_S * S ({f})" for f in s_scale.FORMS}
+    assert all(r["grad_norm"] > 0 and math.isfinite(r["value"]) for r in rows)
+    by = {(r["pair"], r["term"]): r for r in rows}
+    for pair in (0, 1):  # the authors' q is eps times the trace form's: a far smaller gradient
+        assert by[pair, "lambda_S * S (paper)"]["grad_norm"] < by[pair, "lambda_S * S (trace)"]["grad_norm"]
+    assert "| lambda_S * S (gain-last) |" in (tmp_path / "s_scale_smoke.md").read_text()

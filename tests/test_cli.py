@@ -132,6 +132,7 @@ def _refused(argv: list[str], capsys, monkeypatch) -> str:
     (["--data-dir", "/no/such/folder"], "is not a folder"),
     (["--model", "/no/such/model"], "is not a folder"),
     (["--test", "x.csv"], "--test and --labels go with --train"),
+    (["--out", ""], "--out: an empty name is no folder"),
 ])
 def test_adapt_refuses_bad_arguments_before_any_work(extra, message, capsys, monkeypatch, tmp_path):
     argv = ["adapt", "--task", "sst2", "--data-dir", str(tmp_path), "--out", str(tmp_path / "out"), *extra]
@@ -180,3 +181,15 @@ def test_a_diverged_run_stops_without_writing_an_adapter(tiny_model_dir, tmp_pat
     code = _adapt_own_file(tiny_model_dir, tmp_path, "--epochs", "3", "--lr", "1e12")
     assert code == 2 and "diverged" in capsys.readouterr().err
     assert not list(out.glob("adapter-*"))
+
+
+@pytest.mark.parametrize("task, shown", [("x/../../../ESCAPED", "holds ['/']"), ("../x", "holds ['/']"),
+                                         (".x", "may not start with '.'"), ("a\tb", "control")])
+def test_a_task_name_that_would_leave_out_is_refused_before_any_work(task, shown, capsys, monkeypatch, tmp_path):
+    train = tmp_path / "base.csv"
+    train.write_text("text,label\ngood,1\nbad,0\n")
+    out = tmp_path / "o" / "inner"
+    argv = ["adapt", "--train", str(train), "--labels", "no,yes", "--task", task, "--out", str(out)]
+    message = _refused(argv, capsys, monkeypatch)
+    assert "--task" in message and shown in message
+    assert not (tmp_path / "o").exists() and sorted(p.name for p in tmp_path.rglob("*")) == ["base.csv"]

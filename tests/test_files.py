@@ -39,3 +39,45 @@ def test_temporaries_are_named_for_their_writer(tmp_path):
     with atomic_dir(tmp_path / "folder") as tmp:
         seen.append(tmp.name)
     assert seen[0].startswith(f".folder.ofa-{os.getpid()}-") and seen[0].endswith(".tmp")
+
+
+# ------------------------------------------------------------------------ names into file names
+
+import pytest  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from ofa_kernels.files import NAME_PART_MAX, name_part  # noqa: E402
+
+
+@pytest.mark.parametrize("name, reason", [
+    ("x/../../../ESCAPED", "holds \\['/'\\]"), ("../x", "holds \\['/'\\]"), ("a\\b", "holds"), ("..", "start with '.'"),
+    ("a..b", "hold '..'"), (".hidden", "start with '.'"), ("a\x00b", "control"), ("tab\there", "control"),
+    ("", "non-empty"), ("   ", "non-empty"), ("x" * (NAME_PART_MAX + 1), "at most"), (None, "non-empty"), (3, "non-empty"),
+])
+def test_names_that_cannot_be_part_of_a_file_name_are_refused_naming_the_argument(name, reason):
+    with pytest.raises(ValueError, match=rf"^--task .*{reason}|^--task must"):
+        name_part(name, "--task")
+
+
+@pytest.mark.parametrize("name", ["sst2", "ce+J", "my task", "tweets_2026", "x" * NAME_PART_MAX, "émotion"])
+def test_ordinary_names_pass_unchanged(name):
+    assert name_part(name, "--task") == name
+
+
+@settings(max_examples=400, deadline=None)
+@given(task=st.text(max_size=90), arm=st.text(max_size=12), tag=st.text(alphabet="0123456789abcdef", min_size=8,
+                                                                          max_size=8))
+def test_an_accepted_name_never_leads_a_run_file_outside_its_folder(tmp_path_factory, task, arm, tag):
+    """Whatever the task and arm names: either refused, or every file name a run builds from them
+    (progress, results, adapter, checkpoint) is one entry directly inside --out."""
+    out = tmp_path_factory.getbasetemp() / "out"
+    try:
+        name_part(task, "task")
+        name_part(arm, "arm")
+    except ValueError:
+        return
+    for file_name in (f"progress-{task}-{tag}.json", f"results-{task}-{tag}.md", f"results-{task}-{tag}.json",
+                      f"adapter-{task}-{arm}-seed42-{tag}.safetensors", f"checkpoint-{task}-{arm}-seed42-{tag}.pt"):
+        path = (out / file_name).resolve()
+        assert path.parent == out.resolve() and path.name == file_name

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Issue 35's accuracy runs: OFA under the authors' exact objective (--sharpness-form paper) and under the
+# proposed default (--sharpness-form gain --probe-rows last), paper protocol, seeds 42-44, 300 test rows.
+# Resumable (each cell is kept as it finishes; rerun the same line to continue), niced, one thread a job so
+# the two jobs share the 2 cores:
+#   bash benchmarks/s_forms_runs.sh gemma3     # Gemma 3 270M: SST-2, MR, TREC (CE, ICL, zero-shot: results/accuracy_gemma3)
+#   bash benchmarks/s_forms_runs.sh smollm2    # SmolLM2: SST-2, MR, TREC, Subj, SST-5 (CE trained beside the gain form)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=benchmarks/results/accuracy_s_forms
+run() { python benchmarks/accuracy.py --nice 19 --threads 1 "$@"; }
+case "${1:?gemma3 or smollm2}" in
+  gemma3)
+    run --model gemma3-270m --tasks sst2,mr,trec --arms ofa --sharpness-form gain --probe-rows last --out "$OUT/gemma3-gain-last"
+    run --model gemma3-270m --tasks sst2,mr,trec --arms ofa --sharpness-form paper --out "$OUT/gemma3-paper" ;;
+  smollm2)
+    run --model smollm2 --tasks sst2,mr,trec,subj,sst5 --arms ce,ofa --sharpness-form gain --probe-rows last --out "$OUT/smollm2-gain-last"
+    run --model smollm2 --tasks sst2,mr,trec,subj,sst5 --arms ofa --sharpness-form paper --out "$OUT/smollm2-paper" ;;
+  *) echo "unknown job $1 (gemma3 or smollm2)" >&2; exit 2 ;;
+esac
