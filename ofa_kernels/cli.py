@@ -83,7 +83,7 @@ def _eval(args: argparse.Namespace) -> int:
         meta = load_adapter(model, args.adapter, task=dataset.task.name)
         print(f"adapter {args.adapter}: task {meta['task'] or '(not recorded)'}, base {meta['base_model'] or '(not recorded)'}")
     scores = ev.evaluate(model, tokenizer, dataset.task, test, scoring=args.scoring)
-    print(f"{args.task}: accuracy {scores.accuracy:.3f}, macro-F1 {scores.macro_f1:.3f} over {len(test)} rows")
+    print(f"{dataset.task.name}: accuracy {scores.accuracy:.3f}, macro-F1 {scores.macro_f1:.3f} over {len(test)} rows")
     return 0
 
 
@@ -441,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     _validate(parser, args)
     try:
         code = args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as exc:
+    except (ValueError, OSError, FloatingPointError) as exc:  # OSError: files.WriteError (a full disk) among them
         if os.environ.get("OFA_DEBUG"):
             raise
         print(f"ofa {args.command}: error: {exc}", file=sys.stderr)

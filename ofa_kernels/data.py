@@ -219,6 +219,10 @@ def _csv_records(reader: _Reader, path: Path, delimiter: str, names_needed: set[
                 if header is None:
                     stripped = [field.strip() for field in row]
                     if names_needed <= set(stripped):
+                        twice = sorted({n for n in stripped if n in names_needed and stripped.count(n) > 1})
+                        if twice:
+                            raise ValueError(f"{path}:{first_line}: the header names {twice} more than once; "
+                                             "which column is meant is ambiguous: rename one")
                         header = stripped
                         continue
                     if columns is None:
@@ -304,6 +308,14 @@ def load_table(path: str | Path, labels: Sequence[str], *, text_column: str | Se
         raw_label = record[label_column]
         if str(raw_label if raw_label is not None else "").strip().lower() in others:
             continue
+        not_text = [c for c in text_columns if record[c] is not None and not isinstance(record[c], str)]
+        if not_text:  # a JSON list or object would be trained on as its Python repr
+            reader.problems.append(f"{where}: {not_text[0]!r} is a JSON {type(record[not_text[0]]).__name__}, "
+                                   "expected a string (row skipped)")
+            continue
+        if isinstance(raw_label, (list, dict, float)) and not (isinstance(raw_label, float) and raw_label.is_integer()):
+            reader.problems.append(f"{where}: the label {raw_label!r} is no label word or class index (row skipped)")
+            continue
         text = " ".join(str(record[c]).strip() for c in text_columns if record[c] is not None)
         reader.add(rows, text, label_of(raw_label if raw_label is not None else ""), where, len(labels))
     return rows
@@ -314,6 +326,11 @@ def file_task(name: str, template: str, labels: Sequence[str]) -> Task:
     labels = tuple(str(w).strip() for w in labels)
     if len(labels) < 2 or any(not w for w in labels) or len(set(labels)) != len(labels):
         raise ValueError(f"labels must be two or more distinct, non-empty label words, got {list(labels)}")
+    folded = [w.casefold() for w in labels]
+    if len(set(folded)) != len(folded):  # the files' labels are matched ignoring case
+        same = sorted({w for w in labels if folded.count(w.casefold()) > 1})
+        raise ValueError(f"labels {same} differ only in case; the files' labels are matched ignoring case, so "
+                         "they would be one class: choose words that differ otherwise")
     if "{text}" not in template:
         raise ValueError(f"template must contain {{text}} (where the example goes), got {template!r}")
     try:
@@ -433,13 +450,15 @@ def _from_hub(task: Task, reader: _Reader, folder: Path | None = None) -> tuple[
 # ----------------------------------------------------------------------------------- sampling
 
 
-def _balanced(rows: Sequence[Example], per_class: int, n_labels: int, seed: int) -> list[Example]:
+def _balanced(rows: Sequence[Example], per_class: int, n_labels: int, seed: int,
+              names: Sequence[str] | None = None, why: str = "") -> list[Example]:
     rng = random.Random(seed)
     chosen: list[Example] = []
     for label in range(n_labels):
         members = [r for r in rows if r.label == label]
         if len(members) < per_class:
-            raise ValueError(f"class {label} has {len(members)} rows, fewer than the {per_class} asked for")
+            name = f"class {names[label]!r}" if names else f"class {label}"
+            raise ValueError(f"{name} has {len(members)} rows, fewer than the {per_class} asked for{why}")
         chosen += rng.sample(members, per_class)
     rng.shuffle(chosen)
     return chosen
@@ -447,7 +466,11 @@ def _balanced(rows: Sequence[Example], per_class: int, n_labels: int, seed: int)
 
 def k_shot(dataset: Dataset, shots: int = 5, seed: int = 42) -> list[Example]:
     """``shots`` examples per class from the pool, seeded, in shuffled order."""
-    return _balanced(dataset.pool, shots, len(dataset.task.labels), seed)
+    why = ""
+    if dataset.overlap_removed:
+        why = (f" ({dataset.overlap_removed} training rows were left out of the pool because their text is also a "
+               "test row's: give a --test file that shares fewer rows with --train, or more training rows)")
+    return _balanced(dataset.pool, shots, len(dataset.task.labels), seed, dataset.task.labels, why)
 
 
 def test_subset(dataset: Dataset, size: int = 500, seed: int = 0) -> list[Example]:

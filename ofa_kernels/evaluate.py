@@ -176,7 +176,7 @@ def evaluate(model, tokenizer, task: Task, examples: Sequence[Example], *, demon
     for start in range(0, len(examples), step):
         chunk = examples[start:start + step]
         prompt_ids = encode(tokenizer, [task.prompt(e.text) for e in chunk])
-        check_context(chunk, prompt_ids, len(prefix_ids) + longest_label, context)
+        check_context(chunk, prompt_ids, len(prefix_ids) + longest_label, context, len(prefix_ids))
         scores = label_log_probs(model, prompt_ids, label_ids, scoring=scoring, pad_id=pad_token, prefix=prefix)
         predictions += scores.argmax(1).tolist()
     targets = [e.label for e in examples]

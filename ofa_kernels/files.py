@@ -27,20 +27,42 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+class WriteError(OSError):
+    """A file could not be written (a full disk, no permission, a writer's own failure); what was at the
+    path before is untouched. Its message names the path and the cause in one line."""
+
+    def __init__(self, errno: int | None, message: str):
+        super().__init__(message)
+        self.errno = errno
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yields a temporary path beside ``path`` to write; on success it replaces ``path`` in one step."""
+    """Yields a temporary path beside ``path`` to write; on success it replaces ``path`` in one step,
+    with the permissions of a plainly created file (the umask's), whatever the writer set. Any failure
+    while writing or replacing is a ``WriteError`` naming ``path``; the old file stays as it was."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise WriteError(exc.errno, f"cannot write {path}: {exc.strerror or exc}") from exc
     os.close(fd)
     tmp = Path(name)
-    os.chmod(tmp, 0o666 & ~_umask())  # the permissions of a plainly created file, not mkstemp's 0600
     try:
-        yield tmp
-        _fsync(tmp)
-        os.replace(tmp, path)
-        _fsync(path.parent)
+        try:
+            yield tmp
+            # mkstemp's 0600, or a writer that replaced the file with its own (safetensors): plain permissions
+            os.chmod(tmp, 0o666 & ~_umask())
+            _fsync(tmp)
+            _commit(tmp, path)
+            _fsync(path.parent)
+        except WriteError:
+            raise
+        except Exception as exc:  # torch.save's RuntimeError, safetensors' SafetensorError, OSError: a failed write
+            errno = getattr(exc, "errno", None)
+            raise WriteError(errno, f"cannot write {path}: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+                             " (the file there before, if any, is unchanged)") from exc
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -65,19 +87,34 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         raise FileExistsError(f"{path} exists and is not an empty folder; pass a new path")
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(path.parent)  # a killed export's half-written folder (hundreds of MB) goes now
-    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent))
+    except OSError as exc:
+        raise WriteError(exc.errno, f"cannot write {path}: {exc.strerror or exc}") from exc
     os.chmod(tmp, 0o777 & ~_umask())
     try:
-        yield tmp
-        for child in tmp.iterdir():
-            if child.is_file():
-                _fsync(child)
-        if path.exists():
-            path.rmdir()  # empty (checked above); a rename cannot replace a folder on every system
-        os.replace(tmp, path)
-        _fsync(path.parent)
+        try:
+            yield tmp
+            for child in tmp.iterdir():
+                if child.is_file():
+                    os.chmod(child, 0o666 & ~_umask())  # writers that replace their file (safetensors): plain
+                    _fsync(child)
+            if path.exists():
+                path.rmdir()  # empty (checked above); a rename cannot replace a folder on every system
+            _commit(tmp, path)
+            _fsync(path.parent)
+        except (WriteError, FileExistsError):
+            raise
+        except Exception as exc:  # save_pretrained's OSError or SafetensorError on a full disk: a failed write
+            raise WriteError(getattr(exc, "errno", None), f"cannot write {path}: {type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0][:200] if str(exc) else ''} (nothing was written there)") from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _commit(tmp: Path, path: Path) -> None:
+    """The one step that makes a written file (or folder) visible at ``path``: a rename."""
+    os.replace(tmp, path)
 
 
 NAME_PART_MAX = 80  # characters of a user-given name inside a file name

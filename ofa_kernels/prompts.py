@@ -40,16 +40,20 @@ def model_context(model) -> int | None:
 
 
 def check_context(rows: Sequence[Example], prompt_ids: Sequence[Sequence[int]], extra: int,
-                  context: int | None) -> None:
-    """Refuses, naming the row's file:line, a prompt that with ``extra`` tokens (a demonstrations prefix,
-    the longest label word) is longer than ``context``: such a prompt is never scored cut or silently."""
+                  context: int | None, prefix: int = 0) -> None:
+    """Refuses, naming the row's file:line, a prompt that with ``extra`` tokens (``prefix`` of them a
+    demonstrations prefix, the rest the longest label word) is longer than ``context``: such a prompt
+    is never scored cut or silently."""
     if context is None:
         return
-    for row, ids in zip(rows, prompt_ids):
+    for row, ids in zip(rows, prompt_ids, strict=True):
         if len(ids) + extra > context:
-            raise ValueError(f"{row.where}: the prompt takes {len(ids) + extra} tokens with the demonstrations and "
-                             f"the label word, more than the model's context of {context}; shorten the text, or "
-                             "leave the demonstrations out (--no-demos)")
+            # ICL is always scored with the demonstrations, so --no-demos would not avoid this
+            fix = (f"shorten the text, or use fewer --shots (the demonstrations take {prefix} tokens)" if prefix
+                   else "shorten the text")
+            with_demos = "the demonstrations and " if prefix else ""
+            raise ValueError(f"{row.where}: the prompt takes {len(ids) + extra} tokens with {with_demos}the label "
+                             f"word, more than the model's context of {context}; {fix}")
 
 
 def check_pairs_fit(tokenizer, task: Task, train: Sequence[Example], longest_label: int, context: int | None) -> None:

@@ -191,10 +191,11 @@ def adapt_and_report(
     name = dataset.task.name
     run = _Run(load, dataset, test, options, model_name, tag, out_dir, main, with_demos, progress,
                _Progress(out_dir / f"progress-{name}-{tag}.json" if out_dir else None, key))
+    k_shot_sets = {seed: data_mod.k_shot(dataset, options.shots, seed) for seed in seeds}  # refused before any load
     zero = run.scored("zero-shot", lambda: run.evaluation(*run.base()))
     log(f"zero-shot {zero['accuracy']:.3f}")
     for seed in seeds:
-        shots = data_mod.k_shot(dataset, options.shots, seed)
+        shots = k_shot_sets[seed]
         icl = run.scored(f"ICL|{seed}", lambda shots=shots: run.evaluation(*run.base(), shots))
         log(f"seed {seed}: ICL {icl['accuracy']:.3f}")
         for arm in arms:

@@ -286,3 +286,44 @@ def test_duplicated_rows_never_sit_on_both_sides_of_the_split(tmp_path):
     assert ds.overlap_removed > 0 and len(ds.pool) + ds.overlap_removed + len(ds.test) == 40
     assert not {data.normalised_text(e.text) for e in ds.pool} & {data.normalised_text(e.text) for e in ds.test}
     assert data.normalised_text("  Row\t1 ") == data.normalised_text("row 1")
+
+
+# ------------------------------------------------------------------ silent wrong data (issue 37)
+
+
+def test_a_header_naming_a_needed_column_twice_is_refused_at_its_line(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("text,label,text\na,yes,b\nc,no,d\n")
+    with pytest.raises(ValueError, match=rf"{path}:1: the header names \['text'\] more than once"):
+        data.load_table(path, ("no", "yes"))
+    other = tmp_path / "ok.csv"  # a column the task does not read may repeat
+    other.write_text("text,label,note,note\na,yes,x,y\n")
+    assert [r.text for r in data.load_table(other, ("no", "yes"))] == ["a"]
+
+
+def test_a_jsonl_text_that_is_not_a_string_is_reported_not_trained_on(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": ["a", "b"], "label": "yes"}\n{"text": {"x": 1}, "label": "no"}\n'
+                    '{"text": "fine", "label": "no"}\n{"text": "ok", "label": ["yes"]}\n')
+    reader = data._Reader()
+    rows = data.load_table(path, ("no", "yes"), reader=reader)
+    assert [r.text for r in rows] == ["fine"]
+    assert [p.split(": ", 1)[0] for p in reader.problems] == [f"{path}:1", f"{path}:2", f"{path}:4"]
+    assert "'text' is a JSON list, expected a string" in reader.problems[0]
+    assert "no label word or class index" in reader.problems[2]
+
+
+def test_labels_that_differ_only_in_case_are_refused_as_one_class():
+    with pytest.raises(ValueError, match=r"labels \['Yes', 'yes'\] differ only in case"):
+        data.file_task("t", "{text}", ["Yes", "yes", "no"])
+
+
+def test_a_pool_emptied_by_the_overlap_removal_says_why_and_names_the_class(tmp_path):
+    train, test = tmp_path / "train.csv", tmp_path / "test.csv"
+    train.write_text("text,label\n" + "".join(f"same {i},{'yes' if i % 2 else 'no'}\n" for i in range(6))
+                     + "other,no\nmore,no\n")
+    test.write_text("text,label\n" + "".join(f"same {i},{'yes' if i % 2 else 'no'}\n" for i in range(6)))
+    ds = data.load_files(data.file_task("t", "{text}", ["no", "yes"]), train, test)
+    with pytest.raises(ValueError, match=r"class 'yes' has 0 rows, fewer than the 1 asked for \(6 training rows "
+                                         r"were left out.*also a test row's"):
+        data.k_shot(ds, 1, 42)
