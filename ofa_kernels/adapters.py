@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -104,8 +105,43 @@ def _peft_metadata(folder: Path) -> dict[str, str]:
                          "folders (norm weights) only")
     if not (folder / "adapter_model.safetensors").is_file():
         raise ValueError(f"adapter folder {folder} has no adapter_model.safetensors")
-    return {"format": PEFT_LN_TUNING_FORMAT, "base_model": str(config.get("base_model_name_or_path") or ""),
+    _check_peft_config(config_path, config)
+    return {"format": PEFT_LN_TUNING_FORMAT, "target_modules": json.dumps(config.get("target_modules")), "base_model": str(config.get("base_model_name_or_path") or ""),
             "task": "", "base_hash": "", "options": "{}", "library_version": str(config.get("peft_version", ""))}
+
+
+def _check_peft_config(config_path: Path, config: dict) -> None:
+    """An LN_TUNING config this version reads whole: no key PEFT's ``LNTuningConfig`` does not have (a
+    setting silently ignored would change what was trained), ``target_modules`` a name, a list of
+    names or null, and nothing in ``modules_to_save`` (weights outside the norms)."""
+    try:
+        from peft import LNTuningConfig
+
+        known = {f.name for f in dataclasses.fields(LNTuningConfig)}
+    except ImportError:  # PEFT absent: the keys its 0.22 LNTuningConfig has
+        known = {"auto_mapping", "base_model_name_or_path", "exclude_modules", "inference_mode", "modules_to_save",
+                 "peft_type", "peft_version", "revision", "target_modules", "task_type"}
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise ValueError(f"{config_path}: unknown keys {unknown} (an LN_TUNING config has {sorted(known)}); a setting "
+                         "this version would ignore is refused, not dropped")
+    targets = config.get("target_modules")
+    if not (targets is None or isinstance(targets, str)
+            or (isinstance(targets, list) and targets and all(isinstance(t, str) and t for t in targets))):
+        raise ValueError(f"{config_path}: target_modules must be a module name, a list of names or null, got {targets!r}")
+    if config.get("modules_to_save"):
+        raise ValueError(f"{config_path}: modules_to_save {config['modules_to_save']!r} holds weights outside the "
+                         "norms, which ofa_kernels does not load")
+
+
+def _targeted(module: str, targets) -> bool:
+    """PEFT's rule: a name is a regular expression matched whole; a list matches a module whose name is,
+    or ends with ``.`` and, one of its entries."""
+    if targets is None:
+        return True
+    if isinstance(targets, str):
+        return re.fullmatch(targets, module) is not None
+    return any(module == t or module.endswith("." + t) for t in targets)
 
 
 def _peft_name(key: str) -> str | None:
@@ -131,10 +167,15 @@ def read_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
     if not peft:
         return tensors, meta
     weights = {}
+    targets = json.loads(meta.get("target_modules", "null"))
     for key, t in tensors.items():
         name = _peft_name(key)
         if name is None:
             raise ValueError(f"adapter folder {path}: tensor {key!r} is not an LN tuning weight")
+        module = name.rsplit(".", 1)[0]
+        if not _targeted(module, targets):
+            raise ValueError(f"adapter folder {path}: tensor {key!r} is for module {module!r}, which the config's "
+                             f"target_modules {targets!r} does not name; the config and the weights disagree")
         weights[name] = t
     return weights, meta
 

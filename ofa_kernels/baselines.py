@@ -34,6 +34,8 @@ def attach(model: nn.Module, arm: str, rank: int = 1) -> dict[str, nn.Parameter]
     config = peft_config(arm, rank)
     if getattr(model, "config", None) is None:
         raise ValueError("PEFT baselines need a Hugging Face model (with .config) to pick target modules")
+    if arm == "lora":
+        _check_rank(model, config, rank)
     inject_adapter_in_model(config, model)
     marker = "lora_" if arm == "lora" else "ia3_"
     params = {n: p for n, p in model.named_parameters() if marker in n}
@@ -42,3 +44,16 @@ def attach(model: nn.Module, arm: str, rank: int = 1) -> dict[str, nn.Parameter]
     for p in params.values():
         p.requires_grad_(True)
     return params
+
+
+def _check_rank(model: nn.Module, config, rank: int) -> None:
+    """Refuses, before any adapter memory is allocated, a LoRA rank above the narrowest side of the
+    layers it would adapt (the update's rank cannot exceed it)."""
+    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as targets
+
+    names = config.target_modules or targets.get(getattr(model.config, "model_type", ""), ())
+    widths = [min(m.in_features, m.out_features) for n, m in model.named_modules()
+              if isinstance(m, nn.Linear) and any(n == t or n.endswith("." + t) for t in names)]
+    if widths and rank > min(widths):
+        raise ValueError(f"rank {rank} is above the narrowest layer LoRA adapts here ({min(widths)} wide): its "
+                         f"update cannot have a higher rank; use --rank {min(widths)} or less")

@@ -163,7 +163,7 @@ def evaluate(model, tokenizer, task: Task, examples: Sequence[Example], *, demon
     the predictions do not depend on it). A prompt that, with the prefix and the longest label word, does not fit the model's context
     (``config.max_position_embeddings``) is refused with the row's file:line, never scored cut or silently.
     """
-    label_ids = label_token_ids(tokenizer, task.labels)
+    label_ids = label_token_ids(tokenizer, task.labels, scoring)
     pad_token = padding_id(tokenizer)
     text = demonstrations_prefix(task, demonstrations)
     prefix_ids = leading_ids(tokenizer) + (encode(tokenizer, [text])[0] if text else [])  # the sequences' start

@@ -59,7 +59,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             _fsync(path.parent)
         except WriteError:
             raise
-        except Exception as exc:  # torch.save's RuntimeError, safetensors' SafetensorError, OSError: a failed write
+        except Exception as exc:
+            if not _is_write_failure(exc):
+                raise
             errno = getattr(exc, "errno", None)
             raise WriteError(errno, f"cannot write {path}: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
                              " (the file there before, if any, is unchanged)") from exc
@@ -105,11 +107,20 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
             _fsync(path.parent)
         except (WriteError, FileExistsError):
             raise
-        except Exception as exc:  # save_pretrained's OSError or SafetensorError on a full disk: a failed write
+        except Exception as exc:
+            if not _is_write_failure(exc):
+                raise
             raise WriteError(getattr(exc, "errno", None), f"cannot write {path}: {type(exc).__name__}: "
                              f"{str(exc).splitlines()[0][:200] if str(exc) else ''} (nothing was written there)") from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _is_write_failure(exc: BaseException) -> bool:
+    """What a writer raises when the disk refuses: OSError (ENOSPC, EACCES, ...), torch.save's RuntimeError
+    ("file write failed"), safetensors' SafetensorError. Anything else (a ValueError of the caller's own
+    checks) is not a write failure and passes unchanged."""
+    return isinstance(exc, (OSError, RuntimeError)) or type(exc).__name__ == "SafetensorError"
 
 
 def _commit(tmp: Path, path: Path) -> None:

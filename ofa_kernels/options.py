@@ -46,6 +46,7 @@ EXECUTION_ONLY = ("cuda_graphs", "memory_efficient", "max_memory_gb", "probes_pe
 # Fields added after runs were keyed: they enter the key only when set away from their default, so a
 # run that does not use them keeps the key it had (and resumes its progress and checkpoints).
 KEYED_WHEN_SET = ("j_final_norm_step", "probe_rows", "sharpness_form")
+MAX_RANK = 2**16  # LoRA ranks beyond any model's width are refused before a model loads
 SEED_LIMIT = 2**63  # seeds are 0 .. 2**63-1: Python's random seeds an int by its absolute value
 
 
@@ -114,6 +115,9 @@ class AdaptOptions:
         for name in ("shots", "epochs", "num_probes", "rank", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.rank > MAX_RANK:
+            raise ValueError(f"rank must be at most {MAX_RANK} (a LoRA rank above a layer's width adds nothing), "
+                             f"got {self.rank}")
         if self.probes_per_pass is not None and self.probes_per_pass < 1:
             raise ValueError(f"probes_per_pass must be >= 1, got {self.probes_per_pass}")
         if self.max_memory_gb is not None and not self.max_memory_gb > 0:

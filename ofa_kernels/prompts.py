@@ -75,11 +75,21 @@ def check_pairs_fit(tokenizer, task: Task, train: Sequence[Example], longest_lab
                          "shorten or remove the longer row")
 
 
-def label_token_ids(tokenizer, labels: Sequence[str]) -> list[list[int]]:
-    """Token ids of each label word as it follows the prompt (leading space)."""
+def label_token_ids(tokenizer, labels: Sequence[str], scoring: str = "full") -> list[list[int]]:
+    """Token ids of each label word as it follows the prompt (leading space). With ``scoring="first"``
+    (a word scored by its first token, as the authors do) words whose first tokens coincide are
+    refused: every row would score them alike and the accuracy would mean nothing."""
     ids = [tokenizer(" " + word, add_special_tokens=False)["input_ids"] for word in labels]
     if any(not t for t in ids):
         raise ValueError(f"a label word tokenises to nothing: {labels}")
+    if scoring == "first":
+        by_first: dict[int, list[str]] = {}
+        for word, t in zip(labels, ids, strict=True):
+            by_first.setdefault(t[0], []).append(word)
+        shared = [words for words in by_first.values() if len(words) > 1]
+        if shared:
+            raise ValueError(f"with scoring 'first' the label words {shared[0]} share their first token, so they "
+                             "would always score alike; use --scoring full (the whole word) or other label words")
     return ids
 
 

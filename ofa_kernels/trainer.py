@@ -302,7 +302,7 @@ def adapt(
     train = list(train) if train is not None else k_shot(dataset, options.shots, options.seed)
     if len(train) < 2:
         raise ValueError("adapt needs at least 2 training examples (each query is paired with another one)")
-    label_ids = label_token_ids(tokenizer, task.labels)
+    label_ids = label_token_ids(tokenizer, task.labels, options.scoring)
     check_pairs_fit(tokenizer, task, train, max(len(t) for t in label_ids), model_context(model))
     device = next(model.parameters()).device
     par = distributed.current(device.type)

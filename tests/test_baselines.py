@@ -59,3 +59,22 @@ def test_attached_adapters_start_as_the_identity_and_are_the_trainable_parameter
 def test_a_model_without_a_config_is_refused_before_injection():
     with pytest.raises(ValueError, match=r"PEFT baselines need a Hugging Face model \(with \.config\)"):
         baselines.attach(torch.nn.Sequential(torch.nn.Linear(4, 4)), "lora")
+
+
+def test_a_lora_rank_above_the_adapted_layers_is_refused_before_any_allocation():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    before = sum(p.numel() for p in model.parameters())
+    with pytest.raises(ValueError, match=r"rank 99999999999 is above the narrowest layer LoRA adapts here \(8 wide\)"):
+        baselines.attach(model, "lora", 99999999999)
+    assert sum(p.numel() for p in model.parameters()) == before  # nothing was injected
+    assert len(baselines.attach(model, "lora", 8)) == 8  # q and v of 2 layers, A and B each
+
+
+def test_an_absurd_rank_is_refused_by_the_options_before_a_model_loads():
+    from ofa_kernels.options import MAX_RANK, AdaptOptions
+
+    with pytest.raises(ValueError, match=rf"rank must be at most {MAX_RANK}"):
+        AdaptOptions(arm="lora", rank=99999999999).check()

@@ -133,6 +133,7 @@ def _refused(argv: list[str], capsys, monkeypatch) -> str:
     (["--model", "/no/such/model"], "is not a folder"),
     (["--test", "x.csv"], "--test and --labels go with --train"),
     (["--out", ""], "--out: an empty name is no folder"),
+    (["--arm", "lora", "--rank", "99999999999"], "rank must be at most 65536"),
 ])
 def test_adapt_refuses_bad_arguments_before_any_work(extra, message, capsys, monkeypatch, tmp_path):
     argv = ["adapt", "--task", "sst2", "--data-dir", str(tmp_path), "--out", str(tmp_path / "out"), *extra]

@@ -180,3 +180,23 @@ def test_smollm2_exports_reproduce_the_adapted_logits(smollm2, tmp_path):
     export_peft("smollm2", adapter, tmp_path / "peft")
     served = PeftModel.from_pretrained(base, tmp_path / "peft").eval()
     torch.testing.assert_close(_logits(served, ids), want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"lora_alpha": 16}, "unknown keys \\['lora_alpha'\\]"),
+    ({"fancy_new_setting": True}, "unknown keys \\['fancy_new_setting'\\]"),
+    ({"target_modules": ["q_proj"]}, "does not name; the config and the weights disagree"),
+    ({"target_modules": 7}, "target_modules must be a module name"),
+    ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+])
+def test_a_peft_folder_whose_config_says_other_than_its_weights_is_refused(tmp_path, change, message):
+    base = _tiny("llama")
+    base.save_pretrained(tmp_path / "base")
+    adapter = _adapter(base, "ofa", tmp_path / "a.safetensors")
+    export_peft(str(tmp_path / "base"), adapter, tmp_path / "peft")
+    config_path = tmp_path / "peft" / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    load_adapter(_copy(base), tmp_path / "peft")  # as written, it loads
+    config_path.write_text(json.dumps({**config, **change}))
+    with pytest.raises(ValueError, match=message):
+        load_adapter(_copy(base), tmp_path / "peft")

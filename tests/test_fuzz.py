@@ -114,3 +114,98 @@ def test_adapt_refuses_any_bad_flag_value_in_one_line_before_loading(chosen, dat
     err = capsys.readouterr().err
     assert exit_.value.code == 2, (argv, err)
     assert "Traceback" not in err and "error:" in err, (argv, err)
+
+
+# ------------------------------------------------------------------ progress files, adapter configs, CSV headers
+
+_JSON_VALUE = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(-5, 5), st.floats(allow_nan=True),
+                                     st.text(max_size=6)),
+                           lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                                   st.dictionaries(st.text(max_size=8), inner, max_size=3)),
+                           max_leaves=8)
+_KEY = {"task": {"name": "t"}, "model": "m"}
+
+
+@st.composite
+def progress_shapes(draw):
+    """Progress files as damage or a hand edit leaves them: entries of any shape, keys right or wrong."""
+    entry = st.one_of(_JSON_VALUE, st.fixed_dictionaries(
+        {"accuracy": _JSON_VALUE, "macro_f1": _JSON_VALUE}), st.just({"accuracy": 0.5, "macro_f1": 0.5}))
+    doc = draw(st.one_of(_JSON_VALUE, st.fixed_dictionaries(
+        {"key": st.one_of(st.just(_KEY), _JSON_VALUE),
+         "entries": st.one_of(st.dictionaries(st.sampled_from(["zero-shot", "ICL|42", "ce|42", "x"]), entry,
+                                              max_size=3), _JSON_VALUE)})))
+    import json
+
+    return json.dumps(doc, allow_nan=True)
+
+
+@SETTINGS
+@given(text=progress_shapes())
+def test_any_progress_file_is_used_whole_or_refused_by_name(tmp_path_factory, text):
+    from ofa_kernels.runs import _Progress
+
+    path = tmp_path_factory.mktemp("fuzz") / "progress-t-abc.json"
+    path.write_text(text)
+    try:
+        progress = _Progress(path, _KEY)
+    except ValueError as exc:
+        assert str(path) in str(exc), exc
+        return
+    for entry in progress.entries.values():  # what is taken is what the report can read
+        assert 0 <= entry["accuracy"] <= 1 and 0 <= entry["macro_f1"] <= 1
+
+
+@SETTINGS
+@given(changes=st.dictionaries(st.sampled_from(["peft_type", "target_modules", "modules_to_save", "task_type",
+                                                "lora_alpha", "r", "inference_mode", "exclude_modules", "junk"]),
+                               _JSON_VALUE, max_size=3))
+def test_any_peft_adapter_config_loads_whole_or_is_refused_by_name(tmp_path_factory, changes):
+    import json
+
+    from ofa_kernels import adapters
+
+    folder = tmp_path_factory.mktemp("peft")
+    config = {"peft_type": "LN_TUNING", "task_type": "CAUSAL_LM", "target_modules": ["input_layernorm"],
+              "base_model_name_or_path": "m", **changes}
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    from safetensors.torch import save_file
+    import torch
+
+    save_file({"base_model.model.model.layers.0.input_layernorm.ln_tuning_layers.weight": torch.ones(4)},
+              str(folder / "adapter_model.safetensors"))
+    try:
+        weights, meta = adapters.read_adapter(folder)
+    except ValueError as exc:
+        assert str(folder) in str(exc), exc
+        return
+    # loaded: then every setting it holds is one this version reads, and its targets match its weights
+    assert set(config) <= {"peft_type", "task_type", "target_modules", "base_model_name_or_path", "inference_mode",
+                           "exclude_modules", "modules_to_save", "revision", "auto_mapping", "peft_version"}
+    assert config["peft_type"] == "LN_TUNING" and not config.get("modules_to_save")
+    assert list(weights) == ["model.layers.0.input_layernorm.weight"]
+
+
+@SETTINGS
+@given(header=st.lists(st.one_of(st.sampled_from(["text", "label", "Text", " text ", "note", ""]), st.text(max_size=5)),
+                       min_size=1, max_size=5))
+def test_any_csv_header_reads_the_columns_it_names_once_or_is_refused_at_its_line(tmp_path_factory, header):
+    path = tmp_path_factory.mktemp("fuzz") / "rows.csv"
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(header)
+    writer.writerow([f"cell{i}" if h.strip() != "label" else "positive" for i, h in enumerate(header)])
+    path.write_text(buffer.getvalue())
+    names = [h.strip() for h in header]
+    try:
+        rows = data.load_table(path, ("negative", "positive"))
+    except ValueError as exc:
+        assert f"{path}:1" in str(exc) or str(path) in str(exc), exc
+        if {"text", "label"} <= set(names) and (names.count("text") > 1 or names.count("label") > 1):
+            assert "more than once" in str(exc)
+        return
+    assert names.count("text") == 1 and names.count("label") == 1  # else it must have been refused
+    assert [r.text for r in rows] == [f"cell{names.index('text')}"]

@@ -65,3 +65,30 @@ def test_context_checks_name_the_rows():
                                          r"it takes 107 tokens"):
         pr.check_pairs_fit(Tok(bos=2), TASK, long, 8, 106)
     pr.check_pairs_fit(Tok(bos=2), TASK, long, 8, 107)
+
+
+def test_the_context_hint_offers_fewer_shots_with_demonstrations_and_never_no_demos():
+    with pytest.raises(ValueError, match=r"with the demonstrations and the label word.*use fewer --shots \(the "
+                                         r"demonstrations take 30 tokens\)$") as info:
+        pr.check_context(ROWS, [[0] * 11, [0] * 5], 30 + 1, 40, prefix=30)
+    assert "--no-demos" not in str(info.value)  # ICL always takes them: that flag would not help
+    with pytest.raises(ValueError, match=r"with the label word, more than .*; shorten the text$"):
+        pr.check_context(ROWS, [[0] * 40, [0] * 5], 1, 40)
+
+
+def test_label_words_sharing_a_first_token_are_refused_for_first_token_scoring():
+    words = ("negation", "neg")  # one id per character: both start with the id of " "
+    assert [t[0] for t in pr.label_token_ids(Tok(), words)] == [ord(" "), ord(" ")]
+    pr.label_token_ids(Tok(), words, "full")  # whole-word scoring tells them apart
+    with pytest.raises(ValueError, match=r"label words \['negation', 'neg'\] share their first token.*--scoring full"):
+        pr.label_token_ids(Tok(), words, "first")
+
+
+@pytest.mark.slow
+def test_smollm2s_negation_and_neg_are_refused_for_first_token_scoring(smollm2):
+    tokenizer = smollm2[1]
+    ids = pr.label_token_ids(tokenizer, ("negation", "neg"))
+    assert ids[0][0] == ids[1][0]  # the case the issue found: every row scored as one class
+    with pytest.raises(ValueError, match="share their first token"):
+        pr.label_token_ids(tokenizer, ("negation", "neg"), "first")
+    assert len({t[0] for t in pr.label_token_ids(tokenizer, ("negative", "positive"), "first")}) == 2
