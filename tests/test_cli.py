@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import math
 from pathlib import Path
 
@@ -194,3 +195,39 @@ def test_a_task_name_that_would_leave_out_is_refused_before_any_work(task, shown
     message = _refused(argv, capsys, monkeypatch)
     assert "--task" in message and shown in message
     assert not (tmp_path / "o").exists() and sorted(p.name for p in tmp_path.rglob("*")) == ["base.csv"]
+
+
+def _failed_before_loading(argv, capsys, monkeypatch) -> str:
+    """A run that must stop at a data error before any model loads: exit 2, one error line, no traceback."""
+    import ofa_kernels.models
+
+    monkeypatch.setattr(ofa_kernels.models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(lines) == 1
+    return lines[0]
+
+
+def test_a_one_class_file_and_too_many_shots_are_refused_by_word_before_the_model_loads(tmp_path, capsys,
+                                                                                      monkeypatch):
+    one_class = tmp_path / "one.csv"
+    one_class.write_text("text,label\n" + "".join(f"row {i},yes\n" for i in range(12)))
+    line = _failed_before_loading(["adapt", "--train", str(one_class), "--labels", "no,yes", "--test-size", "2",
+                                   "--out", str(tmp_path / "o1")], capsys, monkeypatch)
+    assert "'no'" in line and ("no example" in line or "has 0 rows" in line), line
+    both = tmp_path / "both.csv"
+    both.write_text("text,label\n" + "".join(f"row {i},{'yes' if i % 2 else 'no'}\n" for i in range(40)))
+    line = _failed_before_loading(["adapt", "--train", str(both), "--labels", "no,yes", "--test-size", "2",
+                                   "--shots", "100", "--out", str(tmp_path / "o2")], capsys, monkeypatch)
+    assert re.search(r"class '(no|yes)' has \d+ rows, fewer than the 100 asked for", line), line
+
+
+def test_eval_of_own_files_names_the_task(tiny_model_dir, tmp_path, capsys):
+    train = tmp_path / "reviews.csv"
+    train.write_text("text,label\n" + "".join(f"row {i},{'yes' if i % 2 else 'no'}\n" for i in range(12)))
+    assert main(["eval", "--model", str(tiny_model_dir), "--train", str(train), "--labels", "no,yes",
+                 "--test-size", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "reviews: accuracy" in out and "None" not in out
