@@ -52,19 +52,20 @@ def _errors(stderr: str, chars: int = 6000) -> str:
 
 
 @pytest.mark.skipif(not DATA.exists(), reason="shared data not found")
-@pytest.mark.parametrize("mode,processes", [("ddp", 2), ("fsdp", 2), ("fsdp-lean", 2), ("fsdp", 4)])
+@pytest.mark.parametrize("mode,processes", [("ddp", 2), ("fsdp", 2), ("fsdp-lean", 2), ("fsdp", 4), ("ddp-last", 2)])
 def test_several_processes_give_the_single_process_adapter(sharded_model_dir, tmp_path, mode, processes):
     """--fsdp loads each rank's shards straight from the sharded safetensors (meta device), so this also
-    checks that sharded loading gives the model the single process loads."""
+    checks that sharded loading gives the model the single process loads. "ddp-last": the probes ride in
+    the clean pass (--probe-rows last), each rank's riders numbered by their rows in the whole batch."""
     arm = "ofa"
     pytest.importorskip("accelerate")
     args = ["adapt", "--model", str(sharded_model_dir), "--task", "sst2", "--data-dir", str(DATA), "--shots", "4",
             "--batch-size", "4", "--seeds", "42", "--arm", arm, "--epochs", "3", "--lr", "3e-2", "--test-size", "8",
-            "--no-demos"]
+            "--no-demos", *(["--probe-rows", "last"] if mode.endswith("-last") else [])]
     one = subprocess.run([sys.executable, "-m", "ofa_kernels.cli", *args, "--out", str(tmp_path / "one")], env=ENV,
                          capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, _errors(one.stderr)
-    flags = {"ddp": [], "fsdp": ["--fsdp"], "fsdp-lean": ["--fsdp", "--memory-efficient", "on"]}[mode]
+    flags = {"ddp": [], "ddp-last": [], "fsdp": ["--fsdp"], "fsdp-lean": ["--fsdp", "--memory-efficient", "on"]}[mode]
     many = subprocess.run([*_launch(processes, 29517), "-m", "ofa_kernels.cli", *args, "--out", str(tmp_path / "many"),
                            *flags], env=ENV, capture_output=True, text=True, timeout=600)
     assert many.returncode == 0, _errors(many.stderr)
