@@ -12,6 +12,9 @@ import torch  # noqa: E402
 DEVICE = torch.device(os.environ.get("OFA_TEST_DEVICE", "cpu"))
 # the shared task files (../shared/data beside the checkout): tests read them there, the package never ships them
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+# a small labelled copy of them in the same formats (tests/data/make_task_fixture.py), in the checkout: the tests
+# that need some rows of a task, not the whole released set, read it, so they run (and can fail) from any clone
+TASKS = Path(__file__).resolve().parent / "data" / "tasks"
 
 
 def available_backends() -> list[str]:

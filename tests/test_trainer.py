@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import DATA, DEVICE
+from conftest import DEVICE, TASKS
 
 from ofa_kernels import data
 from ofa_kernels import evaluate as ev
@@ -17,7 +17,6 @@ from ofa_kernels.anatomy import norm_parameters
 from ofa_kernels.patch import patch_model
 from ofa_kernels.trainer import AdaptOptions, adapt, epoch_pairs, lr_multiplier, steps_per_epoch
 
-needs_data = pytest.mark.skipif(not DATA.exists(), reason=f"shared data not found at {DATA}")
 
 
 def _tiny(vocab: int, seed: int = 0, layers: int = 3):
@@ -36,9 +35,7 @@ def tokenizer(smollm2):
 
 @pytest.fixture(scope="module")
 def sst2():
-    if not DATA.exists():
-        pytest.skip(f"shared data not found at {DATA}")
-    return data.load_task("sst2", DATA)
+    return data.load_task("sst2", TASKS)
 
 
 @pytest.mark.parametrize("arm", ["ce", "ce+J", "ce+S", "ofa"])
@@ -192,14 +189,13 @@ def test_bf16_models_train_fp32_master_norms(tokenizer, sst2):
     assert model(input_ids=ids).logits.dtype == torch.bfloat16  # the norms still return bf16
 
 
-@needs_data
 @pytest.mark.slow
 def test_smollm2_trec_training_loss_falls_and_accuracy_beats_zero_shot(smollm2):
     from ofa_kernels.models import load_smollm2
 
     _, tokenizer = smollm2
     model, _ = load_smollm2(torch.float32, DEVICE)  # a fresh copy: the session fixture stays unadapted
-    ds = data.load_task("trec", DATA)
+    ds = data.load_task("trec", TASKS)
     test = data.test_subset(ds, 48)
     zero = ev.evaluate(model, tokenizer, ds.task, test)
     # a shortened recipe (10 steps at lr 1e-2) made for the batched variant; at this lr the paper protocol's
