@@ -1,7 +1,7 @@
 """Makes ``tests/data/tasks/``: a small labelled copy of ``../shared/data`` in the same release formats.
 
-Each file keeps its first ``ROWS_PER_CLASS`` lines of every class (bytes as released: the Latin-1
-lines stay Latin-1), so the loaders read it exactly as they read the shared sets, and the trainer,
+Each file keeps ``ROWS_PER_CLASS`` lines of every class, its first and its longest (bytes as released:
+the Latin-1 lines stay Latin-1), so the loaders read it exactly as they read the shared sets, and the trainer,
 CLI, evaluation and example tests run from any clean clone, with or without ``../shared``. TREC's
 test file is kept whole (500 lines, 23 KB: its class-balanced subset is what the TREC tests score).
 Run once from the repository root when the shared sets change: ``python tests/data/make_task_fixture.py``.
@@ -23,16 +23,20 @@ _BY_FILE = {"mr": ("rt-polarity.neg", "rt-polarity.pos"), "subj": ("subj.objecti
 
 
 def _first_per_class(lines: list[bytes], pattern: bytes, per_class: int) -> list[bytes]:
-    kept, counts = [], {}
-    for line in lines:
+    """Per class, its first ``per_class // 2`` lines and its ``per_class // 2`` longest (in file order): the
+    fixture keeps short and long rows, so steps fall in more than one padded length (the captured-step
+    tests need two shapes)."""
+    by_class: dict[bytes, list[int]] = {}
+    for i, line in enumerate(lines):
         match = re.match(pattern, line)
-        if not match:
-            continue
-        label = match.group(1)
-        if counts.get(label, 0) < per_class:
-            counts[label] = counts.get(label, 0) + 1
-            kept.append(line)
-    return kept
+        if match:
+            by_class.setdefault(match.group(1), []).append(i)
+    chosen: set[int] = set()
+    for rows in by_class.values():
+        first = rows[:per_class // 2]
+        longest = sorted((r for r in rows if r not in first), key=lambda r: -len(lines[r]))[:per_class - len(first)]
+        chosen.update(first + longest)
+    return [lines[i] for i in sorted(chosen)]
 
 
 def main() -> None:
