@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SHARED = ROOT.parent / "shared" / "data"
 OUT = Path(__file__).resolve().parent / "tasks"
 ROWS_PER_CLASS = 24
+LONGEST = 4  # of them the class's longest rows, the rest its first
 
 _LABEL_PREFIX = {"sst2": rb"^(\d)\s", "sst5": rb"^(\d)\s", "trec": rb"^([A-Z]+):"}
 _BY_FILE = {"mr": ("rt-polarity.neg", "rt-polarity.pos"), "subj": ("subj.objective", "subj.subjective"),
@@ -23,7 +24,7 @@ _BY_FILE = {"mr": ("rt-polarity.neg", "rt-polarity.pos"), "subj": ("subj.objecti
 
 
 def _first_per_class(lines: list[bytes], pattern: bytes, per_class: int) -> list[bytes]:
-    """Per class, its first ``per_class // 2`` lines and its ``per_class // 2`` longest (in file order): the
+    """Per class, its first ``per_class - LONGEST`` lines and its ``LONGEST`` longest (in file order): the
     fixture keeps short and long rows, so steps fall in more than one padded length (the captured-step
     tests need two shapes)."""
     by_class: dict[bytes, list[int]] = {}
@@ -33,7 +34,7 @@ def _first_per_class(lines: list[bytes], pattern: bytes, per_class: int) -> list
             by_class.setdefault(match.group(1), []).append(i)
     chosen: set[int] = set()
     for rows in by_class.values():
-        first = rows[:per_class // 2]
+        first = rows[:per_class - LONGEST]
         longest = sorted((r for r in rows if r not in first), key=lambda r: -len(lines[r]))[:per_class - len(first)]
         chosen.update(first + longest)
     return [lines[i] for i in sorted(chosen)]
