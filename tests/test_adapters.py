@@ -96,9 +96,12 @@ def test_a_lora_adapter_whose_rank_is_forged_is_refused_before_any_layer_is_buil
     lin = model.model.layers[0].self_attn.q_proj
     tensors = {"model.layers.0.self_attn.q_proj.lora_A.default.weight": torch.zeros(2, lin.in_features),
                "model.layers.0.self_attn.q_proj.lora_B.default.weight": torch.zeros(lin.out_features, 2)}
-    path = _write(tmp_path / "lora.safetensors", tensors, {"arm": "lora", "rank": 200000})
-    with pytest.raises(ValueError, match="has rank 2, but its options say rank 200000"):
+    path = _write(tmp_path / "lora.safetensors", tensors, {"arm": "lora", "rank": 20000})
+    with pytest.raises(ValueError, match="has rank 2, but its options say rank 20000"):
         checked_adapter(model, path)
+    huge = _write(tmp_path / "huge.safetensors", tensors, {"arm": "lora", "rank": 200000})
+    with pytest.raises(ValueError, match="stored options: rank must be at most 65536"):  # the options' own bound
+        checked_adapter(model, huge)
     assert baselines.PEFT_ARMS  # the arm is a PEFT one
 
 
