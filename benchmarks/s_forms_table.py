@@ -1,0 +1,67 @@
+"""The finished cells of issue 35's accuracy runs, read from their progress files (nothing extrapolated).
+
+Prints one markdown table per model: each method's accuracy per seed (a dash where the cell has not
+finished), the mean +- population std where all three seeds finished, and OFA - CE paired per seed.
+CE, ICL and zero-shot of Gemma 3 come from ``results/accuracy_gemma3`` (the same key: options, model,
+pool and test rows), SmolLM2's from the gain form's run (CE trained beside it).
+
+    python benchmarks/s_forms_table.py
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SEEDS = (42, 43, 44)
+MODELS = {
+    "smollm2": {"tasks": ("sst2", "mr", "trec", "subj", "sst5"), "base": "accuracy_s_forms/smollm2-gain-last",
+                "forms": {"ofa, gain + last": "accuracy_s_forms/smollm2-gain-last",
+                          "ofa, paper (the authors')": "accuracy_s_forms/smollm2-paper"}},
+    "gemma3-270m": {"tasks": ("sst2", "mr", "trec"), "base": "accuracy_gemma3",
+                    "forms": {"ofa, trace + all (earlier table)": "accuracy_gemma3",
+                              "ofa, gain + last": "accuracy_s_forms/gemma3-gain-last",
+                              "ofa, paper (the authors')": "accuracy_s_forms/gemma3-paper"}},
+}
+
+
+def _entries(folder: str, task: str) -> dict:
+    files = sorted((RESULTS / folder / task).glob(f"progress-{task}-*.json"))
+    return json.loads(files[0].read_text())["entries"] if files else {}
+
+
+def _cell(entries: dict, name: str, seed: int) -> float | None:
+    entry = entries.get("zero-shot" if name == "zero-shot" else f"{name}|{seed}")
+    return None if entry is None else 100 * entry["accuracy"]
+
+
+def _fmt(values: list[float | None]) -> str:
+    shown = " / ".join("-" if v is None else f"{v:.1f}" for v in values)
+    if all(v is not None for v in values):
+        return f"{statistics.mean(values):.1f} +- {statistics.pstdev(values):.1f} ({shown})"
+    return shown
+
+
+def table(model: str) -> str:
+    spec = MODELS[model]
+    lines = [f"{model}: accuracy per seed {'/'.join(map(str, SEEDS))} (mean +- std where all finished)", "",
+             "| method | " + " | ".join(spec["tasks"]) + " |", "|---|" + "---:|" * len(spec["tasks"])]
+    rows = {"zero-shot": (spec["base"], "zero-shot"), "ICL": (spec["base"], "ICL"), "ce": (spec["base"], "ce")}
+    rows.update({label: (folder, "ofa") for label, folder in spec["forms"].items()})
+    for label, (folder, name) in rows.items():
+        cells = [_fmt([_cell(_entries(folder, t), name, s) for s in SEEDS]) for t in spec["tasks"]]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    for label, folder in spec["forms"].items():
+        diffs = []
+        for t in spec["tasks"]:
+            ce, ofa = _entries(spec["base"], t), _entries(folder, t)
+            pairs = [(_cell(ofa, "ofa", s), _cell(ce, "ce", s)) for s in SEEDS]
+            diffs.append(" / ".join("-" if o is None or c is None else f"{o - c:+.1f}" for o, c in pairs))
+        lines.append(f"| {label} - ce, per seed | " + " | ".join(diffs) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print("\n\n".join(table(m) for m in MODELS))
