@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_objective import saved_gib  # noqa: E402
 from bench_ofa_step import _reference  # noqa: E402
-from harness import stamp  # noqa: E402
+from harness import stamp, tiny_llama  # noqa: E402
 
 import ofa_kernels  # noqa: E402
 from ofa_kernels import anatomy  # noqa: E402
@@ -86,11 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.manual_seed(0)
     if args.smoke:
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
-                                             num_attention_heads=4, num_key_value_heads=2,
-                                             attn_implementation="sdpa")).eval()
+        model = tiny_llama()
         tokenizer = None
     else:
         from ofa_kernels.models import load_smollm2

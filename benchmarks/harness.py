@@ -183,3 +183,12 @@ def heatmap(rows: list[Row], path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def tiny_llama():
+    """A tiny random-init Llama with sdpa attention and 4 blocks (J needs at least 3): the smoke runs' model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+                                        num_attention_heads=4, num_key_value_heads=2,
+                                        attn_implementation="sdpa")).eval()

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import stamp  # noqa: E402
+from harness import stamp, tiny_llama  # noqa: E402
 
 import ofa_kernels  # noqa: E402
 from ofa_kernels import anatomy  # noqa: E402
@@ -87,11 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.manual_seed(0)
     if args.smoke:
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
-                                             num_attention_heads=4, num_key_value_heads=2,
-                                             attn_implementation="sdpa")).eval()
+        model = tiny_llama()
         sequences_ = [(torch.randint(3, 64, (12 + i,)).tolist(), 5) for i in range(args.pairs)]
         name = "smoke"
     else:

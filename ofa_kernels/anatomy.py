@@ -25,8 +25,9 @@ from .nn import FusedLayerNorm, FusedRMSNorm
 
 POST_ATTENTION_NORM_NAMES = ("post_attention_layernorm", "ln_2", "post_attention_norm", "ffn_norm", "norm2")
 
-__all__ = ["POST_ATTENTION_NORM_NAMES", "StateTap", "Structure", "input_batch", "is_norm", "last_positions",
-           "last_token_states", "norm_parameters", "preconditioner_norm", "preconditioners", "rms_kind", "structure"]
+__all__ = ["POST_ATTENTION_NORM_NAMES", "StateTap", "Structure", "base_output", "block_input", "input_batch", "is_norm",
+           "last_positions", "last_token_states", "norm_parameters", "preconditioner_norm", "preconditioners",
+           "rms_kind", "structure", "with_block_input"]
 
 
 # ------------------------------------------------------------------------------------------ norms
@@ -177,6 +178,23 @@ def last_positions(attention_mask: Tensor) -> Tensor:
     return pos
 
 
+def block_input(args: tuple, kwargs: dict) -> Tensor:
+    """The hidden states a decoder block was called with (positional or ``hidden_states=``)."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def with_block_input(args: tuple, kwargs: dict, y: Tensor) -> tuple[tuple, dict]:
+    """A forward pre-hook's return value that calls the block with ``y`` in place of its hidden states."""
+    if args:
+        return (y,) + tuple(args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": y}
+
+
+def base_output(output) -> Tensor:
+    """The last hidden state of a base model's output (a tuple, a ``ModelOutput`` or a tensor)."""
+    return output[0] if isinstance(output, (tuple, list)) else getattr(output, "last_hidden_state", output)
+
+
 class StateTap:
     """Hooks on the blocks that take each block's input at the selected rows (before and after an
     optional ``transform(t, x)`` of that input) and the final hidden state."""
@@ -195,20 +213,18 @@ class StateTap:
 
     def _pre(self, t: int):
         def hook(module, args, kwargs):
-            x = args[0] if args else kwargs["hidden_states"]
+            x = block_input(args, kwargs)
             self.inputs[t] = self._take(x)
             if self.transform is None:
                 self.fed[t] = self.inputs[t]
                 return None
             y = self.transform(t, x)
             self.fed[t] = self._take(y)
-            if args:
-                return (y,) + tuple(args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": y}
+            return with_block_input(args, kwargs, y)
         return hook
 
     def _post(self, module, args, kwargs, output):
-        h = output[0] if isinstance(output, (tuple, list)) else getattr(output, "last_hidden_state", output)
+        h = base_output(output)
         self.final_full = h  # [B, T, d]: callers that score other positions (label tokens) read it
         self.final = self._take(h)
 

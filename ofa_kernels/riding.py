@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from . import rng
-from .anatomy import Structure
+from .anatomy import Structure, base_output, block_input, with_block_input
 from .memory import recompute_under
 from .precision import acc_dtype
 
@@ -212,19 +212,16 @@ class RidingTap:
 
     def _pre(self, t: int) -> Callable:
         def hook(module, args, kwargs):
-            x = args[0] if args else kwargs["hidden_states"]
+            x = block_input(args, kwargs)
             self.clean[t] = x[self.rows, self.pos]
             self.rider_in[t] = self._riders(x)
             if t not in self.probes.layers:
                 return None
-            y = self._perturb(t, x)
-            if args:
-                return (y,) + tuple(args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": y}
+            return with_block_input(args, kwargs, self._perturb(t, x))
         return hook
 
     def _post(self, module, args, kwargs, output):
-        h = output[0] if isinstance(output, (tuple, list)) else getattr(output, "last_hidden_state", output)
+        h = base_output(output)
         self.final_full = h[:, :self.batch.width]
         self.clean[-1] = h[self.rows, self.pos]
         self.rider_in[-1] = self._riders(h)

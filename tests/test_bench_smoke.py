@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import DATA
+from conftest import TASKS
 import torch
 
 import ofa_kernels
@@ -66,11 +66,9 @@ def test_bench_objective_smoke_times_every_arm(tmp_path):
 def test_accuracy_benchmark_writes_the_summary_and_resumes(tiny_model_dir, tmp_path):
     import pytest
 
-    if not DATA.exists():
-        pytest.skip("shared data not found")
     import accuracy
 
-    args = ["--model", str(tiny_model_dir), "--data-dir", str(DATA), "--tasks", "sst2,trec", "--arms", "ce,lora",
+    args = ["--model", str(tiny_model_dir), "--data-dir", str(TASKS), "--tasks", "sst2,trec", "--arms", "ce,lora",
             "--seeds", "42,43", "--shots", "1", "--epochs", "2", "--test-size", "6", "--out", str(tmp_path), "--nice", "0"]
     assert accuracy.main(args) == 0
     summary = (tmp_path / "summary.md").read_text()

@@ -8,15 +8,14 @@ import math
 from pathlib import Path
 
 import pytest
-from conftest import DATA
+from conftest import TASKS
 from ofa_kernels.cli import main
 
 
 
-@pytest.mark.skipif(not DATA.exists(), reason="shared data not found")
 def test_adapt_then_eval_through_the_cli(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["adapt", "--model", str(tiny_model_dir), "--task", "sst2", "--data-dir", str(DATA), "--shots", "2",
+    assert main(["adapt", "--model", str(tiny_model_dir), "--task", "sst2", "--data-dir", str(TASKS), "--shots", "2",
                  "--seeds", "42,43", "--arm", "ce,ofa", "--epochs", "3", "--test-size", "8", "--out", str(out)]) == 0
     [results_file] = out.glob("results-sst2-*.json")  # named by task and a hash of the settings
     results = json.loads(results_file.read_text())
@@ -28,13 +27,13 @@ def test_adapt_then_eval_through_the_cli(tiny_model_dir, tmp_path, capsys):
     adapters = sorted(out.glob("adapter-sst2-*.safetensors"))
     assert len(adapters) == 4
     stamps = {a: a.stat().st_mtime_ns for a in adapters}
-    assert main(["adapt", "--model", str(tiny_model_dir), "--task", "sst2", "--data-dir", str(DATA), "--shots", "2",
+    assert main(["adapt", "--model", str(tiny_model_dir), "--task", "sst2", "--data-dir", str(TASKS), "--shots", "2",
                  "--seeds", "42,43", "--arm", "ce,ofa", "--epochs", "3", "--test-size", "8", "--out", str(out)]) == 0
     assert {a: a.stat().st_mtime_ns for a in adapters} == stamps  # finished runs are not redone
     assert json.loads(results_file.read_text())["runs"] == results["runs"]
     assert not list(out.glob("checkpoint-*"))  # finished runs leave no checkpoint behind
     capsys.readouterr()
-    assert main(["eval", "--model", str(tiny_model_dir), "--task", "sst2", "--data-dir", str(DATA),
+    assert main(["eval", "--model", str(tiny_model_dir), "--task", "sst2", "--data-dir", str(TASKS),
                  "--test-size", "8", "--adapter", str(adapters[0])]) == 0
     assert "accuracy" in capsys.readouterr().out
 
@@ -42,7 +41,7 @@ def test_adapt_then_eval_through_the_cli(tiny_model_dir, tmp_path, capsys):
 def test_probe_rows_last_trains_through_the_cli_as_a_run_of_its_own(tiny_model_dir, tmp_path):
     """--probe-rows last is another run (its own results key) beside the default's, in the same --out."""
     out = tmp_path / "run"
-    common = ["adapt", "--model", str(tiny_model_dir), "--task", "sst2", "--data-dir", str(DATA), "--shots", "2",
+    common = ["adapt", "--model", str(tiny_model_dir), "--task", "sst2", "--data-dir", str(TASKS), "--shots", "2",
               "--seeds", "42", "--arm", "ofa", "--epochs", "2", "--test-size", "8", "--out", str(out)]
     assert main(common) == 0
     assert main([*common, "--probe-rows", "last"]) == 0
@@ -82,9 +81,9 @@ def test_own_files_adapt_end_to_end_and_tasks_live_side_by_side(tiny_model_dir, 
                  *common]) == 0
     [mine] = out.glob("results-mine-*.json")
     assert json.loads(mine.read_text())["accuracy"]["ce"]
-    assert main(["adapt", "--task", "sst2", "--data-dir", str(DATA), "--arm", "ce", *common]) == 0
+    assert main(["adapt", "--task", "sst2", "--data-dir", str(TASKS), "--arm", "ce", *common]) == 0
     assert mine.exists() and len(list(out.glob("results-sst2-*.json"))) == 1  # the first task's results stay
-    assert main(["adapt", "--task", "sst2", "--data-dir", str(DATA), "--arm", "ce", "--dtype", "fp64", *common]) == 0
+    assert main(["adapt", "--task", "sst2", "--data-dir", str(TASKS), "--arm", "ce", "--dtype", "fp64", *common]) == 0
     assert len(list(out.glob("results-sst2-*.json"))) == 2  # other settings: beside, never reused or overwritten
 
 

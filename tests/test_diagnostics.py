@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import DATA
+from conftest import TASKS
 import torch
 
 from ofa_kernels import data, diagnostics
 from ofa_kernels.cli import main
 
-needs_data = pytest.mark.skipif(not DATA.exists(), reason=f"shared data not found at {DATA}")
 
 
 def test_linear_probe_separates_separable_classes_and_not_noise():
@@ -28,12 +27,11 @@ def test_linear_probe_separates_separable_classes_and_not_noise():
     assert noise_acc < 0.45  # chance is 1/3
 
 
-@needs_data
 def test_layer_report_matches_the_hidden_states(tiny_model_dir):
     from ofa_kernels.models import load_model
 
     model, tokenizer = load_model(str(tiny_model_dir))
-    ds = data.load_task("sst2", DATA)
+    ds = data.load_task("sst2", TASKS)
     train, test = data.k_shot(ds, 2, 42), data.test_subset(ds, 6)
     report = diagnostics.layer_report(model, tokenizer, ds.task, train, test, num_probes=2)
     L = model.config.num_hidden_layers
@@ -56,18 +54,17 @@ def test_layer_report_matches_the_hidden_states(tiny_model_dir):
         diagnostics.layer_report(model, tokenizer, ds.task, train, test[:1], num_probes=1, probe_rows="every")
 
 
-@needs_data
 def test_diagnose_cli_writes_json_and_png_for_base_and_adapted(tiny_model_dir, tmp_path, capsys):
     from ofa_kernels.adapters import save_adapter
     from ofa_kernels.models import load_model
     from ofa_kernels.trainer import AdaptOptions, adapt
 
     model, tokenizer = load_model(str(tiny_model_dir))
-    ds = data.load_task("sst2", DATA)
+    ds = data.load_task("sst2", TASKS)
     result = adapt(model, tokenizer, ds, AdaptOptions(arm="ofa", shots=2, epochs=3, lr=3e-2))
     adapter = save_adapter(result, tmp_path / "a.safetensors", base_model=str(tiny_model_dir), task="sst2")
     out = tmp_path / "diag"
-    assert main(["diagnose", "--model", str(tiny_model_dir), "--task", "sst2", "--data-dir", str(DATA),
+    assert main(["diagnose", "--model", str(tiny_model_dir), "--task", "sst2", "--data-dir", str(TASKS),
                  "--adapter", str(adapter), "--test-size", "8", "--shots", "2", "--probes", "2", "--out", str(out)]) == 0
     report = json.loads((out / "diagnostics.json").read_text())
     assert set(report["base"]) == set(report["adapted"]) and report["adapter_task"] == "sst2"

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import DATA
+from conftest import TASKS
 import torch
 
 from ofa_kernels.adapters import read_adapter
@@ -51,7 +51,6 @@ def _errors(stderr: str, chars: int = 6000) -> str:
     return "\n".join(line for line in stderr.splitlines() if not any(n in line for n in _NOISE))[-chars:]
 
 
-@pytest.mark.skipif(not DATA.exists(), reason="shared data not found")
 @pytest.mark.parametrize("mode,processes", [("ddp", 2), ("fsdp", 2), ("fsdp-lean", 2), ("fsdp", 4), ("ddp-last", 2)])
 def test_several_processes_give_the_single_process_adapter(sharded_model_dir, tmp_path, mode, processes):
     """--fsdp loads each rank's shards straight from the sharded safetensors (meta device), so this also
@@ -59,7 +58,7 @@ def test_several_processes_give_the_single_process_adapter(sharded_model_dir, tm
     the clean pass (--probe-rows last), each rank's riders numbered by their rows in the whole batch."""
     arm = "ofa"
     pytest.importorskip("accelerate")
-    args = ["adapt", "--model", str(sharded_model_dir), "--task", "sst2", "--data-dir", str(DATA), "--shots", "4",
+    args = ["adapt", "--model", str(sharded_model_dir), "--task", "sst2", "--data-dir", str(TASKS), "--shots", "4",
             "--batch-size", "4", "--seeds", "42", "--arm", arm, "--epochs", "3", "--lr", "3e-2", "--test-size", "8",
             "--no-demos", *(["--probe-rows", "last"] if mode.endswith("-last") else [])]
     one = subprocess.run([sys.executable, "-m", "ofa_kernels.cli", *args, "--out", str(tmp_path / "one")], env=ENV,
@@ -87,13 +86,12 @@ def test_several_processes_give_the_single_process_adapter(sharded_model_dir, tm
         assert results[0]["accuracy"][row] == results[1]["accuracy"][row], row
 
 
-@pytest.mark.skipif(not DATA.exists(), reason="shared data not found")
 def test_a_killed_fsdp_run_resumes_to_the_uninterrupted_weights(sharded_model_dir, tmp_path):
     worker = Path(__file__).parent / "workers" / "fsdp_resume.py"
 
     def run(*extra: str) -> None:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
-               str(worker), str(sharded_model_dir), str(DATA), *extra]
+               str(worker), str(sharded_model_dir), str(TASKS), *extra]
         done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, f"{extra[0]} written: {Path(extra[0]).exists()}\n{_errors(done.stderr)}"
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DATA, DEVICE
+from conftest import DEVICE, TASKS
 
 from ofa_kernels import data
 from ofa_kernels import evaluate as ev
@@ -42,10 +42,9 @@ def test_macro_f1():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not DATA.exists(), reason="shared data not found")
 def test_smollm2_zero_shot_sst2_beats_chance(smollm2):
     model, tokenizer = smollm2
-    ds = data.load_task("sst2", DATA)
+    ds = data.load_task("sst2", TASKS)
     test = data.test_subset(ds, 40)
     scores = ev.evaluate(model, tokenizer, ds.task, test)
     assert scores.accuracy >= 0.75, scores  # SmolLM2 zero-shot SST-2 is ~0.85
@@ -115,7 +114,7 @@ def test_a_text_longer_than_the_context_is_refused_with_its_file_and_line(smollm
 
 def test_a_long_prefix_scores_fewer_prompts_per_batch_with_the_same_predictions(smollm2, monkeypatch):
     model, tokenizer = smollm2
-    ds = data.load_task("trec", DATA)  # six label words, several of them more than one token
+    ds = data.load_task("trec", TASKS)  # six label words, several of them more than one token
     test, demos = data.test_subset(ds, 12), list(ds.pool[:6])
     calls = []
     real = ev.label_log_probs

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import DATA
+from conftest import TASKS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -17,10 +17,9 @@ def _run(script: str, args: list[str], monkeypatch):
     return runpy.run_path(str(ROOT / "python" / script), run_name="not_main")["main"](args)
 
 
-@pytest.mark.skipif(not DATA.exists(), reason="shared data not found")
 def test_examples_adapt_then_predict(tiny_model_dir, tmp_path, monkeypatch, capsys):
     adapter = tmp_path / "a.safetensors"
-    _run("adapt_and_evaluate.py", ["--model", str(tiny_model_dir), "--task", "sst2", "--data-dir", str(DATA),
+    _run("adapt_and_evaluate.py", ["--model", str(tiny_model_dir), "--task", "sst2", "--data-dir", str(TASKS),
                                    "--shots", "2", "--epochs", "2", "--test-size", "4", "--adapter", str(adapter)],
          monkeypatch)
     assert adapter.exists() and "zero-shot" in capsys.readouterr().out
