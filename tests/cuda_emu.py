@@ -31,7 +31,7 @@ def build(out_dir: Path) -> Path:
         jobs.append(subprocess.Popen(["g++", *_FLAGS, "-c", *lang, str(src), "-o", str(obj)],
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
         objects.append(obj)
-    for job, src in zip(jobs, sources):
+    for job, src in zip(jobs, sources, strict=True):
         out, _ = job.communicate()
         if job.returncode:
             raise RuntimeError(f"g++ failed on {src.name}:\n{out}")

@@ -51,7 +51,7 @@ def model_proto(pieces, scores, types, unk_id: int | None, bos_id: int | None, e
                 pad_id: int | None) -> bytes:
     """The serialised ``ModelProto`` of a BPE SentencePiece model over these pieces."""
     out = bytearray()
-    for piece, score, kind in zip(pieces, scores, types):
+    for piece, score, kind in zip(pieces, scores, types, strict=True):
         if " " in piece and not piece.strip(" "):
             piece = piece.replace(" ", SPACE)
         body = _bytes_field(1, piece.encode()) + _float_field(2, score) + _int_field(3, kind)

@@ -19,5 +19,5 @@ def test_compiled_function_matches_eager_without_graph_breaks():
     want = f(x, w, b)
     got = compiled(x, w, b)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    for g, e in zip(torch.autograd.grad(got, [x, w, b]), torch.autograd.grad(want, [x, w, b])):
+    for g, e in zip(torch.autograd.grad(got, [x, w, b]), torch.autograd.grad(want, [x, w, b]), strict=True):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)

@@ -139,11 +139,11 @@ def test_op_db_samples_match_pytorch_in_values_and_two_derivatives(backend, case
     got = _stages(lambda *t: ours(*t, backend), x, w, b, dy, 1)
     low = _stages(theirs, x, w, b, dy, 1)
     if dtype == torch.float64:
-        for g, t in zip(got, low):
+        for g, t in zip(got, low, strict=True):
             torch.testing.assert_close(g, t, rtol=1e-10, atol=1e-10)
         return
     exact = _stages(theirs, *(None if t is None else t.double() for t in (x, w, b)), dy.double(), 1)
-    for g, t, e in zip(got, low, exact):
+    for g, t, e in zip(got, low, exact, strict=True):
         _within(g, t, e, FLOOR[dtype])
 
 
@@ -219,7 +219,7 @@ def test_gradients_of_every_layout_reach_every_stage(backend, kind, layout):
     torch.manual_seed(0)
     got_all = _second_order(_fused(kind, backend), x, w, b, dy, cot)
     torch.manual_seed(0)
-    for got, want in zip(got_all, _second_order(_reference(kind), x, w, b, dy, cot)):
+    for got, want in zip(got_all, _second_order(_reference(kind), x, w, b, dy, cot), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
@@ -235,7 +235,7 @@ def test_the_everyday_double_backward_pattern(backend, kind, reduce):
         y = fn(x, w, None)
         gx, = torch.autograd.grad(getattr(y, reduce)(), x, create_graph=True)
         results.append((gx, *torch.autograd.grad((gx * probe).sum(), [x, w])))
-    for got, want in zip(*results):
+    for got, want in zip(*results, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
@@ -255,7 +255,7 @@ def test_weights_and_bias_of_any_layout(backend, kind, param_layout):
         y = fn(*leaves, *([None] * (3 - len(leaves))))
         firsts = torch.autograd.grad(y, leaves, dy, create_graph=True)
         return [y, *firsts, *torch.autograd.grad(firsts[0], leaves, cot, allow_unused=True, materialize_grads=True)]
-    for got, want in zip(stages(_fused(kind, backend)), stages(_reference(kind))):
+    for got, want in zip(stages(_fused(kind, backend)), stages(_reference(kind)), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
@@ -290,7 +290,7 @@ def test_normalized_shape_of_several_trailing_dims(backend, kind, shape, dims):
         ours = lambda x, w, b: ofa_kernels.layer_norm(x, w, b, 1e-5, normalized_shape=dims, backend=backend)  # noqa: E731
         ref = lambda x, w, b: F.layer_norm(x, dims, w, b, 1e-5)  # noqa: E731
     dy = _dense(shape)
-    for got, want in zip(_stages(ours, x, w, b, dy, 3), _stages(ref, x, w, b, dy, 3)):
+    for got, want in zip(_stages(ours, x, w, b, dy, 3), _stages(ref, x, w, b, dy, 3), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
     # the weight's shape alone says which dims are normalised
     inferred = (ofa_kernels.rms_norm(x, w, 1e-6, backend=backend) if kind == "rms" else
@@ -435,9 +435,9 @@ def test_registered_ops_have_batching_rules(kind):
     fwd = lambda x, w: ops._norm_fwd(x, w, bias, 1e-5, 0.0, is_rms, "none", "auto")  # noqa: E731
     for in_dims, args in (((0, None), (x, w)), ((0, 0), (x, ws)), ((None, 0), (x[0], ws))):
         got = vmap(fwd, in_dims=in_dims)(*args)
-        want = [torch.stack(t) for t in zip(*(fwd(*(arg if d is None else arg[i] for arg, d in zip(args, in_dims)))
-                                             for i in range(B)))]
-        for g, t in zip(got, want):
+        want = [torch.stack(t) for t in zip(*(fwd(*(arg if d is None else arg[i] for arg, d in zip(args, in_dims, strict=True)))
+                                             for i in range(B)), strict=True)]
+        for g, t in zip(got, want, strict=True):
             torch.testing.assert_close(g, t, rtol=1e-12, atol=1e-12)
     stats = [fwd(x[i], w) for i in range(B)]
     mean, rstd = (torch.stack([s[k] for s in stats]) for k in (1, 2))
@@ -449,8 +449,8 @@ def test_registered_ops_have_batching_rules(kind):
         return ops._norm_bwd_bwd(dy, x, w, mean, rstd, a, b, None, 0.0, is_rms, True, True, True, "auto")
     for fn, args in ((bwd, (dy, x, mean, rstd)), (bwd_bwd, (dy, x, mean, rstd, a))):
         got = vmap(fn)(*args)
-        want = [torch.stack(t) for t in zip(*(fn(*(arg[i] for arg in args)) for i in range(B)))]
-        for g, t in zip(got, want):
+        want = [torch.stack(t) for t in zip(*(fn(*(arg[i] for arg in args)) for i in range(B)), strict=True)]
+        for g, t in zip(got, want, strict=True):
             torch.testing.assert_close(g, t, rtol=1e-12, atol=1e-12)
 
 
@@ -504,13 +504,13 @@ def test_hessian_of_a_patched_tiny_llama_loss_in_its_norm_weights(backend, monke
         params = dict(m.named_parameters())
 
         def loss(*norm_weights):
-            logits = torch.func.functional_call(m, {**params, **dict(zip(names, norm_weights))}, (ids,)).logits
+            logits = torch.func.functional_call(m, {**params, **dict(zip(names, norm_weights, strict=True))}, (ids,)).logits
             return F.cross_entropy(logits[:, -1], label)
         return hessian(loss, argnums=tuple(range(len(names))))(*(params[n].detach() for n in names))
 
     want = hessian_of(model)
     assert len(ofa_kernels.patch_model(model)) == len(names) == 5
     got = hessian_of(model)
-    for row_got, row_want in zip(got, want):
-        for g, t in zip(row_got, row_want):
+    for row_got, row_want in zip(got, want, strict=True):
+        for g, t in zip(row_got, row_want, strict=True):
             torch.testing.assert_close(g, t, rtol=2e-6, atol=1e-9)

@@ -107,7 +107,7 @@ def test_a_killed_fsdp_run_resumes_to_the_uninterrupted_weights(sharded_model_di
     assert any(not torch.equal(killed["weights"][k], whole["weights"][k]) for k in whole["weights"])
     for k, w in whole["weights"].items():
         torch.testing.assert_close(resumed["weights"][k], w, rtol=1e-6, atol=1e-7, msg=k)
-    for a, b in zip(resumed["losses"], whole["losses"]):
+    for a, b in zip(resumed["losses"], whole["losses"], strict=True):
         assert a["step"] == b["step"] and a["loss"] == pytest.approx(b["loss"], rel=1e-6)
 
 

@@ -94,7 +94,7 @@ def test_indexed_log_probs_equal_continuation_scores():
     b = step_batch(prompts, conts, 0, DEVICE, bucket=16)
     hidden = st.base(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False)[0]
     logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.log_softmax(-1)
-    want = [sum(logits[i, len(p) - 1 + k, t] for k, t in enumerate(c)) for i, (p, c) in enumerate(zip(prompts, conts))]
+    want = [sum(logits[i, len(p) - 1 + k, t] for k, t in enumerate(c)) for i, (p, c) in enumerate(zip(prompts, conts, strict=True))]
     torch.testing.assert_close(ev.indexed_log_probs(hidden, st.head, b), torch.stack(want))
 
 

@@ -63,7 +63,7 @@ def test_ids_equal_llama_cpps_own_tokenizer_kept_as_test_data(ours):
     with gzip.open(Path(__file__).parent / "data" / "gemma3_llamacpp_ids.json.gz") as f:
         kept = json.load(f)
     assert kept["texts_sha256"] == hashlib.sha256(json.dumps(texts).encode()).hexdigest(), "the texts changed"
-    differ = [(t, want) for t, want in zip(texts, kept["ids"]) if ours(t, add_special_tokens=False)["input_ids"] != want]
+    differ = [(t, want) for t, want in zip(texts, kept["ids"], strict=True) if ours(t, add_special_tokens=False)["input_ids"] != want]
     assert not differ and len(kept["ids"]) == len(texts), differ[:3]
 
 

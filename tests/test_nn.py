@@ -112,7 +112,7 @@ def test_layer_norm_module_matches_torch_in_values_and_gradients(backend, shape,
         y.backward(dy)
         outs.append((y, xi.grad, *(p.grad for p in module.parameters())))
     assert len(outs[0]) == len(outs[1])
-    for got, want in zip(outs[1], outs[0]):
+    for got, want in zip(outs[1], outs[0], strict=True):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
     flat = layer_norm_ref(x.reshape(10, -1), None if not affine else fused.weight.reshape(-1),
                           fused.bias.reshape(-1) if bias else None, 1e-5).reshape(x.shape)

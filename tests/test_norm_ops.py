@@ -117,7 +117,7 @@ def test_fp64_values_and_second_derivatives_match_reference(backend, entry, kind
         g = torch.autograd.grad(y, params, dy, create_graph=True)
         probe = sum((gi * torch.cos(torch.arange(gi.numel(), device=DEVICE).view_as(gi) * 0.7)).sum() for gi in g)
         results.append((y, *g, *torch.autograd.grad(probe, [*params, dy], materialize_grads=True)))
-    for got, want in zip(*results):
+    for got, want in zip(*results, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
@@ -153,7 +153,7 @@ def test_low_precision_within_twice_pytorchs_own_error(case, kind, opts, x_dtype
     low = [y_low, *_grads(y_low, params, dy)]
     true = [y_true, *_grads(y_true, params64, dy.double())]
     rows = x.numel() // x.shape[-1]
-    for name, g, lo, tr in zip(["y", "dx", "dw", "db"], got, low, true):
+    for name, g, lo, tr in zip(["y", "dx", "dw", "db"], got, low, true, strict=True):
         atol = 1e-5 if x_dtype == torch.float32 else 2e-3
         if name in ("dw", "db"):  # sums over rows: scale with sqrt(rows), as the error grows
             atol *= rows**0.5
@@ -190,7 +190,7 @@ def test_second_derivatives_in_fp32_match_fp64(backend, kind, opts):
     b64 = next(it) if b is not None else None
     g = torch.autograd.grad(ref(x64, w64, b64, False), p64, dy64, create_graph=True)
     want = torch.autograd.grad(sum(gi.square().sum() for gi in g), [*p64, dy64], materialize_grads=True)
-    for gg, ww in zip(got, want):
+    for gg, ww in zip(got, want, strict=True):
         torch.testing.assert_close(gg.double(), ww, rtol=2e-4, atol=2e-4 * ww.abs().max().item())
 
 
@@ -246,7 +246,7 @@ def test_width_past_the_register_path(backend):
         dy = torch.randn_like(y)
         got = [y, *torch.autograd.grad(y, params, dy)]
         want = [yr, *torch.autograd.grad(yr, params, dy.double())]
-        for g, t in zip(got, want):
+        for g, t in zip(got, want, strict=True):
             torch.testing.assert_close(g.double(), t.double(), rtol=1e-4, atol=1e-4 * (1 + t.abs().max().item()))
 
 
@@ -272,7 +272,7 @@ def test_wide_rows_run_every_stage(backend, dtype, width):
 
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
     for kind in ("rms", "layer"):
-        for got, want in zip(stages(backend, kind), stages("torch", kind)):
+        for got, want in zip(stages(backend, kind), stages("torch", kind), strict=True):
             assert got.dtype == want.dtype
             torch.testing.assert_close(got.double(), want.double(), rtol=tol, atol=tol * (1 + want.abs().max().item()))
 
@@ -296,7 +296,7 @@ def test_low_precision_double_backward_matches_fp32(backend, kind, dtype, tol):
 
     got = hvp(x16, w16, backend)
     want = hvp(x16.float(), w16.float(), "torch")
-    for g, r in zip(got, want):
+    for g, r in zip(got, want, strict=True):
         assert g.dtype == dtype
         err = (g.float() - r).abs().max() / r.abs().max()
         assert err < tol, (float(err), tol)
@@ -339,7 +339,7 @@ def test_weight_gradient_is_bitwise_deterministic(backend):
     first = torch.autograd.grad(ofa_kernels.layer_norm(x, w, b, backend=backend), [w, b], dy)
     for _ in range(3):
         again = torch.autograd.grad(ofa_kernels.layer_norm(x, w, b, backend=backend), [w, b], dy)
-        assert all(torch.equal(a, f) for a, f in zip(again, first))
+        assert all(torch.equal(a, f) for a, f in zip(again, first, strict=True))
 
 
 class _ShuffledPrograms:
@@ -406,7 +406,7 @@ def test_triton_weight_gradient_does_not_depend_on_program_order(kind, monkeypat
     sequential = grads()
     order = _ShuffledPrograms(monkeypatch, 1)
     for _ in range(3):
-        assert all(torch.equal(a, s) for a, s in zip(grads(), sequential))
+        assert all(torch.equal(a, s) for a, s in zip(grads(), sequential, strict=True))
     multi = [p for p in order.launches if len(p) > 1]
     assert multi and any(p != sorted(p) for p in multi)  # the backward ran several programs, out of order
 
@@ -456,7 +456,7 @@ def test_third_derivatives_match_reference_and_gradcheck(backend, entry, kind, o
 
     got = third(wrap(ours), *inputs)
     want = third(wrap(ref, True), *inputs)
-    for g_, w_ in zip(got, want):
+    for g_, w_ in zip(got, want, strict=True):
         torch.testing.assert_close(g_, w_, rtol=1e-9, atol=1e-10)
 
     def hvp(*args):  # differentiable HVP; gradcheck of it checks the third derivative numerically
@@ -538,7 +538,7 @@ def test_weight_gradients_summed_in_the_kernel_or_apart_match_the_reference(in_k
             xr = x.clone().requires_grad_()
             (rx,) = torch.autograd.grad(ref(xr), [xr], v, create_graph=True)
             want_hvp = torch.autograd.grad(rx, [w], v)
-            for g, t in zip([*got, *got_hvp], [*want, *want_hvp]):
+            for g, t in zip([*got, *got_hvp], [*want, *want_hvp], strict=True):
                 torch.testing.assert_close(g, t, rtol=1e-10, atol=1e-10)
             assert all(int(c.item()) == 0 for c in tnorm._counters.values())
     assert bool(separate_sums) != in_kernel
@@ -574,7 +574,7 @@ def _check_param_dtype_grads(backend, w_dtype):
         _, mean, rstd = impl.norm_fwd(x, w, None if is_rms else b, 1e-6 if is_rms else 1e-5, spec, y.dtype)
         _, dw32, db32 = impl.norm_bwd(dy, x, w, mean, rstd, spec, False, True, not is_rms)
         assert dw32.dtype == torch.float32
-        for g, want in zip(got, [dw32, db32]):
+        for g, want in zip(got, [dw32, db32], strict=True):
             assert g.dtype == w_dtype
             assert torch.equal(g, want.to(w_dtype)), (g - want.to(w_dtype)).abs().max()
 
@@ -612,7 +612,7 @@ def test_the_measured_launch_table_picks_each_entrys_path_and_stays_correct(monk
                     y = f(x)
                     gx, gw = torch.autograd.grad(y, [x, w], v, create_graph=True)  # fwd, bwd
                     out += [y, gx, gw, *torch.autograd.grad((gx * v).sum(), [x, w])]  # bwd_bwd
-                for g, t in zip(got, want):
+                for g, t in zip(got, want, strict=True):
                     torch.testing.assert_close(g, t, rtol=1e-10, atol=1e-10)
     finally:
         tuning.knobs.cache_clear()

@@ -54,7 +54,7 @@ def test_last_token_states_equal_hf_hidden_states(tiny):
         hf = tiny(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
         ours = anatomy.last_token_states(tiny, batch)
     assert len(ours) == len(hf.hidden_states) == 4
-    for h, o in zip(hf.hidden_states, ours):
+    for h, o in zip(hf.hidden_states, ours, strict=True):
         torch.testing.assert_close(o, h[torch.arange(2, device=DEVICE), pos], rtol=0, atol=0)
     torch.testing.assert_close(tiny.get_output_embeddings()(ours[-1]), hf.logits[torch.arange(2, device=DEVICE), pos])
 
@@ -342,7 +342,7 @@ def test_states_at_the_prompt_end_do_not_see_the_label_tokens_after_it(tiny):
         both, final = anatomy.last_token_states(tiny, {"input_ids": torch.cat([prompt, label], 1)},
                                             torch.tensor([4, 4], device=DEVICE), return_final=True)
     assert final.shape[:2] == (2, 7)
-    for a, b in zip(alone, both):
+    for a, b in zip(alone, both, strict=True):
         torch.testing.assert_close(a, b)
 
 

@@ -178,7 +178,7 @@ def _norm_grads_and_hvp(model, norms, ids, probes):
     """Gradient of a loss in the norm weights and its Hessian-vector product with ``probes``."""
     loss = model(input_ids=ids).logits.float().square().mean()
     grads = torch.autograd.grad(loss, norms, create_graph=True)
-    hvp = torch.autograd.grad(sum((g * v).sum() for g, v in zip(grads, probes)), norms)
+    hvp = torch.autograd.grad(sum((g * v).sum() for g, v in zip(grads, probes, strict=True)), norms)
     return [g.detach() for g in grads] + list(hvp)
 
 
@@ -222,6 +222,6 @@ def test_a_patched_model_replays_from_a_cuda_graph_like_eager(backend):
                 p.mul_(torch.rand_like(p) + 0.5)
         got = replay()
         want = _norm_grads_and_hvp(model, norms, ids.clone(), probes)
-        for g, w in zip(got, want):
+        for g, w in zip(got, want, strict=True):
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
         assert any(g.abs().max() > 0 for g in got[len(norms):])  # the HVP is not trivially zero

@@ -34,7 +34,7 @@ def test_a_seed_tensor_gives_the_host_keys_without_reading_back(monkeypatch):
            for s in seeds for layer, first in ((0, 0), (7, 2), (29, 5))]
     monkeypatch.undo()
     want = [rng.key_table(s, layer, first, 3, DEVICE) for s in seeds for layer, first in ((0, 0), (7, 2), (29, 5))]
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         assert torch.equal(g, w)
     with pytest.raises(ValueError, match="0-dim"):
         rng.key_table(torch.tensor([1, 2]), 0, 0, 1, "cpu")

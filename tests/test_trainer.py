@@ -247,7 +247,7 @@ def test_captured_steps_train_the_eager_weights(tokenizer, sst2, monkeypatch, ar
     tol = {"rtol": 1e-9, "atol": 1e-11} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-5}
     for name, w in eager.weights.items():
         torch.testing.assert_close(captured.weights[name], w, **tol, msg=name)
-    for a, b in zip(captured.losses, eager.losses):
+    for a, b in zip(captured.losses, eager.losses, strict=True):
         assert a["step"] == b["step"] and a["lr"] == b["lr"]
         assert a["loss"] == pytest.approx(b["loss"], rel=tol["rtol"] * 10)
     if "S" in eager.losses[0]:
@@ -336,7 +336,7 @@ def test_an_unpadded_eager_step_gives_the_model_no_mask_and_the_same_loss(estima
     want, want_grads = step(step_batch(prompt, label, 0, DEVICE))
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-10, atol=1e-12)
-    for g, w in zip(got_grads, want_grads):
+    for g, w in zip(got_grads, want_grads, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
     padded = step_batch([[3, 9, 4], [3, 9, 4, 11, 7]], [[5], [6, 2]], 0, DEVICE, masks_when_unpadded=False)
     assert {"attention_mask", "prompt_attention_mask"} <= padded.keys()
