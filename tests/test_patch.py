@@ -174,6 +174,14 @@ def test_the_public_surface_shadows_no_submodule():
         assert isinstance(importlib.import_module(f"ofa_kernels.{name}"), type(ofa_kernels)), name
 
 
+def test_every_public_name_resolves_from_its_one_table():
+    assert len(set(ofa_kernels.__all__)) == len(ofa_kernels.__all__) > 30
+    for name in ofa_kernels.__all__:
+        assert getattr(ofa_kernels, name) is not None, name
+    with pytest.raises(AttributeError, match="has no attribute 'nothing_here'"):
+        ofa_kernels.nothing_here  # noqa: B018
+
+
 def _norm_grads_and_hvp(model, norms, ids, probes):
     """Gradient of a loss in the norm weights and its Hessian-vector product with ``probes``."""
     loss = model(input_ids=ids).logits.float().square().mean()
