@@ -20,6 +20,10 @@ namespace ofa {
 
 enum class DType : int { f16 = 0, bf16 = 1, f32 = 2, f64 = 3 };
 
+// The output's cast rule, as ofa_kernels/precision.py numbers CAST_MODES (tests/test_precision.py holds
+// the two together): llama rounds the normalised row to x's type before the gain; gemma and none do not.
+enum CastMode : int { kCastLlama = 0, kCastGemma = 1, kCastNone = 2 };
+
 struct NormShape {
   int64_t M, N;
   bool is_rms;

@@ -74,3 +74,21 @@ def test_the_ops_hand_each_stage_its_spec(monkeypatch):
     seen.clear()
     ofa_kernels.layer_norm(x, w, None, 1e-5, backend="torch").sum().backward()
     assert seen == [("norm_fwd", NormSpec(False)), ("norm_bwd", NormSpec(False))]
+
+
+def test_the_kernels_cast_codes_are_precisions():
+    """The C++/CUDA kernels name the cast rules by an enum in csrc/ofa_ext.h and the Triton kernels by a
+    constexpr: both must number them as ``precision.CAST_CODE`` does (what the backends pass)."""
+    import re
+    from pathlib import Path
+
+    from ofa_kernels.precision import CAST_CODE
+    from ofa_kernels.triton import norm as triton_norm
+
+    header = (Path(__file__).resolve().parents[1] / "csrc" / "ofa_ext.h").read_text()
+    enum = dict(re.findall(r"kCast(\w+) = (\d+)", header))
+    assert {name.lower(): int(code) for name, code in enum.items()} == CAST_CODE
+    assert triton_norm.CAST_LLAMA.value == CAST_CODE["llama"]
+    for source in ("csrc/cuda/norm.cu", "csrc/cpu/norm.cpp", "ofa_kernels/triton/norm.py"):
+        text = (Path(__file__).resolve().parents[1] / source).read_text()
+        assert not re.search(r"(?i)cast_mode == \d", text), source  # no bare cast code left

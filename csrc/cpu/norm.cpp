@@ -47,7 +47,7 @@ void fwd(const NormShape& s, const NormPtrs& p, TY* y, int64_t ys, double eps_d,
     for (int64_t c = 0; c < N; ++c) {
       const A xhat = (static_cast<A>(xr[c]) - mean) * rstd;
       A o = xhat;
-      if (w) o = (cast_mode == 0 ? static_cast<A>(static_cast<TX>(xhat)) : xhat) * (w[c] + offset);
+      if (w) o = (cast_mode == kCastLlama ? static_cast<A>(static_cast<TX>(xhat)) : xhat) * (w[c] + offset);
       if (b) o += b[c];
       yr[c] = static_cast<TY>(o);
     }
@@ -89,7 +89,7 @@ void bwd(const NormShape& s, const NormPtrs& p, const TY* dy, int64_t dys, TX* d
       if (dw)
         for (int64_t c = 0; c < N; ++c) {
           const A xh = xhat(c);
-          dw[c] += static_cast<A>(dyr[c]) * (cast_mode == 0 ? static_cast<A>(static_cast<TX>(xh)) : xh);
+          dw[c] += static_cast<A>(dyr[c]) * (cast_mode == kCastLlama ? static_cast<A>(static_cast<TX>(xh)) : xh);
         }
       if (db)
         for (int64_t c = 0; c < N; ++c) db[c] += static_cast<A>(dyr[c]);

@@ -212,7 +212,7 @@ __global__ void norm_fwd_kernel(const TX* __restrict__ x, int64_t xs, TY* __rest
       for (int i = 0; i < V; ++i) {
         const A xhat = (v[i] - mean) * rstd;
         A o = xhat;
-        if (w != nullptr) o = (cast_mode == 0 ? to_acc<A>(Cast<TX>::to(xhat)) : xhat) * (w[c + i] + offset);
+        if (w != nullptr) o = (cast_mode == kCastLlama ? to_acc<A>(Cast<TX>::to(xhat)) : xhat) * (w[c + i] + offset);
         if (b != nullptr) o += b[c + i];
         out[i] = o;
       }
@@ -276,7 +276,7 @@ __global__ void norm_bwd_kernel(const TY* __restrict__ dy, int64_t dys, const TX
         const A xhat = (xv[i] - mu_x) * r;
         const A u = w != nullptr ? dv[i] * (w[c + i] + offset) : dv[i];
         out[i] = (u - m_ux * xhat - m_u) * r;
-        if (need_dw) dw_acc.add(j, c, i, dv[i] * (cast_mode == 0 ? to_acc<A>(Cast<TX>::to(xhat)) : xhat));
+        if (need_dw) dw_acc.add(j, c, i, dv[i] * (cast_mode == kCastLlama ? to_acc<A>(Cast<TX>::to(xhat)) : xhat));
         if (need_db) db_acc.add(j, c, i, dv[i]);
       }
       if (dx != nullptr) store<TX>(dx + row * dxs + c, out);

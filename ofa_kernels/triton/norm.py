@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..precision import NormSpec, acc_dtype
+from ..precision import CAST_CODE, NormSpec, acc_dtype
 from . import tuning
 from .grid import cdiv, next_power_of_2
 from .launch import Launcher
@@ -41,6 +41,7 @@ MAX_BLOCK_N = 16384
 # 8192-column chunks none, at 90-150 registers (bwd, 8 warps) and 91-118 (bwd_bwd, 16 warps).
 BACKWARD_MAX_BLOCK_N = 8192
 # Triton's CPU interpreter truncates fp32 -> bf16 (GPUs round to nearest even); round in software there.
+CAST_LLAMA = tl.constexpr(CAST_CODE["llama"])  # the cast rule that rounds the normalised row first
 _SOFT_BF16_RNE = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 
@@ -108,7 +109,7 @@ def _affine(xhat, W, B, cols, N, offset, HAS_W: tl.constexpr, HAS_B: tl.constexp
     y = xhat
     if HAS_W:
         g = _load_vec(W, cols, N, ACC) + offset
-        if CAST_MODE == 0:  # llama: round xhat to the input dtype, then multiply
+        if CAST_MODE == CAST_LLAMA:  # round xhat to the input dtype, then multiply
             y = cast_to(xhat, IN_DTYPE).to(ACC) * g[None, :]
         else:
             y = xhat * g[None, :]
@@ -236,7 +237,7 @@ def _norm_bwd_kernel(
                 dx = _bwd_dx(dy, xhat, rstd, s_u, s_ux, W, cols, N, offset, IS_RMS, HAS_W, ACC)
                 tl.store(DX + rows[:, None] * stride_dx + cols[None, :], cast_to(dx, DX.dtype.element_ty), mask=mask)
             if NEED_DW:
-                if CAST_MODE == 0:
+                if CAST_MODE == CAST_LLAMA:
                     dw_acc += tl.sum(dy * cast_to(xhat, in_dtype).to(ACC), axis=0)
                 else:
                     dw_acc += tl.sum(dy * xhat, axis=0)
@@ -270,7 +271,7 @@ def _norm_bwd_kernel(
                     tl.store(DX + rows[:, None] * stride_dx + cols[None, :], cast_to(dx, DX.dtype.element_ty), mask=mask)
                 if NEED_DW:
                     xw = xhat
-                    if CAST_MODE == 0:
+                    if CAST_MODE == CAST_LLAMA:
                         xw = cast_to(xhat, in_dtype).to(ACC)
                     p = DW_part + part + cols
                     tl.store(p, tl.load(p, mask=cols < N) + tl.sum(dy * xw, axis=0), mask=cols < N)
