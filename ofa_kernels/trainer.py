@@ -328,6 +328,7 @@ def adapt(
                               "train": identity.rows_digest(train)}, sort_keys=True)
     if ckpt and ckpt.exists():
         start, losses = _resume(ckpt, fingerprint, sharded, params, model, optimizer, scheduler)
+    probe_seed = torch.tensor(options.seed * 7919 + start, dtype=torch.int64, device=device)  # advanced on the device
     captured = None
     if use_graphs:
         graphs.make_capturable(optimizer, device)
@@ -354,7 +355,6 @@ def adapt(
         steps = tqdm(steps, desc=f"{task.name} {options.arm}", initial=start, total=total, unit="step")
     pairs: list = []
     pending: list[tuple[dict, dict[str, torch.Tensor]]] = []  # (epoch, step, lr), parts still on the device
-    probe_seed = torch.tensor(options.seed * 7919 + start, dtype=torch.int64, device=device)  # advanced on the device
     every = per_epoch if log_every is None else log_every
     if every < 1:
         raise ValueError(f"log_every must be a positive number of steps, got {log_every}")
