@@ -153,7 +153,7 @@ def test_low_precision_within_twice_pytorchs_own_error(case, kind, opts, x_dtype
     low = [y_low, *_grads(y_low, params, dy)]
     true = [y_true, *_grads(y_true, params64, dy.double())]
     rows = x.numel() // x.shape[-1]
-    for name, g, lo, tr in zip(["y", "dx", "dw", "db"], got, low, true, strict=True):
+    for name, g, lo, tr in zip(["y", "dx", "dw", "db"][:len(got)], got, low, true, strict=True):
         atol = 1e-5 if x_dtype == torch.float32 else 2e-3
         if name in ("dw", "db"):  # sums over rows: scale with sqrt(rows), as the error grows
             atol *= rows**0.5
@@ -574,7 +574,7 @@ def _check_param_dtype_grads(backend, w_dtype):
         _, mean, rstd = impl.norm_fwd(x, w, None if is_rms else b, 1e-6 if is_rms else 1e-5, spec, y.dtype)
         _, dw32, db32 = impl.norm_bwd(dy, x, w, mean, rstd, spec, False, True, not is_rms)
         assert dw32.dtype == torch.float32
-        for g, want in zip(got, [dw32, db32], strict=True):
+        for g, want in zip(got, [dw32, db32][:len(got)], strict=True):
             assert g.dtype == w_dtype
             assert torch.equal(g, want.to(w_dtype)), (g - want.to(w_dtype)).abs().max()
 
