@@ -148,6 +148,9 @@ def training_step(model: nn.Module, batch: dict, options: AdaptOptions, gammas: 
     many as fit ``max_memory_gb``), each back-propagated at once; the gradient the probe passes send
     into the clean states is collected on detached copies and sent through the clean pass in one
     final backward. Same loss and gradients as the plain step, up to summation order.
+    With ``options.probe_rows == "last"`` the probes ride in the clean pass as K extra rows per
+    sequence: one forward and one backward give CE, J and S; checkpointing still applies, and the
+    probe-pass split has nothing to split (``probes_per_pass`` and the budget leave it as it is).
     ``row_offset``: the batch is a shard starting at that row of a larger batch (probe numbering);
     ``loss_scale`` multiplies what is back-propagated (not the returned values); ``info`` receives the
     probes per pass the lean step used (``"probes_per_pass"``), to fix the split of later steps.
