@@ -29,7 +29,7 @@ from typing import Callable
 
 import torch
 
-from .options import CUDA_GRAPH_MODES, check_choice
+from .options import CUDA_GRAPH_MODES
 
 BUCKET = 64  # sequence widths are padded to a multiple of this many tokens
 MODES = CUDA_GRAPH_MODES

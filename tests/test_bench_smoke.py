@@ -61,11 +61,7 @@ def test_bench_objective_smoke_times_every_arm(tmp_path):
     assert "K=4 / K=1" in (tmp_path / "objective_cpu.md").read_text()
 
 
-
-
 def test_accuracy_benchmark_writes_the_summary_and_resumes(tiny_model_dir, tmp_path):
-    import pytest
-
     import accuracy
 
     args = ["--model", str(tiny_model_dir), "--data-dir", str(TASKS), "--tasks", "sst2,trec", "--arms", "ce,lora",

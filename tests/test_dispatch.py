@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import pytest
@@ -102,3 +103,54 @@ def test_every_backend_meets_its_contract_and_a_broken_one_is_named():
     short.norm_fwd, short.norm_bwd_bwd = eager_norm.norm_fwd, eager_norm.norm_bwd_bwd
     short.norm_bwd = lambda dy, x, weight: None  # noqa: E731
     assert "fake_short.norm_bwd() does not take the contract's arguments" in unusable_reason(short, "norm")
+
+
+# ------------------------------------------------------------------ the measured backend table (moved from test_norm_ops)
+
+
+def test_the_backend_table_picks_the_nearest_measured_width_at_or_below():
+    from ofa_kernels.ops.dispatch import pick
+
+    table = {"sm90": {"rms": {"fwd": {"bfloat16": {"2048": "cuda", "8192": "triton"}}}}}
+    assert [pick(table, "sm90", "rms", "fwd", "bfloat16", n) for n in (1024, 2048, 4096, 8192, 65536)] == \
+        ["cuda", "cuda", "cuda", "triton", "triton"]
+    assert pick(table, "sm90", "rms", "bwd", "bfloat16", 4096) is None
+    assert pick(table, "sm80", "rms", "fwd", "bfloat16", 4096) is None
+    assert pick(table, "sm90", "layer", "fwd", "bfloat16", 4096) is None
+
+
+def test_auto_runs_each_stage_on_the_backend_measured_for_it(monkeypatch):
+    """CUDA tensors under "auto": each (op, stage, dtype, width) takes the table's backend, Triton where
+    nothing was measured or the measured one is missing; the op layer asks per stage."""
+    from ofa_kernels.ops import dispatch
+
+    table = {"sm90": {"rms": {"fwd": {"bfloat16": {"4096": "cuda"}}, "bwd": {"bfloat16": {"4096": "triton"}}}}}
+    monkeypatch.setattr(dispatch, "auto_table", lambda: table)
+    monkeypatch.setattr(dispatch, "gpu_arch", lambda device: "sm90")
+    built = {"cuda", "triton", "torch"}
+    monkeypatch.setattr(dispatch, "_load", lambda name, family="norm": (name, "") if name in built else (None, "no"))
+    gpu = torch.device("cuda", 0)
+    auto = functools.partial(dispatch._auto, gpu, "norm")
+    assert auto(4096, torch.bfloat16, "rms.fwd") == "cuda"
+    assert auto(5120, torch.bfloat16, "rms.fwd") == "cuda"  # nearest measured width below
+    assert auto(4096, torch.bfloat16, "rms.bwd") == "triton"
+    assert auto(4096, torch.bfloat16, "rms.bwd_bwd") == "triton"  # not measured
+    assert auto(4096, torch.float32, "rms.fwd") == "triton"
+    assert auto(4096, torch.bfloat16, "layer.fwd") == "triton"
+    built.discard("cuda")
+    assert auto(4096, torch.bfloat16, "rms.fwd") == "triton"  # measured winner not built here
+
+
+def test_the_op_layer_resolves_each_stage_with_its_table_key(monkeypatch):
+    from ofa_kernels.ops import dispatch
+
+    seen, resolve = [], dispatch.resolve
+    monkeypatch.setattr(dispatch, "resolve", lambda *a: seen.append(a[3:]) or resolve(*a))
+    for norm, kind in ((lambda x, w: ofa_kernels.rms_norm(x, w), "rms"),
+                       (lambda x, w: ofa_kernels.layer_norm(x, w, None), "layer")):
+        seen.clear()
+        x = torch.randn(3, 10, device=DEVICE, dtype=torch.float64, requires_grad=True)
+        w = torch.rand(10, device=DEVICE, dtype=torch.float64, requires_grad=True)
+        (gx,) = torch.autograd.grad(norm(x, w).square().sum(), [x], create_graph=True)
+        gx.sum().backward()
+        assert set(seen) == {(10, torch.float64, f"{kind}.{stage}") for stage in ("fwd", "bwd", "bwd_bwd")}

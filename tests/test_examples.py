@@ -6,7 +6,6 @@ import runpy
 import sys
 from pathlib import Path
 
-import pytest
 from conftest import TASKS
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from ofa_kernels import options as op
-from ofa_kernels.options import AdaptOptions, AdaptResult
+from ofa_kernels.options import AdaptOptions
 
 # one value away from the default for every field (a valid one), to see each field alone move the key
 _OTHER_VALUE = {
