@@ -7,7 +7,7 @@ from torch import nn
 
 from .ops.dispatch import BACKEND_NAMES
 from .ops.norm import layer_norm, rms_norm
-from .precision import CAST_MODES
+from .precision import check_cast_mode
 
 
 def check_backend(backend: str | None) -> str | None:
@@ -45,8 +45,7 @@ class FusedRMSNorm(nn.Module):
     ) -> None:
         super().__init__()
         self.backend = check_backend(backend)
-        if cast_mode not in CAST_MODES:
-            raise ValueError(f"cast_mode must be one of {CAST_MODES}, got {cast_mode!r}")
+        check_cast_mode(cast_mode)
         shape = (hidden_size,) if isinstance(hidden_size, int) else (
             tuple(hidden_size) if isinstance(hidden_size, (tuple, list)) else None)
         if not shape or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):

@@ -16,6 +16,14 @@ CAST_MODES = ("llama", "gemma", "none")
 CAST_CODE = {mode: code for code, mode in enumerate(CAST_MODES)}  # what the kernels receive
 
 
+def check_cast_mode(cast_mode: object) -> str:
+    """``cast_mode`` when it is one of ``CAST_MODES``, else the ValueError every entry point gives (the one
+    place it is checked: the modules, the ops and ``NormSpec`` call here)."""
+    if cast_mode not in CAST_MODES:
+        raise ValueError(f"cast_mode must be one of {CAST_MODES}, got {cast_mode!r}")
+    return cast_mode
+
+
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp32, or fp64 for fp64 inputs (so gradcheck is exact)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -36,8 +44,7 @@ class NormSpec:
     def __post_init__(self) -> None:
         if not isinstance(self.is_rms, bool):
             raise TypeError(f"is_rms must be a bool, got {self.is_rms!r}")
-        if self.cast_mode not in CAST_MODES:
-            raise ValueError(f"cast_mode must be one of {CAST_MODES}, got {self.cast_mode!r}")
+        check_cast_mode(self.cast_mode)
         if not (isinstance(self.offset, float) and math.isfinite(self.offset)):
             raise ValueError(f"offset must be a finite float, got {self.offset!r}")
         if not self.is_rms and (self.offset != 0.0 or self.cast_mode != "none"):

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 from torch.autograd import forward_ad
 
-from ..precision import CAST_MODES, acc_dtype, norm_spec
+from ..precision import acc_dtype, check_cast_mode, norm_spec
 from ..reference import layer_norm_ref, rms_norm_ref
 from . import dispatch, norm_vmap
 
@@ -660,8 +660,7 @@ def rms_norm(
     ``ofa_kernels.backends()``.
     """
     shape = _check(x, eps, normalized_shape, weight=weight)
-    if cast_mode not in CAST_MODES:
-        raise ValueError(f"cast_mode must be one of {CAST_MODES}, got {cast_mode!r}")
+    check_cast_mode(cast_mode)
     if not math.isfinite(offset):
         raise ValueError(f"offset must be finite, got {offset!r}")
     if 0 in shape:
