@@ -42,29 +42,19 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     with the permissions of a plainly created file (the umask's), whatever the writer set. Any failure
     while writing or replacing is a ``WriteError`` naming ``path``; the old file stays as it was."""
     path = Path(path)
-    try:
+    with _failures_named(path, ""):
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        raise WriteError(exc.errno, f"cannot write {path}: {exc.strerror or exc}") from exc
     os.close(fd)
     tmp = Path(name)
     try:
-        try:
+        with _failures_named(path, " (the file there before, if any, is unchanged)"):
             yield tmp
             # mkstemp's 0600, or a writer that replaced the file with its own (safetensors): plain permissions
             os.chmod(tmp, 0o666 & ~_umask())
             _fsync(tmp)
             _commit(tmp, path)
             _fsync(path.parent)
-        except WriteError:
-            raise
-        except Exception as exc:
-            if not _is_write_failure(exc):
-                raise
-            errno = getattr(exc, "errno", None)
-            raise WriteError(errno, f"cannot write {path}: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-                             " (the file there before, if any, is unchanged)") from exc
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -89,13 +79,11 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         raise FileExistsError(f"{path} exists and is not an empty folder; pass a new path")
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(path.parent)  # a killed export's half-written folder (hundreds of MB) goes now
-    try:
+    with _failures_named(path, ""):
         tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent))
-    except OSError as exc:
-        raise WriteError(exc.errno, f"cannot write {path}: {exc.strerror or exc}") from exc
     os.chmod(tmp, 0o777 & ~_umask())
     try:
-        try:
+        with _failures_named(path, " (nothing was written there)"):
             yield tmp
             for child in tmp.iterdir():
                 if child.is_file():
@@ -105,15 +93,24 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
                 path.rmdir()  # empty (checked above); a rename cannot replace a folder on every system
             _commit(tmp, path)
             _fsync(path.parent)
-        except (WriteError, FileExistsError):
-            raise
-        except Exception as exc:
-            if not _is_write_failure(exc):
-                raise
-            raise WriteError(getattr(exc, "errno", None), f"cannot write {path}: {type(exc).__name__}: "
-                             f"{str(exc).splitlines()[0][:200] if str(exc) else ''} (nothing was written there)") from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _failures_named(path: Path, after: str) -> Iterator[None]:
+    """Turns a write failure inside the block into one ``WriteError`` line naming ``path`` (``after`` ends
+    it); anything else, a ``WriteError`` or ``FileExistsError`` of the block's own, passes unchanged."""
+    try:
+        yield
+    except (WriteError, FileExistsError):
+        raise
+    except Exception as exc:
+        if not _is_write_failure(exc):
+            raise
+        cause = str(exc).splitlines()[0][:200] if str(exc) else ""
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else f"{type(exc).__name__}: {cause}"
+        raise WriteError(getattr(exc, "errno", None), f"cannot write {path}: {why}{after}") from exc
 
 
 def _is_write_failure(exc: BaseException) -> bool:
@@ -141,7 +138,7 @@ def name_part(value: object, what: str) -> str:
         raise ValueError(f"{what} must be a non-empty name, got {value!r}")
     if len(value) > NAME_PART_MAX:
         raise ValueError(f"{what} is {len(value)} characters long; a name in a file name takes at most {NAME_PART_MAX}")
-    bad = [c for c in value if c in "/\\" or c in (os.sep, os.altsep or "/") or ord(c) < 32 or ord(c) == 127]
+    bad = [c for c in value if c in "/\\" or ord(c) < 32 or ord(c) == 127]
     if bad:
         raise ValueError(f"{what} {value!r} cannot be part of a file name: it holds {sorted(set(bad))!r} "
                          "(path separators and control characters are refused)")

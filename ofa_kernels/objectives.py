@@ -68,7 +68,7 @@ from . import rng
 from .anatomy import StateTap, Structure, input_batch, positions_of, preconditioners, structure
 from .memory import recompute_under
 from .ops.probe import perturb, probe_dot, probe_rows
-from .options import ESTIMATORS, PROBE_ROWS, check_choice
+from .options import ESTIMATORS, PROBE_ROWS, check_probe_rows
 from .precision import acc_dtype
 from .riding import RiderProbes, RidingTap, check_attention, riding_batch
 
@@ -452,12 +452,7 @@ def _check_estimator(estimator: str, distribution: str, eps_scale: str, num_prob
                      probe_rows: str = "all") -> None:
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
-    check_choice("probe_rows", probe_rows, PROBE_ROWS)
-    if probe_rows == "last" and estimator != "fd":
-        raise ValueError(f'probe_rows="last" rides with the "fd" estimator only; estimator={estimator!r} takes '
-                         'probe_rows="all"')
-    if probe_rows == "last" and paper_exact:
-        raise ValueError('paper_exact reproduces the authors\' all-positions second pass: it takes probe_rows="all"')
+    check_probe_rows(probe_rows, estimator, paper_exact)
     rng.check_distribution(distribution)
     if eps_scale not in EPS_SCALES:
         raise ValueError(f"eps_scale must be one of {EPS_SCALES}, got {eps_scale!r}")

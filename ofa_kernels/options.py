@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from .data import Example
 
 __all__ = ["ARMS", "CUDA_GRAPH_MODES", "DISTRIBUTIONS", "ESTIMATORS", "EXECUTION_ONLY", "KEYED_WHEN_SET",
-           "NORM_ARMS", "PEFT_ARMS", "PROBE_ROWS", "PROTOCOLS", "SHARPNESS_FORMS", "SCORING", "SEED_LIMIT", "AdaptOptions", "AdaptResult",
+           "NORM_ARMS", "PEFT_ARMS", "PROBE_ROWS", "check_probe_rows", "PROTOCOLS", "SHARPNESS_FORMS", "SCORING", "SEED_LIMIT", "AdaptOptions", "AdaptResult",
            "check_choice"]
 
 
@@ -29,6 +29,18 @@ def check_choice(name: str, value: Any, choices: tuple) -> Any:
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
     return value
+
+
+def check_probe_rows(probe_rows: Any, estimator: str, paper_exact: bool = False) -> str:
+    """``probe_rows`` when the estimator can take it (riding rows are the "fd" estimator's, and not the
+    authors' all-positions arithmetic), else a ValueError saying which takes what."""
+    check_choice("probe_rows", probe_rows, PROBE_ROWS)
+    if probe_rows == "last" and estimator != "fd":
+        raise ValueError(f'probe_rows="last" rides with the "fd" estimator only; estimator={estimator!r} takes '
+                         'probe_rows="all"')
+    if probe_rows == "last" and paper_exact:
+        raise ValueError('paper_exact reproduces the authors\' all-positions second pass: it takes probe_rows="all"')
+    return probe_rows
 
 
 NORM_ARMS = ("ce", "ce+J", "ce+S", "ofa")  # train the norm weights
@@ -100,15 +112,12 @@ class AdaptOptions:
             raise ValueError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
-        check_choice("probe_rows", self.probe_rows, PROBE_ROWS)
         check_choice("sharpness_form", self.sharpness_form, SHARPNESS_FORMS)
         if self.sharpness_form == "paper" and (self.estimator == "hvp" or self.probe_rows != "all"):
             raise ValueError('sharpness_form="paper" is the authors\' all-positions finite difference: it takes '
                              f'estimator "fd" (or "jvp") and probe_rows="all", got estimator={self.estimator!r}, '
                              f'probe_rows={self.probe_rows!r}')
-        if self.probe_rows == "last" and self.estimator != "fd":
-            raise ValueError(f'probe_rows="last" rides with the "fd" estimator only; estimator={self.estimator!r} '
-                             'takes probe_rows="all"')
+        check_probe_rows(self.probe_rows, self.estimator)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < SEED_LIMIT:
             raise ValueError(f"seed must be a whole number from 0 to 2**63-1 (a negative seed would draw the same "
                              f"k-shot set as its absolute value), got {self.seed!r}")
