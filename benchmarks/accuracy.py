@@ -4,7 +4,7 @@ The issue's protocol: SmolLM2-135M-Instruct (fp32, CPU), tasks sst2, sst5, mr, s
 shots per class, seeds 42, 43, 44, 300 class-balanced test rows (seed 0), 60 epochs of the authors'
 protocol and recipe (one (demonstration, query) pair per step, lr 1e-3); every adapted arm is
 evaluated without and with the demonstrations prefix. Each task runs through
-``ofa_kernels.runs.adapt_and_report`` into ``--out/<task>/``; every finished cell (an evaluation, or
+``ofa_kernels.fewshot.runs.adapt_and_report`` into ``--out/<task>/``; every finished cell (an evaluation, or
 an arm for one seed) is written at once, and a killed or extended run (more seeds, more arms) only
 computes what is missing, resuming an arm mid-training from its checkpoint. It lowers its own CPU
 priority (``--nice``, default 19; its session's autogroup too, see ``lower_priority``) so it can run
@@ -146,7 +146,7 @@ def plot(per_task: dict[str, dict], path: Path) -> None:
     ax.set_ylim(0, 100)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    from ofa_kernels.files import atomic_path
+    from ofa_kernels.fewshot.files import atomic_path
 
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
@@ -204,9 +204,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from ofa_kernels.models import load_model
-    from ofa_kernels.runs import adapt_and_report
-    from ofa_kernels.trainer import AdaptOptions
+    from ofa_kernels.fewshot.models import load_model
+    from ofa_kernels.fewshot.runs import adapt_and_report
+    from ofa_kernels.fewshot.trainer import AdaptOptions
 
     seeds = [int(s) for s in args.seeds.split(",")]
     arms = [a for a in args.arms.split(",") if a]
@@ -244,7 +244,7 @@ def _write_summary(out: Path, per_task: dict, seeds: list[int], args, started: f
     summary = {"args": vars(args), "tasks": list(per_task), "compute_seconds": compute, "methods": data,
                "paired": paired_data, "cell_seconds": timing_data,
                "seconds_this_call": round(time.time() - started, 1)}
-    from ofa_kernels.files import write_text
+    from ofa_kernels.fewshot.files import write_text
 
     write_text(out / "summary.md", text + "\n")
     write_text(out / "summary.json", json.dumps(summary, indent=1))

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import Row, copy_bandwidth_gbps, heatmap, plot, stamp, time_ms, write_results  # noqa: E402
 
 import ofa_kernels  # noqa: E402
-from ofa_kernels.files import atomic_path  # noqa: E402
+from ofa_kernels.fewshot.files import atomic_path  # noqa: E402
 from ofa_kernels.reference import layer_norm_ref, rms_norm_ref  # noqa: E402
 
 GPU_SHAPES = [(32768, 4096), (150, 4096), (32768, 2048), (32768, 8192), (4096, 16384), (4096, 65536)]

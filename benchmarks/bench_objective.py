@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import stamp  # noqa: E402
 
 import ofa_kernels  # noqa: E402
-from ofa_kernels import anatomy  # noqa: E402
-from ofa_kernels import objectives as obj  # noqa: E402
+from ofa_kernels.fewshot import anatomy  # noqa: E402
+from ofa_kernels.fewshot import objectives as obj  # noqa: E402
 
 SHAPES = {  # LlamaConfig fields
     "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,

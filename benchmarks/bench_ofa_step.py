@@ -1,6 +1,6 @@
 """Time and peak memory of one OFA optimizer step at the Llama-2-7B shape, against an authors-style eager step.
 
-Ours (``ofa_kernels.trainer.training_step``, memory-efficient: bf16 base weights, fp32 trainable
+Ours (``ofa_kernels.fewshot.trainer.training_step``, memory-efficient: bf16 base weights, fp32 trainable
 norms, checkpointed blocks, states recorded only at the last token, logits only there, the probe
 pass split to fit ``--max-memory`` GiB) + AdamW on the norms, for the arms
   ce, ofa(fd, K=1), ofa(fd, K=4), ofa(hvp, K=1)
@@ -42,12 +42,12 @@ from bench_objective import SHAPES  # noqa: E402
 from harness import stamp  # noqa: E402
 
 import ofa_kernels  # noqa: E402
-from ofa_kernels import anatomy  # noqa: E402
-from ofa_kernels.anatomy import norm_parameters  # noqa: E402
+from ofa_kernels.fewshot import anatomy  # noqa: E402
+from ofa_kernels.fewshot.anatomy import norm_parameters  # noqa: E402
 from ofa_kernels.patch import use_fp32_masters  # noqa: E402
-from ofa_kernels.prompts import step_batch  # noqa: E402
-from ofa_kernels import graphs  # noqa: E402
-from ofa_kernels.trainer import AdaptOptions, training_step  # noqa: E402
+from ofa_kernels.fewshot.prompts import step_batch  # noqa: E402
+from ofa_kernels.fewshot import graphs  # noqa: E402
+from ofa_kernels.fewshot.trainer import AdaptOptions, training_step  # noqa: E402
 
 OURS = [("ce", "ce", "fd", 1), ("ofa-fd-K1", "ofa", "fd", 1), ("ofa-fd-K1-last", "ofa", "fd-last", 1),
         ("ofa-fd-K4", "ofa", "fd", 4), ("ofa-hvp-K1", "ofa", "hvp", 1)]  # "fd-last": the probe riding (issue 34)
@@ -160,8 +160,8 @@ def protocol_run(model, vocab: int, device: torch.device, captured: bool, limit:
     prompt and label-word lengths per step, SmolLM2 tokenizer), eager or replayed from CUDA graphs
     (widths padded to ``graphs.BUCKET``). Wall seconds from the first step to the last one finished,
     batch building and captures included. The norm weights are restored afterwards."""
-    from ofa_kernels.prompts import step_batch
-    from ofa_kernels.trainer import lr_multiplier
+    from ofa_kernels.fewshot.prompts import step_batch
+    from ofa_kernels.fewshot.trainer import lr_multiplier
 
     lengths = json.loads(STEPS_FILE.read_text())["steps"][:limit]
     options = AdaptOptions(arm="ofa", estimator="fd", num_probes=1)

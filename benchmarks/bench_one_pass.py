@@ -34,9 +34,9 @@ from bench_ofa_step import _reference  # noqa: E402
 from harness import stamp, tiny_llama  # noqa: E402
 
 import ofa_kernels  # noqa: E402
-from ofa_kernels import anatomy  # noqa: E402
-from ofa_kernels.prompts import step_batch  # noqa: E402
-from ofa_kernels.trainer import AdaptOptions, training_step  # noqa: E402
+from ofa_kernels.fewshot import anatomy  # noqa: E402
+from ofa_kernels.fewshot.prompts import step_batch  # noqa: E402
+from ofa_kernels.fewshot.trainer import AdaptOptions, training_step  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ARMS = ("ce", "ofa-last", "ofa-all", "authors")
@@ -61,9 +61,9 @@ def _pairs(tokenizer, data_dir: Path | None, smoke: bool, vocab: int) -> dict[st
     """Token ids of the two measured sequences (demonstration + query prompt)."""
     if smoke:
         return {"short": list(range(3, 20)), "long": list(range(3, 50))}
-    from ofa_kernels import data
-    from ofa_kernels.prompts import pair_prompt, sequences
-    from ofa_kernels.trainer import epoch_pairs
+    from ofa_kernels.fewshot import data
+    from ofa_kernels.fewshot.prompts import pair_prompt, sequences
+    from ofa_kernels.fewshot.trainer import epoch_pairs
 
     ds = data.load_task("sst2", data_dir)
     first = epoch_pairs(data.k_shot(ds, 5, 42), 42, 0)
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         model = tiny_llama()
         tokenizer = None
     else:
-        from ofa_kernels.models import load_smollm2
+        from ofa_kernels.fewshot.models import load_smollm2
 
         model, tokenizer = load_smollm2(torch.float32, "cpu")
     ofa_kernels.patch_model(model)

@@ -50,7 +50,7 @@ def worker(folder: str, mode: str, out: str) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ofa_kernels import distributed
+    from ofa_kernels.fewshot import distributed
     from ofa_kernels.patch import patch_model, use_fp32_masters
 
     par = distributed.current("cpu")

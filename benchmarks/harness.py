@@ -89,7 +89,7 @@ def write_results(rows: list[Row], meta: dict, out_dir: Path, name: str, table: 
 
 def write_table(out_dir: Path, name: str, data: dict, lines: list[str]) -> None:
     """``name.json`` (``data``) and ``name.md`` (``lines``) under ``out_dir``, each written atomically; prints the table."""
-    from ofa_kernels.files import write_text
+    from ofa_kernels.fewshot.files import write_text
 
     write_text(out_dir / f"{name}.json", json.dumps(data, indent=1))
     write_text(out_dir / f"{name}.md", "\n".join(lines) + "\n")

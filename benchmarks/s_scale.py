@@ -33,10 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import stamp, tiny_llama  # noqa: E402
 
 import ofa_kernels  # noqa: E402
-from ofa_kernels import anatomy  # noqa: E402
-from ofa_kernels import objectives as obj  # noqa: E402
-from ofa_kernels.prompts import step_batch  # noqa: E402
-from ofa_kernels.trainer import AdaptOptions, training_step  # noqa: E402
+from ofa_kernels.fewshot import anatomy  # noqa: E402
+from ofa_kernels.fewshot import objectives as obj  # noqa: E402
+from ofa_kernels.fewshot.prompts import step_batch  # noqa: E402
+from ofa_kernels.fewshot.trainer import AdaptOptions, training_step  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 FORMS = {"paper": dict(paper_exact=True), "trace": {}, "trace-last": dict(probe_rows="last"),
@@ -91,10 +91,10 @@ def main(argv: list[str] | None = None) -> int:
         sequences_ = [(torch.randint(3, 64, (12 + i,)).tolist(), 5) for i in range(args.pairs)]
         name = "smoke"
     else:
-        from ofa_kernels import data
-        from ofa_kernels.models import load_model
-        from ofa_kernels.prompts import label_token_ids, pair_prompt, sequences
-        from ofa_kernels.trainer import epoch_pairs
+        from ofa_kernels.fewshot import data
+        from ofa_kernels.fewshot.models import load_model
+        from ofa_kernels.fewshot.prompts import label_token_ids, pair_prompt, sequences
+        from ofa_kernels.fewshot.trainer import epoch_pairs
 
         model, tokenizer = load_model(args.model, torch.float32, "cpu")
         ds = data.load_task("sst2", Path(args.data_dir))

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .ops.dispatch import BACKEND_NAMES
 from .ops.norm import layer_norm, rms_norm
 from .precision import check_cast_mode
+from .vocab import BACKEND_NAMES
 
 
 def check_backend(backend: str | None) -> str | None:

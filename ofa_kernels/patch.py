@@ -2,7 +2,7 @@
 
 One walk over the module tree; norms are recognised by kind, not by model type:
 - ``torch.nn.LayerNorm`` over any trailing dims (GPT-2 ``ln_*``, BERT ``LayerNorm``, ...) -> FusedLayerNorm;
-- RMSNorms as ``anatomy.rms_kind`` recognises them (HF's Llama, Mistral, Qwen2, SmolLM, Gemma, ...;
+- RMSNorms as ``rms_kind`` recognises them (HF's Llama, Mistral, Qwen2, SmolLM, Gemma, ...;
   ``torch.nn.RMSNorm``) -> FusedRMSNorm.
 PEFT wrappers (``LNTuningLayer``, ``ModulesToSaveWrapper``) are not norms themselves; the norms
 inside them (base layer and trainable copies) are found by the same walk. The replacement takes
@@ -18,10 +18,46 @@ import warnings
 import torch
 from torch import nn
 
-from .anatomy import rms_kind
 from .nn import FusedLayerNorm, FusedRMSNorm, check_backend
 
 _RECORD = "_ofa_patched_norms"
+
+
+# ------------------------------------------------------------------------------- norm recognition
+
+
+def rms_kind(module: nn.Module) -> tuple[float, float, str] | None:
+    """(eps, offset, cast_mode) when ``module`` is an RMSNorm the fused kernels reproduce, else None.
+
+    ``torch.nn.RMSNorm``; classes HF tags as "RMSNorm" or named ``*RMSNorm`` with a 1-D ``weight``
+    and an ``eps``/``variance_epsilon`` (Llama, Mistral, Qwen2, SmolLM; Gemma's ``1 + weight``).
+    """
+    if isinstance(module, FusedRMSNorm):
+        return float(module.eps), float(module.offset), module.cast_mode
+    cls = type(module)
+    if isinstance(module, nn.RMSNorm):
+        eps = module.eps if module.eps is not None else torch.finfo(torch.float32).eps
+        return float(eps), 0.0, "gemma"
+    tagged = getattr(cls, "kernel_layer_name", None) == "RMSNorm" or cls.__name__.endswith("RMSNorm")
+    weight = getattr(module, "weight", None)
+    if not tagged or not isinstance(weight, nn.Parameter) or weight.dim() != 1:
+        return None
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+    if not isinstance(eps, (int, float)):
+        return None
+    if "gemma" in cls.__name__.lower():
+        return float(eps), 1.0, "gemma"
+    return float(eps), 0.0, "llama"
+
+
+def is_norm(module: nn.Module) -> bool:
+    """Any normalisation layer: LayerNorm, RMSNorm (ours, torch's, HF's) or a class named ``*Norm``-like."""
+    if isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or rms_kind(module) is not None:
+        return True
+    return type(module).__name__.endswith(("RMSNorm", "LayerNorm"))
+
+
+# ----------------------------------------------------------------------------------- swapping
 
 
 def _fused_for(module: nn.Module, backend: str | None = None) -> nn.Module | None:

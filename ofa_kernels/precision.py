@@ -10,10 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-# "llama": normalise in the accumulation dtype, cast to the input dtype, then multiply by the weight;
-# "gemma": multiply by (offset + weight) in the accumulation dtype, then cast; "none": no cast between.
-CAST_MODES = ("llama", "gemma", "none")
-CAST_CODE = {mode: code for code, mode in enumerate(CAST_MODES)}  # what the kernels receive
+from .vocab import CAST_CODE, CAST_MODES  # the names and their kernel codes (``vocab.py``)
 
 
 def check_cast_mode(cast_mode: object) -> str:

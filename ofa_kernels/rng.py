@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from .options import DISTRIBUTIONS, check_choice
+from .vocab import DISTRIBUTIONS, check_choice
 
 MAX_COUNTER = 2**31
 _MASK = 0xFFFFFFFF

@@ -8,11 +8,11 @@ from __future__ import annotations
 import argparse
 
 import ofa_kernels
-from ofa_kernels import data
-from ofa_kernels import evaluate as ev
-from ofa_kernels.adapters import save_adapter
-from ofa_kernels.models import load_model
-from ofa_kernels.trainer import AdaptOptions, adapt
+from ofa_kernels.fewshot import data
+from ofa_kernels.fewshot import evaluate as ev
+from ofa_kernels.fewshot.adapters import save_adapter
+from ofa_kernels.fewshot.models import load_model
+from ofa_kernels.fewshot.trainer import AdaptOptions, adapt
 
 
 def main(argv=None) -> None:

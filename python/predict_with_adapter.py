@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import argparse
 
-from ofa_kernels import data
-from ofa_kernels import evaluate as ev
-from ofa_kernels.adapters import load_adapter
-from ofa_kernels.models import load_model
+from ofa_kernels.fewshot import data
+from ofa_kernels.fewshot import evaluate as ev
+from ofa_kernels.fewshot.adapters import load_adapter
+from ofa_kernels.fewshot.models import load_model
 
 
 def main(argv=None) -> list[str]:

@@ -68,7 +68,7 @@ def emulated(tmp_path_factory):
 @pytest.fixture(scope="session")
 def smollm2():
     """The real SmolLM2-135M-Instruct in fp32, loaded once per session (fp32 copy cached on disk)."""
-    from ofa_kernels.models import find_smollm2_gguf, load_smollm2
+    from ofa_kernels.fewshot.models import find_smollm2_gguf, load_smollm2
 
     try:
         find_smollm2_gguf()
@@ -98,7 +98,7 @@ def tiny_model_dir(smollm2, tmp_path_factory):
 @pytest.fixture(scope="session")
 def gemma3():
     """The real Gemma 3 270M (base) in fp32 with its tokenizer, loaded once per session (fp32 copy cached)."""
-    from ofa_kernels.models import GEMMA3_270M, find_gguf, load_model
+    from ofa_kernels.fewshot.models import GEMMA3_270M, find_gguf, load_model
 
     try:
         find_gguf(GEMMA3_270M)

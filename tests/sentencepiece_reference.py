@@ -70,7 +70,7 @@ def model_proto(pieces, scores, types, unk_id: int | None, bos_id: int | None, e
 
 
 def sentencepiece_processor(vocab):
-    """A ``sentencepiece.SentencePieceProcessor`` over an ``ofa_kernels.gguf_tokenizer.GGUFVocabulary``."""
+    """A ``sentencepiece.SentencePieceProcessor`` over an ``ofa_kernels.fewshot.gguf_tokenizer.GGUFVocabulary``."""
     import sentencepiece
 
     proto = model_proto(vocab.pieces, vocab.scores, vocab.types, vocab.unk_id, vocab.bos_id, vocab.eos_id,

@@ -9,12 +9,12 @@ import pytest
 import torch
 from conftest import DEVICE
 
-from ofa_kernels import adapters, baselines
-from ofa_kernels.adapters import FORMAT, check_adapter_file, checked_adapter, load_adapter, save_adapter
-from ofa_kernels.cli import main
+from ofa_kernels.fewshot import adapters, baselines
+from ofa_kernels.fewshot.adapters import FORMAT, check_adapter_file, checked_adapter, load_adapter, save_adapter
+from ofa_kernels.fewshot.cli import main
 from ofa_kernels.patch import fusable_norm_parameters
-from ofa_kernels.adapters import weights_hash
-from ofa_kernels.options import AdaptOptions, AdaptResult
+from ofa_kernels.fewshot.adapters import weights_hash
+from ofa_kernels.fewshot.options import AdaptOptions, AdaptResult
 
 
 def _tiny():
@@ -109,7 +109,7 @@ def test_the_cli_refuses_a_bad_adapter_before_any_model_loads(model_and_weights,
     _, weights, base = model_and_weights
     weights = {k: torch.full_like(v, float("nan")) for k, v in weights.items()}
     path = _write(tmp_path / "nan.safetensors", weights, {"arm": "ce"}, base)
-    import ofa_kernels.models as models
+    import ofa_kernels.fewshot.models as models
 
     monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
     with pytest.raises(SystemExit) as exit_:

@@ -8,20 +8,9 @@ import torch
 from conftest import DEVICE
 from torch import nn
 
-from ofa_kernels import anatomy, patch_model
-from ofa_kernels.nn import FusedRMSNorm
-
-
-def test_norm_recognition_and_rms_kinds():
-    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
-    from transformers.models.llama.modeling_llama import LlamaRMSNorm
-
-    assert anatomy.rms_kind(LlamaRMSNorm(8, eps=1e-5)) == (1e-5, 0.0, "llama")
-    assert anatomy.rms_kind(Gemma3RMSNorm(8, eps=1e-6)) == (1e-6, 1.0, "gemma")
-    assert anatomy.rms_kind(nn.RMSNorm(8, eps=1e-4))[1:] == (0.0, "gemma")
-    assert anatomy.rms_kind(FusedRMSNorm(8, 1e-3, offset=1.0, cast_mode="gemma")) == (1e-3, 1.0, "gemma")
-    assert anatomy.rms_kind(nn.LayerNorm(8)) is None and anatomy.is_norm(nn.LayerNorm(8))
-    assert not anatomy.is_norm(nn.Linear(8, 8))
+from ofa_kernels import patch_model
+from ofa_kernels.fewshot import anatomy
+from ofa_kernels.patch import is_norm, rms_kind
 
 
 def test_a_block_without_two_norms_has_no_preconditioner():
@@ -57,10 +46,10 @@ def test_each_family_has_its_preconditioner_and_every_norm_trained(family):
     st = anatomy.structure(model)
     for block in st.blocks:
         with torch.no_grad():  # a gain that differs per norm, so the choice shows in P_t
-            for i, norm in enumerate(m for m in block.modules() if anatomy.is_norm(m)):
+            for i, norm in enumerate(m for m in block.modules() if is_norm(m)):
                 norm.weight.fill_(0.1 * (i + 1))
         assert anatomy.preconditioner_norm(block) is getattr(block, gain_name)
-    want_gain = getattr(st.blocks[0], gain_name).weight.float() + anatomy.rms_kind(getattr(st.blocks[0], gain_name))[1]
+    want_gain = getattr(st.blocks[0], gain_name).weight.float() + rms_kind(getattr(st.blocks[0], gain_name))[1]
     torch.testing.assert_close(anatomy.preconditioners(model)[0], want_gain)
     ids = torch.randint(1, 64, (2, 7), device=DEVICE)
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""The PEFT baselines (``ofa_kernels.baselines``): the configs they build from ``(arm, rank)``, and the
+"""The PEFT baselines (``ofa_kernels.fewshot.baselines``): the configs they build from ``(arm, rank)``, and the
 adapters they attach, which start as the identity and are the only parameters left to train."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ofa_kernels import baselines
+from ofa_kernels.fewshot import baselines
 
 pytest.importorskip("peft")
 
@@ -74,7 +74,7 @@ def test_a_lora_rank_above_the_adapted_layers_is_refused_before_any_allocation()
 
 
 def test_an_absurd_rank_is_refused_by_the_options_before_a_model_loads():
-    from ofa_kernels.options import MAX_RANK, AdaptOptions
+    from ofa_kernels.fewshot.options import MAX_RANK, AdaptOptions
 
     with pytest.raises(ValueError, match=rf"rank must be at most {MAX_RANK}"):
         AdaptOptions(arm="lora", rank=99999999999).check()

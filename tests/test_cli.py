@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from conftest import TASKS
-from ofa_kernels.cli import main
+from ofa_kernels.fewshot.cli import main
 
 
 
@@ -91,12 +91,12 @@ def _refused(argv: list[str], capsys, monkeypatch) -> str:
     """Runs the CLI on arguments it must refuse: exit 2, one line, no traceback, no model loaded, fast."""
     import time
 
-    import ofa_kernels.models
+    import ofa_kernels.fewshot.models
 
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded before the arguments were checked")
 
-    monkeypatch.setattr(ofa_kernels.models, "load_model", no_model)
+    monkeypatch.setattr(ofa_kernels.fewshot.models, "load_model", no_model)
     started = time.perf_counter()
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
@@ -134,6 +134,12 @@ def _refused(argv: list[str], capsys, monkeypatch) -> str:
     (["--test", "x.csv"], "--test and --labels go with --train"),
     (["--out", ""], "--out: an empty name is no folder"),
     (["--arm", "lora", "--rank", "99999999999"], "rank must be at most 65536"),
+    (["--warmup", "1"], "expected a fraction in [0, 1)"),
+    (["--lambda-s=-1e-3"], "expected a finite number >= 0"),
+    (["--weight-decay", "inf"], "expected a finite number >= 0"),
+    (["--eps", "0"], "expected a finite number > 0"),
+    (["--distribution", "uniform"], "invalid choice: 'uniform'"),
+    (["--probes-per-pass", "0"], "expected a whole number >= 1"),
 ])
 def test_adapt_refuses_bad_arguments_before_any_work(extra, message, capsys, monkeypatch, tmp_path):
     argv = ["adapt", "--task", "sst2", "--data-dir", str(tmp_path), "--out", str(tmp_path / "out"), *extra]
@@ -198,9 +204,9 @@ def test_a_task_name_that_would_leave_out_is_refused_before_any_work(task, shown
 
 def _failed_before_loading(argv, capsys, monkeypatch) -> str:
     """A run that must stop at a data error before any model loads: exit 2, one error line, no traceback."""
-    import ofa_kernels.models
+    import ofa_kernels.fewshot.models
 
-    monkeypatch.setattr(ofa_kernels.models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(ofa_kernels.fewshot.models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err
@@ -230,3 +236,66 @@ def test_eval_of_own_files_names_the_task(tiny_model_dir, tmp_path, capsys):
                  "--test-size", "2"]) == 0
     out = capsys.readouterr().out
     assert "reviews: accuracy" in out and "None" not in out
+
+
+def _adapt_flags():
+    import argparse
+
+    from ofa_kernels.fewshot.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return {a.dest: a for a in sub.choices["adapt"]._actions}
+
+
+# A value other than the default for every field, as typed on the command line and as the field holds it.
+_TYPED = {"arm": ("ce", None), "protocol": ("batched", "batched"), "batch_size": ("3", 3), "shots": ("2", 2),
+          "seed": ("7", None), "epochs": ("4", 4), "lr": ("0.5", 0.5), "weight_decay": ("0", 0.0),
+          "warmup": ("0.25", 0.25), "lambda_j": ("0.5", 0.5), "lambda_s": ("2", 2.0),
+          "j_final_norm_step": (None, False), "estimator": ("jvp", "jvp"), "probe_rows": ("last", "last"),
+          "sharpness_form": ("gain", "gain"), "num_probes": ("3", 3), "distribution": ("rademacher", "rademacher"),
+          "eps": ("0.01", 0.01), "scoring": ("first", "first"), "rank": ("4", 4), "memory_efficient": ("off", False),
+          "max_memory_gb": ("1.5", 1.5), "probes_per_pass": ("2", 2), "fsdp": (None, True),
+          "cuda_graphs": ("off", "off")}
+
+
+def test_every_option_has_its_adapt_flag_made_from_the_field():
+    """Each AdaptOptions field has one ``ofa adapt`` flag, whose help and choices are the field's metadata and
+    whose default gives the field's default."""
+    import dataclasses
+
+    from ofa_kernels.fewshot.cli import _options, build_parser
+    from ofa_kernels.fewshot.options import AdaptOptions
+
+    flags = _adapt_flags()
+    fields = dataclasses.fields(AdaptOptions)
+    assert set(_TYPED) == {f.name for f in fields}
+    missing = [f.name for f in fields if f.name not in flags]
+    assert not missing, f"fields without an ofa adapt flag: {missing}"
+    for f in fields:
+        action = flags[f.name]
+        assert action.help.startswith(f.metadata["help"]), f.name
+        if isinstance(f.metadata["choices"], tuple):
+            assert tuple(action.choices) == f.metadata["choices"], f.name
+    args = build_parser().parse_args(["adapt", "--task", "sst2"])
+    assert _options(args) == AdaptOptions()  # the flags' defaults are the fields' defaults
+    assert args.arm == ["ofa"] and args.seed == [42, 43, 44, 45, 46]
+
+
+@pytest.mark.parametrize("name", sorted(_TYPED))
+def test_each_adapt_flag_sets_its_field(name):
+    import dataclasses
+
+    from ofa_kernels.fewshot.cli import _options, build_parser
+    from ofa_kernels.fewshot.options import AdaptOptions
+
+    typed, held = _TYPED[name]
+    flag = _adapt_flags()[name].option_strings[0]
+    args = build_parser().parse_args(["adapt", "--task", "sst2", flag, *([] if typed is None else [typed])])
+    if name in ("arm", "seed"):  # per-run fields: a list, one run each
+        assert getattr(args, name) == [int(typed) if name == "seed" else typed]
+        return
+    assert held != getattr(AdaptOptions(), name)
+    got = _options(args)
+    assert getattr(got, name) == held
+    others = {f.name for f in dataclasses.fields(AdaptOptions)} - {name}
+    assert all(getattr(got, o) == getattr(AdaptOptions(), o) for o in others), name

@@ -7,7 +7,7 @@ import importlib.util
 import pytest
 from conftest import DATA
 
-from ofa_kernels import data
+from ofa_kernels.fewshot import data
 
 needs_data = pytest.mark.skipif(not DATA.exists(), reason=f"shared data not found at {DATA}")
 

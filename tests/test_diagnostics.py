@@ -8,8 +8,8 @@ import pytest
 from conftest import TASKS
 import torch
 
-from ofa_kernels import data, diagnostics
-from ofa_kernels.cli import main
+from ofa_kernels.fewshot import data, diagnostics
+from ofa_kernels.fewshot.cli import main
 
 
 
@@ -28,7 +28,7 @@ def test_linear_probe_separates_separable_classes_and_not_noise():
 
 
 def test_layer_report_matches_the_hidden_states(tiny_model_dir):
-    from ofa_kernels.models import load_model
+    from ofa_kernels.fewshot.models import load_model
 
     model, tokenizer = load_model(str(tiny_model_dir))
     ds = data.load_task("sst2", TASKS)
@@ -55,9 +55,9 @@ def test_layer_report_matches_the_hidden_states(tiny_model_dir):
 
 
 def test_diagnose_cli_writes_json_and_png_for_base_and_adapted(tiny_model_dir, tmp_path, capsys):
-    from ofa_kernels.adapters import save_adapter
-    from ofa_kernels.models import load_model
-    from ofa_kernels.trainer import AdaptOptions, adapt
+    from ofa_kernels.fewshot.adapters import save_adapter
+    from ofa_kernels.fewshot.models import load_model
+    from ofa_kernels.fewshot.trainer import AdaptOptions, adapt
 
     model, tokenizer = load_model(str(tiny_model_dir))
     ds = data.load_task("sst2", TASKS)

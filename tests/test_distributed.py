@@ -11,8 +11,8 @@ import pytest
 from conftest import TASKS
 import torch
 
-from ofa_kernels.adapters import read_adapter
-from ofa_kernels.distributed import Parallel
+from ofa_kernels.fewshot.adapters import read_adapter
+from ofa_kernels.fewshot.distributed import Parallel
 
 
 
@@ -61,11 +61,11 @@ def test_several_processes_give_the_single_process_adapter(sharded_model_dir, tm
     args = ["adapt", "--model", str(sharded_model_dir), "--task", "sst2", "--data-dir", str(TASKS), "--shots", "4",
             "--batch-size", "4", "--seeds", "42", "--arm", arm, "--epochs", "3", "--lr", "3e-2", "--test-size", "8",
             "--no-demos", *(["--probe-rows", "last"] if mode.endswith("-last") else [])]
-    one = subprocess.run([sys.executable, "-m", "ofa_kernels.cli", *args, "--out", str(tmp_path / "one")], env=ENV,
+    one = subprocess.run([sys.executable, "-m", "ofa_kernels.fewshot.cli", *args, "--out", str(tmp_path / "one")], env=ENV,
                          capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, _errors(one.stderr)
     flags = {"ddp": [], "ddp-last": [], "fsdp": ["--fsdp"], "fsdp-lean": ["--fsdp", "--memory-efficient", "on"]}[mode]
-    many = subprocess.run([*_launch(processes, 29517), "-m", "ofa_kernels.cli", *args, "--out", str(tmp_path / "many"),
+    many = subprocess.run([*_launch(processes, 29517), "-m", "ofa_kernels.fewshot.cli", *args, "--out", str(tmp_path / "many"),
                            *flags], env=ENV, capture_output=True, text=True, timeout=600)
     assert many.returncode == 0, _errors(many.stderr)
     assert f"data-parallel: {processes} processes" in many.stdout

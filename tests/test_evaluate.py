@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from conftest import DEVICE, TASKS
 
-from ofa_kernels import data
-from ofa_kernels import evaluate as ev
+from ofa_kernels.fewshot import data
+from ofa_kernels.fewshot import evaluate as ev
 
 
 
@@ -64,7 +64,7 @@ def test_a_cached_prefix_scores_like_the_prefix_in_every_prompt():
 
 
 def test_step_batch_holds_every_tensor_of_a_step_with_its_label_index():
-    from ofa_kernels.prompts import step_batch
+    from ofa_kernels.fewshot.prompts import step_batch
 
     prompts, conts = [[3, 4, 5], [6, 7], [8, 9, 10, 11]], [[12], [13, 14], [15, 16, 17]]
     b = step_batch(prompts, conts, 0, DEVICE, bucket=4)
@@ -85,8 +85,9 @@ def test_step_batch_holds_every_tensor_of_a_step_with_its_label_index():
 
 
 def test_indexed_log_probs_equal_continuation_scores():
-    from ofa_kernels.anatomy import structure
-    from ofa_kernels.prompts import step_batch
+    from ofa_kernels.fewshot.anatomy import structure
+    from ofa_kernels.fewshot.objectives import indexed_log_probs
+    from ofa_kernels.fewshot.prompts import step_batch
 
     model = _tiny()
     prompts, conts = [[3, 4, 5], [6, 7], [8, 9, 10, 11]], [[12], [13, 14], [15, 16, 17]]
@@ -95,7 +96,7 @@ def test_indexed_log_probs_equal_continuation_scores():
     hidden = st.base(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False)[0]
     logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.log_softmax(-1)
     want = [sum(logits[i, len(p) - 1 + k, t] for k, t in enumerate(c)) for i, (p, c) in enumerate(zip(prompts, conts, strict=True))]
-    torch.testing.assert_close(ev.indexed_log_probs(hidden, st.head, b), torch.stack(want))
+    torch.testing.assert_close(indexed_log_probs(hidden, st.head, b), torch.stack(want))
 
 
 def test_a_text_longer_than_the_context_is_refused_with_its_file_and_line(smollm2):

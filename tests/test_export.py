@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from ofa_kernels import export_hf, export_peft, load_adapter, save_adapter
-from ofa_kernels.baselines import attach
+from ofa_kernels.fewshot.baselines import attach
 from ofa_kernels.patch import fusable_norm_parameters, unpatch_model
-from ofa_kernels.adapters import weights_hash
-from ofa_kernels.options import AdaptOptions, AdaptResult
+from ofa_kernels.fewshot.adapters import weights_hash
+from ofa_kernels.fewshot.options import AdaptOptions, AdaptResult
 
 pytest.importorskip("peft")
 
@@ -144,7 +144,7 @@ def test_cli_export_writes_both_formats_and_refuses_a_full_folder(tiny_model_dir
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     adapter = _adapter(base, "ofa", tmp_path / "a.safetensors")
-    cmd = [sys.executable, "-m", "ofa_kernels.cli", "export", "--adapter", str(adapter), "--model", str(tiny_model_dir)]
+    cmd = [sys.executable, "-m", "ofa_kernels.fewshot.cli", "export", "--adapter", str(adapter), "--model", str(tiny_model_dir)]
     for fmt in ("hf", "peft"):
         run = subprocess.run([*cmd, "--format", fmt, "--out", str(tmp_path / fmt)], capture_output=True, text=True,
                              timeout=300)
@@ -165,7 +165,7 @@ def test_smollm2_exports_reproduce_the_adapted_logits(smollm2, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from ofa_kernels.models import cache_dir
+    from ofa_kernels.fewshot.models import cache_dir
 
     tokenizer = smollm2[1]
     base_dir = cache_dir() / "smollm2-135m-instruct-fp32"

@@ -14,8 +14,8 @@ import json
 
 import pytest
 
-from ofa_kernels import files
-from ofa_kernels.cli import main
+from ofa_kernels.fewshot import files
+from ofa_kernels.fewshot.cli import main
 
 pytestmark = pytest.mark.slow
 
@@ -159,7 +159,7 @@ def test_written_files_follow_the_umask_whatever_their_writer(tiny_model_dir, tm
     try:
         out = tmp_path / "export"
         assert main(["export", "--model", str(tiny_model_dir), "--adapter", adapter, "--out", str(out)]) == 0
-        from ofa_kernels.files import write_text
+        from ofa_kernels.fewshot.files import write_text
 
         plain = write_text(tmp_path / "plain.txt", "x")
     finally:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from ofa_kernels.files import atomic_dir, remove_stale_temps, write_text
+from ofa_kernels.fewshot.files import atomic_dir, remove_stale_temps, write_text
 
 GONE = 99999999  # above any pid_max: no such process
 
@@ -47,7 +47,7 @@ import pytest  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from ofa_kernels.files import NAME_PART_MAX, name_part  # noqa: E402
+from ofa_kernels.fewshot.files import NAME_PART_MAX, name_part  # noqa: E402
 
 
 @pytest.mark.parametrize("name, reason", [

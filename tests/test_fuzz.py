@@ -15,8 +15,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ofa_kernels import data
-from ofa_kernels.cli import main
+from ofa_kernels.fewshot import data
+from ofa_kernels.fewshot.cli import main
 
 SETTINGS = settings(max_examples=80, deadline=None, database=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -100,9 +100,9 @@ _FLAGS = {
 @SETTINGS
 @given(chosen=st.dictionaries(st.sampled_from(sorted(_FLAGS)), st.none(), min_size=1, max_size=3), data_=st.data())
 def test_adapt_refuses_any_bad_flag_value_in_one_line_before_loading(chosen, data_, capsys, monkeypatch):
-    import ofa_kernels.models
+    import ofa_kernels.fewshot.models
 
-    monkeypatch.setattr(ofa_kernels.models, "load_model", lambda *a, **k: pytest.fail("a model loaded"))
+    monkeypatch.setattr(ofa_kernels.fewshot.models, "load_model", lambda *a, **k: pytest.fail("a model loaded"))
     argv = ["adapt"]
     for flag in chosen:
         value = data_.draw(_FLAGS[flag], label=flag)
@@ -143,7 +143,7 @@ def progress_shapes(draw):
 @SETTINGS
 @given(text=progress_shapes())
 def test_any_progress_file_is_used_whole_or_refused_by_name(tmp_path_factory, text):
-    from ofa_kernels.runs import _Progress
+    from ofa_kernels.fewshot.runs import _Progress
 
     path = tmp_path_factory.mktemp("fuzz") / "progress-t-abc.json"
     path.write_text(text)
@@ -163,7 +163,7 @@ def test_any_progress_file_is_used_whole_or_refused_by_name(tmp_path_factory, te
 def test_any_peft_adapter_config_loads_whole_or_is_refused_by_name(tmp_path_factory, changes):
     import json
 
-    from ofa_kernels import adapters
+    from ofa_kernels.fewshot import adapters
 
     folder = tmp_path_factory.mktemp("peft")
     config = {"peft_type": "LN_TUNING", "task_type": "CAUSAL_LM", "target_modules": ["input_layernorm"],

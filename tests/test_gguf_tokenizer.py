@@ -8,9 +8,9 @@ import pytest
 from conftest import DATA
 from sentencepiece_reference import sentencepiece_processor
 
-from ofa_kernels import data
-from ofa_kernels.gguf_tokenizer import build_tokenizer, read_vocabulary
-from ofa_kernels.prompts import leading_ids
+from ofa_kernels.fewshot import data
+from ofa_kernels.fewshot.gguf_tokenizer import build_tokenizer, read_vocabulary
+from ofa_kernels.fewshot.prompts import leading_ids
 
 TASKS = ("sst2", "sst5", "mr", "subj", "trec", "cr", "mpqa")
 EDGE = ["Review: this movie is great!", "  two  spaces\nnewline 12345", "a\n\nb   c\t d", " lead", "trail ",
@@ -19,7 +19,7 @@ EDGE = ["Review: this movie is great!", "  two  spaces\nnewline 12345", "a\n\nb 
 
 @pytest.fixture(scope="module")
 def vocab():
-    from ofa_kernels.models import GEMMA3_270M, find_gguf
+    from ofa_kernels.fewshot.models import GEMMA3_270M, find_gguf
 
     try:
         path = find_gguf(GEMMA3_270M)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ofa_kernels import graphs
+from ofa_kernels.fewshot import graphs
 
 
 def test_modes_and_refusals():

@@ -10,9 +10,9 @@ import shutil
 import pytest
 
 import ofa_kernels
-from ofa_kernels import data, identity
-from ofa_kernels.runs import settings_key
-from ofa_kernels.trainer import AdaptOptions
+from ofa_kernels.fewshot import data, identity
+from ofa_kernels.fewshot.runs import settings_key
+from ofa_kernels.fewshot.trainer import AdaptOptions
 
 
 @pytest.fixture(autouse=True)

@@ -6,10 +6,10 @@ import pytest
 import torch
 from conftest import DEVICE
 
-from ofa_kernels import anatomy, memory, objectives
+from ofa_kernels.fewshot import anatomy, memory, objectives
 from ofa_kernels.patch import patch_model
-from ofa_kernels.prompts import step_batch
-from ofa_kernels.trainer import AdaptOptions, norm_parameters, training_step
+from ofa_kernels.fewshot.prompts import step_batch
+from ofa_kernels.fewshot.trainer import AdaptOptions, norm_parameters, training_step
 
 
 def _model(dtype, seed=0):

@@ -8,8 +8,9 @@ import pytest
 import torch
 from conftest import DEVICE
 
-from ofa_kernels import models, patch_model, unpatch_model
-from ofa_kernels.prompts import leading_ids
+from ofa_kernels.fewshot import models
+from ofa_kernels import patch_model, unpatch_model
+from ofa_kernels.fewshot.prompts import leading_ids
 
 PLAIN_ENGLISH = ["The cat sat on the mat and looked out of the window.",
                  "It was a bright cold day in April, and the clocks were striking thirteen.",
@@ -41,7 +42,7 @@ def test_gemma3_by_name_is_a_working_language_model_with_its_bos(gemma3):
 def test_gemma3_patched_keeps_its_logits_and_norm_gradients_within_the_stated_bound(gemma3):
     """Bound: 1e-5 of the largest logit / norm gradient (``selfcheck``'s); measured 1.0e-6 / 2.1e-6 (fp32):
     rounding only, the fused norm and HF's differ by an ulp per norm, carried through 18 blocks."""
-    from ofa_kernels.selfcheck import LOGIT_BOUND
+    from ofa_kernels.fewshot.selfcheck import LOGIT_BOUND
 
     model, tokenizer = gemma3
     ids = torch.tensor([tokenizer("Review: a gripping, funny and moving film.\nSentiment:")["input_ids"]], device=DEVICE)
@@ -69,7 +70,7 @@ def test_gemma3_patched_keeps_its_logits_and_norm_gradients_within_the_stated_bo
 
 
 def test_ofa_check_passes_on_gemma3(gemma3, capsys):
-    from ofa_kernels.selfcheck import run_selfcheck
+    from ofa_kernels.fewshot.selfcheck import run_selfcheck
 
     assert run_selfcheck(device=str(DEVICE), model_name=models.GEMMA3_270M) == 0
     assert "patched 109 norms" in capsys.readouterr().out

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from conftest import DEVICE, available_backends
 
 import ofa_kernels
-from ofa_kernels import anatomy
-from ofa_kernels import objectives as obj
+from ofa_kernels.fewshot import anatomy
+from ofa_kernels.fewshot import objectives as obj
 from ofa_kernels.ops.probe import perturb
 
 # ------------------------------------------------------------------------------------ step ratio
@@ -317,7 +317,7 @@ def test_hutchinson_trace_of_a_jacobian_and_a_hessian():
 @pytest.mark.slow
 @pytest.mark.parametrize("estimator", ["fd", "jvp"])
 def test_bf16_agrees_with_fp64_on_smollm2(smollm2, estimator):
-    from ofa_kernels.models import load_smollm2
+    from ofa_kernels.fewshot.models import load_smollm2
 
     model, tokenizer = smollm2
     texts = ["Review: a gorgeous, witty, seductive movie.\nSentiment:",
@@ -406,9 +406,9 @@ def test_the_paper_form_of_a_training_step_is_the_authors_loss(monkeypatch):
     fp64, within 1e-10."""
     from authors_reference import authors_terms
 
-    from ofa_kernels.options import AdaptOptions
-    from ofa_kernels.prompts import step_batch
-    from ofa_kernels.trainer import training_step
+    from ofa_kernels.fewshot.options import AdaptOptions
+    from ofa_kernels.fewshot.prompts import step_batch
+    from ofa_kernels.fewshot.trainer import training_step
 
     monkeypatch.setenv("OFA_BACKEND", "torch")  # the added and the dotted noise from one generator
     ours, theirs = _tiny("llama"), _tiny("llama")

@@ -1,4 +1,4 @@
-"""The shared vocabulary (``ofa_kernels.options``): every field checked by name, the run key holds exactly
+"""The shared vocabulary (``ofa_kernels.fewshot.options``): every field checked by name, the run key holds exactly
 the fields that change numbers, and the module is a leaf (it loads neither torch nor the trainer)."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from ofa_kernels import options as op
-from ofa_kernels.options import AdaptOptions
+from ofa_kernels.fewshot import options as op
+from ofa_kernels.fewshot.options import AdaptOptions
 
 # one value away from the default for every field (a valid one), to see each field alone move the key
 _OTHER_VALUE = {
@@ -106,7 +106,7 @@ def test_a_field_keyed_when_set_enters_the_key_only_away_from_its_default():
 
 
 def test_importing_the_options_loads_neither_torch_nor_the_training_loop():
-    code = ("import sys, ofa_kernels.options as o; o.AdaptOptions().check(); "
-            "print(sorted(m for m in ('torch', 'ofa_kernels.trainer', 'ofa_kernels.ops') if m in sys.modules))")
+    code = ("import sys, ofa_kernels.fewshot.options as o; o.AdaptOptions().check(); "
+            "print(sorted(m for m in ('torch', 'ofa_kernels.fewshot.trainer', 'ofa_kernels.ops') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

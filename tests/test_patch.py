@@ -6,12 +6,26 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 from conftest import DEVICE, available_backends
 
 import ofa_kernels
 from ofa_kernels import FusedLayerNorm, FusedRMSNorm
+from ofa_kernels.patch import is_norm, rms_kind
 
 transformers = pytest.importorskip("transformers")
+
+
+def test_norm_recognition_and_rms_kinds():
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    assert rms_kind(LlamaRMSNorm(8, eps=1e-5)) == (1e-5, 0.0, "llama")
+    assert rms_kind(Gemma3RMSNorm(8, eps=1e-6)) == (1e-6, 1.0, "gemma")
+    assert rms_kind(nn.RMSNorm(8, eps=1e-4))[1:] == (0.0, "gemma")
+    assert rms_kind(FusedRMSNorm(8, 1e-3, offset=1.0, cast_mode="gemma")) == (1e-3, 1.0, "gemma")
+    assert rms_kind(nn.LayerNorm(8)) is None and is_norm(nn.LayerNorm(8))
+    assert not is_norm(nn.Linear(8, 8))
 
 
 def tiny_llama(dtype=torch.float32):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ofa_kernels import data
-from ofa_kernels import prompts as pr
+from ofa_kernels.fewshot import data
+from ofa_kernels.fewshot import prompts as pr
 
 TASK = data.Task("t", "Review: {text}\nSentiment:", ("negative", "positive"), "files")
 ROWS = [data.Example("good film", 1, "rows.csv:2"), data.Example("dull", 0, "rows.csv:3")]

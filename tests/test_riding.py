@@ -18,10 +18,10 @@ import torch
 from conftest import DEVICE
 
 import ofa_kernels
-from ofa_kernels import anatomy
-from ofa_kernels import objectives as obj
+from ofa_kernels.fewshot import anatomy
+from ofa_kernels.fewshot import objectives as obj
 from ofa_kernels.ops.probe import perturb
-from ofa_kernels.riding import RiderProbes, RidingTap, riding_batch
+from ofa_kernels.fewshot.riding import RiderProbes, RidingTap, riding_batch
 
 KINDS = ["llama", "gpt2", "qwen2", "gemma3"]
 VOCAB = 50

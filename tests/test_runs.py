@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from ofa_kernels.runs import _Progress
+from ofa_kernels.fewshot.runs import _Progress
 
 KEY = {"task": {"name": "t"}, "model": "m"}
 
@@ -41,7 +41,7 @@ class _Killed(Exception):
 
 
 def _dataset():
-    from ofa_kernels import data
+    from ofa_kernels.fewshot import data
 
     task = data.file_task("mine", "Text: {text}\nLabel:", ("no", "yes"))
     words = ["good", "bad", "fine", "awful", "great", "poor", "nice", "sad", "calm", "angry", "kind", "rude"]
@@ -50,8 +50,8 @@ def _dataset():
 
 
 def _run(model_dir, out, **kwargs):
-    from ofa_kernels import models, runs
-    from ofa_kernels.trainer import AdaptOptions
+    from ofa_kernels.fewshot import models, runs
+    from ofa_kernels.fewshot.trainer import AdaptOptions
 
     return runs.adapt_and_report(lambda: models.load_model(str(model_dir)), _dataset(), model_name=str(model_dir),
                                  seeds=[42], arms=["ce"], options=AdaptOptions(arm="ce", shots=2, epochs=8, lr=1e-2),
@@ -67,7 +67,7 @@ def uninterrupted(tiny_model_dir, tmp_path_factory):
 @pytest.mark.parametrize("boundary", ["adapter-written", "progress-committed"])
 def test_a_kill_at_each_write_boundary_keeps_the_finished_arm_or_its_checkpoint(tiny_model_dir, tmp_path, monkeypatch,
                                                                                 uninterrupted, boundary):
-    from ofa_kernels import runs
+    from ofa_kernels.fewshot import runs
 
     out = tmp_path / "run"
     real_save, real_put = runs.save_adapter, runs._Progress.put
@@ -129,7 +129,7 @@ def test_a_progress_path_that_is_a_folder_is_named_not_a_traceback(tmp_path):
 
 
 def test_a_name_that_would_leave_out_is_refused_before_the_model_loads(tmp_path):
-    from ofa_kernels import data, runs
+    from ofa_kernels.fewshot import data, runs
 
     task = data.file_task("x/../../../ESCAPED", "Text: {text}\nLabel:", ("no", "yes"))
     rows = [data.Example(f"row {i}", i % 2, f"f.csv:{i}") for i in range(12)]
@@ -142,8 +142,8 @@ def test_a_name_that_would_leave_out_is_refused_before_the_model_loads(tmp_path)
 
 _CONCURRENT = """
 import sys
-from ofa_kernels import data, models, runs
-from ofa_kernels.trainer import AdaptOptions
+from ofa_kernels.fewshot import data, models, runs
+from ofa_kernels.fewshot.trainer import AdaptOptions
 task = data.file_task("mine", "Text: {text}\\nLabel:", ("no", "yes"))
 words = ["good", "bad", "fine", "awful", "great", "poor", "nice", "sad", "calm", "angry", "kind", "rude"]
 rows = [data.Example(f"it was {w} today", i % 2, f"mine.csv:{i + 2}") for i, w in enumerate(words)]
@@ -172,8 +172,8 @@ def test_arms_run_at_once_into_one_out_keep_every_result_and_adapter(tiny_model_
     entries = json.loads(progress.read_text())["entries"]
     assert {"zero-shot", "ICL|42", "ce|42", "ofa|42", "ia3|42"} <= set(entries)
     assert len(list(out.glob("adapter-mine-*-seed42-*.safetensors"))) == 3
-    from ofa_kernels import data, models, runs
-    from ofa_kernels.trainer import AdaptOptions
+    from ofa_kernels.fewshot import data, models, runs
+    from ofa_kernels.fewshot.trainer import AdaptOptions
 
     monkeypatch.setattr(runs, "adapt", lambda *a, **k: pytest.fail("a finished arm was trained again"))
     words = ["good", "bad", "fine", "awful", "great", "poor", "nice", "sad", "calm", "angry", "kind", "rude"]

@@ -15,7 +15,7 @@ def _module_for(label: str):
 
 
 def test_selfcheck_leaves_the_environment_as_it_found_it(monkeypatch):
-    from ofa_kernels import selfcheck
+    from ofa_kernels.fewshot import selfcheck
 
     monkeypatch.delenv("OFA_BACKEND", raising=False)
     seen = []
@@ -26,7 +26,7 @@ def test_selfcheck_leaves_the_environment_as_it_found_it(monkeypatch):
 
 
 def test_the_bounds_are_relative_and_the_answers_must_agree():
-    from ofa_kernels import selfcheck
+    from ofa_kernels.fewshot import selfcheck
 
     assert 0 < selfcheck.LOGIT_BOUND <= 1e-5 and 0 < selfcheck.GRAD_BOUND <= 1e-4
     logits = torch.tensor([[0.0, 2.0], [3.0, 1.0]])

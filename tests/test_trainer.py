@@ -10,12 +10,12 @@ import pytest
 import torch
 from conftest import DEVICE, TASKS
 
-from ofa_kernels import data
-from ofa_kernels import evaluate as ev
-from ofa_kernels.adapters import load_adapter, read_adapter, save_adapter
-from ofa_kernels.anatomy import norm_parameters
+from ofa_kernels.fewshot import data
+from ofa_kernels.fewshot import evaluate as ev
+from ofa_kernels.fewshot.adapters import load_adapter, read_adapter, save_adapter
+from ofa_kernels.fewshot.anatomy import norm_parameters
 from ofa_kernels.patch import patch_model
-from ofa_kernels.trainer import AdaptOptions, adapt, epoch_pairs, lr_multiplier, steps_per_epoch
+from ofa_kernels.fewshot.trainer import AdaptOptions, adapt, epoch_pairs, lr_multiplier, steps_per_epoch
 
 
 
@@ -191,7 +191,7 @@ def test_bf16_models_train_fp32_master_norms(tokenizer, sst2):
 
 @pytest.mark.slow
 def test_smollm2_trec_training_loss_falls_and_accuracy_beats_zero_shot(smollm2):
-    from ofa_kernels.models import load_smollm2
+    from ofa_kernels.fewshot.models import load_smollm2
 
     _, tokenizer = smollm2
     model, _ = load_smollm2(torch.float32, DEVICE)  # a fresh copy: the session fixture stays unadapted
@@ -227,7 +227,7 @@ def test_captured_steps_train_the_eager_weights(tokenizer, sst2, monkeypatch, ar
     True)), which catches a step that kept a host value of the batch it was captured on."""
     import functools
 
-    from ofa_kernels import graphs
+    from ofa_kernels.fewshot import graphs
 
     if DEVICE.type != "cuda":
         monkeypatch.setattr(graphs, "unsupported_reason", lambda *args: None)
@@ -255,7 +255,7 @@ def test_captured_steps_train_the_eager_weights(tokenizer, sst2, monkeypatch, ar
 
 
 def test_cuda_graphs_on_where_they_cannot_run_is_refused(tokenizer, sst2):
-    from ofa_kernels import graphs
+    from ofa_kernels.fewshot import graphs
 
     assert "on cpu" in graphs.unsupported_reason(torch.device("cpu"), 1, False)
     assert "data-parallel" in graphs.unsupported_reason(torch.device("cuda"), 2, False)
@@ -273,7 +273,7 @@ def test_auto_falls_back_to_eager_steps_when_a_capture_fails(tokenizer, sst2, mo
     "on" raises instead."""
     import functools
 
-    from ofa_kernels import graphs
+    from ofa_kernels.fewshot import graphs
 
     cls = graphs.CapturedSteps
     if DEVICE.type != "cuda":
@@ -308,9 +308,9 @@ def test_an_unpadded_eager_step_gives_the_model_no_mask_and_the_same_loss(estima
     """One sequence per step (the paper's protocol) has no padding: the eager step leaves the masks out,
     so the model gets attention_mask=None (transformers then reads nothing back to check the mask) in
     every pass, with the loss and norm gradients of the masked step. A padded batch keeps its masks."""
-    from ofa_kernels.anatomy import preconditioners
-    from ofa_kernels.prompts import step_batch
-    from ofa_kernels.trainer import training_step
+    from ofa_kernels.fewshot.anatomy import preconditioners
+    from ofa_kernels.fewshot.prompts import step_batch
+    from ofa_kernels.fewshot.trainer import training_step
 
     model = _tiny(50).double()
     norms = [p for n, p in model.named_parameters() if "norm" in n]

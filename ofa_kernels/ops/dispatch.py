@@ -27,9 +27,9 @@ from types import ModuleType
 import torch
 
 from ..measured import gpu_arch, nearest_measured
+from ..vocab import BACKEND_NAMES
 from .contract import unusable_reason
 
-BACKEND_NAMES = ("auto", "torch", "triton", "cpu", "cuda")
 FAMILIES = ("norm", "probe")
 _PACKAGE = {"torch": "eager", "triton": "triton", "cpu": "native", "cuda": "native"}
 

@@ -11,10 +11,10 @@ import sys
 
 import torch
 
-from ofa_kernels import data
-from ofa_kernels.distributed import finish, is_main_process
-from ofa_kernels.models import load_model
-from ofa_kernels.trainer import AdaptOptions, adapt
+from ofa_kernels.fewshot import data
+from ofa_kernels.fewshot.distributed import finish, is_main_process
+from ofa_kernels.fewshot.models import load_model
+from ofa_kernels.fewshot.trainer import AdaptOptions, adapt
 
 
 def main(model_dir: str, data_dir: str, out: str, checkpoint: str | None, stop_after: int | None) -> None:

@@ -1,4 +1,5 @@
-"""The shared vocabulary of a run: its options, its result, and the names they take (a leaf module).
+"""The shared vocabulary of a run: its options, its result, and the names they take (the application's leaf:
+it reads only the kernel floor's torch-free ``vocab``).
 
 ``AdaptOptions`` is everything that decides the adapted weights; it is stored with checkpoints and
 adapters and names a run (``settings``). Importing it loads neither torch nor the training loop, so
@@ -14,6 +15,8 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ..vocab import DISTRIBUTIONS, check_choice  # the kernel floor's names (probes)
+
 if TYPE_CHECKING:
     import torch
 
@@ -21,14 +24,7 @@ if TYPE_CHECKING:
 
 __all__ = ["ARMS", "CUDA_GRAPH_MODES", "DISTRIBUTIONS", "ESTIMATORS", "EXECUTION_ONLY", "KEYED_WHEN_SET",
            "NORM_ARMS", "PEFT_ARMS", "PROBE_ROWS", "check_probe_rows", "PROTOCOLS", "SHARPNESS_FORMS", "SCORING", "SEED_LIMIT", "AdaptOptions", "AdaptResult",
-           "check_choice"]
-
-
-def check_choice(name: str, value: Any, choices: tuple) -> Any:
-    """``value`` when it is one of ``choices``, else a ValueError naming ``name`` and the choices."""
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-    return value
+           "check_choice", "option"]
 
 
 def check_probe_rows(probe_rows: Any, estimator: str, paper_exact: bool = False) -> str:
@@ -51,7 +47,6 @@ ESTIMATORS = ("fd", "jvp", "hvp")  # of the sharpness S (``objectives.py``)
 SHARPNESS_FORMS = ("trace", "paper", "gain")  # q as a trace, the authors' arithmetic, per unit gain (``objectives.py``)
 PROBE_ROWS = ("all", "last")  # "fd": every position perturbed in a second pass, or the last token riding (``riding.py``)
 SCORING = ("full", "first")  # a label word's log-probability: all its tokens, or its first (``evaluate.py``)
-DISTRIBUTIONS = ("rademacher", "gaussian")  # of the probes (``rng.py``)
 CUDA_GRAPH_MODES = ("auto", "on", "off")  # captured steps (``graphs.py``)
 
 EXECUTION_ONLY = ("cuda_graphs", "memory_efficient", "max_memory_gb", "probes_per_pass")
@@ -62,35 +57,68 @@ MAX_RANK = 2**16  # LoRA ranks beyond any model's width are refused before a mod
 SEED_LIMIT = 2**63  # seeds are 0 .. 2**63-1: Python's random seeds an int by its absolute value
 
 
+def option(default: Any, help: str, *, choices: tuple | dict | None = None, flag: str | None = None,
+           parse: str | None = None, switch: bool | None = None, per_run: bool = False,
+           cli_default: Any = None) -> Any:
+    """An ``AdaptOptions`` field with what its ``ofa adapt`` flag is made of (``cli.add_option_flags``):
+    ``help``; ``choices`` (a tuple, or a dict from the words typed to the values); ``flag`` (default
+    ``--name-with-dashes``); ``parse``, the name of the CLI's parser of the text ("positive_int",
+    "positive_float", "nonnegative_float", "fraction", "seeds", "arms"); ``switch``, for a bool
+    given as a bare flag, the value the flag sets; ``per_run`` for the fields a list of runs varies (one
+    flag names several values); ``cli_default`` where the flag's default text differs from ``default``."""
+    metadata = {"help": help, "choices": choices, "flag": flag, "parse": parse, "switch": switch,
+                "per_run": per_run, "cli_default": cli_default}
+    return field(default=default, metadata=metadata)
+
+
 @dataclass
 class AdaptOptions:
-    """Everything that decides the adapted weights (stored with checkpoints and adapters)."""
+    """Everything that decides the adapted weights (stored with checkpoints and adapters). Each field
+    carries its ``ofa adapt`` flag's help, choices and parser (``option``); the CLI is made from them."""
 
-    arm: str = "ofa"
-    protocol: str = "paper"  # "paper": one (demonstration, query) pair per step; "batched": one step per epoch
-    batch_size: int = 1  # pairs per optimizer step (protocol "paper")
-    shots: int = 5
-    seed: int = 42
-    epochs: int = 60
-    lr: float = 1e-3
-    weight_decay: float = 1e-3
-    warmup: float = 0.05
-    lambda_j: float = 1e-2
-    lambda_s: float = 1e-3
-    j_final_norm_step: bool = True  # False: J without its last ratio (the step into the final norm's output)
-    estimator: str = "fd"
-    probe_rows: str = "all"  # "fd" only: "all" positions perturbed in a second pass, or the "last" token riding along
-    sharpness_form: str = "trace"  # q as a "trace" estimate, the authors' arithmetic ("paper"), or per unit "gain"
-    num_probes: int = 1
-    distribution: str = "gaussian"
-    eps: float | None = None
-    scoring: str = "full"
-    rank: int = 1  # LoRA rank (arm "lora")
-    memory_efficient: bool | None = None  # checkpointed blocks + split probe pass; None: memory.use_lean_step
-    max_memory_gb: float | None = None  # budget that sizes the probe passes (CUDA)
-    probes_per_pass: int | None = None  # fixes the split instead of the budget
-    fsdp: bool = False  # data-parallel runs: shard the frozen base weights with FSDP2 (else replicate)
-    cuda_graphs: str = "auto"  # "auto" | "on" | "off": replay each step from a captured CUDA graph (graphs.py)
+    arm: str = option("ofa", "ce, ce+J, ce+S, ofa (norm tuning) or the PEFT baselines lora, ia3; comma-separated "
+                      "for several", parse="arms", per_run=True)
+    protocol: str = option("paper", "paper (the authors': shuffled disjoint (demonstration, query) pairs, "
+                           "one pair per optimizer step) or batched (every example a query, one step per epoch)",
+                           choices=PROTOCOLS)
+    batch_size: int = option(1, "pairs per optimizer step (protocol paper)", parse="positive_int")
+    shots: int = option(5, "examples per class", parse="positive_int")
+    seed: int = option(42, "comma-separated seeds: each draws its k-shot set and trains once", flag="--seeds",
+                       parse="seeds", per_run=True, cli_default="42,43,44,45,46")
+    epochs: int = option(60, "passes over the k-shot set (the authors': 60)", parse="positive_int")
+    lr: float = option(1e-3, "AdamW learning rate", parse="positive_float")
+    weight_decay: float = option(1e-3, "AdamW weight decay", parse="nonnegative_float")
+    warmup: float = option(0.05, "the fraction of steps the learning rate warms up over",
+                           parse="fraction")
+    lambda_j: float = option(1e-2, "weight of the step ratio J", parse="nonnegative_float")
+    lambda_s: float = option(1e-3, "weight of the sharpness S", parse="nonnegative_float")
+    j_final_norm_step: bool = option(True, "J without its last ratio, the step into the final norm's output "
+                                     "(default: the paper's J)", flag="--j-without-final-norm", switch=False)
+    estimator: str = option("fd", "sharpness estimator", choices=ESTIMATORS)
+    probe_rows: str = option("all", '"fd" sharpness: perturb every position in a second pass (all), or only the '
+                             "last prompt token, riding as an extra row of the one pass (last: about the cost of a "
+                             "CE step)", choices=PROBE_ROWS)
+    sharpness_form: str = option("trace", "S's q: a trace estimate (trace), the authors' arithmetic (paper: eps "
+                                 "times the trace, their noise and pairs), or the trace per unit of gain (gain: the "
+                                 "same weight on every model)", choices=SHARPNESS_FORMS)
+    num_probes: int = option(1, "sharpness probes per step", flag="--probes", parse="positive_int")
+    distribution: str = option("gaussian", "the probes' distribution (the authors': gaussian)",
+                               choices=DISTRIBUTIONS)
+    eps: float | None = option(None, "the sharpness finite-difference step (default: 1e-3, or 2**-5 times the "
+                               "row's RMS for bf16/fp16 models)", parse="positive_float")
+    scoring: str = option("full", "full (the whole label word) or first (its first sub-token)", choices=SCORING)
+    rank: int = option(1, "LoRA rank (arm lora)", parse="positive_int")
+    memory_efficient: bool | None = option(None, "checkpointed blocks + split probe pass (auto: on CUDA for >= 1024 "
+                                           "tokens per step)", choices={"auto": None, "on": True, "off": False})
+    max_memory_gb: float | None = option(None, "GiB budget for a CUDA training step (splits the probe pass; turns "
+                                         "on the memory-efficient step)", flag="--max-memory", parse="positive_float")
+    probes_per_pass: int | None = option(None, "probes per probe pass (fixes the split instead of --max-memory)",
+                                         parse="positive_int")
+    fsdp: bool = option(False, "with accelerate launch: shard the frozen base weights (FSDP2) instead of "
+                        "replicating them", switch=True)
+    cuda_graphs: str = option("auto", "replay each training step from a CUDA graph captured per sequence-length "
+                              "bucket (auto: on CUDA in one process, falling back to eager steps with one line if "
+                              "capture fails)", choices=CUDA_GRAPH_MODES)
 
     def settings(self) -> dict:
         """The fields that decide the numbers of a run (fingerprints and result keys): all but how the

@@ -43,11 +43,10 @@ from .adapters import weights_hash
 from .baselines import attach
 from .anatomy import last_token_states, norm_parameters, preconditioners, structure
 from .data import Dataset, Example, Task, k_shot
-from .evaluate import indexed_log_probs
 from .options import PEFT_ARMS, AdaptOptions, AdaptResult
 from .files import atomic_path
 from .memory import checkpointed_blocks
-from .patch import patch_model, use_fp32_masters
+from ..patch import patch_model, use_fp32_masters
 from .prompts import check_pairs_fit, label_token_ids, model_context, padding_id, pair_prompt, sequences, step_batch
 
 _CHECKPOINT_FIELDS = {"fingerprint": str, "step": int, "losses": list}
@@ -207,14 +206,8 @@ def _clean_pass(model: nn.Module, batch: dict, options: AdaptOptions,
                                                    layout_width=batch["prompt_input_ids"].shape[1],
                                                    num_probes=options.num_probes, **probe_args)
         s_part = objectives.softplus_mean(q)
-    if options.scoring == "full":  # token-level CE of the whole label word
-        ce = -indexed_log_probs(hidden, st.head, batch).mean()
-    else:
-        logits = st.head(states[-1])
-        logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1)  # fp64 stays
-        ce = -logp.gather(1, batch["first_tokens"][:, None]).mean()
+    parts = {"ce": objectives.label_ce(hidden, states[-1], st.head, batch, options.scoring)}
     del hidden
-    parts = {"ce": ce}
     if options.arm in ("ce+J", "ofa"):
         parts["J"] = objectives.step_ratio(states, None, final_norm_step=options.j_final_norm_step)
     if s_part is not None:

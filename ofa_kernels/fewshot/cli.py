@@ -8,6 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+from ..vocab import BACKEND_NAMES
+
 
 def _check(args: argparse.Namespace) -> int:
     from .selfcheck import run_selfcheck
@@ -16,7 +18,7 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _backends(args: argparse.Namespace) -> int:
-    from . import backends
+    from .. import backends
 
     for name, info in backends().items():
         print(f"{name:7s} {'yes' if info['available'] else 'no ':3s} {info['detail']}")
@@ -24,22 +26,37 @@ def _backends(args: argparse.Namespace) -> int:
 
 
 def _options(args: argparse.Namespace):
+    """The AdaptOptions the flags name (``add_option_flags``), checked; the per-run fields (arm, seed) keep
+    their defaults: the runs set them."""
+    import dataclasses
+
     from .options import AdaptOptions
 
-    return AdaptOptions(shots=args.shots, epochs=args.epochs, lr=args.lr, estimator=args.estimator,
-                        num_probes=args.probes, scoring=args.scoring, rank=args.rank, max_memory_gb=args.max_memory,
-                        memory_efficient={"auto": None, "on": True, "off": False}[args.memory_efficient],
-                        fsdp=args.fsdp, protocol=args.protocol, batch_size=args.batch_size,
-                        cuda_graphs=getattr(args, "cuda_graphs", "auto"),
-                        probe_rows=getattr(args, "probe_rows", "all"),
-                        sharpness_form=getattr(args, "sharpness_form", "trace"),
-                        j_final_norm_step=not getattr(args, "j_without_final_norm", False)).check()
+    given = {}
+    for f in dataclasses.fields(AdaptOptions):
+        if f.metadata["per_run"] or not hasattr(args, f.name):
+            continue
+        value = getattr(args, f.name)
+        words = f.metadata["choices"]
+        given[f.name] = words[value] if isinstance(words, dict) else value
+    return AdaptOptions(**given).check()
+
+
+DTYPES = ("fp32", "bf16", "fp64")  # --dtype
 
 
 def _dtype(name: str):
     import torch
 
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}[name]
+
+
+def _option_names() -> tuple[str, ...]:
+    import dataclasses
+
+    from .options import AdaptOptions
+
+    return tuple(f.name for f in dataclasses.fields(AdaptOptions))
 
 
 def _task_name(args: argparse.Namespace) -> str | None:
@@ -64,7 +81,7 @@ def _adapt(args: argparse.Namespace) -> int:
 
     dataset = _dataset(args)
     adapt_and_report(lambda: load_model(args.model, _dtype(args.dtype), args.device, sharded=args.fsdp), dataset,
-                     model_name=args.model, seeds=args.seeds, arms=args.arm, options=_options(args),
+                     model_name=args.model, seeds=args.seed, arms=args.arm, options=_options(args),  # per-run: lists
                      test_size=args.test_size, out=args.out, with_demos=not args.no_demos, progress=True,
                      model_settings={"dtype": args.dtype, "device": args.device})
     return 0
@@ -170,6 +187,26 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _nonnegative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}")
+    return value
+
+
 def _names(text: str, what: str) -> list[str]:
     items = [t.strip() for t in text.split(",") if t.strip()]
     if not items:
@@ -196,6 +233,38 @@ def _arms(text: str) -> list[str]:
     if unknown:
         raise argparse.ArgumentTypeError(f"unknown arm {unknown}; choose from {list(ARMS)}")
     return items
+
+
+_PARSERS = {"positive_int": _positive_int, "positive_float": _positive_float, "nonnegative_float": _nonnegative_float,
+            "fraction": _fraction, "seeds": _seeds, "arms": _arms}
+
+
+def add_option_flags(parser: argparse.ArgumentParser, names: tuple[str, ...] | None = None) -> None:
+    """The flags of ``AdaptOptions``'s fields (all, or ``names``), made from the fields' metadata
+    (``options.option``): help, choices, parser and default are written once, there. A flag's dest is
+    its field's name; a per-run field's flag takes a comma-separated list."""
+    import dataclasses
+
+    from .options import AdaptOptions
+
+    for f in dataclasses.fields(AdaptOptions):
+        if names is not None and f.name not in names:
+            continue
+        meta = f.metadata
+        flag = meta["flag"] or "--" + f.name.replace("_", "-")
+        if meta["switch"] is not None:  # a bare flag; absent, the field keeps its default
+            parser.add_argument(flag, dest=f.name, action="store_const", const=meta["switch"], default=f.default,
+                                help=meta["help"])
+            continue
+        if isinstance(meta["choices"], dict):  # the words typed; ``_options`` maps them to the values
+            default = next(w for w, v in meta["choices"].items() if v == f.default)
+        else:
+            default = meta["cli_default"] if meta["cli_default"] is not None else f.default
+        shown = "" if default is None else f" [default: {default}]"
+        choices = list(meta["choices"]) if meta["choices"] is not None else None
+        parse = _PARSERS[meta["parse"]] if meta["parse"] else None
+        parser.add_argument(flag, dest=f.name, default=default, choices=choices, type=parse,
+                            metavar=None if choices else flag[2:].upper().replace("-", "_"), help=meta["help"] + shown)
 
 
 def _template(text: str) -> str:
@@ -346,11 +415,10 @@ def _common(p: argparse.ArgumentParser) -> None:
                    "(default 'Text: {text}\\nLabel:')")
     p.add_argument("--text-column", default="text", help="with --train: the text column (default text)")
     p.add_argument("--label-column", default="label", help="with --train: the label column (default label)")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp64"], help="model dtype (default fp32)")
+    p.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="model dtype (default fp32)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--test-size", type=_positive_int, default=500, help="class-balanced test rows (seed 0)")
-    p.add_argument("--scoring", default="full", choices=["full", "first"],
-                   help="full (whole label word, default) or first (first sub-token)")
+    add_option_flags(p, names=("scoring",))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -360,44 +428,15 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--model", default="smollm2",
                        help='"smollm2" (default), "gemma3-270m" or any HF causal-LM folder')
     check.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    check.add_argument("--backend", default=None, choices=["torch", "triton", "cpu", "cuda", "auto"],
+    check.add_argument("--backend", default=None, choices=list(BACKEND_NAMES),
                        help="norm backend (default: auto / OFA_BACKEND)")
     check.set_defaults(func=_check)
     sub.add_parser("backends", help="list the norm backends and whether they are available").set_defaults(
         func=_backends)
     ad = sub.add_parser("adapt", help="adapt a model's norms to a task from k shots; evaluate against baselines")
     _common(ad)
-    ad.add_argument("--shots", type=_positive_int, default=5, help="examples per class (default 5)")
-    ad.add_argument("--seeds", type=_seeds, default="42,43,44,45,46", help="comma-separated seeds")
-    ad.add_argument("--arm", type=_arms, default="ofa", help="ce, ce+J, ce+S, ofa (norm tuning) or the PEFT "
-                    "baselines lora, ia3; comma-separated for several")
-    ad.add_argument("--protocol", default="paper", choices=["paper", "batched"],
-                    help="paper (default, the authors': shuffled disjoint (demonstration, query) pairs, one pair per "
-                    "optimizer step) or batched (every example a query, one step per epoch)")
-    ad.add_argument("--batch-size", type=_positive_int, default=1, help="pairs per optimizer step (protocol paper)")
-    ad.add_argument("--lr", type=_positive_float, default=1e-3)
-    ad.add_argument("--rank", type=_positive_int, default=1, help="LoRA rank (arm lora)")
+    add_option_flags(ad, names=tuple(n for n in _option_names() if n != "scoring"))  # --scoring: in _common
     ad.add_argument("--no-demos", action="store_true", help="skip evaluating adapted models with the demonstrations")
-    ad.add_argument("--fsdp", action="store_true", help="with accelerate launch: shard the frozen base weights "
-                    "(FSDP2) instead of replicating them")
-    ad.add_argument("--max-memory", type=_positive_float, default=None, help="GiB budget for a CUDA training step "
-                    "(splits the probe pass; turns on the memory-efficient step)")
-    ad.add_argument("--memory-efficient", default="auto", choices=["auto", "on", "off"],
-                    help="checkpointed blocks + split probe pass (auto: on CUDA for >= 1024 tokens per step)")
-    ad.add_argument("--cuda-graphs", default="auto", choices=["auto", "on", "off"],
-                    help="replay each training step from a CUDA graph captured per sequence-length bucket (auto: on "
-                    "CUDA in one process, falling back to eager steps with one line if capture fails)")
-    ad.add_argument("--epochs", type=_positive_int, default=60)
-    ad.add_argument("--estimator", default="fd", choices=["fd", "jvp", "hvp"], help="sharpness estimator")
-    ad.add_argument("--probes", type=_positive_int, default=1, help="sharpness probes per step")
-    ad.add_argument("--sharpness-form", default="trace", choices=["trace", "paper", "gain"],
-                    help="S's q: a trace estimate (trace), the authors' arithmetic (paper: eps times the trace, "
-                    "their noise and pairs), or the trace per unit of gain (gain: the same weight on every model)")
-    ad.add_argument("--probe-rows", default="all", choices=["all", "last"],
-                    help='"fd" sharpness: perturb every position in a second pass (all), or only the last prompt '
-                    'token, riding as an extra row of the one pass (last: about the cost of a CE step)')
-    ad.add_argument("--j-without-final-norm", action="store_true",
-                    help="J without its last ratio, the step into the final norm's output (default: the paper's J)")
     ad.add_argument("--out", default="ofa_out", help="folder for results, adapters and progress")
     ad.set_defaults(func=_adapt)
     ev = sub.add_parser("eval", help="evaluate a model, with a saved adapter or without")
@@ -411,8 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     dg.add_argument("--shots", type=_positive_int, default=5, help="examples per class the linear probes are fit on")
     dg.add_argument("--seed", type=int, default=42, help="k-shot draw")
     dg.add_argument("--probes", type=_positive_int, default=4, help="sharpness probes")
-    dg.add_argument("--probe-rows", default="all", choices=["all", "last"],
-                    help="sharpness probes at every position (second pass) or at the last token (riding rows)")
+    add_option_flags(dg, names=("probe_rows",))
     dg.add_argument("--out", default="ofa_diagnostics", help="folder for diagnostics.json and diagnostics.png")
     dg.set_defaults(func=_diagnose)
     ex = sub.add_parser("export", help="write an adapted model as a Hugging Face folder or a PEFT adapter folder")

@@ -1,4 +1,4 @@
-"""OFA's two regularisers: the step ratio J and the sharpness S (three estimators).
+"""OFA's objective: the CE of the label word, the step ratio J and the sharpness S (three estimators).
 
 Notation (the paper, arXiv 2505.19107, and its authors' code). ``H_0 .. H_L`` are the hidden states
 HF returns with ``output_hidden_states`` (``H_t`` is block t's input, ``H_L`` the final norm's
@@ -6,6 +6,9 @@ output); ``pos`` is each sequence's last real token; block t's update is ``u_t =
 ``P_t = diag(gamma_t)`` with gamma_t block t's post-attention norm weight (GPT-2 ``ln_2``), a
 constant taken from the frozen original weights.
 
+- CE (``label_ce``): minus the label word's log-probability after the prompt, averaged over the
+  batch: all its tokens (``scoring="full"``, read at the label positions of ``prompts.step_batch``),
+  or its first token at the prompt's last position (``"first"``); in fp32, fp64 for fp64 models.
 - Step ratio ``J = sum_{i=2}^{L-1} ||H_{i+1} - H_i||^2 / (||H_i - H_{i-1}||^2 + eps)`` at ``pos``, per
   sequence, averaged over the batch, in fp32. Its last ratio's step ``H_L - H_{L-1}`` runs through the
   final norm (HF's ``H_L`` is its output); ``final_norm_step=False`` leaves that ratio out (i up to
@@ -64,19 +67,49 @@ from torch import Tensor, nn
 from torch.autograd import forward_ad
 from torch.overrides import TorchFunctionMode
 
-from . import rng
+from .. import rng
 from .anatomy import StateTap, Structure, input_batch, positions_of, preconditioners, structure
 from .memory import recompute_under
-from .ops.probe import perturb, probe_dot, probe_rows
-from .options import ESTIMATORS, PROBE_ROWS, check_probe_rows
-from .precision import acc_dtype
+from ..ops.probe import perturb, probe_dot, probe_rows
+from .options import ESTIMATORS, PROBE_ROWS, SCORING, check_choice, check_probe_rows
+from ..precision import acc_dtype
 from .riding import RiderProbes, RidingTap, check_attention, riding_batch
 
 EPS_SCALES = ("auto", "none", "rms")
 BF16_SAFE_EPS = 2.0**-5
 
-__all__ = ["ESTIMATORS", "PROBE_ROWS", "hutchinson_trace", "riding_pass", "sharpness", "sharpness_terms", "softplus_mean", "step_ratio",
+__all__ = ["ESTIMATORS", "PROBE_ROWS", "hutchinson_trace", "indexed_log_probs", "label_ce", "riding_pass", "sharpness", "sharpness_terms", "softplus_mean", "step_ratio",
            "TraceEstimate"]
+
+
+# -------------------------------------------------------------------------------------------- CE
+
+
+def _at_least_fp32(t: Tensor) -> Tensor:
+    return t if t.dtype == torch.float64 else t.float()
+
+
+def indexed_log_probs(hidden: Tensor, head: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
+    """[N] summed log-probability of each row's label tokens, from the final hidden states ``[N, T, d]``
+    of prompt + label and the label index of ``prompts.step_batch`` (no host data: capturable)."""
+    picked = hidden[batch["label_rows"], batch["label_cols"]]
+    logp = F.log_softmax(_at_least_fp32(head(picked)), -1)
+    token_logp = logp.gather(1, batch["label_tokens"][:, None])[:, 0]
+    token_logp = torch.where(batch["label_weight"] > 0, token_logp, torch.zeros_like(token_logp))
+    return torch.zeros(hidden.shape[0], dtype=token_logp.dtype, device=hidden.device).index_add(
+        0, batch["label_rows"], token_logp)
+
+
+def label_ce(hidden: Tensor, last_states: Tensor, head: nn.Module, batch: Mapping[str, Tensor],
+             scoring: str = "full") -> Tensor:
+    """The training CE (see the module docstring): ``hidden`` the final states ``[N, T, d]`` of prompt +
+    label, ``last_states`` the final states at the prompts' last tokens ``[N, d]`` (read by "first"),
+    ``batch`` a ``prompts.step_batch`` (its ``first_tokens`` for "first")."""
+    check_choice("scoring", scoring, SCORING)
+    if scoring == "full":
+        return -indexed_log_probs(hidden, head, batch).mean()
+    logp = F.log_softmax(_at_least_fp32(head(last_states)), -1)
+    return -logp.gather(1, batch["first_tokens"][:, None]).mean()
 
 
 # ------------------------------------------------------------------------------------ step ratio

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 
-from . import _version
+from .. import _version
 from . import data as data_mod
 from . import distributed
 from . import evaluate as ev

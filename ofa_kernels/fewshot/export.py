@@ -23,7 +23,7 @@ from .adapters import checked_adapter, load_adapter, peft_key
 from .baselines import peft_config
 from .options import PEFT_ARMS
 from .files import atomic_dir
-from .patch import unpatch_model
+from ..patch import unpatch_model
 
 
 def _base(model: nn.Module | str | Path, tokenizer):

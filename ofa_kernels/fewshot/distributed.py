@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from .anatomy import structure
-from .nn import FusedLayerNorm, FusedRMSNorm
-from .patch import patch_model, use_fp32_masters
+from ..nn import FusedLayerNorm, FusedRMSNorm
+from ..patch import patch_model, use_fp32_masters
 
 
 @dataclass(frozen=True)

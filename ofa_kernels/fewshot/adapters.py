@@ -24,12 +24,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import _version, distributed
+from . import distributed
+from .. import _version
 from .anatomy import norm_parameters
 from .baselines import attach
 from .files import atomic_path
 from .options import PEFT_ARMS, AdaptOptions, AdaptResult
-from .patch import fusable_norm_parameters, patch_model
+from ..patch import fusable_norm_parameters, patch_model
 
 
 FORMAT = "ofa_kernels.adapter/1"

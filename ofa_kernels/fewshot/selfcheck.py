@@ -19,9 +19,9 @@ import time
 
 import torch
 
-from .ops import rms_norm, use_backend
-from .patch import patch_model, unpatch_model
-from .reference import rms_norm_ref
+from ..ops import rms_norm, use_backend
+from ..patch import patch_model, unpatch_model
+from ..reference import rms_norm_ref
 
 LOGIT_BOUND = 1e-5  # max |patched - unpatched logit| / max |logit|
 GRAD_BOUND = 1e-4  # max |patched - unpatched norm grad| / max |norm grad|

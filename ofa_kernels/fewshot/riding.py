@@ -31,10 +31,10 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-from . import rng
+from .. import rng
 from .anatomy import Structure, base_output, block_input, with_block_input
 from .memory import recompute_under
-from .precision import acc_dtype
+from ..precision import acc_dtype
 
 MASKABLE_ATTENTION = ("sdpa", "eager")
 _GQA_SWITCH = "TRANSFORMERS_SDPA_FORCE_GQA"  # transformers' own switch, read at every attention call

@@ -4,9 +4,8 @@ The one place that knows how a Hugging Face causal LM is put together (every oth
 - ``structure(model)``: the block list (the longest ModuleList of one class), the module that owns
   it (the "base": embeddings, blocks, final norm; returns the last hidden state), the LM head and
   the attention implementation.
-- Norm recognition: ``is_norm`` (any LayerNorm/RMSNorm-like module) and ``rms_kind`` (the RMSNorms
-  the fused kernels reproduce, with their eps, offset and cast rule); ``preconditioner_norm`` finds
-  the norm of block t whose gain gamma_t is OFA's preconditioner P_t = diag(gamma_t) (see there).
+- ``preconditioner_norm`` finds the norm of block t whose gain gamma_t is OFA's preconditioner
+  P_t = diag(gamma_t) (see there); which modules are norms, the kernel floor's ``patch.py`` says.
 - ``norm_parameters``: the fused norms' weights and biases by name (what OFA trains).
 - ``StateTap`` / ``last_token_states``: one pass of the base that records ``H_0 .. H_L`` at chosen
   positions (each block's input, optionally transformed: the probe perturbations), never the full
@@ -21,47 +20,17 @@ from typing import Callable, Mapping
 import torch
 from torch import Tensor, nn
 
-from .nn import FusedLayerNorm, FusedRMSNorm
+from ..nn import FusedLayerNorm, FusedRMSNorm
+from ..patch import is_norm, rms_kind
 
 POST_ATTENTION_NORM_NAMES = ("post_attention_layernorm", "ln_2", "post_attention_norm", "ffn_norm", "norm2")
 
-__all__ = ["POST_ATTENTION_NORM_NAMES", "StateTap", "Structure", "base_output", "block_input", "input_batch", "is_norm",
+__all__ = ["POST_ATTENTION_NORM_NAMES", "StateTap", "Structure", "base_output", "block_input", "input_batch",
            "last_positions", "last_token_states", "norm_parameters", "preconditioner_norm", "preconditioners",
-           "rms_kind", "structure", "with_block_input"]
+           "structure", "with_block_input"]
 
 
 # ------------------------------------------------------------------------------------------ norms
-
-
-def rms_kind(module: nn.Module) -> tuple[float, float, str] | None:
-    """(eps, offset, cast_mode) when ``module`` is an RMSNorm the fused kernels reproduce, else None.
-
-    ``torch.nn.RMSNorm``; classes HF tags as "RMSNorm" or named ``*RMSNorm`` with a 1-D ``weight``
-    and an ``eps``/``variance_epsilon`` (Llama, Mistral, Qwen2, SmolLM; Gemma's ``1 + weight``).
-    """
-    if isinstance(module, FusedRMSNorm):
-        return float(module.eps), float(module.offset), module.cast_mode
-    cls = type(module)
-    if isinstance(module, nn.RMSNorm):
-        eps = module.eps if module.eps is not None else torch.finfo(torch.float32).eps
-        return float(eps), 0.0, "gemma"
-    tagged = getattr(cls, "kernel_layer_name", None) == "RMSNorm" or cls.__name__.endswith("RMSNorm")
-    weight = getattr(module, "weight", None)
-    if not tagged or not isinstance(weight, nn.Parameter) or weight.dim() != 1:
-        return None
-    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
-    if not isinstance(eps, (int, float)):
-        return None
-    if "gemma" in cls.__name__.lower():
-        return float(eps), 1.0, "gemma"
-    return float(eps), 0.0, "llama"
-
-
-def is_norm(module: nn.Module) -> bool:
-    """Any normalisation layer: LayerNorm, RMSNorm (ours, torch's, HF's) or a class named ``*Norm``-like."""
-    if isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or rms_kind(module) is not None:
-        return True
-    return type(module).__name__.endswith(("RMSNorm", "LayerNorm"))
 
 
 def norm_parameters(model: nn.Module) -> dict[str, nn.Parameter]:

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from .anatomy import structure
 from .data import Example, Task
+from .objectives import indexed_log_probs
 from .options import SCORING
 from .prompts import (
     check_context,
@@ -111,17 +112,6 @@ def continuation_log_probs(model, prompt_ids: list[list[int]], continuations: li
     else:
         hidden, st = _hidden
     return indexed_log_probs(hidden, st.head, batch)
-
-
-def indexed_log_probs(hidden: torch.Tensor, head, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """[N] summed log-probability of each row's label tokens, from the final hidden states ``[N, T, d]``
-    of prompt + label and the label index of ``prompts.step_batch`` (no host data: capturable)."""
-    picked = hidden[batch["label_rows"], batch["label_cols"]]
-    logp = F.log_softmax(_at_least_fp32(head(picked)), -1)
-    token_logp = logp.gather(1, batch["label_tokens"][:, None])[:, 0]
-    token_logp = torch.where(batch["label_weight"] > 0, token_logp, torch.zeros_like(token_logp))
-    return torch.zeros(hidden.shape[0], dtype=token_logp.dtype, device=hidden.device).index_add(
-        0, batch["label_rows"], token_logp)
 
 
 @dataclass
