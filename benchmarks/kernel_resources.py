@@ -50,8 +50,8 @@ def resident_warps(regs: int, warps: int, shared: int) -> int:
     return ctas * warps
 
 
-def _launch_args(kernel: str, is_rms: bool, dtype: torch.dtype, N: int, cfg: tuple) -> tuple[tuple, tuple]:
-    """Runtime arguments and constexprs as ``triton.norm``'s launchers pass them for a [ROWS, N] input
+def _launch_args(kernel: str, is_rms: bool, dtype: torch.dtype, N: int, cfg: tuple) -> dict:
+    """The arguments, by name, as ``triton.norm``'s launchers pass them for a [ROWS, N] input
     (placeholders on the CPU: only dtypes and alignment matter). The backward sums its partials apart
     (REDUCE off, as at this row count); the double backward is an HVP's (cotangent of dx only)."""
     block_m, block_n, single, _warps = cfg
@@ -60,16 +60,19 @@ def _launch_args(kernel: str, is_rms: bool, dtype: torch.dtype, N: int, cfg: tup
     w, stats = torch.empty(N), torch.empty(16)
     part, counter = torch.empty(4, N), torch.zeros(1, dtype=torch.int32)
     n_tiles, n_progs = math.ceil(ROWS / block_m), 264  # 132 SMs x 2
+    tiles = dict(ACC=tl.float32, BLOCK_M=block_m, BLOCK_N=block_n, SINGLE_PASS=single)
     if kernel == "fwd":
-        return ((x, x, w, w, stats, stats, N, N, ROWS, N, 1e-6, 0.0),
-                (is_rms, True, not is_rms, cast, tl.float32, block_m, block_n, single))
+        return dict(X=x, Y=x, W=w, B=w, Mean=stats, Rstd=stats, stride_x=N, stride_y=N, M=ROWS, N=N, eps=1e-6,
+                    offset=0.0, IS_RMS=is_rms, HAS_W=True, HAS_B=not is_rms, CAST_MODE=cast, **tiles)
     if kernel == "bwd":
-        return ((x, x, w, stats, stats, x, part, part, stats, stats, counter, N, N, N, ROWS, N, n_tiles, n_progs, 0.0),
-                (is_rms, True, True, True, not is_rms, cast, tl.float32, block_m, block_n, single,
-                 False))
-    return ((x, x, w, stats, stats, x, w, w, x, x, part, stats, counter, N, N, N, N, N, ROWS, N, n_tiles, n_progs,
-             0.0),
-            (is_rms, True, True, False, False, True, True, True, tl.float32, block_m, block_n, single, False))
+        return dict(DY=x, X=x, W=w, Mean=stats, Rstd=stats, DX=x, DW_part=part, DB_part=part, DW=stats, DB=stats,
+                    Counter=counter, stride_dy=N, stride_x=N, stride_dx=N, M=ROWS, N=N, n_tiles=n_tiles,
+                    n_progs=n_progs, offset=0.0, IS_RMS=is_rms, HAS_W=True, NEED_DX=True, NEED_DW=True,
+                    NEED_DB=not is_rms, CAST_MODE=cast, REDUCE=False, **tiles)
+    return dict(DY=x, X=x, W=w, Mean=stats, Rstd=stats, A=x, BW=w, E=w, D_DY=x, D_X=x, DW_part=part, DW=stats,
+                Counter=counter, stride_dy=N, stride_x=N, stride_a=N, stride_ddy=N, stride_dx=N, M=ROWS, N=N,
+                n_tiles=n_tiles, n_progs=n_progs, offset=0.0, IS_RMS=is_rms, HAS_W=True, HAS_A=True, HAS_BW=False,
+                HAS_E=False, NEED_DDY=True, NEED_DX=True, NEED_DW=True, REDUCE=False, **tiles)
 
 
 def _ptxas(ptx: str, arch: str) -> dict:
@@ -93,8 +96,8 @@ def triton_cell(kernel: str, is_rms: bool, dtype_name: str, N: int, arch: int) -
 
     dtype = getattr(torch, dtype_name)
     cfg = tnorm.tile(kernel, N, on_gpu=True)
-    args, constexprs = _launch_args(kernel, is_rms, dtype, N, cfg)
-    compiled = tnorm.LAUNCHERS[kernel].compile_for(GPUTarget("cuda", arch, 32), args, constexprs, cfg[3])
+    compiled = tnorm.LAUNCHERS[kernel].compile_for(GPUTarget("cuda", arch, 32), cfg[3],
+                                                   **_launch_args(kernel, is_rms, dtype, N, cfg))
     usage = _ptxas(compiled.asm["ptx"], str(arch))
     shared = int(compiled.metadata.shared)
     return {"block_m": cfg[0], "block_n": cfg[1], "single": cfg[2], "warps": cfg[3], "shared": shared, **usage,

@@ -128,25 +128,29 @@ def _triton_parts(tn, x, w, dy, y, mean, rstd) -> dict:
     import torch
 
     from ofa_kernels.precision import acc_dtype
+    from ofa_kernels.vocab import CAST_CODE
 
     M, N = x.shape
     acc = acc_dtype(x.dtype)
     block_m, block_n, single, warps, _ = tn._config(x, "fwd", None, None)
-    fwd_args = (x, y, w, x, rstd, rstd, x.stride(0), y.stride(0), M, N, 1e-6, 0.0)
-    fwd_consts = (True, True, False, 0, tn.acc_tl_dtype(x.dtype), block_m, block_n, single)
+    fwd = dict(X=x, Y=y, W=w, B=x, Mean=rstd, Rstd=rstd, stride_x=x.stride(0), stride_y=y.stride(0), M=M, N=N,
+               eps=1e-6, offset=0.0, IS_RMS=True, HAS_W=True, HAS_B=False, CAST_MODE=CAST_CODE["llama"], ACC=tn.acc_tl_dtype(x.dtype),
+               BLOCK_M=block_m, BLOCK_N=block_n, SINGLE_PASS=single)
     bm, bn, bsingle, bwarps, progs = tn._config(x, "bwd", None, None)
     dx = torch.empty_like(x)
     part = torch.empty(progs, N, dtype=acc, device=x.device)
-    bwd_args = (dy, x, w, rstd, rstd, dx, part, rstd, rstd, rstd, rstd, dy.stride(0), x.stride(0), N, M, N,
-                tn.cdiv(M, bm), progs, 0.0)  # partials summed apart (REDUCE off): no shared counter
-    bwd_consts = (True, True, True, True, False, 0, tn.acc_tl_dtype(x.dtype), bm, bn, bsingle, False)
+    bwd = dict(DY=dy, X=x, W=w, Mean=rstd, Rstd=rstd, DX=dx, DW_part=part, DB_part=rstd, DW=rstd, DB=rstd,
+               Counter=rstd, stride_dy=dy.stride(0), stride_x=x.stride(0), stride_dx=N, M=M, N=N,
+               n_tiles=tn.cdiv(M, bm), n_progs=progs, offset=0.0, IS_RMS=True, HAS_W=True, NEED_DX=True,
+               NEED_DW=True, NEED_DB=False, CAST_MODE=CAST_CODE["llama"], ACC=tn.acc_tl_dtype(x.dtype), BLOCK_M=bm, BLOCK_N=bn,
+               SINGLE_PASS=bsingle, REDUCE=False)  # partials summed apart (REDUCE off): no shared counter
     return {
         "triton _config (fwd)": ("triton", lambda: tn._config(x, "fwd", None, None)),
         "triton fwd allocations (y, mean, rstd)": ("triton", lambda: (
             torch.empty((M, N), dtype=x.dtype, device=x.device), torch.empty(M, dtype=acc, device=x.device),
             torch.empty(0, dtype=acc, device=x.device))),
-        "triton fwd launch only": ("triton", lambda: tn._launch_fwd(tn.cdiv(M, block_m), fwd_args, fwd_consts, warps)),
-        "triton bwd launch only": ("triton", lambda: tn._launch_bwd(progs, bwd_args, bwd_consts, bwarps)),
+        "triton fwd launch only": ("triton", lambda: tn._launch_fwd(tn.cdiv(M, block_m), warps, **fwd)),
+        "triton bwd launch only": ("triton", lambda: tn._launch_bwd(progs, bwarps, **bwd)),
     }
 
 

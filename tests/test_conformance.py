@@ -24,6 +24,7 @@ import ofa_kernels
 from ofa_kernels.native import norm as native_norm
 from ofa_kernels.ops import dispatch
 from ofa_kernels.ops import norm as ops
+from ofa_kernels.ops import norm_library
 
 BACKENDS = available_backends()
 EMULATED = DEVICE.type == "cpu" and "cpu" in BACKENDS and shutil.which("g++") is not None
@@ -432,7 +433,7 @@ def test_registered_ops_have_batching_rules(kind):
     w, b = torch.rand(N, dtype=torch.float64, device=DEVICE) + 0.5, _dense((N,))
     ws = torch.rand(B, N, dtype=torch.float64, device=DEVICE) + 0.5
     bias = None if is_rms else b
-    fwd = lambda x, w: ops._norm_fwd(x, w, bias, 1e-5, 0.0, is_rms, "none", "auto")  # noqa: E731
+    fwd = lambda x, w: norm_library.norm_fwd(x, w, bias, 1e-5, 0.0, is_rms, "none", "auto")  # noqa: E731
     for in_dims, args in (((0, None), (x, w)), ((0, 0), (x, ws)), ((None, 0), (x[0], ws))):
         got = vmap(fwd, in_dims=in_dims)(*args)
         want = [torch.stack(t) for t in zip(*(fwd(*(arg if d is None else arg[i] for arg, d in zip(args, in_dims, strict=True)))
@@ -443,10 +444,10 @@ def test_registered_ops_have_batching_rules(kind):
     mean, rstd = (torch.stack([s[k] for s in stats]) for k in (1, 2))
 
     def bwd(dy, x, mean, rstd):
-        return ops._norm_bwd(dy, x, w, mean, rstd, 0.0, is_rms, "none", True, True, not is_rms, "auto")
+        return norm_library.norm_bwd(dy, x, w, mean, rstd, 0.0, is_rms, "none", True, True, not is_rms, "auto")
 
     def bwd_bwd(dy, x, mean, rstd, a):
-        return ops._norm_bwd_bwd(dy, x, w, mean, rstd, a, b, None, 0.0, is_rms, True, True, True, "auto")
+        return norm_library.norm_bwd_bwd(dy, x, w, mean, rstd, a, b, None, 0.0, is_rms, True, True, True, "auto")
     for fn, args in ((bwd, (dy, x, mean, rstd)), (bwd_bwd, (dy, x, mean, rstd, a))):
         got = vmap(fn)(*args)
         want = [torch.stack(t) for t in zip(*(fn(*(arg[i] for arg in args)) for i in range(B)), strict=True)]
@@ -464,10 +465,10 @@ def test_registered_ops_pass_opcheck_on_pytorchs_sample_shapes(kind):
         width = math.prod(sample.args[0])
         rows = x.reshape(-1, width).requires_grad_()
         w, b = (None if t is None else t.reshape(width) for t in (w, b))
-        torch.library.opcheck(ops._norm_fwd, (rows, w, b, 1e-5, 0.0, is_rms, "llama" if is_rms else "none", "auto"))
-        _, mean, rstd = ops._norm_fwd(rows.detach(), w, b, 1e-5, 0.0, is_rms, "none", "auto")
+        torch.library.opcheck(norm_library.norm_fwd, (rows, w, b, 1e-5, 0.0, is_rms, "llama" if is_rms else "none", "auto"))
+        _, mean, rstd = norm_library.norm_fwd(rows.detach(), w, b, 1e-5, 0.0, is_rms, "none", "auto")
         dy = torch.randn_like(rows)
-        torch.library.opcheck(ops._norm_bwd, (dy, rows.detach(), w, mean, rstd, 0.0, is_rms, "none", True, True,
+        torch.library.opcheck(norm_library.norm_bwd, (dy, rows.detach(), w, mean, rstd, 0.0, is_rms, "none", True, True,
                                               not is_rms, "auto"))
 
 

@@ -493,19 +493,19 @@ def test_bad_input_is_named_in_the_error(call, error, match):
 
 def test_registered_ops_pass_opcheck():
     """Schema, fake (meta) implementations and autograd registration, via torch.library.opcheck."""
-    from ofa_kernels.ops import norm as ops
+    from ofa_kernels.ops import norm_library as ops
 
     x = torch.randn(5, 12, device=DEVICE, requires_grad=True)
     w = torch.rand(12, device=DEVICE, requires_grad=True)
     b = torch.randn(12, device=DEVICE, requires_grad=True)
-    torch.library.opcheck(ops._norm_fwd, (x, w, None, 1e-6, 0.0, True, "llama", "auto"))
-    torch.library.opcheck(ops._norm_fwd, (x, w, b, 1e-5, 0.0, False, "none", "auto"))
-    _, mean, rstd = ops._norm_fwd(x.detach(), w.detach(), b.detach(), 1e-5, 0.0, False, "none", "auto")
+    torch.library.opcheck(ops.norm_fwd, (x, w, None, 1e-6, 0.0, True, "llama", "auto"))
+    torch.library.opcheck(ops.norm_fwd, (x, w, b, 1e-5, 0.0, False, "none", "auto"))
+    _, mean, rstd = ops.norm_fwd(x.detach(), w.detach(), b.detach(), 1e-5, 0.0, False, "none", "auto")
     dy = torch.randn(5, 12, device=DEVICE, requires_grad=True)
-    torch.library.opcheck(ops._norm_bwd, (dy, x, w, mean, rstd, 0.0, False, "none", True, True, True, "auto"))
+    torch.library.opcheck(ops.norm_bwd, (dy, x, w, mean, rstd, 0.0, False, "none", True, True, True, "auto"))
     a = torch.randn(5, 12, device=DEVICE)
     torch.library.opcheck(
-        ops._norm_bwd_bwd, (dy.detach(), x.detach(), w.detach(), mean, rstd, a, None, None, 0.0, False,
+        ops.norm_bwd_bwd, (dy.detach(), x.detach(), w.detach(), mean, rstd, a, None, None, 0.0, False,
                             True, True, True, "auto"),
         test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"),
     )

@@ -10,6 +10,7 @@ from conftest import DEVICE
 
 import ofa_kernels
 from ofa_kernels.ops import norm_vmap
+from ofa_kernels.ops.norm_autograd import norm_call
 from ofa_kernels.reference import layer_norm_ref, rms_norm_ref
 
 
@@ -34,7 +35,8 @@ def test_the_plain_forward_twin_is_the_reference(is_rms):
     x = torch.randn(4, 9, dtype=torch.float64, device=DEVICE)
     w = torch.randn(9, dtype=torch.float64, device=DEVICE)
     b = None if is_rms else torch.randn(9, dtype=torch.float64, device=DEVICE)
-    got = norm_vmap.plain_fwd(x, w, b, 1e-6, 0.0, is_rms, "llama" if is_rms else "none", torch.float64)
+    call = norm_call(is_rms, 0.0, "llama" if is_rms else "none", "auto")
+    got = norm_vmap.plain_fwd(x, w, b, 1e-6, call, torch.float64)
     y = got[0] if isinstance(got, tuple) else got
     want = rms_norm_ref(x, w, 1e-6) if is_rms else layer_norm_ref(x, w, b, 1e-6)
     torch.testing.assert_close(y, want, rtol=1e-12, atol=1e-12)

@@ -57,7 +57,7 @@ def test_jit_mode_passes_runtime_args_then_constexprs_positionally():
     kernel = _Kernel()
     x = torch.zeros(8)
     for _ in range(2):
-        launch.Launcher(kernel)(3, (x, x, 5, 1e-6), (True, 64), 4)
+        launch.Launcher(kernel).launch(3, (x, x, 5, 1e-6), (True, 64), 4)
     assert kernel.log == [("jit", (3,), 4, x, x, 5, 1e-6, True, 64)] * 2
 
 
@@ -65,8 +65,8 @@ def test_direct_mode_reuses_the_compiled_kernel_of_a_seen_specialisation(direct)
     kernel = _Kernel()
     launcher = launch.Launcher(kernel)
     x, y = torch.zeros(64), torch.zeros(64)
-    launcher(3, (x, y, 32, 1e-6), (True, 64), 4)
-    launcher(7, (y, x, 48, 1e-5), (True, 64), 4)  # same dtypes, alignment, int class: no JIT
+    launcher.launch(3, (x, y, 32, 1e-6), (True, 64), 4)
+    launcher.launch(7, (y, x, 48, 1e-5), (True, 64), 4)  # same dtypes, alignment, int class: no JIT
     assert [e[0] for e in kernel.log] == ["jit", "direct"]
     _, grid, g1, g2, stream, function, metadata, launch_meta, enter, exit_, *args = kernel.log[1]
     compiled = launcher.compiled[next(iter(launcher.compiled))]
@@ -92,10 +92,10 @@ def test_direct_mode_compiles_again_wherever_triton_would_specialise_differently
         ((x, x, 32, 1e-6), (True, 64), 8),  # num_warps
     ]
     for args, consts, warps in [base] + changes:
-        launcher(1, args, consts, warps)
+        launcher.launch(1, args, consts, warps)
     assert [e[0] for e in kernel.log] == ["jit"] * (1 + len(changes))
     for args, consts, warps in [base] + changes:  # every one of them is cached now
-        launcher(1, args, consts, warps)
+        launcher.launch(1, args, consts, warps)
     assert [e[0] for e in kernel.log[len(changes) + 1:]] == ["direct"] * (1 + len(changes))
 
 
@@ -113,16 +113,16 @@ def test_direct_mode_goes_through_the_jit_while_a_launch_hook_is_installed(direc
     kernel = _Kernel()
     launcher = launch.Launcher(kernel)
     x = torch.zeros(64)
-    launcher(1, (x, x, 32, 1e-6), (True, 64), 4)
-    launcher(1, (x, x, 32, 1e-6), (True, 64), 4)  # Triton's empty hook chains count as none
+    launcher.launch(1, (x, x, 32, 1e-6), (True, 64), 4)
+    launcher.launch(1, (x, x, 32, 1e-6), (True, 64), 4)  # Triton's empty hook chains count as none
     hook = lambda metadata: None  # noqa: E731
     triton.knobs.runtime.launch_exit_hook.add(hook)
     try:
-        launcher(1, (x, x, 32, 1e-6), (True, 64), 4)
+        launcher.launch(1, (x, x, 32, 1e-6), (True, 64), 4)
     finally:
         triton.knobs.runtime.launch_exit_hook.remove(hook)
     monkeypatch.setattr(triton.knobs.runtime, "launch_enter_hook", hook)  # a plain callable, as older Tritons
-    launcher(1, (x, x, 32, 1e-6), (True, 64), 4)
+    launcher.launch(1, (x, x, 32, 1e-6), (True, 64), 4)
     assert [e[0] for e in kernel.log] == ["jit", "direct", "jit", "jit"]
 
 
@@ -133,7 +133,7 @@ def test_direct_mode_is_inert_under_the_interpreter(monkeypatch):
         kernel = _Kernel()
         x = torch.zeros(64)
         for _ in range(2):
-            launch.Launcher(kernel)(1, (x, x, 32, 1e-6), (True, 64), 4)
+            launch.Launcher(kernel).launch(1, (x, x, 32, 1e-6), (True, 64), 4)
         assert [e[0] for e in kernel.log] == ["jit", "jit"] and not launch.direct_supported()
     finally:
         launch.set_mode("jit")
@@ -141,7 +141,7 @@ def test_direct_mode_is_inert_under_the_interpreter(monkeypatch):
 
 def test_bad_arguments_are_refused_by_name():
     with pytest.raises(TypeError, match="_kernel_fn: expected 4 runtime arguments and 2 constexprs, got 3 and 2"):
-        launch.Launcher(_Kernel())(1, (1, 2, 3), (True, 64), 4)
+        launch.Launcher(_Kernel()).launch(1, (1, 2, 3), (True, 64), 4)
     with pytest.raises(ValueError, match="must be one of"):
         launch.set_mode("fast")
 
@@ -152,3 +152,18 @@ def test_bad_arguments_are_refused_by_name():
 
     with pytest.raises(ValueError, match="constexpr parameters last"):
         launch.Launcher(Misordered())
+
+
+def test_named_arguments_reach_the_kernel_in_its_order_and_a_wrong_name_is_refused():
+    kernel = _Kernel()
+    launcher = launch.Launcher(kernel)
+    x, y = torch.zeros(8), torch.ones(8)
+    launcher(3, 4, BLOCK=64, eps=1e-6, Y=y, FLAG=True, n=5, X=x)  # any order of names
+    assert kernel.log == [("jit", (3,), 4, x, y, 5, 1e-6, True, 64)]
+    assert launcher.ordered({"X": x, "Y": y, "n": 5, "eps": 1e-6, "FLAG": True, "BLOCK": 64}) == \
+        ((x, y, 5, 1e-6), (True, 64))
+    with pytest.raises(TypeError, match=r"missing arguments \['eps'\], unknown arguments \['epsilon'\]"):
+        launcher(3, 4, BLOCK=64, epsilon=1e-6, Y=y, FLAG=True, n=5, X=x)
+    with pytest.raises(TypeError, match=r"missing arguments \['BLOCK'\], unknown arguments \[\]"):
+        launcher(3, 4, eps=1e-6, Y=y, FLAG=True, n=5, X=x)
+    assert launch.pointer_or(None, x) is x and launch.pointer_or(y, x) is y

@@ -1,4 +1,4 @@
-"""Data parallelism through Hugging Face Accelerate or torchrun: ``accelerate launch ... -m ofa_kernels.cli adapt``.
+"""Data parallelism through Hugging Face Accelerate or torchrun: ``accelerate launch ... -m ofa_kernels.fewshot.cli adapt``.
 
 Each rank builds the whole epoch batch (every random choice is a function of the seed and the
 epoch, so all ranks agree), pads it to one width, and trains on its contiguous block of rows; the

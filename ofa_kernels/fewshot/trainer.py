@@ -32,21 +32,22 @@ import contextlib
 import json
 import math
 import random
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
+from ..patch import patch_model, use_fp32_masters
 from . import distributed, graphs, identity, memory, objectives
 from .adapters import weights_hash
-from .baselines import attach
 from .anatomy import last_token_states, norm_parameters, preconditioners, structure
+from .baselines import attach
 from .data import Dataset, Example, Task, k_shot
-from .options import PEFT_ARMS, AdaptOptions, AdaptResult
 from .files import atomic_path
 from .memory import checkpointed_blocks
-from ..patch import patch_model, use_fp32_masters
+from .options import PEFT_ARMS, AdaptOptions, AdaptResult
 from .prompts import check_pairs_fit, label_token_ids, model_context, padding_id, pair_prompt, sequences, step_batch
 
 _CHECKPOINT_FIELDS = {"fingerprint": str, "step": int, "losses": list}
@@ -287,6 +288,46 @@ def adapt(
     naming its step, and the run stops without an adapter.
     """
     options = (options or AdaptOptions()).check()
+    if log_every is not None and log_every < 1:
+        raise ValueError(f"log_every must be a positive number of steps, got {log_every}")
+    run = _setup(model, tokenizer, dataset, options, train, checkpoint)
+    _loop(run, stop_after=stop_after, progress=progress, log_every=log_every, checkpoint_every=checkpoint_every)
+    return _finish(run)
+
+
+@dataclass
+class _Run:
+    """One adaptation as ``_setup`` makes it and ``_loop`` advances it."""
+
+    model: nn.Module
+    tokenizer: Any
+    task: Task
+    options: AdaptOptions
+    train: list[Example]
+    label_ids: list[list[int]]
+    device: torch.device
+    par: distributed.Parallel
+    sharded: bool
+    params: dict[str, nn.Parameter]
+    gammas: list[torch.Tensor]
+    base_hash: str
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    per_epoch: int
+    total: int
+    fingerprint: str
+    checkpoint: Path | None
+    start: int
+    losses: list[dict[str, float]]
+    probe_seed: torch.Tensor  # this step's probe stream (seed * 7919 + step), advanced on the device
+    use_graphs: bool
+    captured: graphs.CapturedSteps | None = None
+
+
+def _setup(model: nn.Module, tokenizer, dataset: Dataset, options: AdaptOptions, train: Sequence[Example] | None,
+           checkpoint: str | Path | None) -> _Run:
+    """The model frozen with its norms fused and the arm's parameters trainable; the k-shot set checked
+    against the context; the optimizer, schedule and (resumed) state; the captured step where it may run."""
     task = dataset.task
     model.eval()  # no dropout: the clean and probe passes must see the same network
     patch_model(model)
@@ -315,81 +356,104 @@ def adapt(
     not_capturable = graphs.unsupported_reason(device, par.world, options.arm in PEFT_ARMS)
     if options.cuda_graphs == "on" and not_capturable:
         raise ValueError(f"cuda_graphs='on' cannot be used here: {not_capturable}")
-    use_graphs = options.cuda_graphs != "off" and not_capturable is None
-    losses: list[dict[str, float]] = []
-    start = 0
-    ckpt = Path(checkpoint) if checkpoint else None
     # by content: the same k-shot rows read through another path resume the same checkpoint
     fingerprint = json.dumps({"options": options.settings(), "task": identity.task_identity(task), "base": base_hash,
                               "train": identity.rows_digest(train)}, sort_keys=True)
+    ckpt = Path(checkpoint) if checkpoint else None
+    start, losses = 0, []
     if ckpt and ckpt.exists():
         start, losses = _resume(ckpt, fingerprint, sharded, params, model, optimizer, scheduler)
-    probe_seed = torch.tensor(options.seed * 7919 + start, dtype=torch.int64, device=device)  # advanced on the device
-    captured = None
-    if use_graphs:
+    probe_seed = torch.tensor(options.seed * 7919 + start, dtype=torch.int64, device=device)
+    run = _Run(model, tokenizer, task, options, train, label_ids, device, par, sharded, params, gammas, base_hash,
+               optimizer, scheduler, per_epoch, total, fingerprint, ckpt, start, losses, probe_seed,
+               use_graphs=options.cuda_graphs != "off" and not_capturable is None)
+    if run.use_graphs:
         graphs.make_capturable(optimizer, device)
-        split: dict[tuple, int | None] = {}  # probes per pass, measured in each shape's warm-up
+        run.captured = graphs.CapturedSteps(_graph_step(run), list(params.values()), device)
+    return run
 
-        def graph_step(batch: dict, update: bool) -> dict:
-            key = graphs.shape_key(batch)
-            lean = _lean_step(options, device, batch)
-            per_pass = options.probes_per_pass or split.get(key)
-            info: dict = {}
-            parts = training_step(model, batch, options, gammas, probe_seed, memory_efficient=lean,
-                                  max_memory_gb=options.max_memory_gb if per_pass is None else None,
-                                  probes_per_pass=per_pass, info=info)
-            split.setdefault(key, info.get("probes_per_pass"))
-            if update:
-                optimizer.step()
-            return parts
 
-        captured = graphs.CapturedSteps(graph_step, list(params.values()), device)
-    steps = range(start, total)
+def _graph_step(run: _Run) -> Callable[[dict, bool], dict]:
+    """The step a CUDA graph captures: the training step (its probe split measured in each shape's warm-up)
+    and, when ``update``, the optimizer's."""
+    split: dict[tuple, int | None] = {}  # probes per pass, by shape
+    options = run.options
+
+    def graph_step(batch: dict, update: bool) -> dict:
+        key = graphs.shape_key(batch)
+        lean = _lean_step(options, run.device, batch)
+        per_pass = options.probes_per_pass or split.get(key)
+        info: dict = {}
+        parts = training_step(run.model, batch, options, run.gammas, run.probe_seed, memory_efficient=lean,
+                              max_memory_gb=options.max_memory_gb if per_pass is None else None,
+                              probes_per_pass=per_pass, info=info)
+        split.setdefault(key, info.get("probes_per_pass"))
+        if update:
+            run.optimizer.step()
+        return parts
+
+    return graph_step
+
+
+def _loop(run: _Run, *, stop_after: int | None, progress: bool, log_every: int | None, checkpoint_every: int) -> None:
+    """The optimizer steps from the resumed one to the last (or ``stop_after``): each epoch's pairs, one
+    step each (captured or eager), the losses read in batches, checkpoints."""
+    options, per_epoch, total = run.options, run.per_epoch, run.total
+    steps = range(run.start, total)
     if progress:
         from tqdm.auto import tqdm
 
-        steps = tqdm(steps, desc=f"{task.name} {options.arm}", initial=start, total=total, unit="step")
+        steps = tqdm(steps, desc=f"{run.task.name} {options.arm}", initial=run.start, total=total, unit="step")
     pairs: list = []
     pending: list[tuple[dict, dict[str, torch.Tensor]]] = []  # (epoch, step, lr), parts still on the device
     every = per_epoch if log_every is None else log_every
-    if every < 1:
-        raise ValueError(f"log_every must be a positive number of steps, got {log_every}")
     for step in steps:
         if stop_after is not None and step >= stop_after:
             break
         epoch, in_epoch = divmod(step, per_epoch)
         if in_epoch == 0 or not pairs:
-            pairs = epoch_pairs(train, options.seed, epoch, options.protocol)
-        batch_pairs = _step_pairs(pairs, in_epoch, options)
-        lr = scheduler.get_last_lr()[0]  # the rate of this step (a float: no device read)
-        if captured is not None:
-            batch = _batch_of_pairs(tokenizer, task, batch_pairs, options, label_ids, device, bucket=graphs.BUCKET)
-            try:
-                parts = captured.step(batch)
-            except graphs.CaptureError as exc:  # "auto": this and every later step run eagerly, saying why
-                if options.cuda_graphs == "on":
-                    raise
-                print(f"cuda graphs off from step {step + 1}: {exc}; running eager steps", flush=True)
-                captured = None  # frees the graphs' pool
-        if captured is None:
-            optimizer.zero_grad(set_to_none=True)
-            rows = par.shard(len(batch_pairs))
-            batch = _batch_of_pairs(tokenizer, task, batch_pairs, options, label_ids, device, rows)
-            parts = _eager_step(model, batch, options, gammas, probe_seed, params, par, sharded, rows,
-                                len(batch_pairs), device)
-            optimizer.step()
-        probe_seed.add_(1)  # the next step's probe stream, advanced on the device (seed * 7919 + step)
-        scheduler.step()
+            pairs = epoch_pairs(run.train, options.seed, epoch, options.protocol)
+        lr = run.scheduler.get_last_lr()[0]  # the rate of this step (a float: no device read)
+        parts = _optimizer_step(run, _step_pairs(pairs, in_epoch, options), step)
+        run.probe_seed.add_(1)  # the next step's probe stream, advanced on the device (seed * 7919 + step)
+        run.scheduler.step()
         pending.append(({"epoch": epoch, "step": step + 1, "lr": lr}, parts))
         done = step + 1
         if done % every == 0 or done % checkpoint_every == 0 or done == total:
-            _read_losses(pending, losses, total, options)
-        if ckpt and (done % checkpoint_every == 0 or done == total):
-            _save_checkpoint(ckpt, {"fingerprint": fingerprint, "step": done, "losses": losses,
-                                    "scheduler": scheduler.state_dict()}, params, model, optimizer, par, sharded,
-                             use_graphs)
-    _read_losses(pending, losses, total, options)
-    return AdaptResult(_finite_weights(params), base_hash, losses, train, options)
+            _read_losses(pending, run.losses, total, options)
+        if run.checkpoint and (done % checkpoint_every == 0 or done == total):
+            _save_checkpoint(run.checkpoint, {"fingerprint": run.fingerprint, "step": done, "losses": run.losses,
+                                              "scheduler": run.scheduler.state_dict()}, run.params, run.model,
+                             run.optimizer, run.par, run.sharded, run.use_graphs)
+    _read_losses(pending, run.losses, total, options)
+
+
+def _optimizer_step(run: _Run, batch_pairs: list, step: int) -> dict[str, torch.Tensor]:
+    """One optimizer step on these pairs: replayed from a captured graph, or eager (data-parallel shards
+    and FSDP included); a capture that fails under "auto" turns graphs off for the rest of the run."""
+    options = run.options
+    if run.captured is not None:
+        batch = _batch_of_pairs(run.tokenizer, run.task, batch_pairs, options, run.label_ids, run.device,
+                                bucket=graphs.BUCKET)
+        try:
+            return run.captured.step(batch)
+        except graphs.CaptureError as exc:  # "auto": this and every later step run eagerly, saying why
+            if options.cuda_graphs == "on":
+                raise
+            print(f"cuda graphs off from step {step + 1}: {exc}; running eager steps", flush=True)
+            run.captured = None  # frees the graphs' pool
+    run.optimizer.zero_grad(set_to_none=True)
+    rows = run.par.shard(len(batch_pairs))
+    batch = _batch_of_pairs(run.tokenizer, run.task, batch_pairs, options, run.label_ids, run.device, rows)
+    parts = _eager_step(run.model, batch, options, run.gammas, run.probe_seed, run.params, run.par, run.sharded,
+                        rows, len(batch_pairs), run.device)
+    run.optimizer.step()
+    return parts
+
+
+def _finish(run: _Run) -> AdaptResult:
+    """The trained weights (refused when not finite), with what made them."""
+    return AdaptResult(_finite_weights(run.params), run.base_hash, run.losses, run.train, run.options)
 
 
 def _trainable(model: nn.Module, options: AdaptOptions) -> dict[str, nn.Parameter]:

@@ -8,6 +8,8 @@ flows to them (OFA takes P_t from the frozen original weights).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
@@ -27,40 +29,56 @@ def _rows_backend(backend: str | None, device: torch.device):
     return module if hasattr(module, "probe_rows") else dispatch.resolve("torch", device, "probe")
 
 
+@dataclass(frozen=True)
+class _Perturbation:
+    """What one perturb call fixes besides its tensors (the arguments of a backend's ``probe_perturb``)."""
+
+    eps: float
+    rows_per_probe: int
+    distribution: str
+    scale_by_rms: bool
+    add_x: bool
+    row_offset: int
+    backend: str | None
+
+
 class _PerturbFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, gamma, eps, keys, rows_per_probe, distribution, scale_by_rms, add_x, row_offset, backend):
-        ctx.add_x = add_x
-        y, scale = _backend(backend, x.device).probe_perturb(x, gamma, eps, keys, rows_per_probe, distribution,
-                                                             scale_by_rms, add_x, row_offset)
+    def forward(ctx, x, gamma, keys, how: _Perturbation):
+        ctx.add_x = how.add_x
+        y, scale = _backend(how.backend, x.device).probe_perturb(x, gamma, how.eps, keys, how.rows_per_probe,
+                                                                 how.distribution, how.scale_by_rms, how.add_x,
+                                                                 how.row_offset)
         ctx.mark_non_differentiable(scale)
         return y, scale
 
     @staticmethod
     def backward(ctx, dy, _dscale):
-        return (dy if ctx.add_x else None), None, None, None, None, None, None, None, None, None
+        return (dy if ctx.add_x else None), None, None, None
 
 
 class _ProbeDotFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, a, b, c, d, scale, keys, probe, base, distribution, backend):
+    def forward(ctx, a, b, c, d, scale, index: tuple, distribution: str, backend: str | None):
+        keys, probe, base = index
         ctx.save_for_backward(scale, keys, probe, base)
-        ctx.meta = (a.shape[-1], None if c is None else c.shape[0], distribution, backend, a.dtype,
-                    None if c is None else c.dtype)
+        ctx.width, ctx.clean_rows = a.shape[-1], None if c is None else c.shape[0]
+        ctx.distribution, ctx.backend, ctx.a_dtype, ctx.c_dtype = distribution, backend, a.dtype, \
+            None if c is None else c.dtype
         return _rows_backend(backend, a.device).probe_dot(a, b, c, d, scale, keys, probe, base, distribution)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, gq):
         scale, keys, probe, base = ctx.saved_tensors
-        N, clean_rows, distribution, backend, a_dtype, c_dtype = ctx.meta
+        N, clean_rows = ctx.width, ctx.clean_rows
         coef = (-gq.to(scale.dtype) / scale).contiguous()
-        w = _rows_backend(backend, scale.device).probe_rows(coef, None, keys, probe, base, N, distribution)
+        w = _rows_backend(ctx.backend, scale.device).probe_rows(coef, None, keys, probe, base, N, ctx.distribution)
         dc = dd = None
         if clean_rows is not None:
             w_clean = w.view(-1, clean_rows, N).sum(0)
-            dc, dd = (-w_clean).to(c_dtype), w_clean.to(c_dtype)
-        return w.to(a_dtype), (-w).to(a_dtype), dc, dd, None, None, None, None, None, None
+            dc, dd = (-w_clean).to(ctx.c_dtype), w_clean.to(ctx.c_dtype)
+        return w.to(ctx.a_dtype), (-w).to(ctx.a_dtype), dc, dd, None, None, None, None
 
 
 def _rows(t: Tensor) -> Tensor:
@@ -104,8 +122,9 @@ def perturb(
     if (rows_per_probe + row_offset) * N > rng.MAX_COUNTER:
         raise ValueError(f"one probe covers {rows_per_probe * N} elements; at most 2**31 are supported")
     keys = rng.key_table(seed, layer, first_probe, num_probes, x.device)
-    y, scale = _PerturbFn.apply(_rows(x), gamma.detach().contiguous(), float(eps), keys, rows_per_probe,
-                                distribution, scale_by_rms, not noise_only, int(row_offset), backend)
+    how = _Perturbation(float(eps), rows_per_probe, distribution, scale_by_rms, not noise_only, int(row_offset),
+                        backend)
+    y, scale = _PerturbFn.apply(_rows(x), gamma.detach().contiguous(), keys, how)
     return y.view(x.shape), scale.view(x.shape[:-1])
 
 
@@ -125,5 +144,5 @@ def probe_dot(a: Tensor, b: Tensor, clean_a: Tensor | None, clean_b: Tensor | No
     the backward regenerates nu.
     """
     return _ProbeDotFn.apply(_rows(a), _rows(b), None if clean_a is None else _rows(clean_a),
-                             None if clean_b is None else _rows(clean_b), scale.contiguous(), keys, probe, base,
+                             None if clean_b is None else _rows(clean_b), scale.contiguous(), (keys, probe, base),
                              distribution, backend)

@@ -15,13 +15,16 @@ while a launch hook is installed (profilers read metadata the JIT builds), and o
 launcher signature this module was not written against. "direct" stays opt-in until
 ``benchmarks/gpu_check.sh`` has run the GPU op tests and the host-time bench with it.
 
-Both modes pass the same positional arguments (runtime arguments, then constexprs, in the kernel's
-order), so the interpreter tests check the argument order that the direct path uses.
+Launch sites name every argument (``launcher(grid, num_warps, X=x, ...)``); the Launcher orders them
+once into the kernel's runtime arguments and constexprs (from its signature), and both modes pass
+those positionally, so the interpreter tests check the argument order that the direct path uses. An
+absent optional pointer is given as ``pointer_or(t, stand_in)``.
 """
 
 from __future__ import annotations
 
 import inspect
+import operator
 import os
 
 import torch
@@ -82,23 +85,54 @@ def _no_hooks() -> bool:
     return not (_installed(runtime.launch_enter_hook) or _installed(runtime.launch_exit_hook))
 
 
-class Launcher:
-    """Calls one ``@triton.jit`` kernel: ``launcher(grid, args, constexprs, num_warps)``.
+def pointer_or(t: torch.Tensor | None, stand_in: torch.Tensor) -> torch.Tensor:
+    """``t``, or where it is absent a tensor of the same launch standing in for it: a kernel argument must
+    be a pointer, and the kernel never reads this one (its HAS_ / NEED_ constexpr is off)."""
+    return stand_in if t is None else t
 
-    ``args`` are the kernel's runtime arguments and ``constexprs`` its constexpr arguments, each in
-    the kernel's order (the kernel declares its constexprs last). The grid is 1-D.
+
+def _getter(names: tuple[str, ...]):
+    """A dict's values at ``names``, as a tuple (``itemgetter`` of one name returns the bare value)."""
+    get = operator.itemgetter(*names)
+    return get if len(names) > 1 else (lambda d: (get(d),)) if names else (lambda d: ())
+
+
+class Launcher:
+    """Calls one ``@triton.jit`` kernel with every argument named: ``launcher(grid, num_warps, X=x, ...)``.
+
+    The kernel's signature (its constexprs declared last) fixes the order once; ``launch`` takes the
+    ordered ``args`` (runtime arguments) and ``constexprs`` as they reach the kernel. The grid is 1-D.
     """
 
     def __init__(self, kernel):
         self.kernel = kernel
         # The Python function's signature (JIT and interpreter alike); annotations may be strings.
-        flags = ["constexpr" in str(p.annotation) for p in inspect.signature(kernel.fn).parameters.values()]
+        params = list(inspect.signature(kernel.fn).parameters.values())
+        flags = ["constexpr" in str(p.annotation) for p in params]
         if flags != sorted(flags):
             raise ValueError(f"{kernel.fn.__name__}: Launcher needs the constexpr parameters last")
         self.name, self.n_args, self.n_constexprs = kernel.fn.__name__, flags.count(False), flags.count(True)
+        self.arg_names = tuple(p.name for p, c in zip(params, flags) if not c)
+        self.constexpr_names = tuple(p.name for p, c in zip(params, flags) if c)
+        self._args, self._constexprs = _getter(self.arg_names), _getter(self.constexpr_names)
         self.compiled: dict[tuple, object] = {}
 
-    def __call__(self, grid: int, args: tuple, constexprs: tuple, num_warps: int) -> None:
+    def __call__(self, grid: int, num_warps: int, **arguments) -> None:
+        self.launch(grid, *self.ordered(arguments), num_warps)
+
+    def ordered(self, arguments: dict) -> tuple[tuple, tuple]:
+        """(runtime arguments, constexprs) in the kernel's order; a TypeError names a missing or unknown one."""
+        if len(arguments) == self.n_args + self.n_constexprs:
+            try:
+                return self._args(arguments), self._constexprs(arguments)
+            except KeyError:
+                pass
+        names = set(self.arg_names + self.constexpr_names)
+        missing, unknown = sorted(names - set(arguments)), sorted(set(arguments) - names)
+        raise TypeError(f"{self.name}: missing arguments {missing}, unknown arguments {unknown}")
+
+    def launch(self, grid: int, args: tuple, constexprs: tuple, num_warps: int) -> None:
+        """The launch with the arguments ordered (``ordered``): through the JIT, or the compiled launcher."""
         if not _direct or not _no_hooks():
             self._check(args, constexprs)
             self.kernel[(grid,)](*args, *constexprs, num_warps=num_warps)
@@ -116,16 +150,16 @@ class Launcher:
         compiled.run(grid, 1, 1, _current_stream(device), compiled.function, compiled.packed_metadata,
                      None, None, None, *args, *constexprs)
 
-    def compile_for(self, target, args: tuple, constexprs: tuple, num_warps: int):
+    def compile_for(self, target, num_warps: int, **arguments):
         """Compiles the kernel ahead of time for ``target`` (a ``triton.backends.compiler.GPUTarget``: no GPU
-        needed) as a launch with these arguments would: Triton's own binder specialises them (pointer dtype
+        needed) as a launch with these named arguments would: Triton's own binder specialises them (pointer dtype
         and 16-byte alignment, integers equal to 1 or divisible by 16). Returns the ``CompiledKernel``;
         its ``asm["cubin"]`` holds what ptxas made (registers, spills: ``benchmarks/kernel_resources.py``).
         Written against Triton 3.6's JIT internals."""
         from triton.compiler import ASTSource, make_backend
         from triton.runtime.jit import create_function_from_signature
 
-        self._check(args, constexprs)
+        args, constexprs = self.ordered(arguments)
         backend = make_backend(target)
         binder = create_function_from_signature(self.kernel.signature, self.kernel.params, backend)
         kwargs = {"num_warps": num_warps}

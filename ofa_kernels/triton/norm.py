@@ -32,7 +32,7 @@ import triton.language as tl
 from ..precision import CAST_CODE, NormSpec, acc_dtype
 from . import tuning
 from .grid import cdiv, next_power_of_2
-from .launch import Launcher
+from .launch import Launcher, pointer_or
 
 MAX_BLOCK_N = 16384
 # The backward kernels take rows wider than this in chunks of it (the looped path) unless a knob says
@@ -528,14 +528,11 @@ def norm_fwd(x, weight, bias, eps, spec: NormSpec, out_dtype, *, max_block_n=Non
     if M == 0:
         return y, mean, rstd
     block_m, block_n, single, num_warps, _ = _config(x, "fwd", max_block_n, rows_per_program, num_warps)
-    _launch_fwd(
-        cdiv(M, block_m),
-        (x, y, weight if weight is not None else x, bias if bias is not None else x,
-         mean if not is_rms else rstd, rstd, x.stride(0), y.stride(0), M, N, eps, offset),
-        # IS_RMS, HAS_W, HAS_B, CAST_MODE, ACC, BLOCK_M, BLOCK_N, SINGLE_PASS
-        (is_rms, weight is not None, bias is not None, spec.cast_code, acc_tl_dtype(x.dtype), block_m,
-         block_n, single),
-        num_warps)
+    _launch_fwd(cdiv(M, block_m), num_warps,
+                X=x, Y=y, W=pointer_or(weight, x), B=pointer_or(bias, x), Mean=rstd if is_rms else mean, Rstd=rstd,
+                stride_x=x.stride(0), stride_y=y.stride(0), M=M, N=N, eps=eps, offset=offset,
+                IS_RMS=is_rms, HAS_W=weight is not None, HAS_B=bias is not None, CAST_MODE=spec.cast_code,
+                ACC=acc_tl_dtype(x.dtype), BLOCK_M=block_m, BLOCK_N=block_n, SINGLE_PASS=single)
     return y, mean, rstd
 
 
@@ -561,16 +558,15 @@ def norm_bwd(dy, x, weight, mean, rstd, spec: NormSpec, need_dx, need_dw, need_d
     db_part = _partials(need_db, single, n_progs, N, acc, x.device)
     dw = torch.empty(N, dtype=dw_dtype, device=x.device) if reduce and need_dw else None
     db = torch.empty(N, dtype=db_dtype, device=x.device) if reduce and need_db else None
-    _launch_bwd(
-        n_progs,
-        (dy, x, weight if weight is not None else x, mean if not is_rms else rstd, rstd,
-         dx if need_dx else x, dw_part if need_dw else rstd, db_part if need_db else rstd,
-         dw if dw is not None else rstd, db if db is not None else rstd, counter if reduce else rstd,
-         dy.stride(0), x.stride(0), N if need_dx else 0, M, N, cdiv(M, block_m), n_progs, offset),
-        # IS_RMS, HAS_W, NEED_DX, NEED_DW, NEED_DB, CAST_MODE, ACC, BLOCK_M, BLOCK_N, SINGLE_PASS, REDUCE
-        (is_rms, weight is not None, need_dx, need_dw, need_db, spec.cast_code, acc_tl_dtype(x.dtype),
-         block_m, block_n, single, reduce),
-        num_warps)
+    _launch_bwd(n_progs, num_warps,
+                DY=dy, X=x, W=pointer_or(weight, x), Mean=rstd if is_rms else mean, Rstd=rstd,
+                DX=pointer_or(dx, x), DW_part=pointer_or(dw_part, rstd), DB_part=pointer_or(db_part, rstd),
+                DW=pointer_or(dw, rstd), DB=pointer_or(db, rstd), Counter=pointer_or(counter, rstd),
+                stride_dy=dy.stride(0), stride_x=x.stride(0), stride_dx=N if need_dx else 0, M=M, N=N,
+                n_tiles=cdiv(M, block_m), n_progs=n_progs, offset=offset,
+                IS_RMS=is_rms, HAS_W=weight is not None, NEED_DX=need_dx, NEED_DW=need_dw, NEED_DB=need_db,
+                CAST_MODE=spec.cast_code, ACC=acc_tl_dtype(x.dtype), BLOCK_M=block_m, BLOCK_N=block_n,
+                SINGLE_PASS=single, REDUCE=reduce)
     if not reduce:
         dw, db = _reduce(dw_part), _reduce(db_part)
     return dx, dw, db
@@ -596,19 +592,17 @@ def norm_bwd_bwd(dy, x, weight, mean, rstd, grad_dx, grad_dw, grad_db, spec: Nor
     reduce = counter is not None
     dw_part = _partials(need_dw, single, n_progs, N, acc, x.device)
     d_w = torch.empty(N, dtype=acc, device=x.device) if reduce else None
-    _launch_bwd_bwd(
-        n_progs,
-        (dy, x, weight if weight is not None else x, mean if not is_rms else rstd, rstd,
-         grad_dx if grad_dx is not None else x, grad_dw if grad_dw is not None else x,
-         grad_db if grad_db is not None else x,
-         d_dy if need_ddy else x, d_x if need_dx else x, dw_part if need_dw else rstd,
-         d_w if reduce else rstd, counter if reduce else rstd,
-         dy.stride(0), x.stride(0), grad_dx.stride(0) if grad_dx is not None else 0, N, N, M, N,
-         cdiv(M, block_m), n_progs, offset),
-        # IS_RMS, HAS_W, HAS_A, HAS_BW, HAS_E, NEED_DDY, NEED_DX, NEED_DW, ACC, BLOCK_M, BLOCK_N, SINGLE_PASS, REDUCE
-        (is_rms, weight is not None, grad_dx is not None, grad_dw is not None, grad_db is not None, need_ddy,
-         need_dx, need_dw, acc_tl_dtype(x.dtype), block_m, block_n, single, reduce),
-        num_warps)
+    _launch_bwd_bwd(n_progs, num_warps,
+                    DY=dy, X=x, W=pointer_or(weight, x), Mean=rstd if is_rms else mean, Rstd=rstd,
+                    A=pointer_or(grad_dx, x), BW=pointer_or(grad_dw, x), E=pointer_or(grad_db, x),
+                    D_DY=pointer_or(d_dy, x), D_X=pointer_or(d_x, x), DW_part=pointer_or(dw_part, rstd),
+                    DW=pointer_or(d_w, rstd), Counter=pointer_or(counter, rstd),
+                    stride_dy=dy.stride(0), stride_x=x.stride(0),
+                    stride_a=grad_dx.stride(0) if grad_dx is not None else 0, stride_ddy=N, stride_dx=N, M=M, N=N,
+                    n_tiles=cdiv(M, block_m), n_progs=n_progs, offset=offset,
+                    IS_RMS=is_rms, HAS_W=weight is not None, HAS_A=grad_dx is not None, HAS_BW=grad_dw is not None,
+                    HAS_E=grad_db is not None, NEED_DDY=need_ddy, NEED_DX=need_dx, NEED_DW=need_dw,
+                    ACC=acc_tl_dtype(x.dtype), BLOCK_M=block_m, BLOCK_N=block_n, SINGLE_PASS=single, REDUCE=reduce)
     if need_dw and not reduce:
         d_w = _reduce(dw_part)
     return d_dy, d_x, d_w

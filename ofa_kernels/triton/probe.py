@@ -19,7 +19,7 @@ import triton.language as tl
 
 from ..precision import acc_dtype
 from .grid import cdiv, next_power_of_2
-from .launch import Launcher
+from .launch import Launcher, pointer_or
 from .norm import acc_tl_dtype, cast_to
 
 MAX_WIDTH = 32768
@@ -150,12 +150,11 @@ def probe_perturb(x, gamma, eps, keys, rows_per_probe, distribution, scale_by_rm
     if rows_per_program is None:
         rows_per_program = max(1, (4096 if x.is_cuda else 16384) // block_n)
     block_m = next_power_of_2(rows_per_program)
-    _launch_perturb(
-        cdiv(M, block_m),
-        (x, y, gamma, scale, keys, M, N, x.stride(0), y.stride(0), rows_per_probe, row_offset, eps),
-        # SCALE_BY_RMS, ADD_X, GAUSSIAN, ACC, BLOCK_M, BLOCK_N
-        (scale_by_rms, add_x, distribution == "gaussian", acc_tl_dtype(x.dtype), block_m, block_n),
-        _warps(block_m * block_n))
+    _launch_perturb(cdiv(M, block_m), _warps(block_m * block_n),
+                    X=x, Y=y, G=gamma, Scale=scale, Keys=keys, M=M, N=N, stride_x=x.stride(0), stride_y=y.stride(0),
+                    rows_per_probe=rows_per_probe, row_offset=row_offset, eps=eps,
+                    SCALE_BY_RMS=scale_by_rms, ADD_X=add_x, GAUSSIAN=distribution == "gaussian",
+                    ACC=acc_tl_dtype(x.dtype), BLOCK_M=block_m, BLOCK_N=block_n)
     return y, scale
 
 
@@ -165,10 +164,9 @@ def probe_rows(coef, gamma, keys, probe, base, N, distribution):
     out = torch.empty((R, N), dtype=coef.dtype, device=coef.device)
     if R:
         block_n = _block_n(N)
-        _launch_rows(R, (out, coef, gamma if gamma is not None else coef, keys, probe, base, N),
-                     # HAS_G, GAUSSIAN, ACC, BLOCK_N
-                     (gamma is not None, distribution == "gaussian", acc_tl_dtype(coef.dtype), block_n),
-                     _warps(block_n))
+        _launch_rows(R, _warps(block_n), Out=out, Coef=coef, G=pointer_or(gamma, coef), Keys=keys, Probe=probe,
+                     Base=base, N=N, HAS_G=gamma is not None, GAUSSIAN=distribution == "gaussian",
+                     ACC=acc_tl_dtype(coef.dtype), BLOCK_N=block_n)
     return out
 
 
@@ -179,9 +177,8 @@ def probe_dot(a, b, c, d, scale, keys, probe, base, distribution):
     if R:
         block_n = _block_n(N)
         has_clean = c is not None
-        _launch_dot(R, (a, b, c if has_clean else a, d if has_clean else a, scale, keys, probe, base,
-                        q, N, c.shape[0] if has_clean else 1),
-                    # HAS_CLEAN, GAUSSIAN, ACC, BLOCK_N
-                    (has_clean, distribution == "gaussian", acc_tl_dtype(scale.dtype), block_n),
-                    _warps(block_n))
+        _launch_dot(R, _warps(block_n), A=a, B=b, C=pointer_or(c, a), D=pointer_or(d, a), Scale=scale, Keys=keys,
+                    Probe=probe, Base=base, Q=q, N=N, clean_rows=c.shape[0] if has_clean else 1,
+                    HAS_CLEAN=has_clean, GAUSSIAN=distribution == "gaussian", ACC=acc_tl_dtype(scale.dtype),
+                    BLOCK_N=block_n)
     return q
