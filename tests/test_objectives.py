@@ -330,7 +330,10 @@ def test_bf16_agrees_with_fp64_on_smollm2(smollm2, estimator):
                             num_probes=2)
         model.float()
         got = obj.sharpness(bf16, batch, estimator=estimator, seed=seed, num_probes=2)  # bf16-safe defaults
-    assert abs(got - ref) <= 0.05 * abs(ref), (got, ref)
+    # bf16 rounding (weights and activations) moves S by a random amount per probe draw: over 30 seeds ("fd",
+    # 2 probes; benchmarks/bf16_s_spread.py, 2026-12-08) the relative difference had mean +0.4%, standard
+    # deviation 2.0% and largest 4.4% (CI once drew 5.7%); the bound is 5 standard deviations. A bf16 path whose perturbation rounds away is off by far more (~100%).
+    assert abs(got - ref) <= 0.10 * abs(ref), (got, ref)
 
 
 def test_states_at_the_prompt_end_do_not_see_the_label_tokens_after_it(tiny):
