@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .ops.norm import layer_norm, rms_norm
+from .ops.norm import layer_norm, normalized_dims, rms_norm
 from .precision import check_cast_mode
 from .vocab import BACKEND_NAMES
 
@@ -46,10 +46,7 @@ class FusedRMSNorm(nn.Module):
         super().__init__()
         self.backend = check_backend(backend)
         check_cast_mode(cast_mode)
-        shape = (hidden_size,) if isinstance(hidden_size, int) else (
-            tuple(hidden_size) if isinstance(hidden_size, (tuple, list)) else None)
-        if not shape or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-            raise ValueError(f"hidden_size must be an int or a non-empty tuple of ints >= 0, got {hidden_size!r}")
+        shape = normalized_dims(hidden_size, "hidden_size")
         self.hidden_size = hidden_size
         self.normalized_shape = shape
         self.eps = eps

@@ -10,6 +10,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 DEVICE = torch.device(os.environ.get("OFA_TEST_DEVICE", "cpu"))
+if os.environ.get("PYTEST_XDIST_WORKER") and DEVICE.type == "cpu":
+    torch.set_num_threads(1)  # parallel workers (pytest -n N) share the cores: one thread each, no oversubscription
 # the shared task files (../shared/data beside the checkout): tests read them there, the package never ships them
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 # a small labelled copy of them in the same formats (tests/data/make_task_fixture.py), in the checkout: the tests

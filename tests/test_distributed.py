@@ -36,6 +36,15 @@ def sharded_model_dir(tiny_model_dir, tmp_path_factory):
     return folder
 
 
+def _free_port() -> int:
+    """A TCP port nothing listens on now (tests run in parallel workers: no two launches share a fixed one)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def _launch(processes: int, port: int) -> list[str]:
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
@@ -65,7 +74,7 @@ def test_several_processes_give_the_single_process_adapter(sharded_model_dir, tm
                          capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, _errors(one.stderr)
     flags = {"ddp": [], "ddp-last": [], "fsdp": ["--fsdp"], "fsdp-lean": ["--fsdp", "--memory-efficient", "on"]}[mode]
-    many = subprocess.run([*_launch(processes, 29517), "-m", "ofa_kernels.fewshot.cli", *args, "--out", str(tmp_path / "many"),
+    many = subprocess.run([*_launch(processes, _free_port()), "-m", "ofa_kernels.fewshot.cli", *args, "--out", str(tmp_path / "many"),
                            *flags], env=ENV, capture_output=True, text=True, timeout=600)
     assert many.returncode == 0, _errors(many.stderr)
     assert f"data-parallel: {processes} processes" in many.stdout
@@ -90,7 +99,7 @@ def test_a_killed_fsdp_run_resumes_to_the_uninterrupted_weights(sharded_model_di
     worker = Path(__file__).parent / "workers" / "fsdp_resume.py"
 
     def run(*extra: str) -> None:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
                str(worker), str(sharded_model_dir), str(TASKS), *extra]
         done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, f"{extra[0]} written: {Path(extra[0]).exists()}\n{_errors(done.stderr)}"
@@ -118,7 +127,7 @@ def test_sharded_loading_holds_each_ranks_share_not_the_whole_model(tmp_path):
 
     size = fsdp_loading.make_model(tmp_path / "model")
     assert size > 400e6  # large enough that the share, not the process's own overhead, decides the check
-    for i, ranks in enumerate((2, 4)):
-        for rank in fsdp_loading.measure(tmp_path / "model", "meta", ranks, 29541 + i):
+    for ranks in (2, 4):
+        for rank in fsdp_loading.measure(tmp_path / "model", "meta", ranks, _free_port()):
             assert rank["peak_above_start"] < (1 / ranks + 0.1) * size, (ranks, rank)
             assert rank["parameter_bytes"] < (1 / ranks + 0.02) * size, (ranks, rank)

@@ -428,7 +428,7 @@ def test_repeated_calls_do_not_grow_memory(backend):
     step()
     before = _live_tensors()
     alloc = torch.cuda.memory_allocated() if DEVICE.type == "cuda" else 0
-    for _ in range(10):
+    for _ in range(3):  # anything kept per step shows after the first: three make it plain
         step()
     assert _live_tensors() <= before
     if DEVICE.type == "cuda":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -264,9 +265,12 @@ def test_gradcheck_of_J_and_S_with_respect_to_norm_weights(patched_tiny, estimat
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
         return obj.step_ratio(out.hidden_states, anatomy.last_positions(batch["attention_mask"]))
 
-    assert torch.autograd.gradcheck(S, weights)
+    # Through the Triton interpreter a full Jacobian costs minutes; fast mode checks a random projection of it
+    # (torch's "fast gradcheck": wrong gradients still fail), the other backends the full one.
+    fast = os.environ.get("OFA_BACKEND") == "triton"
+    assert torch.autograd.gradcheck(S, weights, fast_mode=fast)
     if estimator == "fd":
-        assert torch.autograd.gradcheck(J, weights)
+        assert torch.autograd.gradcheck(J, weights, fast_mode=fast)
 
 
 def test_bad_arguments_are_named():

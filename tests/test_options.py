@@ -103,6 +103,14 @@ def test_a_field_keyed_when_set_enters_the_key_only_away_from_its_default():
         assert name in dataclasses.replace(AdaptOptions(), **{name: _OTHER_VALUE[name]}).settings()
 
 
+def test_the_key_of_a_field_keyed_when_set_does_not_follow_its_default():
+    """Were a default to change, a run under the new default must not take the key of the runs made before
+    the field existed (they all had the old value): the value left out of the key is fixed, not the default."""
+    for name, legacy in op.KEYED_WHEN_SET.items():
+        other = _OTHER_VALUE[name]
+        moved_default = dataclasses.make_dataclass("MovedDefault", [(name, type(other), other)], bases=(AdaptOptions,))
+        assert moved_default().settings()[name] == other, name
+        assert name not in moved_default(**{name: legacy}).settings(), name
 
 
 def test_importing_the_options_loads_neither_torch_nor_the_training_loop():

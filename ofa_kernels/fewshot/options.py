@@ -50,9 +50,11 @@ SCORING = ("full", "first")  # a label word's log-probability: all its tokens, o
 CUDA_GRAPH_MODES = ("auto", "on", "off")  # captured steps (``graphs.py``)
 
 EXECUTION_ONLY = ("cuda_graphs", "memory_efficient", "max_memory_gb", "probes_per_pass")
-# Fields added after runs were keyed: they enter the key only when set away from their default, so a
-# run that does not use them keeps the key it had (and resumes its progress and checkpoints).
-KEYED_WHEN_SET = ("j_final_norm_step", "probe_rows", "sharpness_form")
+# Fields added after runs were keyed, with the value every run had before the field existed: a field enters
+# the key only away from that value, so a run that does not use it keeps the key it had (and resumes its
+# progress and checkpoints). The value is fixed here, not read from the default: were a default to change,
+# a run under the new default must not take an old run's key.
+KEYED_WHEN_SET = {"j_final_norm_step": True, "probe_rows": "all", "sharpness_form": "trace"}
 MAX_RANK = 2**16  # LoRA ranks beyond any model's width are refused before a model loads
 SEED_LIMIT = 2**63  # seeds are 0 .. 2**63-1: Python's random seeds an int by its absolute value
 
@@ -127,10 +129,9 @@ class AdaptOptions:
         knobs: checkpointed blocks recompute the same values, and split probe passes add the same
         terms in another order, which moves a weight by at most its last bits, as the thread count
         does (``tests/test_trainer.py`` holds the bound). ``KEYED_WHEN_SET`` fields count only when
-        set away from their default."""
-        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        set away from the value runs had before them."""
         return {k: v for k, v in dataclasses.asdict(self).items()
-                if k not in EXECUTION_ONLY and not (k in KEYED_WHEN_SET and v == defaults[k])}
+                if k not in EXECUTION_ONLY and not (k in KEYED_WHEN_SET and v == KEYED_WHEN_SET[k])}
 
     def check(self) -> "AdaptOptions":
         """Every field in range (raises ValueError naming it); returns self."""

@@ -65,16 +65,24 @@ EAGER_FAST_PATH = True  # tests flip it to run the registered ops eagerly too
 # ------------------------------------------------------------------------------- public API
 
 
-def _normalized_shape(x: Tensor, normalized_shape) -> tuple[int, ...]:
-    """``normalized_shape`` (an int or a sequence of ints) checked against x's trailing dims."""
-    if isinstance(normalized_shape, int) and not isinstance(normalized_shape, bool):
-        normalized_shape = (normalized_shape,)
+def normalized_dims(value, name: str = "normalized_shape") -> tuple[int, ...]:
+    """The normalised dims as a tuple: ``value`` an int or a non-empty sequence of ints >= 0 (the one check of
+    a norm's shape: the ops and the modules call it), else a ValueError naming ``name``."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value,)
     try:
-        shape = tuple(normalized_shape)
+        shape = None if isinstance(value, (str, bytes)) else tuple(value)
     except TypeError:
         shape = None
-    if shape is None or not shape or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-        raise ValueError(f"normalized_shape must be an int or a non-empty sequence of ints >= 0, got {normalized_shape!r}")
+    if not shape or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise ValueError(f"{name} must be an int or a non-empty tuple of ints >= 0 (any sequence of them), "
+                         f"got {value!r}")
+    return shape
+
+
+def _normalized_shape(x: Tensor, normalized_shape) -> tuple[int, ...]:
+    """``normalized_shape`` checked against x's trailing dims."""
+    shape = normalized_dims(normalized_shape)
     if tuple(x.shape[-len(shape):]) != shape or x.dim() < len(shape):
         raise ValueError(f"normalized_shape {shape} must equal x's trailing dims; x has shape {tuple(x.shape)}")
     return shape
