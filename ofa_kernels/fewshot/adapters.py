@@ -28,7 +28,7 @@ from . import distributed
 from .. import _version
 from .anatomy import norm_parameters
 from .baselines import attach
-from .files import atomic_path
+from .files import atomic_path, read_json
 from .options import PEFT_ARMS, AdaptOptions, AdaptResult
 from ..patch import fusable_norm_parameters, patch_model
 
@@ -96,10 +96,7 @@ def _peft_metadata(folder: Path) -> dict[str, str]:
     config_path = folder / "adapter_config.json"
     if not config_path.is_file():
         raise ValueError(f"adapter folder {folder} has no adapter_config.json (expected a PEFT adapter folder)")
-    try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{config_path} is not JSON ({exc})") from None
+    config = read_json(config_path)
     kind = config.get("peft_type") if isinstance(config, dict) else None
     if kind != "LN_TUNING":
         raise ValueError(f"adapter folder {folder} holds a PEFT {kind!r} adapter; ofa_kernels loads PEFT LN_TUNING "

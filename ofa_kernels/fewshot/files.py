@@ -10,11 +10,12 @@ fsynced too, so the rename survives a crash. A temporary's name carries its writ
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 
 def _fsync(path: Path) -> None:
@@ -63,6 +64,14 @@ def write_text(path: str | Path, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
     return Path(path)
+
+
+def read_json(path: Path, advice: str = "") -> Any:
+    """The JSON in ``path``; a file that is not UTF-8 JSON is a ValueError naming it (``advice`` ends it)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not readable JSON ({exc}){advice}") from None
 
 
 @contextlib.contextmanager

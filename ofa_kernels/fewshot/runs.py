@@ -30,7 +30,7 @@ from . import distributed
 from . import evaluate as ev
 from . import identity
 from .adapters import save_adapter
-from .files import name_part, remove_stale_temps, write_text
+from .files import name_part, read_json, remove_stale_temps, write_text
 from .options import ARMS, AdaptOptions
 from .trainer import adapt
 
@@ -101,10 +101,7 @@ class _Progress:
             return {}
         if not path.is_file():
             raise ValueError(f"{path} is not a file (a progress file is expected there); move it away to start afresh")
-        try:
-            saved = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ValueError(f"{path} is not readable JSON ({exc}); move it away to start afresh") from None
+        saved = read_json(path, "; move it away to start afresh")
         if not (isinstance(saved, dict) and isinstance(saved.get("key"), dict)
                 and isinstance(saved.get("entries"), dict)
                 and all(isinstance(e, dict) for e in saved["entries"].values())):
