@@ -1,9 +1,13 @@
 """The finished cells of issue 35's accuracy runs, read from their progress files (nothing extrapolated).
 
 Prints one markdown table per model: each method's accuracy per seed (a dash where the cell has not
-finished), the mean +- population std where all three seeds finished, and OFA - CE paired per seed.
-CE, ICL and zero-shot of Gemma 3 come from ``results/accuracy_gemma3`` (the same key: options, model,
-pool and test rows), SmolLM2's from the gain form's run (CE trained beside it).
+finished), the mean +- population std where all three seeds finished, and OFA - CE paired per seed,
+each form against the CE of its own k-shot sets. CE, ICL and zero-shot of Gemma 3 come from
+``results/accuracy_gemma3`` (the same key: options, model, pool and test rows), SmolLM2's from the
+gain form's run (CE trained beside it; the authors' form draws the same sets). SmolLM2's trace form is
+the five-task table's (``results/accuracy_paper``: the pools before 2026-12-03, paired with that run's
+CE). Then, per model and form, the mean over the tasks where all three seeds of OFA and its CE
+finished: the figure issue 35 chooses the default by.
 
     python benchmarks/s_forms_table.py
 """
@@ -18,12 +22,14 @@ RESULTS = Path(__file__).resolve().parent / "results"
 SEEDS = (42, 43, 44)
 MODELS = {
     "smollm2": {"tasks": ("sst2", "mr", "trec", "subj", "sst5"), "base": "accuracy_s_forms/smollm2-gain-last",
-                "forms": {"ofa, gain + last": "accuracy_s_forms/smollm2-gain-last",
-                          "ofa, paper (the authors')": "accuracy_s_forms/smollm2-paper"}},
+                "forms": {"ofa, trace + all (five-task table; its own CE)": ("accuracy_paper", "accuracy_paper"),
+                          "ofa, gain + last": ("accuracy_s_forms/smollm2-gain-last",) * 2,
+                          "ofa, paper (the authors')": ("accuracy_s_forms/smollm2-paper",
+                                                        "accuracy_s_forms/smollm2-gain-last")}},
     "gemma3-270m": {"tasks": ("sst2", "mr", "trec"), "base": "accuracy_gemma3",
-                    "forms": {"ofa, trace + all (earlier table)": "accuracy_gemma3",
-                              "ofa, gain + last": "accuracy_s_forms/gemma3-gain-last",
-                              "ofa, paper (the authors')": "accuracy_s_forms/gemma3-paper"}},
+                    "forms": {"ofa, trace + all (earlier table)": ("accuracy_gemma3",) * 2,
+                              "ofa, gain + last": ("accuracy_s_forms/gemma3-gain-last", "accuracy_gemma3"),
+                              "ofa, paper (the authors')": ("accuracy_s_forms/gemma3-paper", "accuracy_gemma3")}},
 }
 
 
@@ -49,19 +55,45 @@ def table(model: str) -> str:
     lines = [f"{model}: accuracy per seed {'/'.join(map(str, SEEDS))} (mean +- std where all finished)", "",
              "| method | " + " | ".join(spec["tasks"]) + " |", "|---|" + "---:|" * len(spec["tasks"])]
     rows = {"zero-shot": (spec["base"], "zero-shot"), "ICL": (spec["base"], "ICL"), "ce": (spec["base"], "ce")}
-    rows.update({label: (folder, "ofa") for label, folder in spec["forms"].items()})
+    rows.update({label: (folder, "ofa") for label, (folder, _) in spec["forms"].items()})
     for label, (folder, name) in rows.items():
         cells = [_fmt([_cell(_entries(folder, t), name, s) for s in SEEDS]) for t in spec["tasks"]]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    for label, folder in spec["forms"].items():
+    for label, (folder, ce_folder) in spec["forms"].items():
         diffs = []
         for t in spec["tasks"]:
-            ce, ofa = _entries(spec["base"], t), _entries(folder, t)
+            ce, ofa = _entries(ce_folder, t), _entries(folder, t)
             pairs = [(_cell(ofa, "ofa", s), _cell(ce, "ce", s)) for s in SEEDS]
             diffs.append(" / ".join("-" if o is None or c is None else f"{o - c:+.1f}" for o, c in pairs))
         lines.append(f"| {label} - ce, per seed | " + " | ".join(diffs) + " |")
     return "\n".join(lines)
 
 
+def _finished(entries: dict, name: str) -> list[float] | None:
+    cells = [_cell(entries, name, seed) for seed in SEEDS]
+    return None if None in cells else cells
+
+
+def summary() -> str:
+    """Per model and form: OFA's and its CE's means over the tasks where both finished all seeds, and OFA - CE."""
+    lines = ["mean over the tasks where OFA and its CE finished all three seeds (OFA - CE: paired)", "",
+             "| model | form | tasks | OFA | CE | OFA - CE |", "|---|---|---|---:|---:|---:|"]
+    for model, spec in MODELS.items():
+        for label, (folder, ce_folder) in spec["forms"].items():
+            done = []
+            for t in spec["tasks"]:
+                ofa, ce = _finished(_entries(folder, t), "ofa"), _finished(_entries(ce_folder, t), "ce")
+                if ofa is not None and ce is not None:
+                    done.append((t, statistics.mean(ofa), statistics.mean(ce)))
+            if not done:
+                lines.append(f"| {model} | {label} | none finished | - | - | - |")
+                continue
+            ofa_mean, ce_mean = (statistics.mean(d[i] for d in done) for i in (1, 2))
+            complete = "" if len(done) == len(spec["tasks"]) else f" ({len(done)} of {len(spec['tasks'])})"
+            lines.append(f"| {model} | {label} | {', '.join(d[0] for d in done)}{complete} | {ofa_mean:.1f} | "
+                         f"{ce_mean:.1f} | {ofa_mean - ce_mean:+.1f} |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
-    print("\n\n".join(table(m) for m in MODELS))
+    print("\n\n".join([*(table(m) for m in MODELS), summary()]))
