@@ -118,3 +118,12 @@ def test_importing_the_options_loads_neither_torch_nor_the_training_loop():
             "print(sorted(m for m in ('torch', 'ofa_kernels.fewshot.trainer', 'ofa_kernels.ops') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_building_the_cli_loads_no_torch():
+    """The CLI's flags come from the options and the kernel floor's names (``vocab``), both torch-free, so
+    ``ofa --help`` and refused arguments answer at once."""
+    code = ("import sys, ofa_kernels.fewshot.cli as c; c.build_parser(); "
+            "print(sorted(m for m in ('torch', 'ofa_kernels.ops', 'ofa_kernels.fewshot.trainer') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
