@@ -113,10 +113,10 @@ def cases(rows: int, width: int, dtype, device, backend: str = "auto") -> dict[s
         "F.rms_norm hvp": ("public", hvp(theirs)),
         "ofa rms_norm hvp": ("public", hvp(ours)),
         "backend fwd": ("backend", lambda: impl.norm_fwd(x, w, None, 1e-6, rms, dtype)),
-        "backend bwd (dx, dw)": ("backend", lambda: impl.norm_bwd(dy, x, w, mean, rstd, rms, True, True,
-                                                                   False)),
+        "backend bwd (dx, dw)": ("backend", lambda: impl.norm_bwd(dy, x, w, mean, rstd, rms,
+                                                                   (True, True, False))),
         "backend bwd_bwd (d dy, d x, d w)": ("backend", lambda: impl.norm_bwd_bwd(
-            dy, x, w, mean, rstd, dy, w, None, rms.unrounded(), True, True, True)),
+            dy, x, w, mean, rstd, (dy, w, None), rms.unrounded(), (True, True, True))),
     }
     if getattr(impl, "__name__", "").endswith("triton.norm"):
         out.update(_triton_parts(impl, x, w, dy, y, mean, rstd))

@@ -72,10 +72,10 @@ class Cell:
             fwd = {k: v for k, v in knobs.items() if k in ("rows_per_program", "num_warps", "max_block_n")}
             self.ops.norm_fwd(self.x, self.w, None, 1e-6, spec, self.x.dtype, **fwd)
         elif kernel == "bwd":
-            self.ops.norm_bwd(self.dy, self.x, self.w, mean, rstd, spec, True, True, False, **knobs)
+            self.ops.norm_bwd(self.dy, self.x, self.w, mean, rstd, spec, (True, True, False), **knobs)
         else:
-            self.ops.norm_bwd_bwd(self.dy, self.x, self.w, mean, rstd, self.a, None, None, spec.unrounded(), True,
-                                  True, True, **knobs)
+            self.ops.norm_bwd_bwd(self.dy, self.x, self.w, mean, rstd, (self.a, None, None), spec.unrounded(),
+                                  (True, True, True), **knobs)
 
     def time(self, kernel: str, knobs: dict, rep_ms: float) -> float | None:
         """ms of RMSNorm + LayerNorm; None where the knobs do not compile or run (registers, smem)."""

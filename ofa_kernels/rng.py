@@ -20,6 +20,7 @@ most 2**31 elements per probe.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -47,6 +48,20 @@ def probe_keys(seed: int, layer: int, probe: int) -> tuple[int, int]:
     h = mix32(h + 0x9E3779B9 * (layer + 1))
     h = mix32(h ^ mix32(0x85EBCA6B * (probe + 1)))
     return h, mix32(h ^ 0x5BD1E995)
+
+
+class ProbeStream(NamedTuple):
+    """Which probes a perturbation draws: probes ``first .. first + count - 1`` of block ``layer`` under
+    ``seed`` (an int, or a 0-dim int64 tensor read on the device: see ``key_table``)."""
+
+    seed: int | torch.Tensor
+    layer: int
+    first: int = 0
+    count: int = 1
+
+    def keys(self, device) -> torch.Tensor:
+        """The stream's ``key_table`` on ``device``."""
+        return key_table(self.seed, self.layer, self.first, self.count, device)
 
 
 def key_table(seed: int | torch.Tensor, layer: int, first_probe: int, num_probes: int, device) -> torch.Tensor:

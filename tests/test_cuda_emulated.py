@@ -146,12 +146,12 @@ def _check_all_stages(case):
     _, mean, rstd = want
 
     dy = torch.randn(M, N, dtype=out_dtype)
-    bwd_args = (dy, x, w, mean, rstd, spec, True, True, not is_rms)
+    bwd_args = (dy, x, w, mean, rstd, spec, (True, True, not is_rms))
     for g, r in zip(native.norm_bwd(*bwd_args), eager.norm_bwd(*bwd_args), strict=True):
         _close(g, r)
 
     a, bw, e = torch.randn(M, N, dtype=dtype), torch.randn(N, dtype=_acc(dtype)), torch.randn(N, dtype=_acc(dtype))
-    bb_args = (dy, x, w, mean, rstd, a, bw, None if is_rms else e, spec.unrounded(), True, True, True)
+    bb_args = (dy, x, w, mean, rstd, (a, bw, None if is_rms else e), spec.unrounded(), (True, True, True))
     for g, r in zip(native.norm_bwd_bwd(*bb_args), eager.norm_bwd_bwd(*bb_args), strict=True):
         _close(g, r)
 
@@ -164,7 +164,7 @@ def test_backward_computes_only_what_is_asked(cuda_kernels, path, needs):
     x, w, _ = _inputs(N, torch.float32, False)
     layer = norm_spec(False)
     _, mean, rstd = eager.norm_fwd(x, w, None, 1e-5, layer, torch.float32)
-    args = (torch.randn(M, N), x, w, mean, rstd, layer, *needs)
+    args = (torch.randn(M, N), x, w, mean, rstd, layer, needs)
     for g, r in zip(native.norm_bwd(*args), eager.norm_bwd(*args), strict=True):
         _close(g, r)
 
@@ -176,7 +176,7 @@ def test_double_backward_with_missing_cotangents(cuda_kernels, no_weight):
     w = None if no_weight else w
     rms = norm_spec(True)
     _, mean, rstd = eager.norm_fwd(x, w, None, 1e-5, rms, torch.float32)
-    args = (torch.randn(M, N), x, w, mean, rstd, None, torch.randn(N), None, rms, True, True, not no_weight)
+    args = (torch.randn(M, N), x, w, mean, rstd, (None, torch.randn(N), None), rms, (True, True, not no_weight))
     for g, r in zip(native.norm_bwd_bwd(*args), eager.norm_bwd_bwd(*args), strict=True):
         _close(g, r)
 

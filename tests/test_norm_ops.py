@@ -571,7 +571,7 @@ def _check_param_dtype_grads(backend, w_dtype):
         got = torch.autograd.grad(y, params, dy)
         spec = norm_spec(is_rms, 0.0, "llama" if is_rms else "none")
         _, mean, rstd = impl.norm_fwd(x, w, None if is_rms else b, 1e-6 if is_rms else 1e-5, spec, y.dtype)
-        _, dw32, db32 = impl.norm_bwd(dy, x, w, mean, rstd, spec, False, True, not is_rms)
+        _, dw32, db32 = impl.norm_bwd(dy, x, w, mean, rstd, spec, (False, True, not is_rms))
         assert dw32.dtype == torch.float32
         for g, want in zip(got, [dw32, db32][:len(got)], strict=True):
             assert g.dtype == w_dtype

@@ -14,6 +14,7 @@ import ofa_kernels
 from ofa_kernels.fewshot import anatomy
 from ofa_kernels.fewshot import objectives as obj
 from ofa_kernels.ops.probe import perturb
+from ofa_kernels.rng import ProbeStream
 
 # ------------------------------------------------------------------------------------ step ratio
 
@@ -193,7 +194,7 @@ def test_paper_exact_is_the_authors_arithmetic(kind):
 
     def kernel_gaussian(shape, seed, layer, like):  # the numbers perturb() adds, read back through a zero input
         return perturb(torch.zeros(shape, dtype=like.dtype, device=like.device), torch.ones(shape[-1], dtype=like.dtype,
-                       device=like.device), 1.0, seed=seed, layer=layer, distribution="gaussian", backend="torch")[0]
+                       device=like.device), 1.0, stream=ProbeStream(seed, layer), distribution="gaussian", backend="torch")[0]
 
     ours, theirs = _tiny(kind), _tiny(kind)
     ofa_kernels.patch_model(ours)
@@ -373,7 +374,7 @@ def test_paper_exact_is_the_authors_arithmetic_on_smollm2(smollm2):
 
     def kernel_gaussian(shape, seed, layer, like):
         return perturb(torch.zeros(shape, dtype=like.dtype, device=like.device), torch.ones(shape[-1], dtype=like.dtype,
-                       device=like.device), 1.0, seed=seed, layer=layer, distribution="gaussian", backend="torch")[0]
+                       device=like.device), 1.0, stream=ProbeStream(seed, layer), distribution="gaussian", backend="torch")[0]
 
     want = authors_terms(model, batch["input_ids"], batch["attention_mask"], gammas, seed=seed,
                          gaussian=kernel_gaussian)["S"]
@@ -431,7 +432,7 @@ def test_the_paper_form_of_a_training_step_is_the_authors_loss(monkeypatch):
 
     def noise(shape, seed, layer, like):
         return perturb(torch.zeros(shape, dtype=like.dtype, device=like.device), torch.ones(shape[-1], dtype=like.dtype,
-                       device=like.device), 1.0, seed=seed, layer=layer, distribution="gaussian")[0]
+                       device=like.device), 1.0, stream=ProbeStream(seed, layer), distribution="gaussian")[0]
 
     ids = torch.tensor([prompt], device=DEVICE)
     terms = authors_terms(theirs, ids, torch.ones_like(ids), gammas, seed=13, gaussian=noise,

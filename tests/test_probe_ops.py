@@ -7,6 +7,7 @@ import torch
 from conftest import DEVICE, available_backends
 
 from ofa_kernels import rng
+from ofa_kernels.rng import ProbeStream
 from ofa_kernels.ops.probe import perturb, probe_dot, probe_rows
 
 BACKENDS = available_backends()
@@ -26,7 +27,7 @@ def test_in_kernel_probes_equal_the_host_generator(backend, dist, dtype):
     x = torch.randn(K * B, T, d, device=DEVICE, dtype=dtype)
     gamma = torch.rand(d, device=DEVICE) + 0.5
     seed, layer = int(torch.randint(0, 2**31, ())), 4
-    noise, scale = perturb(x, gamma, 0.5, seed=seed, layer=layer, first_probe=2, num_probes=K, distribution=dist,
+    noise, scale = perturb(x, gamma, 0.5, stream=ProbeStream(seed, layer, 2, K), distribution=dist,
                            noise_only=True, backend=backend)
     assert torch.all(scale == 0.5)
     for k in range(K):
@@ -42,13 +43,13 @@ def test_a_row_offset_draws_the_rows_of_a_larger_slab(backend, dist):
     K, B, T, d = 2, 5, 3, 19
     x = torch.randn(K, B, T, d, device=DEVICE)
     gamma = torch.rand(d, device=DEVICE) + 0.5
-    whole, _ = perturb(x.reshape(K * B, T, d), gamma, 0.1, seed=9, layer=2, num_probes=K, distribution=dist,
+    whole, _ = perturb(x.reshape(K * B, T, d), gamma, 0.1, stream=ProbeStream(9, 2, 0, K), distribution=dist,
                        backend=backend)
-    shard, _ = perturb(x[:, 2:4].reshape(K * 2, T, d), gamma, 0.1, seed=9, layer=2, num_probes=K, distribution=dist,
+    shard, _ = perturb(x[:, 2:4].reshape(K * 2, T, d), gamma, 0.1, stream=ProbeStream(9, 2, 0, K), distribution=dist,
                        row_offset=2 * T, backend=backend)
     torch.testing.assert_close(shard.view(K, 2, T, d), whole.view(K, B, T, d)[:, 2:4], rtol=0, atol=0)
     with pytest.raises(ValueError, match="row_offset"):
-        perturb(x, gamma, 0.1, seed=9, layer=2, row_offset=-1, backend=backend)
+        perturb(x, gamma, 0.1, stream=ProbeStream(9, 2), row_offset=-1, backend=backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -56,13 +57,13 @@ def test_a_row_offset_draws_the_rows_of_a_larger_slab(backend, dist):
 def test_perturbation_scaled_by_row_rms(backend, dist):
     x = torch.randn(4, 3, 29, device=DEVICE) * torch.rand(4, 3, 1, device=DEVICE) * 10
     gamma = torch.rand(29, device=DEVICE)
-    y, s = perturb(x, gamma, 1e-2, seed=3, layer=1, num_probes=2, distribution=dist, scale_by_rms=True,
+    y, s = perturb(x, gamma, 1e-2, stream=ProbeStream(3, 1, 0, 2), distribution=dist, scale_by_rms=True,
                    backend=backend)
     rms = x.pow(2).mean(-1).sqrt()
     torch.testing.assert_close(s, 1e-2 * rms)
     nu = torch.cat([rng.probes((2, 3, 29), 3, dist, layer=1, probe=k, device=DEVICE) for k in range(2)])
     torch.testing.assert_close(y, x + s[..., None] * gamma * nu, rtol=1e-6, atol=1e-6)
-    (g,) = torch.autograd.grad(perturb(x.requires_grad_(), gamma, 1e-2, seed=3, layer=1, backend=backend)[0].sum(),
+    (g,) = torch.autograd.grad(perturb(x.requires_grad_(), gamma, 1e-2, stream=ProbeStream(3, 1), backend=backend)[0].sum(),
                                x)
     assert torch.all(g == 1)
 
@@ -98,9 +99,9 @@ def test_probe_dot_and_its_backward_match_plain_pytorch(backend):
 def test_perturb_rejects_bad_arguments():
     x = torch.randn(3, 5, 8, device=DEVICE)
     with pytest.raises(ValueError, match="num_probes=2"):
-        perturb(x, torch.ones(8, device=DEVICE), 1e-3, seed=0, layer=0, num_probes=2)
+        perturb(x, torch.ones(8, device=DEVICE), 1e-3, stream=ProbeStream(0, 0, 0, 2))
     with pytest.raises(ValueError, match="gamma must have shape"):
-        perturb(x, torch.ones(7, device=DEVICE), 1e-3, seed=0, layer=0)
+        perturb(x, torch.ones(7, device=DEVICE), 1e-3, stream=ProbeStream(0, 0))
     with pytest.raises(ValueError, match="distribution"):
         rng.probes((3,), 0, "uniform")
 
@@ -108,9 +109,9 @@ def test_perturb_rejects_bad_arguments():
 @pytest.mark.parametrize("backend", available_backends())
 def test_perturb_with_a_seed_tensor_draws_the_same_probes(backend):
     x, gamma = torch.randn(2 * 3, 37, device=DEVICE), torch.rand(37, device=DEVICE) + 0.5
-    kwargs = dict(layer=4, first_probe=1, num_probes=2, distribution="gaussian", backend=backend)
-    want, _ = perturb(x, gamma, 1e-2, seed=123457, **kwargs)
-    got, _ = perturb(x, gamma, 1e-2, seed=torch.tensor(123457, device=DEVICE), **kwargs)
+    kwargs = dict(distribution="gaussian", backend=backend)
+    want, _ = perturb(x, gamma, 1e-2, stream=ProbeStream(123457, 4, 1, 2), **kwargs)
+    got, _ = perturb(x, gamma, 1e-2, stream=ProbeStream(torch.tensor(123457, device=DEVICE), 4, 1, 2), **kwargs)
     assert torch.equal(got, want)
-    other, _ = perturb(x, gamma, 1e-2, seed=torch.tensor(123458, device=DEVICE), **kwargs)
+    other, _ = perturb(x, gamma, 1e-2, stream=ProbeStream(torch.tensor(123458, device=DEVICE), 4, 1, 2), **kwargs)
     assert not torch.equal(other, want)

@@ -21,6 +21,7 @@ import ofa_kernels
 from ofa_kernels.fewshot import anatomy
 from ofa_kernels.fewshot import objectives as obj
 from ofa_kernels.ops.probe import perturb
+from ofa_kernels.rng import ProbeStream
 from ofa_kernels.fewshot.riding import RiderProbes, RidingTap, riding_batch
 
 KINDS = ["llama", "gpt2", "qwen2", "gemma3"]
@@ -153,7 +154,7 @@ def test_riders_draw_the_all_positions_estimators_last_token_probe():
         tap.run(st.base)
         for t in (1, 2):
             zeros = torch.zeros(K * B, T, d, dtype=torch.float64, device=DEVICE)
-            noise_all = perturb(zeros, gammas[t], 1e-3, seed=9, layer=t, num_probes=K, distribution="gaussian",
+            noise_all = perturb(zeros, gammas[t], 1e-3, stream=ProbeStream(9, t, 0, K), distribution="gaussian",
                                 backend="torch")[0]
             want = noise_all[torch.arange(K * B, device=DEVICE), pos.repeat(K)]
             torch.testing.assert_close(tap.rider_fed[t] - tap.rider_in[t], want, rtol=1e-9, atol=1e-15)

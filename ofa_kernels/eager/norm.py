@@ -95,16 +95,15 @@ def norm_bwd(
     mean: Tensor,
     rstd: Tensor,
     spec: NormSpec,
-    need_dx: bool,
-    need_dw: bool,
-    need_db: bool,
+    needs: tuple[bool, bool, bool],
     *,
     dw_dtype: torch.dtype | None = None,
     db_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """Returns ``(dx, dw, db)``: dx in x's dtype, dw and db in the accumulation dtype; None where not needed.
-    ``dw_dtype``/``db_dtype`` (the parameters' dtypes) are for backends that write them directly; here the
-    caller's cast does it."""
+    """Returns ``(dx, dw, db)``: dx in x's dtype, dw and db in the accumulation dtype; None where not needed
+    (``needs``: dx, dw, db). ``dw_dtype``/``db_dtype`` (the parameters' dtypes) are for backends that write
+    them directly; here the caller's cast does it."""
+    need_dx, need_dw, need_db = needs
     offset, is_rms, cast_mode = spec.offset, spec.is_rms, spec.cast_mode
     acc = acc_dtype(x.dtype)
     dy32 = dy.to(acc)
@@ -132,16 +131,15 @@ def norm_bwd_bwd(
     weight: Tensor | None,
     mean: Tensor,
     rstd: Tensor,
-    grad_dx: Tensor | None,
-    grad_dw: Tensor | None,
-    grad_db: Tensor | None,
+    cotangents: tuple[Tensor | None, Tensor | None, Tensor | None],
     spec: NormSpec,
-    need_ddy: bool,
-    need_dx: bool,
-    need_dw: bool,
+    needs: tuple[bool, bool, bool],
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Returns ``(d_dy, d_x, d_w)`` in dy's, x's and the accumulation dtype (see the module docstring);
-    reads ``spec.is_rms`` and ``spec.offset`` (the unrounded norm's second derivative)."""
+    ``cotangents``: (grad_dx, grad_dw, grad_db), each may be None; ``needs``: d_dy, d_x, d_w. Reads
+    ``spec.is_rms`` and ``spec.offset`` (the unrounded norm's second derivative)."""
+    grad_dx, grad_dw, grad_db = cotangents
+    need_ddy, need_dx, need_dw = needs
     offset, is_rms = spec.offset, spec.is_rms
     acc = acc_dtype(x.dtype)
     dy32 = dy.to(acc)

@@ -68,6 +68,7 @@ from torch.autograd import forward_ad
 from torch.overrides import TorchFunctionMode
 
 from .. import rng
+from ..rng import ProbeStream
 from .anatomy import StateTap, Structure, input_batch, positions_of, preconditioners, structure
 from .memory import recompute_under
 from ..ops.probe import perturb, probe_dot, probe_rows
@@ -239,7 +240,7 @@ def _fd(st, batch, pr: _Probing, first: int, K: int, clean: list[Tensor]) -> Ten
     def transform(t, x):
         if t not in perturbed:
             return x
-        y, s = perturb(x, pr.gammas[t].to(x.device), pr.eps, seed=pr.seed, layer=t, first_probe=first, num_probes=K,
+        y, s = perturb(x, pr.gammas[t].to(x.device), pr.eps, stream=ProbeStream(pr.seed, t, first, K),
                        distribution=pr.distribution, scale_by_rms=pr.scale_by_rms, row_offset=pr.row_offset * T,
                        backend=pr.backend)
         scales[t] = s[torch.arange(K * B, device=x.device), pos]
@@ -299,8 +300,8 @@ def _jvp(st, batch, pr: _Probing, first: int, K: int) -> Tensor:
             if t not in perturbed:
                 return x
             primal = forward_ad.unpack_dual(x).primal
-            noise, s = perturb(primal, pr.gammas[t].to(x.device), 1.0, seed=pr.seed, layer=t, first_probe=first,
-                               num_probes=K, distribution=pr.distribution, scale_by_rms=pr.scale_by_rms,
+            noise, s = perturb(primal, pr.gammas[t].to(x.device), 1.0, stream=ProbeStream(pr.seed, t, first, K),
+                               distribution=pr.distribution, scale_by_rms=pr.scale_by_rms,
                                noise_only=True, row_offset=pr.row_offset * T, backend=pr.backend)
             scales[t] = s[torch.arange(K * B, device=x.device), pos]
             return x + forward_ad.make_dual(torch.zeros_like(noise), noise)

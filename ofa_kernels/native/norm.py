@@ -40,16 +40,15 @@ def norm_fwd(x, weight, bias, eps, spec: NormSpec, out_dtype):
     return (y if y.dtype == out_dtype else y.to(out_dtype)), mean, rstd
 
 
-def norm_bwd(dy, x, weight, mean, rstd, spec: NormSpec, need_dx, need_dw, need_db, *, dw_dtype=None,
-             db_dtype=None):
+def norm_bwd(dy, x, weight, mean, rstd, spec: NormSpec, needs, *, dw_dtype=None, db_dtype=None):
     """(dx, dw, db): dw/db in the accumulation dtype (``dw_dtype``/``db_dtype`` are for backends that write
     the parameters' dtypes directly; the caller casts these)."""
-    return _C().backward(_partner(dy, x), x, weight, mean, rstd, spec.offset, spec.is_rms, spec.cast_code, need_dx,
-                         need_dw, need_db)
+    return _C().backward(_partner(dy, x), x, weight, mean, rstd, spec.offset, spec.is_rms, spec.cast_code, *needs)
 
 
-def norm_bwd_bwd(dy, x, weight, mean, rstd, grad_dx, grad_dw, grad_db, spec: NormSpec, need_ddy, need_dx, need_dw):
+def norm_bwd_bwd(dy, x, weight, mean, rstd, cotangents, spec: NormSpec, needs):
+    grad_dx, grad_dw, grad_db = cotangents
     a = None if grad_dx is None else grad_dx.to(x.dtype)
     d_dy, d_x, d_w = _C().double_backward(_partner(dy, x), x, weight, mean, rstd, a, grad_dw, grad_db, spec.offset,
-                                          spec.is_rms, need_ddy, need_dx, need_dw)
+                                          spec.is_rms, *needs)
     return (None if d_dy is None else d_dy.to(dy.dtype)), d_x, d_w

@@ -30,15 +30,15 @@ class NormBackend(Protocol):
         """``(y, mean, rstd)``."""
 
     def norm_bwd(self, dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor, spec: NormSpec,
-                 need_dx: bool, need_dw: bool, need_db: bool, *, dw_dtype=None,
+                 needs: tuple[bool, bool, bool], *, dw_dtype=None,
                  db_dtype=None) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-        """``(dx, dw, db)``, None where not needed."""
+        """``(dx, dw, db)``, None where not needed (``needs``: whether each is)."""
 
     def norm_bwd_bwd(self, dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor,
-                     grad_dx: Tensor | None, grad_dw: Tensor | None, grad_db: Tensor | None, spec: NormSpec,
-                     need_ddy: bool, need_dx: bool, need_dw: bool) -> tuple:
-        """``(d_dy, d_x, d_w)`` of ``<grad_dx, dx> + <grad_dw, dw> + <grad_db, db>``, None where not needed
-        (``spec`` with cast mode "none": the second derivative of the norm without its rounding)."""
+                     cotangents: tuple, spec: NormSpec, needs: tuple[bool, bool, bool]) -> tuple:
+        """``(d_dy, d_x, d_w)`` of ``<grad_dx, dx> + <grad_dw, dw> + <grad_db, db>`` for ``cotangents`` =
+        (grad_dx, grad_dw, grad_db), each may be None; None where not needed (``needs``: d_dy, d_x, d_w;
+        ``spec`` with cast mode "none": the second derivative of the norm without its rounding)."""
 
 
 class ProbeBackend(Protocol):

@@ -100,7 +100,7 @@ def call_bwd(dy, x, weight, mean, rstd, call: NormCall, needs: Needs, dw_dtype=N
     caller made it so once."""
     need_dx, need_dw, need_db = needs
     impl = dispatch.resolve(call.backend, x.device, "norm", x.shape[-1], x.dtype, _STAGE_KEYS[call.spec.is_rms][1])
-    return impl.norm_bwd(dy, x, weight, mean, rstd, call.spec, need_dx, need_dw and weight is not None, need_db,
+    return impl.norm_bwd(dy, x, weight, mean, rstd, call.spec, (need_dx, need_dw and weight is not None, need_db),
                          dw_dtype=dw_dtype, db_dtype=db_dtype)
 
 
@@ -109,8 +109,8 @@ def call_bwd_bwd(dy, x, weight, mean, rstd, grad_dx, grad_dw, grad_db, call: Nor
     spec has cast mode "none": the double backward differentiates the norm without its rounding."""
     need_ddy, need_dx, need_dw = needs
     impl = dispatch.resolve(call.backend, x.device, "norm", x.shape[-1], x.dtype, _STAGE_KEYS[call.spec.is_rms][2])
-    d_dy, d_x, d_w = impl.norm_bwd_bwd(dy, x, weight, mean, rstd, grad_dx, grad_dw, grad_db, call.spec.unrounded(),
-                                       need_ddy, need_dx, need_dw and weight is not None)
+    d_dy, d_x, d_w = impl.norm_bwd_bwd(dy, x, weight, mean, rstd, (grad_dx, grad_dw, grad_db), call.spec.unrounded(),
+                                       (need_ddy, need_dx, need_dw and weight is not None))
     if need_ddy and d_dy is None:
         d_dy = torch.zeros_like(dy)
     if need_dx and d_x is None:

@@ -51,16 +51,16 @@ def plain_bwd(dy, x, weight, mean, rstd, call, needs):
     """The backward stage in PyTorch ops, differentiable through the statistics: ``(dx, dw, db)``."""
     need_dx, need_dw, need_db = needs
     mean_f, rstd_f = stats_of(x, mean, rstd, call.spec.is_rms)
-    return plain_formulas.norm_bwd(dy, x, weight, mean_f, rstd_f, call.spec, need_dx, need_dw and weight is not None,
-                                   need_db)
+    return plain_formulas.norm_bwd(dy, x, weight, mean_f, rstd_f, call.spec,
+                                   (need_dx, need_dw and weight is not None, need_db))
 
 
 def plain_bwd_bwd(dy, x, weight, mean, rstd, grad_dx, grad_dw, grad_db, call, needs):
     """The double backward in PyTorch ops, differentiable through the statistics: ``(d_dy, d_x, d_w)``."""
     need_ddy, need_dx, need_dw = needs
     mean_f, rstd_f = stats_of(x, mean, rstd, call.spec.is_rms)
-    return plain_formulas.norm_bwd_bwd(dy, x, weight, mean_f, rstd_f, grad_dx, grad_dw, grad_db,
-                                       call.spec.unrounded(), need_ddy, need_dx, need_dw and weight is not None)
+    return plain_formulas.norm_bwd_bwd(dy, x, weight, mean_f, rstd_f, (grad_dx, grad_dw, grad_db),
+                                       call.spec.unrounded(), (need_ddy, need_dx, need_dw and weight is not None))
 
 
 def plain_bwd_bwd_in(fixed: list, slots: list[int], mean, rstd, call, mask: tuple[bool, ...]):

@@ -91,10 +91,7 @@ def perturb(
     gamma: Tensor,
     eps: float,
     *,
-    seed: int | Tensor,
-    layer: int,
-    first_probe: int = 0,
-    num_probes: int = 1,
+    stream: rng.ProbeStream,
     distribution: str = "rademacher",
     scale_by_rms: bool = False,
     noise_only: bool = False,
@@ -103,13 +100,15 @@ def perturb(
 ) -> tuple[Tensor, Tensor]:
     """``x + s * gamma * nu`` (or ``s * gamma * nu`` with ``noise_only``) and the per-row step ``s``.
 
-    ``x``: ``[K * ..., N]``; its rows split evenly into ``num_probes`` consecutive groups, group k
-    drawing probe ``first_probe + k``. ``s = eps * rms(row)`` with ``scale_by_rms``, else ``eps``.
-    The probe numbers equal ``rng.probes(x[k].shape, seed, distribution, layer=layer, probe=k)``
-    (``seed``: an int, or a 0-dim int64 tensor on ``x``'s device, read there: see ``rng.key_table``);
-    with ``row_offset`` each group is rows ``row_offset ..`` of a larger slab (a shard of a batch).
+    ``x``: ``[K * ..., N]``; its rows split evenly into the ``stream``'s ``count`` consecutive groups,
+    group k drawing probe ``stream.first + k`` of block ``stream.layer``. ``s = eps * rms(row)`` with
+    ``scale_by_rms``, else ``eps``. The probe numbers equal ``rng.probes(x[k].shape, seed, distribution,
+    layer=layer, probe=k)`` (``stream.seed``: an int, or a 0-dim int64 tensor on ``x``'s device, read
+    there: see ``rng.key_table``); with ``row_offset`` each group is rows ``row_offset ..`` of a larger slab
+    (a shard of a batch).
     """
     rng.check_distribution(distribution)
+    num_probes = stream.count
     N = x.shape[-1]
     if gamma.shape != (N,):
         raise ValueError(f"gamma must have shape ({N},) to match x's last dim, got {tuple(gamma.shape)}")
@@ -121,10 +120,9 @@ def perturb(
         raise ValueError(f"row_offset must be >= 0, got {row_offset}")
     if (rows_per_probe + row_offset) * N > rng.MAX_COUNTER:
         raise ValueError(f"one probe covers {rows_per_probe * N} elements; at most 2**31 are supported")
-    keys = rng.key_table(seed, layer, first_probe, num_probes, x.device)
     how = _Perturbation(float(eps), rows_per_probe, distribution, scale_by_rms, not noise_only, int(row_offset),
                         backend)
-    y, scale = _PerturbFn.apply(_rows(x), gamma.detach().contiguous(), keys, how)
+    y, scale = _PerturbFn.apply(_rows(x), gamma.detach().contiguous(), stream.keys(x.device), how)
     return y.view(x.shape), scale.view(x.shape[:-1])
 
 

@@ -536,12 +536,13 @@ def norm_fwd(x, weight, bias, eps, spec: NormSpec, out_dtype, *, max_block_n=Non
     return y, mean, rstd
 
 
-def norm_bwd(dy, x, weight, mean, rstd, spec: NormSpec, need_dx, need_dw, need_db, *,
-             dw_dtype=None, db_dtype=None, max_block_n=None, rows_per_program=None, num_warps=None,
-             programs_per_sm=None, reduce_in_kernel=None):
-    """Returns (dx in x.dtype, dw, db); None where not needed. Where the kernel sums the partials itself it
-    writes dw/db in ``dw_dtype``/``db_dtype`` (the parameters'); a separate sum leaves them in the
-    accumulation dtype, for the caller to cast."""
+def norm_bwd(dy, x, weight, mean, rstd, spec: NormSpec, needs, *, dw_dtype=None, db_dtype=None, max_block_n=None,
+             rows_per_program=None, num_warps=None, programs_per_sm=None, reduce_in_kernel=None):
+    """Returns (dx in x.dtype, dw, db); None where not needed (``needs``: dx, dw, db). Where the kernel sums
+    the partials itself it writes dw/db in ``dw_dtype``/``db_dtype`` (the parameters'); a separate sum leaves
+    them in the accumulation dtype, for the caller to cast. The other keywords fix launch knobs
+    (``benchmarks/tune_norm.py``)."""
+    need_dx, need_dw, need_db = needs
     offset, is_rms = spec.offset, spec.is_rms
     M, N = x.shape
     acc = acc_dtype(x.dtype)
@@ -572,11 +573,12 @@ def norm_bwd(dy, x, weight, mean, rstd, spec: NormSpec, need_dx, need_dw, need_d
     return dx, dw, db
 
 
-def norm_bwd_bwd(dy, x, weight, mean, rstd, grad_dx, grad_dw, grad_db, spec: NormSpec,
-                 need_ddy, need_dx, need_dw, *, max_block_n=None, rows_per_program=None, num_warps=None,
-                 programs_per_sm=None, reduce_in_kernel=None):
-    """Returns (d_dy in dy.dtype, d_x in x.dtype, d_w in the accumulation dtype); reads ``spec.is_rms`` and
-    ``spec.offset``."""
+def norm_bwd_bwd(dy, x, weight, mean, rstd, cotangents, spec: NormSpec, needs, *, max_block_n=None,
+                 rows_per_program=None, num_warps=None, programs_per_sm=None, reduce_in_kernel=None):
+    """Returns (d_dy in dy.dtype, d_x in x.dtype, d_w in the accumulation dtype); ``cotangents``: (grad_dx,
+    grad_dw, grad_db), ``needs``: d_dy, d_x, d_w; reads ``spec.is_rms`` and ``spec.offset``."""
+    grad_dx, grad_dw, grad_db = cotangents
+    need_ddy, need_dx, need_dw = needs
     offset, is_rms = spec.offset, spec.is_rms
     M, N = x.shape
     acc = acc_dtype(x.dtype)
