@@ -171,27 +171,19 @@ def lower_priority(niceness: int) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ofa_kernels.fewshot.cli import add_option_flags, option_names, options_from_args  # torch-free
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2")
     p.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
     p.add_argument("--tasks", default=TASKS)
     p.add_argument("--arms", default=ARMS, help="adapted arms (zero-shot and ICL always run)")
     p.add_argument("--seeds", default="42,43,44")
-    p.add_argument("--shots", type=int, default=5)
-    p.add_argument("--epochs", type=int, default=60)
     p.add_argument("--test-size", type=int, default=300)
-    p.add_argument("--scoring", default="full")
-    p.add_argument("--protocol", default="paper", choices=["paper", "batched"],
-                   help="the trainer's protocol (paper: the authors', one pair per step)")
+    add_option_flags(p, option_names(per_run=False))  # every AdaptOptions field (not arm, seed: --arms, --seeds)
     p.add_argument("--no-demos", action="store_true", help="skip evaluating adapted models with the demonstrations")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "accuracy_paper"))
     p.add_argument("--nice", type=int, default=19, help="lower this process's CPU priority by this much (0: not)")
-    p.add_argument("--sharpness-form", default="trace", choices=["trace", "paper", "gain"],
-                   help="S's q: trace estimate, the authors' arithmetic, or per unit of gain")
-    p.add_argument("--probe-rows", default="all", choices=["all", "last"],
-                   help='"fd" sharpness: every position in a second pass, or the last token riding in the one pass')
-    p.add_argument("--j-without-final-norm", action="store_true",
-                   help="J without its last ratio, the step into the final norm's output (default: the paper's J)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (1 when something else runs on the cores; default: torch's)")
     args = p.parse_args(argv)
@@ -206,14 +198,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from ofa_kernels.fewshot.models import load_model
     from ofa_kernels.fewshot.runs import adapt_and_report
-    from ofa_kernels.fewshot.trainer import AdaptOptions
 
     seeds = [int(s) for s in args.seeds.split(",")]
     arms = [a for a in args.arms.split(",") if a]
     out = Path(args.out)
-    options = AdaptOptions(shots=args.shots, epochs=args.epochs, scoring=args.scoring, protocol=args.protocol,
-                           j_final_norm_step=not args.j_without_final_norm, probe_rows=args.probe_rows,
-                           sharpness_form=args.sharpness_form)
+    options = options_from_args(args)
     started = time.time()
     per_task = {}
     for task in args.tasks.split(","):

@@ -263,7 +263,7 @@ def test_every_option_has_its_adapt_flag_made_from_the_field():
     whose default gives the field's default."""
     import dataclasses
 
-    from ofa_kernels.fewshot.cli import _options, build_parser
+    from ofa_kernels.fewshot.cli import build_parser, options_from_args
     from ofa_kernels.fewshot.options import AdaptOptions
 
     flags = _adapt_flags()
@@ -277,7 +277,7 @@ def test_every_option_has_its_adapt_flag_made_from_the_field():
         if isinstance(f.metadata["choices"], tuple):
             assert tuple(action.choices) == f.metadata["choices"], f.name
     args = build_parser().parse_args(["adapt", "--task", "sst2"])
-    assert _options(args) == AdaptOptions()  # the flags' defaults are the fields' defaults
+    assert options_from_args(args) == AdaptOptions()  # the flags' defaults are the fields' defaults
     assert args.arm == ["ofa"] and args.seed == [42, 43, 44, 45, 46]
 
 
@@ -285,7 +285,7 @@ def test_every_option_has_its_adapt_flag_made_from_the_field():
 def test_each_adapt_flag_sets_its_field(name):
     import dataclasses
 
-    from ofa_kernels.fewshot.cli import _options, build_parser
+    from ofa_kernels.fewshot.cli import build_parser, options_from_args
     from ofa_kernels.fewshot.options import AdaptOptions
 
     typed, held = _TYPED[name]
@@ -295,7 +295,7 @@ def test_each_adapt_flag_sets_its_field(name):
         assert getattr(args, name) == [int(typed) if name == "seed" else typed]
         return
     assert held != getattr(AdaptOptions(), name)
-    got = _options(args)
+    got = options_from_args(args)
     assert getattr(got, name) == held
     others = {f.name for f in dataclasses.fields(AdaptOptions)} - {name}
     assert all(getattr(got, o) == getattr(AdaptOptions(), o) for o in others), name

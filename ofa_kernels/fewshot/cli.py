@@ -25,9 +25,9 @@ def _backends(args: argparse.Namespace) -> int:
     return 0
 
 
-def _options(args: argparse.Namespace):
-    """The AdaptOptions the flags name (``add_option_flags``), checked; the per-run fields (arm, seed) keep
-    their defaults: the runs set them."""
+def options_from_args(args: argparse.Namespace):
+    """The AdaptOptions the flags name (``add_option_flags``; a field without its flag in ``args`` keeps its
+    default), checked; the per-run fields (arm, seed) keep their defaults: the runs set them."""
     import dataclasses
 
     from .options import AdaptOptions
@@ -51,12 +51,13 @@ def _dtype(name: str):
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}[name]
 
 
-def _option_names() -> tuple[str, ...]:
+def option_names(per_run: bool = True) -> tuple[str, ...]:
+    """The AdaptOptions fields (without the per-run ones, arm and seed, when ``per_run`` is False)."""
     import dataclasses
 
     from .options import AdaptOptions
 
-    return tuple(f.name for f in dataclasses.fields(AdaptOptions))
+    return tuple(f.name for f in dataclasses.fields(AdaptOptions) if per_run or not f.metadata["per_run"])
 
 
 def _task_name(args: argparse.Namespace) -> str | None:
@@ -81,7 +82,7 @@ def _adapt(args: argparse.Namespace) -> int:
 
     dataset = _dataset(args)
     adapt_and_report(lambda: load_model(args.model, _dtype(args.dtype), args.device, sharded=args.fsdp), dataset,
-                     model_name=args.model, seeds=args.seed, arms=args.arm, options=_options(args),  # per-run: lists
+                     model_name=args.model, seeds=args.seed, arms=args.arm, options=options_from_args(args),  # per-run: lists
                      test_size=args.test_size, out=args.out, with_demos=not args.no_demos, progress=True,
                      model_settings={"dtype": args.dtype, "device": args.device})
     return 0
@@ -367,7 +368,7 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
         _check_out(parser, args.out)
     if args.command == "adapt":
         try:
-            _options(args)
+            options_from_args(args)
         except ValueError as exc:
             parser.error(str(exc))
         if args.batch_size > 1 and args.protocol == "batched":
@@ -414,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
         func=_backends)
     ad = sub.add_parser("adapt", help="adapt a model's norms to a task from k shots; evaluate against baselines")
     _common(ad)
-    add_option_flags(ad, names=tuple(n for n in _option_names() if n != "scoring"))  # --scoring: in _common
+    add_option_flags(ad, names=tuple(n for n in option_names() if n != "scoring"))  # --scoring: in _common
     ad.add_argument("--no-demos", action="store_true", help="skip evaluating adapted models with the demonstrations")
     ad.add_argument("--out", default="ofa_out", help="folder for results, adapters and progress")
     ad.set_defaults(func=_adapt)
