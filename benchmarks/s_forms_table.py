@@ -25,11 +25,15 @@ MODELS = {
                 "forms": {"ofa, trace + all (five-task table; its own CE)": ("accuracy_paper", "accuracy_paper"),
                           "ofa, gain + last": ("accuracy_s_forms/smollm2-gain-last",) * 2,
                           "ofa, paper (the authors')": ("accuracy_s_forms/smollm2-paper",
-                                                        "accuracy_s_forms/smollm2-gain-last")}},
+                                                        "accuracy_s_forms/smollm2-gain-last"),
+                          "ofa, gain + last, lambda_S 0.5": ("accuracy_s_forms/smollm2-gain-last-s0.5",
+                                                             "accuracy_s_forms/smollm2-gain-last")}},
     "gemma3-270m": {"tasks": ("sst2", "mr", "trec"), "base": "accuracy_gemma3",
                     "forms": {"ofa, trace + all (earlier table)": ("accuracy_gemma3",) * 2,
                               "ofa, gain + last": ("accuracy_s_forms/gemma3-gain-last", "accuracy_gemma3"),
-                              "ofa, paper (the authors')": ("accuracy_s_forms/gemma3-paper", "accuracy_gemma3")}},
+                              "ofa, paper (the authors')": ("accuracy_s_forms/gemma3-paper", "accuracy_gemma3"),
+                              "ofa, gain + last, lambda_S 0.5": ("accuracy_s_forms/gemma3-gain-last-s0.5",
+                                                                 "accuracy_gemma3")}},
 }
 
 
