@@ -44,10 +44,6 @@ class NormCall:
     spec: NormSpec
     backend: str
 
-    def unrounded(self) -> "NormCall":
-        """The call the double backward makes: the norm without its intermediate rounding."""
-        return norm_call(self.spec.is_rms, self.spec.offset, "none", self.backend)
-
 
 @functools.lru_cache(maxsize=256)
 def norm_call(is_rms: bool, offset: float, cast_mode: str, backend: str) -> NormCall:
