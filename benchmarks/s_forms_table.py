@@ -7,7 +7,7 @@ each form against the CE of its own k-shot sets. CE, ICL and zero-shot of Gemma 
 gain form's run (CE trained beside it; the authors' form draws the same sets). SmolLM2's trace form is
 the five-task table's (``results/accuracy_paper``: the pools before 2026-12-03, paired with that run's
 CE). Then, per model and form, the mean over the tasks where all three seeds of OFA and its CE
-finished: the figure issue 35 chooses the default by.
+finished: the figure issue 35 chooses the default by; last, that choice by the rule written in RESULTS.md.
 
     python benchmarks/s_forms_table.py
 """
@@ -20,6 +20,7 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SEEDS = (42, 43, 44)
+TIE = 0.5  # points: worse-model shortfalls this close are a tie, broken by the two-model mean
 MODELS = {
     "smollm2": {"tasks": ("sst2", "mr", "trec", "subj", "sst5"), "base": "accuracy_s_forms/smollm2-gain-last",
                 "forms": {"ofa, trace + all (five-task table; its own CE)": ("accuracy_paper", "accuracy_paper"),
@@ -78,26 +79,68 @@ def _finished(entries: dict, name: str) -> list[float] | None:
     return None if None in cells else cells
 
 
+def _paired_means(model: str) -> dict[str, tuple[list[str], float, float]]:
+    """Per form label: the tasks where OFA and its CE finished all seeds, and OFA's and CE's means over them."""
+    spec, out = MODELS[model], {}
+    for label, (folder, ce_folder) in spec["forms"].items():
+        done = []
+        for t in spec["tasks"]:
+            ofa, ce = _finished(_entries(folder, t), "ofa"), _finished(_entries(ce_folder, t), "ce")
+            if ofa is not None and ce is not None:
+                done.append((t, statistics.mean(ofa), statistics.mean(ce)))
+        if done:
+            out[label] = ([d[0] for d in done], *(statistics.mean(d[i] for d in done) for i in (1, 2)))
+    return out
+
+
 def summary() -> str:
     """Per model and form: OFA's and its CE's means over the tasks where both finished all seeds, and OFA - CE."""
     lines = ["mean over the tasks where OFA and its CE finished all three seeds (OFA - CE: paired)", "",
              "| model | form | tasks | OFA | CE | OFA - CE |", "|---|---|---|---:|---:|---:|"]
     for model, spec in MODELS.items():
-        for label, (folder, ce_folder) in spec["forms"].items():
-            done = []
-            for t in spec["tasks"]:
-                ofa, ce = _finished(_entries(folder, t), "ofa"), _finished(_entries(ce_folder, t), "ce")
-                if ofa is not None and ce is not None:
-                    done.append((t, statistics.mean(ofa), statistics.mean(ce)))
-            if not done:
+        means = _paired_means(model)
+        for label in spec["forms"]:
+            if label not in means:
                 lines.append(f"| {model} | {label} | none finished | - | - | - |")
                 continue
-            ofa_mean, ce_mean = (statistics.mean(d[i] for d in done) for i in (1, 2))
-            complete = "" if len(done) == len(spec["tasks"]) else f" ({len(done)} of {len(spec['tasks'])})"
-            lines.append(f"| {model} | {label} | {', '.join(d[0] for d in done)}{complete} | {ofa_mean:.1f} | "
+            tasks, ofa_mean, ce_mean = means[label]
+            complete = "" if len(tasks) == len(spec["tasks"]) else f" ({len(tasks)} of {len(spec['tasks'])})"
+            lines.append(f"| {model} | {label} | {', '.join(tasks)}{complete} | {ofa_mean:.1f} | "
                          f"{ce_mean:.1f} | {ofa_mean - ce_mean:+.1f} |")
     return "\n".join(lines)
 
 
+def choice() -> str:
+    """The rule of RESULTS.md ("The S forms: accuracy"), applied: among the forms with every task finished on
+    both models, one at or above CE on both models' task means; else the least shortfall on the worse model,
+    the mean of the two models' figures breaking a tie within ``TIE`` points."""
+    by_form: dict[str, dict[str, float]] = {}
+    for model, spec in MODELS.items():
+        for label, (tasks, ofa_mean, ce_mean) in _paired_means(model).items():
+            if len(tasks) == len(spec["tasks"]):
+                by_form.setdefault(label.split(" (")[0], {})[model] = ofa_mean - ce_mean
+    eligible = {form: d for form, d in by_form.items() if len(d) == len(MODELS)}
+    lines = ["the choice (forms finished on both models)", "",
+             "| form | " + " | ".join(MODELS) + " | worse model | mean of the two |", "|---|" + "---:|" * (len(MODELS) + 2)]
+    for form, d in eligible.items():
+        lines.append(f"| {form} | " + " | ".join(f"{d[m]:+.2f}" for m in MODELS)
+                     + f" | {min(d.values()):+.2f} | {statistics.mean(d.values()):+.2f} |")
+    if not eligible:
+        return "\n".join([*lines, "", "no form has finished on both models"])
+    at_or_above = [f for f, d in eligible.items() if min(d.values()) >= 0]
+    if at_or_above:
+        chosen = max(at_or_above, key=lambda f: statistics.mean(eligible[f].values()))
+        verdict = f"chosen: {chosen}, at or above CE on both models"
+    else:
+        best = max(min(d.values()) for d in eligible.values())
+        tied = [f for f, d in eligible.items() if min(d.values()) >= best - TIE]
+        chosen = max(tied, key=lambda f: statistics.mean(eligible[f].values()))
+        others = [f for f in tied if f != chosen]
+        tie = f"; within {TIE} of {', '.join(others)}, chosen by the two-model mean" if others else ""
+        verdict = (f"no form is at or above CE on both models; chosen: {chosen}, the closest (worse model "
+                   f"{min(eligible[chosen].values()):+.2f}{tie})")
+    return "\n".join([*lines, "", verdict])
+
+
 if __name__ == "__main__":
-    print("\n\n".join([*(table(m) for m in MODELS), summary()]))
+    print("\n\n".join([*(table(m) for m in MODELS), summary(), choice()]))

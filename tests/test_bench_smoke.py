@@ -306,3 +306,23 @@ def test_s_scale_smoke_gives_every_term_and_form(tmp_path):
     for pair in (0, 1):  # the authors' q is eps times the trace form's: a far smaller gradient
         assert by[pair, "lambda_S * S (paper)"]["grad_norm"] < by[pair, "lambda_S * S (trace)"]["grad_norm"]
     assert "| lambda_S * S (gain-last) |" in (tmp_path / "s_scale_smoke.md").read_text()
+
+
+@pytest.mark.parametrize("figures, chosen", [
+    # (smollm2, gemma3) OFA - CE per form; what the rule picks
+    ({"a": (-4.02, 2.96), "b": (-3.95, 1.89), "c": (-0.77, -8.31)}, "a, the closest"),  # tie on the worse model
+    ({"a": (-4.0, 2.96), "b": (-3.2, 1.89)}, "b, the closest"),  # b's worse model 0.8 better: no tie
+    ({"a": (-4.0, 2.96), "b": (0.1, 0.0)}, "b, at or above CE"),
+])
+def test_the_s_form_choice_follows_the_written_rule(monkeypatch, figures, chosen):
+    """s_forms_table.choice(): at or above CE on both models, else the least shortfall on the worse model with
+    ties within 0.5 points broken by the two-model mean; forms unfinished on a model are not eligible."""
+    import s_forms_table as sf
+
+    models = list(sf.MODELS)
+    table = {m: {f"{form} (label)": (list(sf.MODELS[m]["tasks"]), 50 + pair[i], 50.0)
+                 for form, pair in figures.items()} for i, m in enumerate(models)}
+    table[models[1]]["d (unfinished)"] = (["sst2"], 99.0, 50.0)  # would win, but not every task finished
+    table[models[0]]["d (unfinished)"] = (list(sf.MODELS[models[0]]["tasks"]), 99.0, 50.0)
+    monkeypatch.setattr(sf, "_paired_means", lambda model: table[model])
+    assert f"chosen: {chosen}" in sf.choice()
