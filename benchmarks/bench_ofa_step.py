@@ -164,7 +164,7 @@ def protocol_run(model, vocab: int, device: torch.device, captured: bool, limit:
     from ofa_kernels.fewshot.trainer import lr_multiplier
 
     lengths = json.loads(STEPS_FILE.read_text())["steps"][:limit]
-    options = AdaptOptions(arm="ofa", estimator="fd", num_probes=1)
+    options = AdaptOptions(arm="ofa", estimator="fd", num_probes=1, probe_rows="all")
     gammas = anatomy.preconditioners(model)
     params = list(norm_parameters(model).values())
     saved = [p.detach().clone() for p in params]

@@ -45,7 +45,7 @@ ARMS = ("ce", "ofa-last", "ofa-all", "authors")
 def _ours(model, batch, arm: str):
     options = {"ce": AdaptOptions(arm="ce", scoring="first"),
                "ofa-last": AdaptOptions(arm="ofa", scoring="first", probe_rows="last"),
-               "ofa-all": AdaptOptions(arm="ofa", scoring="first")}[arm]
+               "ofa-all": AdaptOptions(arm="ofa", scoring="first", probe_rows="all")}[arm]
     gammas = anatomy.preconditioners(model)
     params = list(anatomy.norm_parameters(model).values())
     optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-3)

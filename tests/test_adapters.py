@@ -132,3 +132,16 @@ def test_the_peft_key_layout_round_trips_through_the_reader():
         assert adapters._peft_name(key) == name
     assert adapters.peft_key("model.layers.0.self_attn.q_proj.lora_A.weight", norm_tuning=False) == \
         "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+
+
+def test_stored_options_read_back_as_they_ran_and_old_adapters_keep_their_sharpness():
+    """An adapter records its options resolved (auto probe rows as they ran); one written before a field
+    existed reads back that field's value of those days (``KEYED_WHEN_SET``), not today's default: an
+    adapter from before ``sharpness_form`` was trained with the trace form, over every position."""
+    meta = {"options": json.dumps(dataclasses.asdict(AdaptOptions().resolved()))}
+    assert json.loads(meta["options"])["probe_rows"] == "last"
+    assert adapters.adapter_options(meta) == AdaptOptions(probe_rows="last")
+    old = {k: v for k, v in dataclasses.asdict(AdaptOptions(arm="ofa")).items()
+           if k not in ("sharpness_form", "probe_rows", "j_final_norm_step")}
+    read = adapters.adapter_options({"options": json.dumps(old)})
+    assert (read.sharpness_form, read.rows(), read.j_final_norm_step) == ("trace", "all", True)

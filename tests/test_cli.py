@@ -38,13 +38,14 @@ def test_adapt_then_eval_through_the_cli(tiny_model_dir, tmp_path, capsys):
     assert "accuracy" in capsys.readouterr().out
 
 
-def test_probe_rows_last_trains_through_the_cli_as_a_run_of_its_own(tiny_model_dir, tmp_path):
-    """--probe-rows last is another run (its own results key) beside the default's, in the same --out."""
+def test_probe_rows_all_trains_through_the_cli_as_a_run_of_its_own(tiny_model_dir, tmp_path):
+    """--probe-rows all is another run (its own results key) beside the default's (auto: the last token
+    riding), in the same --out."""
     out = tmp_path / "run"
     common = ["adapt", "--model", str(tiny_model_dir), "--task", "sst2", "--data-dir", str(TASKS), "--shots", "2",
               "--seeds", "42", "--arm", "ofa", "--epochs", "2", "--test-size", "8", "--out", str(out)]
     assert main(common) == 0
-    assert main([*common, "--probe-rows", "last"]) == 0
+    assert main([*common, "--probe-rows", "all"]) == 0
     files = sorted(out.glob("results-sst2-*.json"))
     assert len(files) == 2
     settings = [json.loads(f.read_text())["options"] for f in files]
@@ -252,7 +253,7 @@ _TYPED = {"arm": ("ce", None), "protocol": ("batched", "batched"), "batch_size":
           "seed": ("7", None), "epochs": ("4", 4), "lr": ("0.5", 0.5), "weight_decay": ("0", 0.0),
           "warmup": ("0.25", 0.25), "lambda_j": ("0.5", 0.5), "lambda_s": ("2", 2.0),
           "j_final_norm_step": (None, False), "estimator": ("jvp", "jvp"), "probe_rows": ("last", "last"),
-          "sharpness_form": ("gain", "gain"), "num_probes": ("3", 3), "distribution": ("rademacher", "rademacher"),
+          "sharpness_form": ("trace", "trace"), "num_probes": ("3", 3), "distribution": ("rademacher", "rademacher"),
           "eps": ("0.01", 0.01), "scoring": ("first", "first"), "rank": ("4", 4), "memory_efficient": ("off", False),
           "max_memory_gb": ("1.5", 1.5), "probes_per_pass": ("2", 2), "fsdp": (None, True),
           "cuda_graphs": ("off", "off")}

@@ -142,12 +142,14 @@ def test_a_training_step_reads_nothing_back_to_the_host(monkeypatch, estimator, 
     assert float(out["loss"]) == pytest.approx(float(out["ce"]) + 1e-2 * float(out["J"]) + 1e-3 * float(out["S"]))
 
 
-@pytest.mark.parametrize("scoring", ["full", "first"])
-def test_the_one_pass_step_is_ce_j_and_the_riding_s_of_the_prompts(scoring):
+@pytest.mark.parametrize("scoring, form", [("full", "trace"), ("first", "trace"), ("full", "gain"), ("first", "gain")])
+def test_the_one_pass_step_is_ce_j_and_the_riding_s_of_the_prompts(scoring, form):
     """probe_rows="last": one pass over prompt + label word gives the loss and gradients of CE + J (the
     plain step's) plus lambda_S * S as sharpness(probe_rows="last") computes it on the prompts alone
-    (the riders copy the prompt's last token, not the sequence's, and draw the prompts' layout)."""
-    options = AdaptOptions(arm="ofa", num_probes=3, distribution="rademacher", probe_rows="last", scoring=scoring)
+    (the riders copy the prompt's last token, not the sequence's, and draw the prompts' layout), in the
+    trace form and per unit gain."""
+    options = AdaptOptions(arm="ofa", num_probes=3, distribution="rademacher", probe_rows="last", scoring=scoring,
+                           sharpness_form=form)
     got, got_grads = _step(torch.float64, options)
     model = _model(torch.float64)
     batch = _batch()
@@ -156,7 +158,7 @@ def test_the_one_pass_step_is_ce_j_and_the_riding_s_of_the_prompts(scoring):
     prompts = {"input_ids": batch["prompt_input_ids"], "attention_mask": batch["prompt_attention_mask"],
                "positions": batch["positions"]}
     s = objectives.sharpness(model, prompts, probe_rows="last", num_probes=3, distribution="rademacher", seed=11,
-                             gammas=gammas)
+                             gammas=gammas, per_gain=form == "gain")
     (1e-3 * s).backward()
     for key in ("ce", "J"):
         assert float(got[key]) == pytest.approx(float(clean[key]), rel=1e-12), key

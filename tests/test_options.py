@@ -18,8 +18,15 @@ _OTHER_VALUE = {
     "weight_decay": 0.0, "warmup": 0.1, "lambda_j": 0.5, "lambda_s": 0.25, "j_final_norm_step": False,
     "estimator": "hvp", "num_probes": 2, "distribution": "rademacher", "eps": 1e-3, "scoring": "first", "rank": 4,
     "memory_efficient": True, "max_memory_gb": 8.0, "probes_per_pass": 1, "fsdp": True, "cuda_graphs": "off",
-    "probe_rows": "last", "sharpness_form": "gain",
+    "probe_rows": "all", "sharpness_form": "trace",
 }
+# for each field keyed when set: a value other than the one runs had before the field existed
+_AWAY_FROM_LEGACY = {"j_final_norm_step": False, "probe_rows": "last", "sharpness_form": "gain"}
+
+
+def _keyed(options: AdaptOptions, name: str):
+    """The value of ``name`` the run key sees (``probe_rows``: as it runs, auto resolved)."""
+    return options.rows() if name == "probe_rows" else getattr(options, name)
 
 
 def test_the_table_of_other_values_covers_every_field():
@@ -54,6 +61,8 @@ def test_riding_probes_and_the_paper_form_refuse_what_they_cannot_compute():
         AdaptOptions(sharpness_form="paper", estimator="hvp").check()
     AdaptOptions(sharpness_form="paper", estimator="jvp").check()
     AdaptOptions(sharpness_form="gain", probe_rows="last").check()
+    AdaptOptions(sharpness_form="paper").check()  # auto rows: every position
+    AdaptOptions(estimator="jvp").check()
 
 
 def test_bad_options_are_named():
@@ -85,32 +94,48 @@ def test_check_choice_returns_the_value_or_names_the_argument():
 
 def test_the_run_key_holds_every_field_that_changes_numbers_and_no_execution_only_one():
     base = AdaptOptions()
-    assert set(base.settings()) == ({f.name for f in dataclasses.fields(base)} - set(op.EXECUTION_ONLY)
-                                    - set(op.KEYED_WHEN_SET))
+    at_legacy = {name for name, legacy in op.KEYED_WHEN_SET.items() if _keyed(base, name) == legacy}
+    assert set(base.settings()) == ({f.name for f in dataclasses.fields(base)} - set(op.EXECUTION_ONLY) - at_legacy)
     for name, value in _OTHER_VALUE.items():
         moved = dataclasses.replace(base, **{name: value}).settings()
         if name in op.EXECUTION_ONLY:
             assert moved == base.settings(), name
         else:
-            assert moved != base.settings() and moved[name] == value, name
+            assert moved != base.settings() and moved.get(name, op.KEYED_WHEN_SET.get(name)) == value, name
 
 
-def test_a_field_keyed_when_set_enters_the_key_only_away_from_its_default():
-    for name in op.KEYED_WHEN_SET:
-        default = getattr(AdaptOptions(), name)
-        assert name not in AdaptOptions().settings()
-        assert name not in dataclasses.replace(AdaptOptions(), **{name: default}).settings()
-        assert name in dataclasses.replace(AdaptOptions(), **{name: _OTHER_VALUE[name]}).settings()
+def test_a_field_keyed_when_set_enters_the_key_only_away_from_its_legacy_value():
+    for name, legacy in op.KEYED_WHEN_SET.items():
+        assert name not in dataclasses.replace(AdaptOptions(), **{name: legacy}).settings(), name
+        away = dataclasses.replace(AdaptOptions(), **{name: _AWAY_FROM_LEGACY[name]})
+        assert away.settings()[name] == _AWAY_FROM_LEGACY[name] != legacy, name
 
 
 def test_the_key_of_a_field_keyed_when_set_does_not_follow_its_default():
-    """Were a default to change, a run under the new default must not take the key of the runs made before
-    the field existed (they all had the old value): the value left out of the key is fixed, not the default."""
+    """A run under a moved default must not take the key of the runs made before the field existed (they
+    all had the legacy value): the value left out of the key is fixed, not the default. ``sharpness_form``'s
+    default did move (trace -> gain, issue 35): the default's runs are keyed "gain", the old runs "trace"."""
+    assert AdaptOptions().settings()["sharpness_form"] == "gain"
+    assert "sharpness_form" not in AdaptOptions(sharpness_form="trace").settings()
     for name, legacy in op.KEYED_WHEN_SET.items():
-        other = _OTHER_VALUE[name]
+        other = _AWAY_FROM_LEGACY[name]
         moved_default = dataclasses.make_dataclass("MovedDefault", [(name, type(other), other)], bases=(AdaptOptions,))
         assert moved_default().settings()[name] == other, name
         assert name not in moved_default(**{name: legacy}).settings(), name
+
+
+def test_auto_probe_rows_ride_where_they_can_and_are_keyed_as_what_runs():
+    """probe_rows None (auto): the last token riding for the "fd" estimator's trace and gain forms, every
+    position for the authors' form and for "jvp" and "hvp"; a given value is kept. The key holds the
+    resolved rows, so auto and the same rows named give one run."""
+    assert AdaptOptions().probe_rows is None and AdaptOptions().rows() == "last"
+    for form, estimator, rows in [("gain", "fd", "last"), ("trace", "fd", "last"), ("paper", "fd", "all"),
+                                  ("gain", "jvp", "all"), ("trace", "hvp", "all"), ("paper", "jvp", "all")]:
+        options = AdaptOptions(sharpness_form=form, estimator=estimator).check()
+        assert options.rows() == rows, (form, estimator)
+        assert options.settings() == AdaptOptions(sharpness_form=form, estimator=estimator, probe_rows=rows).settings()
+    assert AdaptOptions(probe_rows="all").rows() == "all"
+    assert AdaptOptions(probe_rows="all").settings() != AdaptOptions().settings()
 
 
 def test_importing_the_options_loads_neither_torch_nor_the_training_loop():

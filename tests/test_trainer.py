@@ -317,7 +317,7 @@ def test_an_unpadded_eager_step_gives_the_model_no_mask_and_the_same_loss(estima
     for p in model.parameters():
         p.requires_grad_(p in set(norms))
     gammas = preconditioners(model)
-    options = AdaptOptions(arm="ofa", estimator=estimator, num_probes=2)
+    options = AdaptOptions(arm="ofa", estimator=estimator, num_probes=2, probe_rows="all")  # riders need a 4D mask
     masks = []
     model.model.register_forward_pre_hook(lambda m, a, kw: masks.append(kw.get("attention_mask")), with_kwargs=True)
 

@@ -29,7 +29,7 @@ from .. import _version
 from .anatomy import norm_parameters
 from .baselines import attach
 from .files import atomic_path, read_json
-from .options import PEFT_ARMS, AdaptOptions, AdaptResult
+from .options import KEYED_WHEN_SET, PEFT_ARMS, AdaptOptions, AdaptResult
 from ..patch import fusable_norm_parameters, patch_model
 
 
@@ -65,7 +65,7 @@ def save_adapter(result: AdaptResult, path: str | Path, *, base_model: str, task
     from safetensors.torch import save_file
 
     metadata = {"base_model": base_model, "base_hash": result.base_hash, "task": task,
-                "options": json.dumps(dataclasses.asdict(result.options), sort_keys=True),
+                "options": json.dumps(dataclasses.asdict(result.options.resolved()), sort_keys=True),
                 "library_version": _version.__version__, "format": FORMAT}
     with atomic_path(path) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in result.weights.items()}, str(tmp), metadata=metadata)
@@ -210,7 +210,8 @@ def adapter_options(meta: dict[str, str], path: str | Path = "the adapter") -> A
                 raise ValueError(f"{path}: stored option {name} must be {' or '.join(k.__name__ for k in kinds)}, "
                                  f"got {value!r}")
     try:
-        return AdaptOptions(**{k: v for k, v in stored.items() if k in fields}).check()
+        # a field the adapter predates had, when it was written, the value runs had before the field existed
+        return AdaptOptions(**{**KEYED_WHEN_SET, **{k: v for k, v in stored.items() if k in fields}}).check()
     except ValueError as exc:
         raise ValueError(f"{path}: stored options: {exc}") from None
 

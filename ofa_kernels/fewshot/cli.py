@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from ..vocab import BACKEND_NAMES
+from .options import PROBE_ROWS
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -430,7 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
     dg.add_argument("--shots", type=_positive_int, default=5, help="examples per class the linear probes are fit on")
     dg.add_argument("--seed", type=int, default=42, help="k-shot draw")
     dg.add_argument("--probes", type=_positive_int, default=4, help="sharpness probes")
-    add_option_flags(dg, names=("probe_rows",))
+    dg.add_argument("--probe-rows", choices=PROBE_ROWS, default="all",
+                    help="perturb every position (all) or each sequence's last token (last) [default: all]")
     dg.add_argument("--out", default="ofa_diagnostics", help="folder for diagnostics.json and diagnostics.png")
     dg.set_defaults(func=_diagnose)
     ex = sub.add_parser("export", help="write an adapted model as a Hugging Face folder or a PEFT adapter folder")

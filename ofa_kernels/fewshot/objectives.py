@@ -33,8 +33,8 @@ constant taken from the frozen original weights.
   token at pos, one double-backward HVP for all probed blocks (cross-block terms have zero mean).
 
   The scale of q: the trace form above is a sum over the block's width of Jacobian entries weighted
-  by gamma_t, so its size (and lambda_S's weight) follows the model's width and gains: on Gemma 3
-  270M its gradient is ~40x CE's, on SmolLM2 ~20% of it (RESULTS.md, "The scale of S").
+  by gamma_t, so its size (and lambda_S's weight) follows the model's width and gains (measured per
+  model: RESULTS.md, "The scale of S").
   ``per_gain=True`` divides q_t by ``tr(P_t) = sum |gamma_t|``: the P-weighted mean of the diagonal
   of the update's Jacobian, a number of order one on any model, so lambda_S means the same on
   every model. The authors' arithmetic (``paper_exact``) is eps times the trace form.

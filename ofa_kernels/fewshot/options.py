@@ -97,10 +97,11 @@ class AdaptOptions:
     j_final_norm_step: bool = option(True, "J without its last ratio, the step into the final norm's output "
                                      "(default: the paper's J)", flag="--j-without-final-norm", switch=False)
     estimator: str = option("fd", "sharpness estimator", choices=ESTIMATORS)
-    probe_rows: str = option("all", '"fd" sharpness: perturb every position in a second pass (all), or only the '
-                             "last prompt token, riding as an extra row of the one pass (last: about the cost of a "
-                             "CE step)", choices=PROBE_ROWS)
-    sharpness_form: str = option("trace", "S's q: a trace estimate (trace), the authors' arithmetic (paper: eps "
+    probe_rows: str | None = option(None, '"fd" sharpness: perturb every position in a second pass (all), or only '
+                                    "the last prompt token, riding as an extra row of the one pass (last: about the "
+                                    'cost of a CE step); auto: last for the "fd" estimator\'s trace and gain forms, all '
+                                    "otherwise", choices={"auto": None, **{rows: rows for rows in PROBE_ROWS}})
+    sharpness_form: str = option("gain", "S's q: a trace estimate (trace), the authors' arithmetic (paper: eps "
                                  "times the trace, their noise and pairs), or the trace per unit of gain (gain: the "
                                  "same weight on every model)", choices=SHARPNESS_FORMS)
     num_probes: int = option(1, "sharpness probes per step", flag="--probes", parse="positive_int")
@@ -129,9 +130,22 @@ class AdaptOptions:
         knobs: checkpointed blocks recompute the same values, and split probe passes add the same
         terms in another order, which moves a weight by at most its last bits, as the thread count
         does (``tests/test_trainer.py`` holds the bound). ``KEYED_WHEN_SET`` fields count only when
-        set away from the value runs had before them."""
-        return {k: v for k, v in dataclasses.asdict(self).items()
+        set away from the value runs had before them; ``probe_rows`` counts as it runs (``resolved``)."""
+        return {k: v for k, v in dataclasses.asdict(self.resolved()).items()
                 if k not in EXECUTION_ONLY and not (k in KEYED_WHEN_SET and v == KEYED_WHEN_SET[k])}
+
+    def resolved(self) -> "AdaptOptions":
+        """These options as the step runs them (``probe_rows`` auto made explicit: ``rows()``): what the run
+        key, results files and adapters record."""
+        return dataclasses.replace(self, probe_rows=self.rows())
+
+    def rows(self) -> str:
+        """``probe_rows`` as the step runs it: the field, or where it is None (auto) "last" for the "fd"
+        estimator's trace and gain forms and "all" otherwise (the authors' form and the "jvp" and "hvp"
+        estimators perturb every position)."""
+        if self.probe_rows is not None:
+            return self.probe_rows
+        return "last" if self.estimator == "fd" and self.sharpness_form != "paper" else "all"
 
     def check(self) -> "AdaptOptions":
         """Every field in range (raises ValueError naming it); returns self."""
@@ -142,11 +156,11 @@ class AdaptOptions:
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
         check_choice("sharpness_form", self.sharpness_form, SHARPNESS_FORMS)
-        if self.sharpness_form == "paper" and (self.estimator == "hvp" or self.probe_rows != "all"):
+        if self.sharpness_form == "paper" and (self.estimator == "hvp" or self.rows() != "all"):
             raise ValueError('sharpness_form="paper" is the authors\' all-positions finite difference: it takes '
                              f'estimator "fd" (or "jvp") and probe_rows="all", got estimator={self.estimator!r}, '
                              f'probe_rows={self.probe_rows!r}')
-        check_probe_rows(self.probe_rows, self.estimator)
+        check_probe_rows(self.rows(), self.estimator)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < SEED_LIMIT:
             raise ValueError(f"seed must be a whole number from 0 to 2**63-1 (a negative seed would draw the same "
                              f"k-shot set as its absolute value), got {self.seed!r}")

@@ -320,7 +320,7 @@ class _Run:
                         add(f"{arm} + demos", entry, "demos_")
                     runs.append({"seed": seed, "arm": arm, **entry})
             results = {"task": self.task, "model": self.model_name, "test_rows": len(self.test),
-                       "seeds": list(seeds), "options": dataclasses.asdict(self.options), "accuracy": rows,
+                       "seeds": list(seeds), "options": dataclasses.asdict(self.options.resolved()), "accuracy": rows,
                        "macro_f1": f1s, "runs": runs, "seconds": round(time.time() - self.started, 1),
                        "compute_seconds": round(sum(e.get("seconds", 0.0) for e in entries.values()), 1)}
             table = [f"# {self.task} on {self.model_name}: accuracy over {len(self.test)} test rows, seeds "

@@ -148,7 +148,7 @@ def training_step(model: nn.Module, batch: dict, options: AdaptOptions, gammas: 
     many as fit ``max_memory_gb``), each back-propagated at once; the gradient the probe passes send
     into the clean states is collected on detached copies and sent through the clean pass in one
     final backward. Same loss and gradients as the plain step, up to summation order.
-    With ``options.probe_rows == "last"`` the probes ride in the clean pass as K extra rows per
+    With ``options.rows() == "last"`` the probes ride in the clean pass as K extra rows per
     sequence: one forward and one backward give CE, J and S; checkpointing still applies, and the
     probe-pass split has nothing to split (``probes_per_pass`` and the budget leave it as it is).
     ``row_offset``: the batch is a shard starting at that row of a larger batch (probe numbering);
@@ -167,7 +167,7 @@ def training_step(model: nn.Module, batch: dict, options: AdaptOptions, gammas: 
                           gammas=gammas, row_offset=row_offset, per_gain=options.sharpness_form == "gain")
         if options.sharpness_form == "paper":
             probe_args["paper_exact"] = True
-        riding = use_s and options.probe_rows == "last"
+        riding = use_s and options.rows() == "last"
         states, parts = _clean_pass(model, batch, options, probe_args if riding else None)
         clean_loss = parts["ce"] + options.lambda_j * parts.get("J", 0.0)
         if not use_s or riding:  # CE and J, and with riding probes S too, from the one pass
