@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Issue 35's accuracy runs: OFA under the authors' exact objective (--sharpness-form paper) and under the
-# proposed default (--sharpness-form gain --probe-rows last), paper protocol, seeds 42-44, 300 test rows.
+# default chosen by them (--sharpness-form gain --probe-rows last; since 2026-12-08 what --arm ofa runs), paper protocol, seeds 42-44, 300 test rows.
 # Resumable (each cell is kept as it finishes; rerun the same line to continue), niced, one thread a job so
 # the two jobs share the 2 cores:
 #   bash benchmarks/s_forms_runs.sh gemma3     # Gemma 3 270M: SST-2, MR, TREC (CE, ICL, zero-shot: results/accuracy_gemma3)
 #   bash benchmarks/s_forms_runs.sh smollm2    # SmolLM2: SST-2, MR, TREC, Subj, SST-5 (CE trained beside the gain form)
 #   bash benchmarks/s_forms_runs.sh gain-strong  # both models: the gain form at lambda_S = 0.5, which gives S about
 #                                                # the gradient share the trace form had on SmolLM2 (0.26x CE's there,
-#                                                # ~0.14x on Gemma 3; RESULTS.md, "The scale of S"). Not run yet.
+#                                                # ~0.14x on Gemma 3; RESULTS.md, "The scale of S"). Run on
+#                                                # SmolLM2's SST-2 and MR only (2026-12-08), no Gemma 3 yet.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=benchmarks/results/accuracy_s_forms
